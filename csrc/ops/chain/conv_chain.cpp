@@ -1,0 +1,178 @@
+#include "conv_chain.h"
+
+#include <c10/util/Exception.h>
+
+#include <map>
+#include <mutex>
+#include <sstream>
+
+namespace hsv {
+
+namespace {
+
+std::map<std::string, PlanBuilder>& registry() {
+  static std::map<std::string, PlanBuilder> kinds;
+  return kinds;
+}
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+Pair as_pair(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK_VALUE(v.size() == 2, "hsv::conv2d: ", name, " must have 2 elements, got ", v.size());
+  return {v[0], v[1]};
+}
+
+}  // namespace
+
+void register_kind(const std::string& kind, PlanBuilder builder) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry()[kind] = std::move(builder);
+}
+
+std::vector<std::string> known_kinds() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  std::vector<std::string> out;
+  for (const auto& kv : registry()) out.push_back(kv.first);
+  return out;
+}
+
+int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
+                      const char* dim_name) {
+  const int64_t span = dilation * (kernel - 1) + 1;
+  const int64_t out = (in + 2 * padding - span) / stride + 1;
+  TORCH_CHECK_VALUE(in + 2 * padding >= span && out > 0, "hsv::conv2d: input ", dim_name, " = ", in,
+                    " with padding ", padding, " is smaller than the dilated kernel extent ", span);
+  return out;
+}
+
+at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  return (input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous())
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+Plan make_plan(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+               const std::string& kind) {
+  PlanBuilder builder;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto it = registry().find(kind);
+    if (it != registry().end()) builder = it->second;
+  }
+  if (!builder) {
+    std::ostringstream names;
+    for (const auto& k : known_kinds()) names << " '" << k << "'";
+    TORCH_CHECK_VALUE(false, "hsv::conv2d: unknown kind '", kind, "'; expected one of:", names.str());
+  }
+  TORCH_CHECK_VALUE(input.dim() == 4, "hsv::conv2d: input must be 4-D (N, C, H, W), got ", input.dim(),
+                    "-D with shape ", input.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()),
+                    "hsv::conv2d: input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(!factors.empty(), "hsv::conv2d: factors is empty; kind '", kind,
+                    "' needs its factor tensors");
+  for (size_t i = 0; i < factors.size(); ++i) {
+    TORCH_CHECK_VALUE(factors[i].scalar_type() == input.scalar_type(), "hsv::conv2d: factors[", i,
+                      "] has dtype ", factors[i].scalar_type(), " but input has dtype ", input.scalar_type());
+    TORCH_CHECK_VALUE(factors[i].device() == input.device(), "hsv::conv2d: factors[", i, "] is on ",
+                      factors[i].device(), " but input is on ", input.device());
+  }
+  ConvParams conv{as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(dilation, "dilation"), groups};
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(conv.stride[d] > 0, "hsv::conv2d: stride must be positive, got ", stride);
+    TORCH_CHECK_VALUE(conv.padding[d] >= 0, "hsv::conv2d: padding must be non-negative, got ", padding);
+    TORCH_CHECK_VALUE(conv.dilation[d] > 0, "hsv::conv2d: dilation must be positive, got ", dilation);
+  }
+  TORCH_CHECK_VALUE(groups >= 1, "hsv::conv2d: groups must be positive, got ", groups);
+  TORCH_CHECK_VALUE(input.size(1) % groups == 0, "hsv::conv2d: input channels (", input.size(1),
+                    ") are not divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(groups == 1, "hsv::conv2d: kind '", kind, "' supports groups=1 only, got groups=", groups);
+
+  Plan plan = builder(input, factors, conv);
+
+  if (bias.has_value() && bias->defined()) {
+    const auto& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == plan.out_channels, "hsv::conv2d: bias must have shape (",
+                      plan.out_channels, ",) to match the output channels, got ", b.sizes());
+    TORCH_CHECK_VALUE(b.scalar_type() == input.scalar_type(), "hsv::conv2d: bias has dtype ", b.scalar_type(),
+                      " but input has dtype ", input.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == input.device(), "hsv::conv2d: bias is on ", b.device(),
+                      " but input is on ", input.device());
+  }
+  return plan;
+}
+
+namespace {
+
+at::Tensor stage_weight(at::TensorList factors, const Stage& st) {
+  return factors[st.factor].reshape(st.weight_shape);
+}
+
+at::Tensor run_stage(const at::Tensor& x, at::TensorList factors, const Stage& st) {
+  const auto& c = st.conv;
+  return at::conv2d(x, stage_weight(factors, st), {}, c.stride, c.padding, c.dilation, c.groups);
+}
+
+}  // namespace
+
+at::Tensor chain_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+                         const Plan& plan) {
+  at::Tensor x = input;
+  for (const auto& st : plan.stages) x = run_stage(x.reshape(st.in_view), factors, st);
+  x = x.reshape(plan.out_shape);
+  if (bias.has_value() && bias->defined()) x = x + bias->view({1, plan.out_channels, 1, 1});
+  return x.contiguous(output_memory_format(input));
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, c10::optional<at::Tensor>> chain_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList factors, bool has_bias,
+    const Plan& plan, std::array<bool, 3> output_mask) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(plan.out_shape),
+                    "hsv::conv2d_backward: grad_output has shape ", grad_output.sizes(), ", expected ",
+                    at::IntArrayRef(plan.out_shape));
+  // Recompute the stage inputs: the forward op keeps nothing but its output.
+  std::vector<at::Tensor> stage_inputs;
+  std::vector<std::vector<int64_t>> pre_view_shapes;
+  at::Tensor x = input;
+  for (const auto& st : plan.stages) {
+    pre_view_shapes.push_back(x.sizes().vec());
+    stage_inputs.push_back(x.reshape(st.in_view));
+    x = run_stage(stage_inputs.back(), factors, st);
+  }
+  std::vector<at::Tensor> grad_factors(factors.size());
+  at::Tensor g = grad_output.reshape(x.sizes());
+  const bool need_factors = output_mask[1];
+  for (int64_t i = static_cast<int64_t>(plan.stages.size()) - 1; i >= 0; --i) {
+    const auto& st = plan.stages[i];
+    const auto& c = st.conv;
+    const bool need_input = i > 0 || output_mask[0];
+    if (!need_input && !need_factors) break;
+    at::Tensor w = stage_weight(factors, st);
+    auto grads = at::convolution_backward(g, stage_inputs[i], w, c10::nullopt, c.stride, c.padding, c.dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, c.groups,
+                                          {need_input, need_factors, false});
+    if (need_factors) {
+      at::Tensor gw = std::get<1>(grads).reshape(factors[st.factor].sizes());
+      auto& slot = grad_factors[st.factor];
+      slot = slot.defined() ? slot + gw : gw;
+    }
+    if (need_input) g = std::get<0>(grads).reshape(pre_view_shapes[i]);
+  }
+  at::Tensor grad_input;
+  if (output_mask[0]) grad_input = g.reshape(input.sizes()).contiguous(output_memory_format(input));
+  if (need_factors) {
+    for (size_t f = 0; f < factors.size(); ++f) {
+      grad_factors[f] = grad_factors[f].defined() ? grad_factors[f].contiguous() : at::zeros_like(factors[f], at::MemoryFormat::Contiguous);
+    }
+  } else {
+    grad_factors.clear();
+  }
+  c10::optional<at::Tensor> grad_bias;
+  if (has_bias && output_mask[2]) grad_bias = grad_output.sum({0, 2, 3});
+  return {grad_input, grad_factors, grad_bias};
+}
+
+}  // namespace hsv

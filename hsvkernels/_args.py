@@ -1,0 +1,21 @@
+"""Normalising the conv hyper-parameters users pass as ints or pairs."""
+
+
+def pair(value, name):
+    """(a, b) from an int or a 2-sequence of ints, with an error naming the argument."""
+    if isinstance(value, bool):
+        raise TypeError("%s must be an int or a pair of ints, got %r" % (name, value))
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError("%s must be an int or a pair of ints, got %r" % (name, value)) from None
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError("%s must be an int or a pair of ints, got %r" % (name, value))
+    return items
+
+
+def conv_out_size(size, kernel, stride, padding, dilation):
+    """Output length of one conv dimension (works on SymInts)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

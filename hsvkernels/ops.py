@@ -1,0 +1,130 @@
+"""torch.ops.hsv.*: the Python wrapper and the torch.library registrations.
+
+The schemas and the CPU/CUDA kernels come from the C++ extension. Here we add
+what torch.library wants from Python: fake (meta) kernels for torch.compile and
+export, autograd, and FLOP formulas. Without the extension the same schemas are
+defined here on top of the reference path, so callers never see the difference.
+"""
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from . import formats, reference
+from ._args import pair
+from ._extension import HAS_EXTENSION
+
+CONV2D_SCHEMA = ("conv2d(Tensor input, Tensor[] factors, Tensor? bias, int[2] stride, int[2] padding, "
+                 "int[2] dilation, int groups, str kind) -> Tensor")
+CONV2D_BACKWARD_SCHEMA = ("conv2d_backward(Tensor grad_output, Tensor input, Tensor[] factors, bool has_bias, "
+                          "int[2] stride, int[2] padding, int[2] dilation, int groups, str kind, "
+                          "bool[3] output_mask) -> (Tensor, Tensor[], Tensor)")
+
+
+def _reference_backward(grad_output, input, factors, has_bias, stride, padding, dilation, groups, kind, output_mask):
+    """conv2d_backward by autograd through the reference chain (used without _C)."""
+    fmt, _, _ = formats.check_call(input, factors, None, stride, padding, dilation, groups, kind)
+    with torch.enable_grad():
+        x = input.detach().requires_grad_(bool(output_mask[0]))
+        fs = [f.detach().requires_grad_(bool(output_mask[1])) for f in factors]
+        y = fmt.chain(x, fs, pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"))
+        wanted = ([x] if output_mask[0] else []) + (fs if output_mask[1] else [])
+        grads = list(torch.autograd.grad(y, wanted, grad_output, allow_unused=True)) if wanted else []
+    grad_input = grads.pop(0) if output_mask[0] else None
+    grad_factors = [g if g is not None else torch.zeros_like(f) for g, f in zip(grads, factors)]
+    grad_bias = grad_output.sum((0, 2, 3)) if has_bias and output_mask[2] else None
+    return grad_input, grad_factors, grad_bias
+
+
+if not HAS_EXTENSION:
+    _fallback_lib = torch.library.Library("hsv", "DEF")
+    _fallback_lib.define(CONV2D_SCHEMA)
+    _fallback_lib.define(CONV2D_BACKWARD_SCHEMA)
+    _fallback_lib.impl("conv2d", reference.conv2d_factors, "CompositeExplicitAutograd")
+    _fallback_lib.impl("conv2d_backward", _reference_backward, "CompositeExplicitAutograd")
+
+
+# Fake kernels -------------------------------------------------------------------------
+
+@torch.library.register_fake("hsv::conv2d")
+def _conv2d_fake(input, factors, bias, stride, padding, dilation, groups, kind):
+    _, shape, (ho, wo) = formats.check_call(input, factors, bias, stride, padding, dilation, groups, kind)
+    out = input.new_empty((input.shape[0], shape.out_channels, ho, wo))
+    return out.contiguous(memory_format=formats.memory_format_of_output(input))
+
+
+@torch.library.register_fake("hsv::conv2d_backward")
+def _conv2d_backward_fake(grad_output, input, factors, has_bias, stride, padding, dilation, groups, kind,
+                          output_mask):
+    _, shape, _ = formats.check_call(input, factors, None, stride, padding, dilation, groups, kind)
+    grad_input = None
+    if output_mask[0]:
+        grad_input = torch.empty_like(input, memory_format=formats.memory_format_of_output(input))
+    grad_factors = [f.new_empty(f.shape) for f in factors] if output_mask[1] else []
+    grad_bias = input.new_empty((shape.out_channels,)) if has_bias and output_mask[2] else None
+    return grad_input, grad_factors, grad_bias
+
+
+# Autograd -----------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    input, factors, bias, stride, padding, dilation, groups, kind = inputs
+    ctx.save_for_backward(input, *factors)
+    ctx.has_bias = bias is not None
+    ctx.conv = (stride, padding, dilation, groups, kind)
+
+
+def _backward(ctx, grad_output):
+    input, *factors = ctx.saved_tensors
+    need_input, need_factors, need_bias = ctx.needs_input_grad[:3]
+    mask = [bool(need_input), any(need_factors), bool(need_bias) and ctx.has_bias]
+    grad_input, grad_factors, grad_bias = None, [None] * len(factors), None
+    if any(mask):
+        stride, padding, dilation, groups, kind = ctx.conv
+        gi, gf, gb = torch.ops.hsv.conv2d_backward(grad_output, input, factors, ctx.has_bias, stride, padding,
+                                                   dilation, groups, kind, mask)
+        grad_input = gi if mask[0] else None
+        if mask[1]:
+            grad_factors = [g if need else None for g, need in zip(gf, need_factors)]
+        grad_bias = gb if mask[2] else None
+    return grad_input, grad_factors, grad_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("hsv::conv2d", _backward, setup_context=_setup_context)
+
+
+# FLOP formulas (2 FLOPs per multiply-accumulate, bias adds not counted, like aten.convolution) --
+
+def _stage_macs(input_shape, factor_shapes, kind, out_hw):
+    fmt = formats.get(kind)
+    return fmt.stage_macs([tuple(s) for s in factor_shapes], tuple(input_shape[2:]), tuple(out_hw))
+
+
+@register_flop_formula(torch.ops.hsv.conv2d)
+def _conv2d_flops(input_shape, factor_shapes, bias_shape, stride, padding, dilation, groups, kind, *,
+                  out_shape=None, **kwargs):
+    return 2 * input_shape[0] * sum(_stage_macs(input_shape, factor_shapes, kind, out_shape[2:]))
+
+
+@register_flop_formula(torch.ops.hsv.conv2d_backward)
+def _conv2d_backward_flops(grad_shape, input_shape, factor_shapes, has_bias, stride, padding, dilation, groups,
+                           kind, output_mask, *, out_shape=None, **kwargs):
+    # Each stage's weight gradient costs its forward MACs, and so does each stage's
+    # input gradient except the first one's when the input gradient is not wanted.
+    macs = _stage_macs(input_shape, factor_shapes, kind, grad_shape[2:])
+    total = (sum(macs) if output_mask[1] else 0) + sum(macs[1:]) + (macs[0] if output_mask[0] else 0)
+    if not (output_mask[0] or output_mask[1]):
+        total = 0
+    return 2 * input_shape[0] * total
+
+
+# The public wrapper --------------------------------------------------------------------
+
+def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Factorized 2-D convolution: F.conv2d(input, fact.to_dense(), bias, ...) computed from the factors.
+
+    fact: a Factorization (from hsvkernels.decompose). stride, padding and dilation
+    are ints or pairs, as in torch.nn.functional.conv2d; padding is numeric.
+    """
+    if not hasattr(fact, "factors") or not hasattr(fact, "kind"):
+        raise TypeError("fact must be a hsvkernels.Factorization, got %s" % type(fact).__name__)
+    return torch.ops.hsv.conv2d(input, list(fact.factors), bias, pair(stride, "stride"), pair(padding, "padding"),
+                                pair(dilation, "dilation"), groups, fact.kind)

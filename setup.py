@@ -1,0 +1,97 @@
+"""Builds hsvkernels._C.
+
+The C++ sources are always built. The CUDA sources (csrc/**/*.cu) are built when
+torch is a CUDA build and nvcc is found, or when FORCE_CUDA=1 (for building on a
+machine without a GPU). TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured.
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;8.6;9.0"
+
+
+def _truthy(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _real_cuda_home():
+    """The toolkit folder of the nvcc on PATH, asked of nvcc itself.
+
+    torch derives CUDA_HOME from the location of `nvcc` on PATH, which is wrong
+    when that nvcc is a wrapper script; nvcc's dry run prints its own TOP.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out.stderr + out.stdout, re.MULTILINE)
+    return os.path.realpath(m.group(1).strip()) if m else None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported, so set it first.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    _home = _real_cuda_home()
+    if _home:
+        os.environ["CUDA_HOME"] = _home
+
+import torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+MIN_TORCH = Version("2.4")
+
+
+def _want_cuda():
+    if _truthy("FORCE_CUDA"):
+        if CUDA_HOME is None:
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder holding bin/nvcc")
+        if torch.version.cuda is None:
+            sys.exit("FORCE_CUDA=1 but torch %s is a CPU-only build" % torch.__version__)
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    torch_version = Version(torch.__version__.split("+")[0])
+    if torch_version < MIN_TORCH:
+        sys.exit("hsvkernels needs torch >= %s, found %s" % (MIN_TORCH, torch.__version__))
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    # A .cu and a .cpp with the same stem compile to the same object file.
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in sources + cuda_sources]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        sys.exit("source files share a stem (same object file): %s" % ", ".join(clash))
+
+    define_macros = [("HSV_TORCH_VERSION", '"%s"' % torch.__version__)]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    with_cuda = _want_cuda()
+    if with_cuda:
+        # Without a GPU to ask, build for a list that covers A100 and H100.
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+        define_macros += [("WITH_CUDA", None), ("HSV_CUDA_VERSION", '"%s"' % torch.version.cuda),
+                          ("HSV_CUDA_ARCHS", '"%s"' % archs)]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension("hsvkernels._C", sources + cuda_sources, define_macros=define_macros,
+                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+    return CppExtension("hsvkernels._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    packages=find_packages(include=["hsvkernels", "hsvkernels.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
