@@ -6,6 +6,8 @@ pure-PyTorch reference path, so everything keeps working, only slower.
 """
 import warnings
 
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.hsv.*)
 
