@@ -22,7 +22,7 @@ if _ROOT not in sys.path:   # run as a script: import this checkout's hsvkernels
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import hsvkernels  # noqa: E402
 from bench import suite, timing  # noqa: E402
@@ -111,22 +111,27 @@ def conv_backend(x, w, stride, padding, dilation, groups=1):
         return "unknown"
 
 
-class _ConvBackends(TorchDispatchMode):
-    """Records the backend of every aten.convolution a Python-level chain runs."""
+class _ConvBackends(TorchFunctionMode):
+    """Records the backend of every conv2d a Python-level chain calls.
+
+    A function mode, not a dispatch mode: entering a dispatch mode imports
+    torch._dynamo, which costs seconds.
+    """
+
+    ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
     def __init__(self):
         super().__init__()
         self.backends = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        # outside inference mode conv2d arrives decomposed into convolution, inside it does not
-        if func is torch.ops.aten.convolution.default:
-            x, w, _, stride, padding, dilation, _, _, groups = args[:9]
-            self.backends.append(conv_backend(x, w, stride, padding, dilation, groups))
-        elif func is torch.ops.aten.conv2d.default:
-            x, w, _, stride, padding, dilation, groups = (list(args) + [None, 1, 0, 1, 1][len(args) - 2:])[:7]
-            self.backends.append(conv_backend(x, w, _pair(stride), _pair(padding), _pair(dilation), groups))
-        return func(*args, **(kwargs or {}))
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            a = dict(self.DEFAULTS, **dict(zip(self.ARGS, args)), **kwargs)
+            self.backends.append(conv_backend(a["input"], a["weight"], _pair(a["stride"]), _pair(a["padding"]),
+                                              _pair(a["dilation"]), a["groups"]))
+        return func(*args, **kwargs)
 
 
 def _pair(v):
@@ -196,7 +201,7 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                 continue
             f = fact.to(device=device, dtype=dtype)
             factors, kind = list(f.factors), f.kind
-            row.update(kind=kind, factor_shapes=[list(t.shape) for t in factors], meta=fact.meta,
+            row.update(kind=kind, factor_shapes=[list(t.shape) for t in factors], meta=jsonable(fact.meta),
                        params_dense=shape.dense_params, params_fact=fact.num_params(),
                        macs_dense=shape.dense_macs(batch), macs_fact=batch * fact.macs(ho, wo, shape.h, shape.w))
             row["params_ratio"] = row["params_dense"] / row["params_fact"]
@@ -265,37 +270,48 @@ def fmt(v, spec="%.3f"):
 
 def ranks_of(row):
     meta = row.get("meta") or {}
-    for key in ("ranks", "rank"):
-        if key in meta:
-            return str(meta[key]).replace(" ", "")
-    return "-"
+    keys = [k for k in ("ranks", "rank") if k in meta] or sorted(k for k in meta if "rank" in k)
+    return ";".join(str(meta[k]).replace(" ", "") for k in keys) or "-"
+
+
+def jsonable(value):
+    """meta values as JSON: small tensors as lists, big ones as a shape note."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 64 else "tensor%s" % (list(value.shape),)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 COLUMNS = ("layer", "N", "method", "kind", "ranks", "params x", "MACs x", "dense", "op", "reference",
-           "op/dense", "ref/dense", "op/ref", "GFLOP/s dense", "GFLOP/s op", "GFLOP/s ref")
-_WIDTHS = (30, 4, 9, 9, 9, 8, 7, 10, 10, 10, 8, 9, 7, 13, 10, 11)
+           "op/dense", "ref/dense", "op/ref", "GFLOP/s dense", "GFLOP/s op", "GFLOP/s ref", "note")
+_WIDTHS = (30, 4, 9, 9, 9, 8, 7, 10, 10, 10, 8, 9, 7, 13, 10, 11, 0)
 
 
 def row_cells(row):
     t = row.get("time") or {}
     med = {k: (t.get(k) or {}).get("median") for k in ("dense", "op", "reference")}
     if row["status"] != "ok":
-        return [row["layer"], str(row["batch"]), row["method"], row["status"].upper(), "-", "-", "-",
-                fmt_time(med["dense"]), "-", "-", "-", "-", "-", fmt(row.get("gflops_dense"), "%.1f"), "-",
-                (row["message"] or "")[:80]]
+        return [row["layer"], str(row["batch"]), row["method"], "-", "-", "-", "-", fmt_time(med["dense"]), "-",
+                "-", "-", "-", "-", fmt(row.get("gflops_dense"), "%.1f"), "-", "-",
+                "%s: %s" % (row["status"].upper(), (row["message"] or "")[:100])]
     return [row["layer"], str(row["batch"]), row["method"], row["kind"], ranks_of(row),
             fmt(row["params_ratio"], "%.2f"), fmt(row["macs_ratio"], "%.2f"), fmt_time(med["dense"]),
             fmt_time(med["op"]), fmt_time(med["reference"]), fmt(row["ratio_op_dense"]),
             fmt(row["ratio_ref_dense"]), fmt(row["ratio_op_ref"]), fmt(row["gflops_dense"], "%.1f"),
-            fmt(row["gflops_op"], "%.1f"), fmt(row["gflops_ref"], "%.1f")]
+            fmt(row["gflops_op"], "%.1f"), fmt(row["gflops_ref"], "%.1f"), ""]
 
 
 def print_header():
-    print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, _WIDTHS)), flush=True)
+    print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, _WIDTHS)).rstrip(), flush=True)
 
 
 def print_row(row):
-    print(" ".join(c.ljust(w) for c, w in zip(row_cells(row), _WIDTHS)), flush=True)
+    print(" ".join(c.ljust(w) for c, w in zip(row_cells(row), _WIDTHS)).rstrip(), flush=True)
 
 
 def geomean(values):
