@@ -208,10 +208,12 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             row["macs_ratio"] = row["macs_dense"] / row["macs_fact"]
 
             def op(factors=factors, kind=kind):
-                return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"], 1, kind)
+                return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
+                                            kw["groups"], kind)
 
             def ref(f=f):
-                return hsvkernels.reference.conv2d(x, f, None, kw["stride"], kw["padding"], kw["dilation"])
+                return hsvkernels.reference.conv2d(x, f, None, kw["stride"], kw["padding"], kw["dilation"],
+                                                   kw["groups"])
 
             try:   # the gate: both factorized paths against dense on the reconstructed weight
                 with torch.inference_mode():
@@ -220,8 +222,7 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                     errors = {"op": normalized_error(y_op, expected), "reference": normalized_error(y_ref, expected)}
                     row["out_channels_last"] = bool(y_op.is_contiguous(memory_format=torch.channels_last)
                                                     and not y_op.is_contiguous())
-                    row["backends"] = {"dense": conv_backend(x, w_dense, **{k: kw[k] for k in
-                                                                            ("stride", "padding", "dilation")}),
+                    row["backends"] = {"dense": conv_backend(x, w_dense, **kw),
                                        "reference": chain_backends(ref)}
             except Exception as exc:   # the op cannot run this case (device, dtype, kind not built)
                 row.update(status="error", message="%s: %s" % (type(exc).__name__, exc))
