@@ -51,6 +51,7 @@ def parse_args(argv):
                    help="MAC reduction asked of methods that accept macs_ratio (0: never ask)")
     p.add_argument("--min-run-time", type=float, help="seconds of timing per callable (default 1.0, quick 0.1)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per layer (default 3, quick 2)")
+    p.add_argument("--min-blocks", type=int, help="timed blocks per callable at least (default 5, quick 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: layers %s unless selected otherwise, short timing" % ",".join(QUICK_TAGS))
@@ -61,6 +62,8 @@ def parse_args(argv):
         args.min_run_time = 0.1 if args.quick else 1.0
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
+    if args.min_blocks is None:
+        args.min_blocks = 3 if args.quick else 5
     return args
 
 
@@ -237,7 +240,8 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             fns["op:" + method] = op
             fns["reference:" + method] = ref
         with torch.inference_mode():
-            times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=args.rounds)
+            times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=args.rounds,
+                                            min_blocks=args.min_blocks)
         for method, row in per_method.items():
             row["time"] = {"dense": times["dense"], "op": times.get("op:" + method),
                            "reference": times.get("reference:" + method)}
@@ -338,9 +342,10 @@ def markdown(result):
     env, settings = result["env"], result["settings"]
     lines = ["# hsvkernels layer benchmark: %s %s" % (settings["device"], settings["dtype"]), ""]
     lines += ["    " + line for line in timing.describe_environment(env)]
-    lines += ["", "Settings: batch %s, channels_last %s, ratio %g, macs_ratio %g, timing %gs x %d rounds per callable."
-              % (settings["batch"], settings["channels_last"], settings["ratio"], settings["macs_ratio"],
-                 settings["min_run_time"], settings["rounds"]),
+    lines += ["", "Settings: batch %s, channels_last %s, ratio %g, macs_ratio %g, timing %gs in %d rounds "
+              "(at least %d blocks) per callable." % (settings["batch"], settings["channels_last"], settings["ratio"],
+                                                     settings["macs_ratio"], settings["min_run_time"],
+                                                     settings["rounds"], settings["min_blocks"]),
               "Times are medians per call; ratios < 1 mean the first is faster. See bench/README.md.", ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
@@ -386,9 +391,9 @@ def main(argv=None):
     env = timing.environment(args.device)
     for line in timing.describe_environment(env):
         print(line)
-    print("device %s  dtype %s  channels_last %s  batch %s  methods %s  layers %d  timing %gs x %d rounds"
-          % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
-             args.min_run_time, args.rounds), flush=True)
+    print("device %s  dtype %s  channels_last %s  batch %s  methods %s  layers %d  timing %gs in %d rounds, "
+          ">= %d blocks" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
+                            args.min_run_time, args.rounds, args.min_blocks), flush=True)
     print_header()
     rows = []
     for i, shape in enumerate(layers):

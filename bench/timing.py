@@ -35,13 +35,15 @@ def timer_for(fn, num_threads=None, label="", description=""):
                            num_threads=torch.get_num_threads() if num_threads is None else num_threads)
 
 
-def time_interleaved(fns, *, min_run_time=0.2, rounds=3, warmup=2, num_threads=None):
+def time_interleaved(fns, *, min_run_time=0.2, rounds=3, warmup=2, min_blocks=5, num_threads=None):
     """Times each callable in `fns` (name -> fn); returns name -> summarize(...) dict.
 
     Each callable is called `warmup` times first (lazy init, cudnn.benchmark's
     algorithm search, caches), so that Timer's block-size estimate does not see
     them. Then, per round, blocked_autorange(min_run_time / rounds) runs for each
-    callable in turn; the blocks of all rounds are pooled for the median.
+    callable in turn; the blocks of all rounds are pooled for the median. A slow
+    callable may fill its time with one block per round, so callables with fewer
+    than `min_blocks` blocks get more, still in turn: a median of two is no median.
     """
     timers = {name: timer_for(fn, num_threads, description=name) for name, fn in fns.items()}
     for fn in fns.values():
@@ -51,17 +53,25 @@ def time_interleaved(fns, *, min_run_time=0.2, rounds=3, warmup=2, num_threads=N
         torch.cuda.synchronize()
     blocks = {name: [] for name in fns}
     runs = {name: 0 for name in fns}
+    number = {}
     for _ in range(max(1, rounds)):
         for name, t in timers.items():
             m = t.blocked_autorange(min_run_time=min_run_time / max(1, rounds))
             blocks[name].extend(m.times)
             runs[name] += len(m.times) * m.number_per_run
+            number[name] = m.number_per_run
+    while any(len(b) < min_blocks for b in blocks.values()):
+        for name, t in timers.items():
+            if len(blocks[name]) < min_blocks:
+                blocks[name].extend(t.timeit(number[name]).times)
+                runs[name] += number[name]
     return {name: summarize(blocks[name], runs[name]) for name in fns}
 
 
-def time_one(fn, *, min_run_time=0.2, num_threads=None):
+def time_one(fn, *, min_run_time=0.2, min_blocks=5, num_threads=None):
     """One callable, one blocked_autorange, same summary as time_interleaved."""
-    return time_interleaved({"fn": fn}, min_run_time=min_run_time, rounds=1, num_threads=num_threads)["fn"]
+    return time_interleaved({"fn": fn}, min_run_time=min_run_time, rounds=1, min_blocks=min_blocks,
+                            num_threads=num_threads)["fn"]
 
 
 # Environment --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import layers, suite  # noqa: E402
 
 TINY = ["--shape", "8,16,3,3,1,1,1,10,10", "--shape", "16,8,1,1,2,0,1,9,9"]
-FAST = ["--batch", "1,2", "--min-run-time", "0.002", "--rounds", "1", "--threads", "1"]
+FAST = ["--batch", "1,2", "--min-run-time", "0.002", "--rounds", "1", "--min-blocks", "2", "--threads", "1"]
 
 
 def test_suite_is_deduplicated_and_tagged():
@@ -64,7 +64,7 @@ def test_layers_main_writes_sane_json(tmp_path, monkeypatch, capsys):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
         for path in ("dense", "op", "reference"):
             t = r["time"][path]
-            assert t["runs"] >= 1 and 0 < t["median"] < 1 and t["iqr"] >= 0
+            assert t["blocks"] >= 2 and t["runs"] >= t["blocks"] and 0 < t["median"] < 1 and t["iqr"] >= 0
         assert r["check"]["op"] <= r["check"]["tolerance"]
     assert data["summary"] and all(s["geomean_op_dense"] > 0 for s in data["summary"])
 
