@@ -152,6 +152,7 @@ def test_tucker2_matches_tensorly_partial_tucker():
         tl.set_backend("numpy")
 
 
+@pytest.mark.filterwarnings("ignore:Trying to compute SVD")  # tensorly's own svd init on the 3-wide modes
 def test_cp_matches_tensorly_parafac():
     tl = pytest.importorskip("tensorly")
     from tensorly.decomposition import parafac
@@ -161,8 +162,8 @@ def test_cp_matches_tensorly_parafac():
         w = torch.einsum("tr,sr,ir,jr->tsij", *[_randn(g, d, 4) for d in (10, 8, 3, 3)])
         ref = tl.cp_to_tensor(parafac(w, rank=4, init="svd", n_iter_max=500, tol=1e-14))
         ours = hsvkernels.decompose(w, "cp", rank=4)
-        assert _rel(ref, w) < 1e-8 and ours.relative_error(w) < 1e-10
-        assert _rel(ours.to_dense(), ref) < 1e-8
+        assert _rel(ref, w) < 1e-6 and ours.relative_error(w) < 1e-10  # tensorly stops on its own tol
+        assert _rel(ours.to_dense(), ref) < 1e-6
         # On a kernel with no exact CP, both land on fits of similar quality.
         w = _randn(g, 10, 8, 3, 3)
         ref_err = _rel(tl.cp_to_tensor(parafac(w, rank=6, init="svd", n_iter_max=300, tol=1e-10)), w)
@@ -260,15 +261,17 @@ def test_evbmf_rank_source():
 
 # Candidates -----------------------------------------------------------------------------
 
-def test_tucker2_candidates():
+@pytest.mark.parametrize("kind", ["tucker2", "ht2", "tt_tucker"])
+def test_candidates_have_exact_costs_and_errors(kind):
+    module = {"tucker2": tucker2, "ht2": ht2, "tt_tucker": tt_tucker}[kind]
     w = _randn(_gen(17), 16, 12, 3, 3)
-    cands = tucker2.candidates(w, (8, 8))
-    assert len(cands) >= 4
+    cands = module.candidates(w, (8, 8))
+    assert len(cands) >= 6
     for c in cands:
-        fact = hsvkernels.decompose(w, "tucker2", **c.config)
+        fact = hsvkernels.decompose(w, kind, **c.config)
         assert c.params == fact.num_params()
         assert c.macs == fact.macs(8, 8)
-        assert fact.relative_error(w) ** 2 <= c.rel_err_sq + 1e-12  # HOSVD's bound holds
+        assert c.rel_err_sq == pytest.approx(fact.relative_error(w) ** 2, rel=1e-9, abs=1e-12)
 
 
 # Bad arguments ---------------------------------------------------------------------------

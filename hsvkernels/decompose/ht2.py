@@ -18,12 +18,15 @@ R13 from a rule is capped at min(R1*kh, R3*kw), the most the projected core can 
 import torch
 
 from ..evbmf import evbmf
+from .. import formats
 from ..factorization import Factorization
 from ._budget import ranks_for_ratio
 from ._linalg import energy_rank, fix_signs, unfold
 from ._ranks import check_ranks
+from .candidates import Candidate
 
 NAMES = ("R1", "R13", "R3")
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def max_ranks(shape):
@@ -95,3 +98,53 @@ def decompose(weight, *, rank=None, ratio=None, energy=None):
     if rank == "energy":
         meta["energy"] = energy
     return Factorization("ht2", [f.to(weight.dtype).contiguous() for f in factors], shape, meta)
+
+
+def rank_errors(weight, fractions=FRACTIONS):
+    """[((R1, R13, R3), rel_err_sq)] for proportionally scaled ranks, each also with R13 halved.
+
+    The errors are exact: U1, U3 and the R13 split are orthogonal projections, so the
+    error is the energy that the leading R13 singular values of the projected
+    (R1*kh) x (R3*kw) block leave out; the block of any (R1, R3) is a corner of one
+    projection on the full leaf bases.
+    """
+    shape = tuple(weight.shape)
+    cout, cin, kh, kw = shape
+    w = weight.detach().to(torch.float64)
+    u1 = torch.linalg.svd(unfold(w, 1), full_matrices=False)[0]
+    u3 = torch.linalg.svd(unfold(w, 0), full_matrices=False)[0]
+    projected = torch.einsum("tsij,sa,tc->aicj", w, u1, u3)
+    total = w.square().sum().clamp_min(1e-300)
+    seen, out, spectra = set(), [], {}
+    for f in fractions:
+        r1, r13, r3 = (max(1, round(f * m)) for m in max_ranks(shape))
+        cap = min(r1 * kh, r3 * kw)
+        for r13_choice in (min(r13, cap), max(1, min(r13, cap) // 2)):
+            ranks = (r1, r13_choice, r3)
+            if ranks in seen:
+                continue
+            seen.add(ranks)
+            if (r1, r3) not in spectra:
+                block = projected[:r1, :, :r3, :].reshape(r1 * kh, r3 * kw)
+                spectra[(r1, r3)] = torch.linalg.svdvals(block).square().cumsum(0)
+            kept = spectra[(r1, r3)][r13_choice - 1]
+            out.append((ranks, max(0.0, 1.0 - (kept / total).item())))
+    return out
+
+
+def stage_shapes(shape, ranks):
+    """The factor shapes of an ht2 (or tt_tucker) layer with ranks (R1, R13, R3)."""
+    cout, cin, kh, kw = shape
+    r1, r13, r3 = ranks
+    return [(r1, cin), (r13, r1, kh), (r3, r13, kw), (cout, r3)]
+
+
+def candidates(weight, out_hw, fractions=FRACTIONS):
+    """Candidates with exact errors (see rank_errors); MACs take the input size = out_hw."""
+    shape = tuple(weight.shape)
+    fmt = formats.get("ht2")
+    out = []
+    for ranks, err in rank_errors(weight, fractions):
+        macs = sum(fmt.stage_macs(stage_shapes(shape, ranks), out_hw, out_hw))
+        out.append(Candidate({"rank": ranks}, num_params(shape, ranks), macs, err))
+    return out

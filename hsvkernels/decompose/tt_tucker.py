@@ -8,11 +8,13 @@ singular values go to the second core. rank=(R_T, R_S, a), an int for all three,
 import torch
 
 from ..evbmf import evbmf
+from .. import formats
 from ..factorization import Factorization
-from . import tucker2
+from . import ht2, tucker2
 from ._budget import ranks_for_ratio
 from ._linalg import fix_signs
 from ._ranks import check_ranks
+from .candidates import Candidate
 
 NAMES = ("R_T", "R_S", "a")
 
@@ -68,3 +70,15 @@ def decompose(weight, *, rank=None, ratio=None, iters=0):
     fact = Factorization("tt_tucker", [f.to(weight.dtype).contiguous() for f in factors], shape,
                          {"R_T": rt, "R_S": rs, "a": a, "iters": iters})
     return fact
+
+
+def candidates(weight, out_hw, fractions=ht2.FRACTIONS):
+    """Without HOOI sweeps, TT-Tucker at (R_T, R_S, a) is HT-2 at (R_S, a, R_T): the same
+    exact errors. MACs take the input size = out_hw."""
+    shape = tuple(weight.shape)
+    fmt = formats.get("tt_tucker")
+    out = []
+    for (r1, r13, r3), err in ht2.rank_errors(weight, fractions):
+        macs = sum(fmt.stage_macs(ht2.stage_shapes(shape, (r1, r13, r3)), out_hw, out_hw))
+        out.append(Candidate({"rank": (r3, r1, r13)}, num_params(shape, (r3, r1, r13)), macs, err))
+    return out

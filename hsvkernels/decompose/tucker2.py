@@ -8,6 +8,7 @@ rank=(R_T, R_S), an int for both, or "evbmf" (EVBMF of each unfolding, floored a
 import torch
 
 from ..evbmf import evbmf
+from .. import formats
 from ..factorization import Factorization
 from ._budget import ranks_for_ratio
 from ._linalg import leading_left, unfold
@@ -15,6 +16,7 @@ from ._ranks import check_ranks
 from .candidates import Candidate
 
 NAMES = ("R_T", "R_S")
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def max_ranks(shape):
@@ -67,18 +69,21 @@ def decompose(weight, *, rank=None, ratio=None, iters=0):
     return Factorization("tucker2", factors, shape, {"R_T": rt, "R_S": rs, "iters": iters, "energy": energy})
 
 
-def candidates(weight, out_hw, fractions=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)):
-    """Proportionally scaled (R_T, R_S) with HOSVD's error bound (sum of the two
-    discarded unfolding energies, an upper bound on the truncation error)."""
+def candidates(weight, out_hw, fractions=FRACTIONS):
+    """Proportionally scaled (R_T, R_S), each with the exact HOSVD error.
+
+    With the full singular bases of both unfoldings, W's coordinates C in them hold
+    all its energy, and the truncation to (R_T, R_S) is an orthogonal projection that
+    keeps C[:R_T, :R_S]; so one projection gives the error of every rank pair.
+    MACs assume the input and output sizes are equal (out_hw for both).
+    """
     shape = tuple(weight.shape)
-    cout, cin, kh, kw = shape
     w = weight.detach().to(torch.float64)
-    total = w.square().sum().clamp_min(1e-300)
-    tails = []
-    for mode in (0, 1):
-        e = torch.linalg.svdvals(unfold(w, mode)).square()
-        tails.append((e.sum() - e.cumsum(0)) / total)  # tails[mode][r - 1]: energy lost at rank r
-    positions = out_hw[0] * out_hw[1]
+    u_t = torch.linalg.svd(unfold(w, 0), full_matrices=False)[0]
+    u_s = torch.linalg.svd(unfold(w, 1), full_matrices=False)[0]
+    energy = torch.einsum("tsij,tc,sd->cdij", w, u_t, u_s).square().sum(dim=(2, 3))
+    kept = energy.cumsum(0).cumsum(1) / w.square().sum().clamp_min(1e-300)  # kept[R_T-1, R_S-1]
+    fmt = formats.get("tucker2")
     seen, out = set(), []
     for f in fractions:
         ranks = tuple(max(1, round(f * m)) for m in max_ranks(shape))
@@ -86,8 +91,8 @@ def candidates(weight, out_hw, fractions=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 
             continue
         seen.add(ranks)
         rt, rs = ranks
-        params = num_params(shape, ranks)
-        macs = (cin * rs + kh * kw * rs * rt + rt * cout) * positions
-        err = min(1.0, tails[0][rt - 1].item() + tails[1][rs - 1].item())
-        out.append(Candidate({"rank": ranks}, params, macs, max(err, 0.0)))
+        shapes = [(rs, shape[1]), (rt, rs) + shape[2:], (shape[0], rt)]
+        macs = sum(fmt.stage_macs(shapes, out_hw, out_hw))
+        err = max(0.0, 1.0 - kept[rt - 1, rs - 1].item())
+        out.append(Candidate({"rank": ranks}, num_params(shape, ranks), macs, err))
     return out
