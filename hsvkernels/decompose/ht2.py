@@ -17,8 +17,8 @@ R13 from a rule is capped at min(R1*kh, R3*kw), the most the projected core can 
 """
 import torch
 
-from ..evbmf import evbmf
 from .. import formats
+from ..evbmf import evbmf
 from ..factorization import Factorization
 from ._budget import ranks_for_ratio
 from ._linalg import energy_rank, fix_signs, unfold

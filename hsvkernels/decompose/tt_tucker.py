@@ -7,8 +7,8 @@ singular values go to the second core. rank=(R_T, R_S, a), an int for all three,
 """
 import torch
 
-from ..evbmf import evbmf
 from .. import formats
+from ..evbmf import evbmf
 from ..factorization import Factorization
 from . import ht2, tucker2
 from ._budget import ranks_for_ratio

@@ -7,8 +7,8 @@ rank=(R_T, R_S), an int for both, or "evbmf" (EVBMF of each unfolding, floored a
 """
 import torch
 
-from ..evbmf import evbmf
 from .. import formats
+from ..evbmf import evbmf
 from ..factorization import Factorization
 from ._budget import ranks_for_ratio
 from ._linalg import leading_left, unfold
