@@ -193,6 +193,25 @@ def test_ht2_left_svd_qr_matches_svd():
     assert torch.allclose(u @ u.T, u_ref[:, :5] @ u_ref[:, :5].T, atol=1e-12)
 
 
+def test_ht2_matches_the_official_algorithm_step_by_step():
+    # methods.md section 4, spelled out on the (Cin, kh, Cout, kw) permuted kernel with
+    # tensordots, independent of the factor layout used by the op.
+    w = _randn(_gen(20), 10, 7, 3, 2)
+    r1, r13, r3 = 5, 6, 4
+    wp = w.movedim(0, 2)  # (C, D1, T, D2)
+    c, d1, t, d2 = wp.shape
+    u1 = torch.linalg.svd(wp.reshape(c, -1), full_matrices=False)[0][:, :r1]
+    u3 = torch.linalg.svd(wp.movedim(2, 0).reshape(t, -1), full_matrices=False)[0][:, :r3]
+    x = torch.tensordot(torch.tensordot(wp, u1, dims=([0], [0])), u3, dims=([1], [0]))  # (D1, D2, R1, R3)
+    m = x.permute(2, 0, 3, 1).reshape(r1 * d1, r3 * d2)
+    g = torch.linalg.svd(m, full_matrices=False)[0][:, :r13]
+    g1, g2 = g.reshape(r1, d1, r13), (g.T @ m).reshape(r13, r3, d2)
+    rec = torch.tensordot(torch.tensordot(g1, g2, dims=([2], [0])), u1, dims=([0], [1]))  # (D1, R3, D2, C)
+    rec = torch.tensordot(rec, u3, dims=([1], [1])).permute(2, 0, 3, 1)  # (C, D1, T, D2)
+    ours = hsvkernels.decompose(w, "ht2", rank=(r1, r13, r3))
+    assert _rel(ours.to_dense(), rec.movedim(2, 0)) < 1e-12
+
+
 def test_ht2_energy_rule():
     g = _gen(13)
     w = torch.einsum("tc,cbj,bai,as->tsij", _randn(g, 16, 4), _randn(g, 4, 5, 3), _randn(g, 5, 3, 3),
