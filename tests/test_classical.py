@@ -114,7 +114,7 @@ def test_ratio_meets_budget(kind, ratio):
     kwargs = {"iters": 20} if kind == "cp" else {}
     fact = hsvkernels.decompose(w, kind, ratio=ratio, **kwargs)
     assert fact.compression() >= ratio
-    assert fact.compression() < 2 * ratio + 2  # and not far past it
+    assert fact.compression() < 1.25 * ratio  # and lands near it (alignment and rank steps aside)
 
 
 def test_cp_ratio_picks_the_largest_rank():
