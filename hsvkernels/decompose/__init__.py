@@ -1,9 +1,12 @@
 """decompose(weight, method, ...) -> Factorization; one module per method."""
+import inspect
+
 import torch
 
+from . import hsv as _hsv
 from . import svd as _svd
 
-METHODS = {"svd": _svd.decompose}
+METHODS = {"svd": _svd.decompose, "hsv": _hsv.decompose}
 
 
 def check_weight(weight):
@@ -20,23 +23,31 @@ def check_weight(weight):
         raise ValueError("weight contains NaN or Inf values")
 
 
-def decompose(weight, method="svd", *, rank=None, ratio=None, **options):
+def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, **options):
     """Factorizes a conv weight (Cout, Cin, kh, kw).
 
-    rank:  the method's rank(s), explicitly.
-    ratio: target parameter compression (dense params / factorized params), >= 1;
-           the rank is the largest that meets it.
-    Exactly one of rank and ratio is given. Other options are method-specific.
+    rank:       the method's rank(s), explicitly.
+    ratio:      target parameter compression (dense params / factorized params), >= 1;
+                the rank is the largest that meets it.
+    macs_ratio: target MAC reduction at the layer (dense MACs / factorized MACs), >= 1,
+                for the methods that take it (hsv).
+    Give rank, or one or both targets. Other options are method-specific.
     """
     if method not in METHODS:
         raise ValueError("unknown method %r; expected one of: %s" % (method, ", ".join(sorted(METHODS))))
     check_weight(weight)
-    if rank is None and ratio is None:
-        raise ValueError("decompose(method=%r): give rank= or ratio=" % method)
-    if rank is not None and ratio is not None:
-        raise ValueError("decompose(method=%r): give rank= or ratio=, not both" % method)
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
-            raise ValueError("ratio is a parameter compression and must be a number >= 1, got %r" % (ratio,))
+    if rank is None and ratio is None and macs_ratio is None:
+        raise ValueError("decompose(method=%r): give rank=, ratio= or macs_ratio=" % method)
+    if rank is not None and (ratio is not None or macs_ratio is not None):
+        raise ValueError("decompose(method=%r): give rank= or ratio=/macs_ratio=, not both" % method)
+    for name, value in (("ratio", ratio), ("macs_ratio", macs_ratio)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1):
+            raise ValueError("%s is a compression (dense cost / factorized cost) and must be a number >= 1, got %r"
+                             % (name, value))
+    if macs_ratio is not None:
+        # Passed on only to methods that take it, so the others need no change.
+        if "macs_ratio" not in inspect.signature(METHODS[method]).parameters:
+            raise ValueError("decompose(method=%r) does not take macs_ratio=; use ratio= or rank=" % method)
+        options["macs_ratio"] = macs_ratio
     with torch.no_grad():
         return METHODS[method](weight.detach(), rank=rank, ratio=ratio, **options)
