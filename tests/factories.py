@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+import hsv_case
+
 import hsvkernels
 from hsvkernels import Factorization
 
@@ -37,6 +39,7 @@ def _svd_full(weight):
 
 CASES = {
     "svd": KindCase(_svd_random, _svd_full),
+    "hsv": KindCase(hsv_case.random_factors, hsv_case.full_rank),
 }
 
 KINDS = sorted(k for k in CASES if k in hsvkernels.FORMATS)
