@@ -108,7 +108,20 @@ def test_budgets_met_on_resnet_shapes(shape):
         assert dense / macs >= targets.get("macs_ratio", 1)  # with only ratio: never more MACs than dense
         t1, s1, t2, s2 = fact.meta["split"]
         assert (t1 * t2, s1 * s2) == shape[:2]
+        assert fact.meta["rank"] < 16 or fact.meta["rank"] % 8 == 0  # aligned GEMM sizes
         assert fact.factors[0].dtype == weight.dtype
+
+
+def test_level2_with_targets():
+    weight = torch.randn(64, 64, 3, 3)
+    level1 = hsvkernels.decompose(weight, "hsv", ratio=4)
+    t1, s1, t2, s2 = level1.meta["split"]
+    p = level1.meta["rank"]
+    fact = hsvkernels.decompose(weight, "hsv", ratio=4, level2=(max(1, p * t2 // 4), max(1, min(t1, s1 * p) // 4)))
+    assert fact.meta["split"] == level1.meta["split"] and fact.compression() >= level1.compression() >= 4
+    # Level-2 ranks that undo the savings are refused rather than missing the target.
+    with pytest.raises(ValueError, match="lower q1/q2"):
+        hsvkernels.decompose(weight, "hsv", ratio=4, level2=(min(p * t2, s2 * 9), None))
 
 
 def test_picks_the_least_error_split_that_meets_the_targets():
