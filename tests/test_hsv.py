@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hsv_case import LAYOUTS, random_factors
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import hsvkernels
@@ -312,3 +314,31 @@ def test_bad_factor_shapes_same_error_in_op_and_reference(factors, match):
     for run in (torch.ops.hsv.conv2d, reference.conv2d_factors):
         with pytest.raises(ValueError, match=match):
             run(x, factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")
+
+
+# Random layouts: the C++ plan, the fake kernel, the reference chain and stage_macs agree ----
+
+@settings(max_examples=30, deadline=None)
+@given(t1=st.integers(1, 4), s1=st.integers(1, 4), t2=st.integers(1, 4), s2=st.integers(1, 4),
+       p=st.integers(1, 4), kh=st.integers(1, 3), kw=st.integers(1, 3), q1=st.none() | st.integers(1, 3),
+       q2=st.none() | st.integers(1, 3), stride=st.integers(1, 2))
+def test_random_layouts_agree(t1, s1, t2, s2, p, kh, kw, q1, q2, stride):
+    fs = [torch.randn(p, t2, s2, kh, kw, dtype=torch.float64)] if q1 is None else \
+        [torch.randn(q1, s2, kh, kw, dtype=torch.float64), torch.randn(p, t2, q1, dtype=torch.float64)]
+    fs += [torch.randn(t1, s1, p, dtype=torch.float64)] if q2 is None else \
+        [torch.randn(q2, s1, p, dtype=torch.float64), torch.randn(t1, q2, dtype=torch.float64)]
+    x = torch.randn(2, s1 * s2, 7, 6, dtype=torch.float64)
+    args = ([stride, stride], [1, 1], [1, 1], 1, "hsv")
+    with FlopCounterMode(display=False) as op_count:
+        y = torch.ops.hsv.conv2d(x, fs, None, *args)
+    with FlopCounterMode(display=False) as ref_count:
+        y_ref = reference.conv2d_factors(x, fs, None, *args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        y_fake = torch.ops.hsv.conv2d(mode.from_tensor(x), [mode.from_tensor(f) for f in fs], None, *args)
+    fmt = hsvkernels.FORMATS["hsv"]
+    truth = F.conv2d(x, fmt.to_dense(fs), None, stride, 1)
+    assert y.shape == y_ref.shape == y_fake.shape == truth.shape
+    torch.testing.assert_close(y, truth, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y_ref, truth, rtol=1e-10, atol=1e-10)
+    macs = fmt.stage_macs([f.shape for f in fs], (7, 6), tuple(y.shape[2:]))
+    assert len(macs) == len(fs) and op_count.get_total_flops() == ref_count.get_total_flops() == 2 * 2 * sum(macs)
