@@ -20,6 +20,7 @@ with B's conv split into kh x kw S2->q1 and 1x1 q1->P*T2, and A's GEMM into
 S1*P->q2 and q2->T1, where level 2 is present.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,12 @@ class Layout:
     P: int
     kh: int
     kw: int
-    q1: int = None
-    q2: int = None
+    q1: Optional[int] = None
+    q2: Optional[int] = None
 
     @property
     def a_index(self):
+        """Where the A part starts in the factor list."""
         return 1 if self.q1 is None else 2
 
 
