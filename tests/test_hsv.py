@@ -309,11 +309,13 @@ def _shapes(*shapes):
     (_shapes((3, 4, 4, 3, 3), (4, 3, 3)), "expect Cin"),
     (_shapes((3, 4, 0, 3, 3), (4, 2, 3)), "empty"),
 ])
-def test_bad_factor_shapes_same_error_in_op_and_reference(factors, match):
+def test_bad_factor_shapes_same_error_in_op_fake_and_reference(factors, match):
     x = torch.randn(1, 8, 6, 6)
-    for run in (torch.ops.hsv.conv2d, reference.conv2d_factors):
+    for device in ("cpu", "meta"):  # meta runs the fake kernel
         with pytest.raises(ValueError, match=match):
-            run(x, factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")
+            torch.ops.hsv.conv2d(x.to(device), [f.to(device) for f in factors], None, [1, 1], [1, 1], [1, 1], 1, "hsv")
+    with pytest.raises(ValueError, match=match):
+        reference.conv2d_factors(x, factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")
 
 
 # Random layouts: the C++ plan, the fake kernel, the reference chain and stage_macs agree ----

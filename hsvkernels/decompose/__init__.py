@@ -37,13 +37,13 @@ def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, *
         raise ValueError("unknown method %r; expected one of: %s" % (method, ", ".join(sorted(METHODS))))
     check_weight(weight)
     if rank is None and ratio is None and macs_ratio is None:
-        raise ValueError("decompose(method=%r): give rank=, ratio= or macs_ratio=" % method)
+        raise ValueError("decompose(method=%r): give rank= or ratio= (or macs_ratio=)" % method)
     if rank is not None and (ratio is not None or macs_ratio is not None):
         raise ValueError("decompose(method=%r): give rank= or ratio=/macs_ratio=, not both" % method)
-    for name, value in (("ratio", ratio), ("macs_ratio", macs_ratio)):
+    targets = (("ratio", "a parameter compression", ratio), ("macs_ratio", "a MAC reduction", macs_ratio))
+    for name, what, value in targets:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1):
-            raise ValueError("%s is a compression (dense cost / factorized cost) and must be a number >= 1, got %r"
-                             % (name, value))
+            raise ValueError("%s is %s (dense / factorized) and must be a number >= 1, got %r" % (name, what, value))
     if macs_ratio is not None:
         # Passed on only to methods that take it, so the others need no change.
         if "macs_ratio" not in inspect.signature(METHODS[method]).parameters:
