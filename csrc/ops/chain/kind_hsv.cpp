@@ -33,8 +33,8 @@ Plan build_hsv_plan(const at::Tensor& input, at::TensorList factors, const ConvP
   for (int64_t i = 0; i < nf; ++i)
     HSV_CHECK(all_positive(factors[i].sizes()), "factors[", i, "] has an empty dimension: ", factors[i].sizes());
   const bool split_b = factors[0].dim() == 4;
-  HSV_CHECK(factors[0].dim() == 5 || split_b, "factors[0] must be B (P, T2, S2, kh, kw) or B1 (q1, S2, kh, kw), got shape ",
-            factors[0].sizes());
+  HSV_CHECK(factors[0].dim() == 5 || split_b,
+            "factors[0] must be B (P, T2, S2, kh, kw) or B1 (q1, S2, kh, kw), got shape ", factors[0].sizes());
   const int64_t a_at = split_b ? 2 : 1;  // index of the first A factor
   HSV_CHECK(nf > a_at && nf - a_at <= 2, "expected ", kLayouts, "; got ", nf, " factors with factors[0] of shape ",
             factors[0].sizes());
