@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+import hsv_case
+
 import hsvkernels
 from hsvkernels import Factorization
 
@@ -86,6 +88,7 @@ CASES = {
     "cp": KindCase(_cp_random, _full("cp")),
     "ht2": KindCase(_separable_random("ht2"), _full("ht2")),
     "tt_tucker": KindCase(_separable_random("tt_tucker"), _full("tt_tucker")),
+    "hsv": KindCase(hsv_case.random_factors, hsv_case.full_rank),
 }
 
 KINDS = sorted(k for k in CASES if k in hsvkernels.FORMATS)

@@ -1,14 +1,17 @@
 """decompose(weight, method, ...) -> Factorization; one module per method."""
+import inspect
+
 import torch
 
 from . import cp as _cp
+from . import hsv as _hsv
 from . import ht2 as _ht2
 from . import svd as _svd
 from . import tt_tucker as _tt_tucker
 from . import tucker2 as _tucker2
 
-METHODS = {"svd": _svd.decompose, "tucker2": _tucker2.decompose, "cp": _cp.decompose, "ht2": _ht2.decompose,
-           "tt_tucker": _tt_tucker.decompose}
+METHODS = {"svd": _svd.decompose, "hsv": _hsv.decompose, "tucker2": _tucker2.decompose, "cp": _cp.decompose,
+           "ht2": _ht2.decompose, "tt_tucker": _tt_tucker.decompose}
 
 
 def check_weight(weight):
@@ -25,23 +28,31 @@ def check_weight(weight):
         raise ValueError("weight contains NaN or Inf values")
 
 
-def decompose(weight, method="svd", *, rank=None, ratio=None, **options):
+def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, **options):
     """Factorizes a conv weight (Cout, Cin, kh, kw).
 
-    rank:  the method's rank(s), explicitly.
-    ratio: target parameter compression (dense params / factorized params), >= 1;
-           the rank is the largest that meets it.
-    Exactly one of rank and ratio is given. Other options are method-specific.
+    rank:       the method's rank(s), explicitly.
+    ratio:      target parameter compression (dense params / factorized params), >= 1;
+                the rank is the largest that meets it.
+    macs_ratio: target MAC reduction at the layer (dense MACs / factorized MACs), >= 1,
+                for the methods that take it (hsv).
+    Give rank, or one or both targets. Other options are method-specific.
     """
     if method not in METHODS:
         raise ValueError("unknown method %r; expected one of: %s" % (method, ", ".join(sorted(METHODS))))
     check_weight(weight)
-    if rank is None and ratio is None:
-        raise ValueError("decompose(method=%r): give rank= or ratio=" % method)
-    if rank is not None and ratio is not None:
-        raise ValueError("decompose(method=%r): give rank= or ratio=, not both" % method)
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
-            raise ValueError("ratio is a parameter compression and must be a number >= 1, got %r" % (ratio,))
+    if rank is None and ratio is None and macs_ratio is None:
+        raise ValueError("decompose(method=%r): give rank= or ratio= (or macs_ratio=)" % method)
+    if rank is not None and (ratio is not None or macs_ratio is not None):
+        raise ValueError("decompose(method=%r): give rank= or ratio=/macs_ratio=, not both" % method)
+    targets = (("ratio", "a parameter compression", ratio), ("macs_ratio", "a MAC reduction", macs_ratio))
+    for name, what, value in targets:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1):
+            raise ValueError("%s is %s (dense / factorized) and must be a number >= 1, got %r" % (name, what, value))
+    if macs_ratio is not None:
+        # Passed on only to methods that take it, so the others need no change.
+        if "macs_ratio" not in inspect.signature(METHODS[method]).parameters:
+            raise ValueError("decompose(method=%r) does not take macs_ratio=; use ratio= or rank=" % method)
+        options["macs_ratio"] = macs_ratio
     with torch.no_grad():
         return METHODS[method](weight.detach(), rank=rank, ratio=ratio, **options)
