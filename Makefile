@@ -30,6 +30,8 @@ build: setup
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	# the op matrix again on the pure-PyTorch fallback (what users get when _C is missing)
+	HSV_NO_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_op.py tests/test_autograd.py tests/test_errors.py
 
 demo: build
 	$(PY) -m hsvkernels compress torchvision:resnet18 --method svd --ratio 4 --input-size 224 --verify

@@ -4,11 +4,14 @@ Loading _C registers the hsv ops with their C++ schemas and CPU/CUDA kernels.
 Without it, hsvkernels.ops defines the same schemas in Python on top of the
 pure-PyTorch reference path, so everything keeps working, only slower.
 """
+import os
 import warnings
 
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 try:
+    if os.environ.get("HSV_NO_EXTENSION", "0") == "1":  # run everything on the reference path, e.g. in tests
+        raise ImportError("HSV_NO_EXTENSION=1 is set")
     from . import _C  # noqa: F401  (registers torch.ops.hsv.*)
 
     LOAD_ERROR = None

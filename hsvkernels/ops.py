@@ -34,24 +34,14 @@ def _reference_backward(grad_output, input, factors, has_bias, stride, padding, 
     return grad_input, grad_factors, grad_bias
 
 
-if not HAS_EXTENSION:
-    _fallback_lib = torch.library.Library("hsv", "DEF")
-    _fallback_lib.define(CONV2D_SCHEMA)
-    _fallback_lib.define(CONV2D_BACKWARD_SCHEMA)
-    _fallback_lib.impl("conv2d", reference.conv2d_factors, "CompositeExplicitAutograd")
-    _fallback_lib.impl("conv2d_backward", _reference_backward, "CompositeExplicitAutograd")
-
-
 # Fake kernels -------------------------------------------------------------------------
 
-@torch.library.register_fake("hsv::conv2d")
 def _conv2d_fake(input, factors, bias, stride, padding, dilation, groups, kind):
     _, shape, (ho, wo) = formats.check_call(input, factors, bias, stride, padding, dilation, groups, kind)
     out = input.new_empty((input.shape[0], shape.out_channels, ho, wo))
     return out.contiguous(memory_format=formats.memory_format_of_output(input))
 
 
-@torch.library.register_fake("hsv::conv2d_backward")
 def _conv2d_backward_fake(grad_output, input, factors, has_bias, stride, padding, dilation, groups, kind,
                           output_mask):
     _, shape, _ = formats.check_call(input, factors, None, stride, padding, dilation, groups, kind)
@@ -88,9 +78,6 @@ def _backward(ctx, grad_output):
     return grad_input, grad_factors, grad_bias, None, None, None, None, None
 
 
-torch.library.register_autograd("hsv::conv2d", _backward, setup_context=_setup_context)
-
-
 # FLOP formulas (2 FLOPs per multiply-accumulate, bias adds not counted, like aten.convolution) --
 
 def _stage_macs(input_shape, factor_shapes, kind, out_hw):
@@ -98,13 +85,11 @@ def _stage_macs(input_shape, factor_shapes, kind, out_hw):
     return fmt.stage_macs([tuple(s) for s in factor_shapes], tuple(input_shape[2:]), tuple(out_hw))
 
 
-@register_flop_formula(torch.ops.hsv.conv2d)
 def _conv2d_flops(input_shape, factor_shapes, bias_shape, stride, padding, dilation, groups, kind, *,
                   out_shape=None, **kwargs):
     return 2 * input_shape[0] * sum(_stage_macs(input_shape, factor_shapes, kind, out_shape[2:]))
 
 
-@register_flop_formula(torch.ops.hsv.conv2d_backward)
 def _conv2d_backward_flops(grad_shape, input_shape, factor_shapes, has_bias, stride, padding, dilation, groups,
                            kind, output_mask, *, out_shape=None, **kwargs):
     # Each stage's weight gradient costs its forward MACs, and so does each stage's
@@ -118,10 +103,7 @@ def _conv2d_backward_flops(grad_shape, input_shape, factor_shapes, has_bias, str
 
 # Autocast: like aten.conv2d, the op runs in the autocast dtype ------------------------
 
-_autocast_lib = torch.library.Library("hsv", "IMPL")
-
-
-def _register_autocast(device_type, dispatch_key):
+def _register_autocast(lib, device_type, dispatch_key):
     def kernel(input, factors, bias, stride, padding, dilation, groups, kind):
         dtype = torch.get_autocast_dtype(device_type)
 
@@ -135,11 +117,7 @@ def _register_autocast(device_type, dispatch_key):
             return torch.ops.hsv.conv2d(cast(input), [cast(f) for f in factors], cast(bias), stride, padding,
                                         dilation, groups, kind)
 
-    _autocast_lib.impl("conv2d", kernel, dispatch_key)
-
-
-_register_autocast("cpu", "AutocastCPU")
-_register_autocast("cuda", "AutocastCUDA")
+    lib.impl("conv2d", kernel, dispatch_key)
 
 
 # The public wrapper --------------------------------------------------------------------
@@ -154,3 +132,25 @@ def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
         raise TypeError("fact must be a hsvkernels.Factorization, got %s" % type(fact).__name__)
     return torch.ops.hsv.conv2d(input, list(fact.factors), bias, pair(stride, "stride"), pair(padding, "padding"),
                                 pair(dilation, "dilation"), groups, fact.kind)
+
+
+# Registration ------------------------------------------------------------------------
+
+if HAS_EXTENSION:
+    torch.library.register_fake("hsv::conv2d", _conv2d_fake)
+    torch.library.register_fake("hsv::conv2d_backward", _conv2d_backward_fake)
+    torch.library.register_autograd("hsv::conv2d", _backward, setup_context=_setup_context)
+    _autocast_lib = torch.library.Library("hsv", "IMPL")
+    _register_autocast(_autocast_lib, "cpu", "AutocastCPU")
+    _register_autocast(_autocast_lib, "cuda", "AutocastCUDA")
+    register_flop_formula(torch.ops.hsv.conv2d)(_conv2d_flops)
+    register_flop_formula(torch.ops.hsv.conv2d_backward)(_conv2d_backward_flops)
+else:
+    # Without _C the ops are the reference chain itself (CompositeImplicitAutograd):
+    # autograd, fake tensors, autocast and FLOP counting then come from the aten
+    # convs they decompose into, and the backward op runs above autograd.
+    _fallback_lib = torch.library.Library("hsv", "DEF")
+    _fallback_lib.define(CONV2D_SCHEMA)
+    _fallback_lib.define(CONV2D_BACKWARD_SCHEMA)
+    _fallback_lib.impl("conv2d", reference.conv2d_factors, "CompositeImplicitAutograd")
+    _fallback_lib.impl("conv2d_backward", _reference_backward, "CompositeImplicitAutograd")
