@@ -6,9 +6,10 @@ kernel, and what each stage costs. The C++ kernels implement the same layouts
 (csrc/ops/chain/kind_*.cpp); tests hold the two against each other.
 """
 from .base import Format, KernelShape, check_call, memory_format_of_output
+from .kcp import KCP
 from .svd import SVD
 
-FORMATS = {f.kind: f for f in (SVD(),)}
+FORMATS = {f.kind: f for f in (SVD(), KCP())}
 
 
 def get(kind):
