@@ -1,9 +1,10 @@
 """decompose(weight, method, ...) -> Factorization; one module per method."""
 import torch
 
+from . import kcp as _kcp
 from . import svd as _svd
 
-METHODS = {"svd": _svd.decompose}
+METHODS = {"svd": _svd.decompose, "kcp": _kcp.decompose}
 
 
 def check_weight(weight):
@@ -20,23 +21,29 @@ def check_weight(weight):
         raise ValueError("weight contains NaN or Inf values")
 
 
-def decompose(weight, method="svd", *, rank=None, ratio=None, **options):
+def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, **options):
     """Factorizes a conv weight (Cout, Cin, kh, kw).
 
     rank:  the method's rank(s), explicitly.
     ratio: target parameter compression (dense params / factorized params), >= 1;
            the rank is the largest that meets it.
-    Exactly one of rank and ratio is given. Other options are method-specific.
+    macs_ratio: target MAC reduction (dense MACs / factorized MACs), >= 1, for
+           the methods that take it (alone or with ratio).
+    Give rank, or the targets. Other options are method-specific.
     """
     if method not in METHODS:
         raise ValueError("unknown method %r; expected one of: %s" % (method, ", ".join(sorted(METHODS))))
     check_weight(weight)
-    if rank is None and ratio is None:
+    if rank is None and ratio is None and macs_ratio is None:
         raise ValueError("decompose(method=%r): give rank= or ratio=" % method)
-    if rank is not None and ratio is not None:
+    if rank is not None and (ratio is not None or macs_ratio is not None):
         raise ValueError("decompose(method=%r): give rank= or ratio=, not both" % method)
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
             raise ValueError("ratio is a parameter compression and must be a number >= 1, got %r" % (ratio,))
+    if macs_ratio is not None:
+        if isinstance(macs_ratio, bool) or not isinstance(macs_ratio, (int, float)) or not macs_ratio >= 1:
+            raise ValueError("macs_ratio is a MAC reduction and must be a number >= 1, got %r" % (macs_ratio,))
+        options["macs_ratio"] = macs_ratio  # passed only when given: not every method takes it
     with torch.no_grad():
         return METHODS[method](weight.detach(), rank=rank, ratio=ratio, **options)
