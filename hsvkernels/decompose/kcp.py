@@ -35,6 +35,7 @@ from .candidates import Candidate
 
 _FORMAT = KCP()
 _GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # ranks tried by the automatic choice
+_COARSE = (1, 2, 4, 8, 16, 32, 64)                   # ranks offered to model-wide selection (cost of estimates)
 
 
 def divisors(n):
@@ -164,7 +165,7 @@ def _balance(factors):
     return [f * (target / n.clamp_min(1e-300)) for f, n in zip(factors, norms)]
 
 
-def cp_spatial(a, rank, iters=500, tol=1e-12):
+def cp_spatial(a, rank, iters=200, tol=1e-10):
     """CP of A (T2, S2, kh, kw) -> its four factors (T2, R), (S2, R), (kh, R), (kw, R)."""
     dims = list(a.shape)
     live = [k for k, d in enumerate(dims) if d > 1]
@@ -187,7 +188,7 @@ def cp_spatial(a, rank, iters=500, tol=1e-12):
 
 # The decomposition --------------------------------------------------------------
 
-def factorize(weight, split, rank, merged=False, cp_iters=500, cp_tol=1e-12):
+def factorize(weight, split, rank, merged=False, cp_iters=200, cp_tol=1e-10):
     """KCP factors (float64) of a weight for a fixed split and rank (N, R, Q)."""
     shape = tuple(weight.shape)
     cout, cin, kh, kw = shape
@@ -220,7 +221,7 @@ def _check_target(name, v):
 
 @single_threaded
 def decompose(weight, *, rank=None, ratio=None, macs_ratio=None, split=None, merged=False, stride=1,
-              cp_iters=500, cp_tol=1e-12, verify=3):
+              cp_iters=200, cp_tol=1e-10, verify=3):
     """KCP factorization of a conv weight.
 
     rank:  (N, R, Q) = (KT rank, CP rank of A_n, rank of B_n); needs split unless
@@ -280,11 +281,11 @@ def _result(weight, factors, split, rank, merged):
 
 # Candidates for rank selection -------------------------------------------------------
 
-def _grid(hi):
-    return [v for v in _GRID if v < hi] + ([hi] if hi <= _GRID[-1] else [])
+def _grid(hi, grid=_GRID):
+    return [v for v in grid if v < hi] + ([hi] if hi <= grid[-1] else [])
 
 
-def _als_errors(x, ranks, iters=15):
+def _als_errors(x, ranks, iters=10):
     """Relative squared CP errors of a batch of unit-norm tensors x (N, dims...) at each rank: (len(ranks), N).
 
     A short batched CP-ALS (HOSVD init, seeded padding): an estimate used to rank
@@ -331,7 +332,7 @@ def _als_errors(x, ranks, iters=15):
     return torch.stack(out).clamp(0, 1)
 
 
-def _configs(weight, split, out_hw, in_hw=None, merged=False):
+def _configs(weight, split, out_hw, in_hw=None, merged=False, grid=_GRID):
     """Candidates for one split: every (N, R, Q) on the grid, with estimated errors.
 
     err(N, R, Q) ~ [sum_{n>=N} s_n^2 + sum_{n<N} s_n^2 (eB + eA - eB eA)] / sum s_n^2,
@@ -342,7 +343,7 @@ def _configs(weight, split, out_hw, in_hw=None, merged=False):
     cout, cin, kh, kw = shape
     t1, s1 = split
     n_max, r_max, q_max = bounds(shape, split)
-    ns, rs, qs = _grid(n_max), _grid(r_max), _grid(q_max)
+    ns, rs, qs = _grid(n_max, grid), _grid(r_max, grid), _grid(q_max, grid)
     w = weight.detach().to("cpu", torch.float64)
     u, s, vh = torch.linalg.svd(rearrange(w, t1, s1), full_matrices=False)
     energy = s.square()
@@ -378,5 +379,5 @@ def candidates(weight, out_hw, in_hw=None, splits=None):
     splits = [check_split(shape, sp) for sp in splits] if splits is not None else default_splits(*shape[:2])
     out = []
     for sp in splits:
-        out.extend(_configs(weight, sp, tuple(out_hw), tuple(in_hw) if in_hw is not None else None))
+        out.extend(_configs(weight, sp, tuple(out_hw), tuple(in_hw) if in_hw is not None else None, grid=_COARSE))
     return out
