@@ -274,7 +274,7 @@ def _probe(layer, table, chosen, ratio, macs_ratio):
     return order[0] if order else None
 
 
-def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_ratio, progress):
+def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_ratio, disable):
     """Output error per unit weight error of each layer decomposed alone (mean 1 over the layers)."""
     was_training = model.training
     model.eval()
@@ -283,7 +283,7 @@ def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_
         with torch.no_grad():
             ref = model(calibration).double()
             ref_norm = ref.square().sum().clamp_min(1e-300)
-            for layer, t, i in tqdm(list(zip(layers, tables, idx)), desc="sensitivities", disable=progress):
+            for layer, t, i in tqdm(list(zip(layers, tables, idx)), desc="sensitivities", disable=disable):
                 j = _probe(layer, t, i, ratio, macs_ratio)
                 if j is None:
                     weights.append(None)

@@ -170,3 +170,10 @@ def test_resnet50_svd_selection_under_a_minute():
     elapsed = time.perf_counter() - start
     assert len(plan) == 53 and plan.compression() >= 3
     assert elapsed < 60, elapsed
+
+
+def test_svd_takes_macs_ratio():
+    w = torch.randn(32, 16, 3, 3)
+    fact = hsvkernels.decompose(w, "svd", macs_ratio=3)
+    assert fact.dense_macs(5, 5) >= 3 * fact.macs(5, 5)
+    assert fact.meta["rank"] == hsvkernels.decompose(w, "svd", ratio=3).meta["rank"]

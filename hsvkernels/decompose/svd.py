@@ -32,11 +32,12 @@ def rank_for_ratio(shape, ratio):
     return r
 
 
-def decompose(weight, *, rank=None, ratio=None):
+def decompose(weight, *, rank=None, ratio=None, macs_ratio=None):
     shape = tuple(weight.shape)
     cout, cin, kh, kw = shape
-    if ratio is not None:
-        rank = rank_for_ratio(shape, ratio)
+    if ratio is not None or macs_ratio is not None:
+        # both stages run at the output resolution, so the MAC reduction equals the compression
+        rank = rank_for_ratio(shape, max(ratio or 1, macs_ratio or 1))
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError("svd rank must be an int, got %r" % (rank,))
     if not 1 <= rank <= max_rank(shape):
