@@ -144,10 +144,11 @@ def _check_target(name, v):
 class _Table:
     """One layer's options as arrays sorted by cost (the first of equals wins ties)."""
 
-    def __init__(self, layer, method, cands, allow_dense):
+    def __init__(self, layer, method, cands, allow_dense, macs_capped):
         dense_params = math.prod(layer.weight.shape)
         dense_macs = dense_params * layer.out_hw[0] * layer.out_hw[1]
-        opts = [(method, c.config, c.params, c.macs, c.rel_err_sq) for c in cands]
+        opts = [(method, c.config, c.params, c.macs, c.rel_err_sq) for c in cands
+                if not (macs_capped and c.macs > dense_macs)]
         if allow_dense or not opts:
             opts.append((DENSE, {}, dense_params, dense_macs, 0.0))
         opts.sort(key=lambda o: (o[2] + o[3], o[4]))
@@ -318,6 +319,8 @@ def select(layers, method="svd", *, ratio=None, macs_ratio=None, example_input=N
     calibration: an input batch (model only); measures each layer's sensitivity
         and re-allocates with it. sensitivities: explicit w_l per layer instead.
     allow_dense: a layer may stay dense when that serves the budget best.
+    With ratio alone, no layer may cost more MACs than its dense conv (as in
+    decompose); with macs_ratio the MAC budget itself governs.
     progress: show tqdm bars (auto-hidden when not on a terminal).
     """
     _check_target("ratio", ratio)
@@ -341,7 +344,8 @@ def select(layers, method="svd", *, ratio=None, macs_ratio=None, example_input=N
     with single_thread():
         for layer in tqdm(layers, desc="candidates (%s)" % method, disable=disable):
             kwargs = {"in_hw": layer.in_hw} if takes_in_hw else {}
-            tables.append(_Table(layer, method, fn(layer.weight, layer.out_hw, **kwargs), allow_dense))
+            tables.append(_Table(layer, method, fn(layer.weight, layer.out_hw, **kwargs), allow_dense,
+                                 macs_capped=macs_ratio is None))
         weights = sensitivities or [1.0] * len(layers)
         idx = _solve(tables, weights, ratio, macs_ratio)
         if calibration is not None and sensitivities is None:

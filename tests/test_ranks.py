@@ -67,10 +67,11 @@ def test_budget_met_within_2_percent_resnet50(resnet50_layers, ratio, macs_ratio
 
 
 def test_kcp_budget_met_on_resnet18_stage(resnet18_layers):
-    layers = resnet18_layers[1:3]        # two 64 -> 64 3x3 convs of the first stage
+    layers = resnet18_layers[1:5]        # the first stage: four 64 -> 64 3x3 convs
     plan = ranks.select(layers, "kcp", ratio=4, progress=False)
     _check_budget(plan, 4, None)
     for (weight, _, _), choice in zip(layers, plan.values()):
+        assert choice.macs <= choice.dense_macs          # ratio alone: never more MACs than dense
         if choice.method == "kcp":
             fact = hsvkernels.decompose(weight, "kcp", **choice.config)
             assert fact.num_params() == choice.params

@@ -285,7 +285,7 @@ def _grid(hi, grid=_GRID):
     return [v for v in grid if v < hi] + ([hi] if hi <= grid[-1] else [])
 
 
-def _als_errors(x, ranks, iters=10):
+def _als_errors(x, ranks, iters=8):
     """Relative squared CP errors of a batch of unit-norm tensors x (N, dims...) at each rank: (len(ranks), N).
 
     A short batched CP-ALS (HOSVD init, seeded padding): an estimate used to rank
@@ -295,7 +295,10 @@ def _als_errors(x, ranks, iters=10):
     dims = [d for d in x.shape[1:] if d > 1]
     x = x.reshape(n, *dims)
     gen = torch.Generator().manual_seed(0)
-    total = x.flatten(1).square().sum(1).clamp_min(1e-300)
+    total = x.flatten(1).square().sum(1).clamp_min(1e-30)
+    # leading left singular vectors of every unfolding, shared by all ranks
+    bases = [torch.linalg.svd(x.movedim(k + 1, 1).reshape(n, d, -1), full_matrices=False)[0]
+             for k, d in enumerate(dims)] if len(dims) > 2 else []
     out = []
     for rank in ranks:
         if not dims or rank >= cp_bound(dims):
@@ -309,8 +312,7 @@ def _als_errors(x, ranks, iters=10):
         letters = "abcd"[:m]
         factors = []
         for k in range(m):
-            unf = x.movedim(k + 1, 1).reshape(n, dims[k], -1)
-            u = torch.linalg.svd(unf, full_matrices=False)[0][:, :, :rank]
+            u = bases[k][:, :, :rank]
             if u.shape[2] < rank:
                 extra = torch.randn(n, dims[k], rank - u.shape[2], generator=gen, dtype=x.dtype)
                 u = torch.cat([u, extra], 2)
@@ -324,7 +326,7 @@ def _als_errors(x, ranks, iters=10):
                 gram = torch.ones(n, rank, rank, dtype=x.dtype)
                 for j in others:
                     gram = gram * (factors[j].transpose(1, 2) @ factors[j])
-                ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)[:, None, None]
+                ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
                 factors[k] = torch.linalg.solve(gram + ridge * eye, mk.transpose(1, 2)).transpose(1, 2)
         spec = "%s->n%s" % (",".join("n%sr" % l for l in letters), letters)
         recon = torch.einsum(spec, *factors)
@@ -352,7 +354,8 @@ def _configs(weight, split, out_hw, in_hw=None, merged=False, grid=_GRID):
     top = ns[-1]
     b_sv = torch.linalg.svdvals(u[:, :top].T.reshape(top, t1, s1)).square()   # unit-norm B_n
     b_err = {qv: b_sv[:, qv:].sum(1) for qv in qs}
-    a_err = dict(zip(rs, _als_errors(vh[:top].reshape(top, cout // t1, cin // s1, kh, kw), rs)))
+    # float32 is plenty for an estimate and halves the cost of the ALS sweeps
+    a_err = dict(zip(rs, _als_errors(vh[:top].reshape(top, cout // t1, cin // s1, kh, kw).float(), rs).double()))
     out = []
     for nv in ns:
         e = energy[:nv]
