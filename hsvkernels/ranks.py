@@ -260,7 +260,7 @@ def _plan(layers, tables, idx, weights):
     return plan
 
 
-def _probe(layer, table, chosen, ratio, macs_ratio):
+def _probe(table, chosen, ratio, macs_ratio):
     """The option whose effect on the output measures the layer's sensitivity.
 
     The chosen one, unless it is dense or exact; then the non-dense option nearest
@@ -285,7 +285,7 @@ def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_
             ref = model(calibration).double()
             ref_norm = ref.square().sum().clamp_min(1e-300)
             for layer, t, i in tqdm(list(zip(layers, tables, idx)), desc="sensitivities", disable=disable):
-                j = _probe(layer, t, i, ratio, macs_ratio)
+                j = _probe(t, i, ratio, macs_ratio)
                 if j is None:
                     weights.append(None)
                     continue
