@@ -82,6 +82,21 @@ def _full(method):
     return make
 
 
+def _kcp_random(shape, dtype=torch.float64, device="cpu", merged=False):
+    from hsvkernels.decompose import kcp
+    split = kcp.default_splits(*shape[:2])[0]
+    n_max, r_max, q_max = kcp.bounds(shape, split)
+    rank = (min(2, n_max), min(3, r_max), min(2, q_max))
+    factors = [torch.randn(s, dtype=dtype, device=device) for s in kcp.factor_shapes(shape, split, rank, merged)]
+    return Factorization("kcp", factors, shape)
+
+
+def _kcp_full(weight):
+    from hsvkernels.decompose import kcp
+    split = kcp.default_splits(*weight.shape[:2])[0]
+    return hsvkernels.decompose(weight, "kcp", rank=kcp.bounds(weight.shape, split), split=split)
+
+
 CASES = {
     "svd": KindCase(_svd_random, _svd_full),
     "tucker2": KindCase(_tucker2_random, _full("tucker2")),
@@ -89,6 +104,7 @@ CASES = {
     "ht2": KindCase(_separable_random("ht2"), _full("ht2")),
     "tt_tucker": KindCase(_separable_random("tt_tucker"), _full("tt_tucker")),
     "hsv": KindCase(hsv_case.random_factors, hsv_case.full_rank),
+    "kcp": KindCase(_kcp_random, _kcp_full),
 }
 
 KINDS = sorted(k for k in CASES if k in hsvkernels.FORMATS)

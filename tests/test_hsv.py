@@ -292,7 +292,7 @@ def test_bad_decompose_arguments(kwargs, match):
 
 def test_macs_ratio_rejected_by_methods_without_it():
     with pytest.raises(ValueError, match="does not take macs_ratio"):
-        hsvkernels.decompose(torch.randn(8, 8, 3, 3), "svd", macs_ratio=2)
+        hsvkernels.decompose(torch.randn(8, 8, 3, 3), "cp", macs_ratio=2)
 
 
 def _shapes(*shapes):

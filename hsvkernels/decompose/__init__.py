@@ -6,12 +6,13 @@ import torch
 from . import cp as _cp
 from . import hsv as _hsv
 from . import ht2 as _ht2
+from . import kcp as _kcp
 from . import svd as _svd
 from . import tt_tucker as _tt_tucker
 from . import tucker2 as _tucker2
 
-METHODS = {"svd": _svd.decompose, "hsv": _hsv.decompose, "tucker2": _tucker2.decompose, "cp": _cp.decompose,
-           "ht2": _ht2.decompose, "tt_tucker": _tt_tucker.decompose}
+METHODS = {"svd": _svd.decompose, "hsv": _hsv.decompose, "kcp": _kcp.decompose, "tucker2": _tucker2.decompose,
+           "cp": _cp.decompose, "ht2": _ht2.decompose, "tt_tucker": _tt_tucker.decompose}
 
 
 def check_weight(weight):
@@ -35,7 +36,7 @@ def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, *
     ratio:      target parameter compression (dense params / factorized params), >= 1;
                 the rank is the largest that meets it.
     macs_ratio: target MAC reduction at the layer (dense MACs / factorized MACs), >= 1,
-                for the methods that take it (hsv).
+                for the methods that take it (hsv, kcp, svd).
     Give rank, or one or both targets. Other options are method-specific.
     """
     if method not in METHODS:

@@ -9,11 +9,12 @@ from .base import Format, KernelShape, check_call, memory_format_of_output
 from .cp import CP
 from .hsv import HSV
 from .ht2 import HT2
+from .kcp import KCP
 from .svd import SVD
 from .tt_tucker import TTTucker
 from .tucker2 import Tucker2
 
-FORMATS = {f.kind: f for f in (SVD(), HSV(), Tucker2(), CP(), HT2(), TTTucker())}
+FORMATS = {f.kind: f for f in (SVD(), HSV(), KCP(), Tucker2(), CP(), HT2(), TTTucker())}
 
 
 def get(kind):

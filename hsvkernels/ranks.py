@@ -1,0 +1,367 @@
+"""Self-adaptive rank selection over a whole model (methods.md §2.4).
+
+    plan = ranks.select(model, "svd", ratio=4, example_input=x)
+    plan = ranks.select(model, "kcp", macs_ratio=3, example_input=x, calibration=batch)
+    ranks.apply(model, plan)
+
+Every decomposition method module may offer `candidates(weight, out_hw)`: its
+configurations for one layer with exact costs and (estimated) relative squared
+errors. We pick one candidate per layer (or keep it dense) to minimise
+
+    sum_l  w_l * rel_err_sq_l    subject to   sum params <= dense / ratio,
+                                              sum MACs   <= dense MACs / macs_ratio
+
+over the selected layers, by a Lagrangian relaxation: for a multiplier lambda
+every layer independently takes argmin w_l err + lambda cost; lambda is found by
+bisection as the smallest that meets the budget, and the slack the discrete
+choice leaves is then spent greedily on the upgrades with the best error drop
+per unit cost. With both targets, the cost mixes the two (normalised by their
+budgets) at a few weights and the best feasible plan wins.
+
+w_l defaults to 1. With a calibration batch, w_l is measured ("self-adaptive"):
+each layer alone is replaced by its chosen approximation and the relative
+squared error of the model output, per unit of weight error, is its
+sensitivity; the allocation is then run again with those weights.
+"""
+import inspect
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._threads import single_thread
+from .decompose import METHODS
+from .decompose import decompose as _decompose
+
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the plan does with one layer."""
+    method: str                   # a decompose method, or "dense" (left as it is)
+    config: dict = field(hash=False)  # keyword arguments for decompose(weight, method, **config)
+    params: int
+    macs: int                     # per image, at the layer's measured output size
+    rel_err_sq: float             # ||W - W_hat||^2 / ||W||^2 (the method's estimate)
+    dense_params: int
+    dense_macs: int
+    sensitivity: float = 1.0      # w_l used for the choice
+
+
+class Plan(dict):
+    """layer name -> Choice, with the totals over the selected layers."""
+
+    def params(self):
+        return sum(c.params for c in self.values())
+
+    def macs(self):
+        return sum(c.macs for c in self.values())
+
+    def dense_params(self):
+        return sum(c.dense_params for c in self.values())
+
+    def dense_macs(self):
+        return sum(c.dense_macs for c in self.values())
+
+    def compression(self):
+        return self.dense_params() / self.params()
+
+    def mac_reduction(self):
+        return self.dense_macs() / self.macs()
+
+    def objective(self):
+        return sum(c.sensitivity * c.rel_err_sq for c in self.values())
+
+
+@dataclass
+class _Layer:
+    name: str
+    weight: torch.Tensor
+    out_hw: tuple
+    in_hw: tuple
+    module: nn.Module = None
+
+
+def conv_layers(model, example_input):
+    """The model's nn.Conv2d layers with groups == 1, with input/output sizes from one forward pass."""
+    if example_input is None:
+        raise ValueError("select(model, ...) needs example_input= (or calibration=) to measure the layers' "
+                         "output sizes")
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    sizes, hooks = {}, []
+    for name, m in convs:
+        def hook(mod, inputs, output, name=name):
+            sizes.setdefault(name, (tuple(inputs[0].shape[2:]), tuple(output.shape[2:])))
+        hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [_Layer(name, m.weight.detach(), sizes[name][1], sizes[name][0], m) for name, m in convs if name in sizes]
+
+
+def _as_layers(layers, example_input):
+    if isinstance(layers, nn.Module):
+        return conv_layers(layers, example_input)
+    out = []
+    for i, item in enumerate(layers):
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise ValueError("layers must be an nn.Module or a list of (weight, out_hw) or (weight, out_hw, in_hw); "
+                             "item %d is %r" % (i, type(item).__name__))
+        weight, out_hw = item[0], tuple(item[1])
+        in_hw = tuple(item[2]) if len(item) == 3 else out_hw
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+            raise ValueError("layer %d: weight must be a 4-D tensor (Cout, Cin, kh, kw)" % i)
+        out.append(_Layer(str(i), weight.detach(), out_hw, in_hw))
+    return out
+
+
+def candidates_function(method):
+    """The `candidates` function of the module that implements `method`."""
+    if method not in METHODS:
+        raise ValueError("unknown method %r; expected one of: %s" % (method, ", ".join(sorted(METHODS))))
+    fn = getattr(sys.modules[METHODS[method].__module__], "candidates", None)
+    if fn is None:
+        raise ValueError("method %r offers no candidates() for rank selection" % method)
+    return fn
+
+
+def _check_target(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1):
+        raise ValueError("%s must be a number >= 1, got %r" % (name, v))
+
+
+class _Table:
+    """One layer's options as arrays sorted by cost (the first of equals wins ties)."""
+
+    def __init__(self, layer, method, cands, allow_dense, macs_capped):
+        dense_params = math.prod(layer.weight.shape)
+        dense_macs = dense_params * layer.out_hw[0] * layer.out_hw[1]
+        opts = [(method, c.config, c.params, c.macs, c.rel_err_sq) for c in cands
+                if not (macs_capped and c.macs > dense_macs)]
+        if allow_dense or not opts:
+            opts.append((DENSE, {}, dense_params, dense_macs, 0.0))
+        opts.sort(key=lambda o: (o[2] + o[3], o[4]))
+        self.opts = opts
+        self.params = np.array([o[2] for o in opts], dtype=np.float64)
+        self.macs = np.array([o[3] for o in opts], dtype=np.float64)
+        self.err = np.array([o[4] for o in opts], dtype=np.float64)
+        self.dense_params, self.dense_macs = dense_params, dense_macs
+
+
+def _allocate(tables, weights, budgets, scales, mix):
+    """Indices of one option per layer: Lagrangian bisection, then a greedy fill of the slack.
+
+    budgets: (params, MACs) totals not to exceed (inf when not constrained);
+    scales: finite normalisers of the two costs; mix: their weights in the cost.
+    Returns None when even the cheapest options exceed a budget.
+    """
+    costs = [mix[0] * t.params / scales[0] + mix[1] * t.macs / scales[1] for t in tables]
+    errs = [w * t.err for w, t in zip(weights, tables)]
+
+    def pick(lam):
+        return [int(np.argmin(e + lam * c)) for e, c in zip(errs, costs)]
+
+    def feasible(idx):
+        p = sum(t.params[i] for t, i in zip(tables, idx))
+        m = sum(t.macs[i] for t, i in zip(tables, idx))
+        return p <= budgets[0] * (1 + 1e-12) and m <= budgets[1] * (1 + 1e-12)
+
+    cheapest = []
+    for t in tables:  # per layer the option that is cheapest in both costs, if one is
+        order = np.lexsort((t.err, t.macs / scales[1] + t.params / scales[0]))
+        cheapest.append(int(order[0]))
+    if not feasible(cheapest):
+        return None
+    hi = 1.0
+    while not feasible(pick(hi)) and hi < 1e30:
+        hi *= 4.0
+    if feasible(pick(hi)):
+        lo = 0.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if feasible(pick(mid)) else (mid, hi)
+        idx = pick(hi)
+    else:  # this mix cannot reach the budget by itself; start from the cheapest options
+        idx = cheapest
+    return _fill(tables, errs, idx, budgets, scales)
+
+
+def _fill(tables, errs, idx, budgets, scales):
+    """Greedy upgrades within the budget left, best error drop per unit of (normalised) cost first."""
+    idx = list(idx)
+    p = sum(t.params[i] for t, i in zip(tables, idx))
+    m = sum(t.macs[i] for t, i in zip(tables, idx))
+    cap_p, cap_m = budgets[0] * (1 + 1e-12), budgets[1] * (1 + 1e-12)
+    while True:
+        best = None
+        for l, (t, e) in enumerate(zip(tables, errs)):
+            i = idx[l]
+            dp, dm, de = t.params - t.params[i], t.macs - t.macs[i], e[i] - e
+            ok = (p + dp <= cap_p) & (m + dm <= cap_m) & (de > 0)
+            if not ok.any():
+                continue
+            cost = np.maximum(np.maximum(dp / scales[0], dm / scales[1]), 1e-300)
+            gain = np.where(ok, de / cost, -np.inf)
+            j = int(np.argmax(gain))
+            if best is None or gain[j] > best[0]:
+                best = (gain[j], l, j)
+        if best is None:
+            return idx
+        _, l, j = best
+        p += tables[l].params[j] - tables[l].params[idx[l]]
+        m += tables[l].macs[j] - tables[l].macs[idx[l]]
+        idx[l] = j
+
+
+def _solve(tables, weights, ratio, macs_ratio):
+    dense_p = sum(t.dense_params for t in tables)
+    dense_m = sum(t.dense_macs for t in tables)
+    budgets = (dense_p / ratio if ratio is not None else math.inf,
+               dense_m / macs_ratio if macs_ratio is not None else math.inf)
+    scales = (dense_p / (ratio or 1), dense_m / (macs_ratio or 1))
+    if ratio is not None and macs_ratio is not None:
+        mixes = [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
+    else:
+        mixes = [(1.0, 0.0)] if ratio is not None else [(0.0, 1.0)]
+    best = None
+    for mix in mixes:
+        idx = _allocate(tables, weights, budgets, scales, mix)
+        if idx is None:
+            continue
+        obj = sum(w * t.err[i] for w, t, i in zip(weights, tables, idx))
+        if best is None or obj < best[0] - 1e-15:
+            best = (obj, idx)
+    if best is None:
+        cheap_p = sum(t.params.min() for t in tables)
+        cheap_m = sum(t.macs.min() for t in tables)
+        raise ValueError("budget out of reach: the cheapest candidates give at most %.3gx parameter compression and "
+                         "%.3gx MAC reduction (asked ratio=%s, macs_ratio=%s)"
+                         % (dense_p / cheap_p, dense_m / cheap_m, ratio, macs_ratio))
+    return best[1]
+
+
+def _plan(layers, tables, idx, weights):
+    plan = Plan()
+    for layer, t, i, w in zip(layers, tables, idx, weights):
+        method, config, params, macs, err = t.opts[i]
+        plan[layer.name] = Choice(method, dict(config), int(params), int(macs), float(err), t.dense_params,
+                                  t.dense_macs, float(w))
+    return plan
+
+
+def _probe(table, chosen, ratio, macs_ratio):
+    """The option whose effect on the output measures the layer's sensitivity.
+
+    The chosen one, unless it is dense or exact; then the non-dense option nearest
+    the uniform target, so every layer is probed at a comparable compression.
+    """
+    if table.opts[chosen][0] != DENSE and table.err[chosen] > 0:
+        return chosen
+    target = table.dense_params / ratio if ratio is not None else table.dense_params
+    mtarget = table.dense_macs / macs_ratio if macs_ratio is not None else table.dense_macs
+    score = np.abs(np.log(np.maximum(table.params, 1) / target)) + np.abs(np.log(np.maximum(table.macs, 1) / mtarget))
+    order = [int(i) for i in np.argsort(score, kind="stable") if table.opts[int(i)][0] != DENSE and table.err[int(i)] > 0]
+    return order[0] if order else None
+
+
+def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_ratio, disable):
+    """Output error per unit weight error of each layer decomposed alone (mean 1 over the layers)."""
+    was_training = model.training
+    model.eval()
+    weights = []
+    try:
+        with torch.no_grad():
+            ref = model(calibration).double()
+            ref_norm = ref.square().sum().clamp_min(1e-300)
+            for layer, t, i in tqdm(list(zip(layers, tables, idx)), desc="sensitivities", disable=disable):
+                j = _probe(t, i, ratio, macs_ratio)
+                if j is None:
+                    weights.append(None)
+                    continue
+                w = layer.module.weight
+                fact = _decompose(w.detach(), method, **t.opts[j][1])
+                approx = fact.to_dense().to(dtype=w.dtype, device=w.device)
+                weight_err = fact.relative_error(w) ** 2
+                saved = w.detach().clone()
+                w.copy_(approx)
+                try:
+                    out_err = ((model(calibration).double() - ref).square().sum() / ref_norm).item()
+                finally:
+                    w.copy_(saved)
+                weights.append(out_err / max(weight_err, 1e-300))
+    finally:
+        model.train(was_training)
+    known = [w for w in weights if w is not None]
+    mean = sum(known) / len(known) if known and sum(known) > 0 else 1.0
+    return [(w / mean if w is not None else 1.0) for w in weights]
+
+
+def select(layers, method="svd", *, ratio=None, macs_ratio=None, example_input=None, calibration=None,
+           sensitivities=None, allow_dense=True, progress=True):
+    """Chooses one configuration per layer under a global budget; returns a Plan.
+
+    layers: an nn.Module (its nn.Conv2d layers with groups == 1; sizes measured
+        with one forward pass on example_input, or on calibration) or a list of
+        (weight, out_hw) / (weight, out_hw, in_hw) items, named "0", "1", ...
+    method: a method of hsvkernels.METHODS whose module offers candidates().
+    ratio / macs_ratio: global targets over the selected layers (>= 1; at least one).
+    calibration: an input batch (model only); measures each layer's sensitivity
+        and re-allocates with it. sensitivities: explicit w_l per layer instead.
+    allow_dense: a layer may stay dense when that serves the budget best.
+    With ratio alone, no layer may cost more MACs than its dense conv (as in
+    decompose); with macs_ratio the MAC budget itself governs.
+    progress: show tqdm bars (auto-hidden when not on a terminal).
+    """
+    _check_target("ratio", ratio)
+    _check_target("macs_ratio", macs_ratio)
+    if ratio is None and macs_ratio is None:
+        raise ValueError("select: give ratio= and/or macs_ratio=")
+    fn = candidates_function(method)
+    model = layers if isinstance(layers, nn.Module) else None
+    if calibration is not None and model is None:
+        raise ValueError("calibration= needs a model (an nn.Module), not a list of weights")
+    layers = _as_layers(layers, example_input if example_input is not None else calibration)
+    if not layers:
+        raise ValueError("select: no layers to compress (nn.Conv2d with groups == 1)")
+    if sensitivities is not None:
+        sensitivities = [float(w) for w in sensitivities]
+        if len(sensitivities) != len(layers) or min(sensitivities) < 0:
+            raise ValueError("sensitivities must be %d non-negative numbers, one per layer" % len(layers))
+    takes_in_hw = "in_hw" in inspect.signature(fn).parameters
+    disable = None if progress else True
+    tables = []
+    with single_thread():
+        for layer in tqdm(layers, desc="candidates (%s)" % method, disable=disable):
+            kwargs = {"in_hw": layer.in_hw} if takes_in_hw else {}
+            tables.append(_Table(layer, method, fn(layer.weight, layer.out_hw, **kwargs), allow_dense,
+                                 macs_capped=macs_ratio is None))
+        weights = sensitivities or [1.0] * len(layers)
+        idx = _solve(tables, weights, ratio, macs_ratio)
+        if calibration is not None and sensitivities is None:
+            weights = _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_ratio, disable)
+            idx = _solve(tables, weights, ratio, macs_ratio)
+    return _plan(layers, tables, idx, weights)
+
+
+def apply(model, plan):
+    """Replaces each planned nn.Conv2d of model by a FactorizedConv2d (dense choices stay); returns model."""
+    from .nn import FactorizedConv2d  # late: nn imports decompose, which is fine, but keeps ranks light
+    for name, choice in plan.items():
+        if choice.method == DENSE:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        conv = getattr(parent, child)
+        setattr(parent, child, FactorizedConv2d.from_conv(conv, choice.method, **choice.config))
+    return model
