@@ -1,0 +1,34 @@
+// Register-blocked GEMM microkernels for the fused CPU convs, one per ISA.
+//
+// Every kernel computes an MR x NR block of C:
+//   C[i][j] (+)= sum_{k < K} a[i][k] * b[k * NR + j]      i < MR, j < NR
+// a is "indirect": one row pointer per output row, so the im2col panel of a
+// conv is never built; a row that falls into the padding points at zeros.
+// b is a packed panel (K x NR, row-major), zero-filled past the real columns.
+// The caller always passes MR rows (spare rows point at zeros or scratch) and
+// an ldc that holds NR columns, so the kernels have no edge cases.
+#pragma once
+
+#include <cstdint>
+
+namespace hsv {
+namespace cpu {
+
+using MicrokernelFn = void (*)(int64_t K, const float* const* a, const float* b, float* c, int64_t ldc,
+                               bool accumulate);
+
+struct Microkernel {
+  const char* isa;  // "avx512", "avx2" or "scalar"
+  int mr;
+  int nr;
+  MicrokernelFn fn;
+};
+
+// nullptr when this build has no such kernel (e.g. a non-x86 target). Whether
+// the CPU can run it is a separate question: see isa.h.
+const Microkernel* microkernel_avx512();
+const Microkernel* microkernel_avx2();
+const Microkernel* microkernel_scalar();
+
+}  // namespace cpu
+}  // namespace hsv
