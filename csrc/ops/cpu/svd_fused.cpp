@@ -7,10 +7,11 @@
 //           values of one pixel under one tap are contiguous, and the
 //           microkernel reads them through one row pointer per pixel (padding
 //           taps point at a zero vector). K is walked tap by tap.
-//   GEMM 2  Y (P x Cout) = T @ U^T, T read straight from the cache-resident
-//           tile buffer.
-//   write   out = Y + bias, in the output's memory format (NHWC rows, or a
-//           transposed store for NCHW).
+//   GEMM 2  out (P x Cout) = bias + T @ U^T, T read straight from the
+//           cache-resident tile buffer; the bias is the accumulators' start
+//           value. NHWC outputs are written in place by the microkernel; NCHW
+//           outputs get each MR x NR block transposed on the way out.
+// NCHW inputs are copied to NHWC once per call (a layout copy of the input).
 // V^T and U^T are packed into NR-wide panels on every call.
 // TODO: cache the packed factors per (factor version, ISA) instead of packing
 // on every call; split Cout / K across threads when there are fewer tiles than
@@ -28,24 +29,14 @@ namespace {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Packs rows of a (rows x K) operand, given as element (row, k) = at(row, k),
-// into panels of nr rows: panel[p][k][j] = at(p*nr + j, k), zero past `rows`.
-template <typename At>
-at::Tensor pack_panels(int64_t rows, int64_t K, int64_t nr, At at) {
-  const int64_t panels = (rows + nr - 1) / nr;
-  at::Tensor packed = at::empty({panels * K * nr}, at::kFloat);
-  float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      float* panel = dst + p * K * nr;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < nr; ++j) {
-          const int64_t row = p * nr + j;
-          panel[k * nr + j] = row < rows ? at(row, k) : 0.0f;
-        }
-    }
-  });
-  return packed;
+// Packs a (rows x K) row-major matrix into panels of nr rows, transposed for
+// the microkernel: panel[p][k][j] = m[p*nr + j][k], zero rows past the end.
+// ATen's copy does the strided transpose faster than a hand loop.
+at::Tensor pack_panels(const at::Tensor& m, int64_t nr) {
+  const int64_t rows = m.size(0), K = m.size(1);
+  const int64_t padded = round_up(rows, nr);
+  at::Tensor src = padded == rows ? m : at::constant_pad_nd(m, {0, 0, 0, padded - rows});
+  return src.view({padded / nr, nr, K}).transpose(1, 2).contiguous();
 }
 
 // Pixels per tile: a multiple of MR, at most ~128 (keeps the P x r and P x Cout
@@ -65,8 +56,8 @@ bool svd_fused_supports(const at::Tensor& input, const std::string& kind) {
 
 at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                              const Plan& plan, const Microkernel& uk) {
-  const at::Tensor V = factors[0].contiguous();
-  const at::Tensor U = factors[1].contiguous();
+  const at::Tensor& V = factors[0];
+  const at::Tensor& U = factors[1];
   const int64_t r = V.size(0), cin = V.size(1), kh = V.size(2), kw = V.size(3);
   const int64_t cout = U.size(0);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
@@ -87,25 +78,26 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t k1 = taps * cin;
   const int64_t r_pad = round_up(r, nr), cout_pad = round_up(cout, nr);
 
-  // GEMM 1 operand: V^T, K ordered (tap, cin) to match the NHWC row reads.
-  const float* vp = V.data_ptr<float>();
-  const at::Tensor b1 = pack_panels(r, k1, nr, [&](int64_t j, int64_t k) {
-    const int64_t tap = k / cin, c = k % cin;
-    return vp[(j * cin + c) * taps + tap];
-  });
+  // GEMM 1 operand: V^T with K ordered (tap, cin) to match the NHWC row reads.
+  const at::Tensor b1 = pack_panels(V.permute({0, 2, 3, 1}).reshape({r, k1}), nr);
   // GEMM 2 operand: U^T, K = r.
-  const float* up = U.data_ptr<float>();
-  const at::Tensor b2 = pack_panels(cout, r, nr, [&](int64_t o, int64_t j) { return up[o * r + j]; });
+  const at::Tensor b2 = pack_panels(U, nr);
   const float* b1p = b1.data_ptr<float>();
   const float* b2p = b2.data_ptr<float>();
 
-  at::Tensor bias_c;
-  const float* biasp = nullptr;
+  // Bias padded to whole panels (zeros without bias): the accumulator start of GEMM 2.
+  std::vector<float> bias_pad(static_cast<size_t>(cout_pad), 0.0f);
   if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    biasp = bias_c.data_ptr<float>();
+    const at::Tensor bias_c = bias->contiguous();
+    std::copy(bias_c.data_ptr<float>(), bias_c.data_ptr<float>() + cout, bias_pad.begin());
   }
   const std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
+
+  // Cin chunk of GEMM 1: about 24 KB of packed V^T per chunk (L1 is 32-48 KB),
+  // split evenly so no chunk is a short remainder.
+  const int64_t kc_max = std::max<int64_t>(1, 6144 / nr);
+  const int64_t chunks = std::max<int64_t>(1, (cin + kc_max - 1) / kc_max);
+  const int64_t kc = std::max<int64_t>(1, (cin + chunks - 1) / chunks);
 
   const int64_t hw = ho * wo;
   const int64_t p_tile = tile_pixels(hw, n, mr);
@@ -115,7 +107,7 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
 
   at::parallel_for(0, n * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> t_buf(static_cast<size_t>(p_tile * r_pad));
-    std::vector<float> y_buf(static_cast<size_t>(p_tile * cout_pad));
+    std::vector<float> block(static_cast<size_t>(mr * nr));
     // Top-left input coordinate of each pixel's receptive field; a pixel past
     // the image end gets a far-away origin so every tap reads zeros.
     std::vector<int64_t> iy0(p_tile), ix0(p_tile);
@@ -136,42 +128,49 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
       }
       const float* ximg = xp + img * h * w * cin;
 
-      // GEMM 1, taps outermost within a column panel: the panel's Cin x NR
-      // slice of V^T stays hot across all the tile's row blocks.
+      // GEMM 1. Within a column panel, K is walked tap by tap and, for wide
+      // Cin, in chunks, so the chunk's slice of V^T (kc x NR) stays in L1
+      // across all the tile's row blocks.
       for (int64_t jb = 0; jb < r_pad / nr; ++jb) {
         for (int64_t tap = 0; tap < taps; ++tap) {
           const int64_t dy = (tap / kw) * cv.dilation[0], dx = (tap % kw) * cv.dilation[1];
-          const float* bslice = b1p + (jb * k1 + tap * cin) * nr;
-          for (int64_t ib = 0; ib < p_tile; ib += mr) {
-            for (int64_t i = 0; i < mr; ++i) {
-              const int64_t iy = iy0[ib + i] + dy, ix = ix0[ib + i] + dx;
-              rows[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? ximg + (iy * w + ix) * cin : zeros.data();
+          for (int64_t c0 = 0; c0 < cin; c0 += kc) {
+            const int64_t klen = std::min(kc, cin - c0);
+            const float* bslice = b1p + (jb * k1 + tap * cin + c0) * nr;
+            for (int64_t ib = 0; ib < np; ib += mr) {
+              for (int64_t i = 0; i < mr; ++i) {
+                const int64_t iy = iy0[ib + i] + dy, ix = ix0[ib + i] + dx;
+                rows[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? ximg + (iy * w + ix) * cin + c0 : zeros.data();
+              }
+              uk.fn(klen, rows, bslice, t_buf.data() + ib * r_pad + jb * nr, r_pad, tap > 0 || c0 > 0, nullptr);
             }
-            uk.fn(cin, rows, bslice, t_buf.data() + ib * r_pad + jb * nr, r_pad, tap > 0);
           }
         }
       }
 
-      // GEMM 2: the intermediate never leaves this thread's cache.
+      // GEMM 2, bias folded into the accumulator start. Full blocks of an
+      // NHWC output are written in place; edge blocks and NCHW outputs go
+      // through an MR x NR scratch block (transposed on the way for NCHW).
       for (int64_t ob = 0; ob < cout_pad / nr; ++ob) {
-        for (int64_t ib = 0; ib < p_tile; ib += mr) {
+        const int64_t o0 = ob * nr, ncols = std::min(nr, cout - o0);
+        const float* bpanel = b2p + ob * r * nr;
+        for (int64_t ib = 0; ib < np; ib += mr) {
           for (int64_t i = 0; i < mr; ++i) rows[i] = t_buf.data() + (ib + i) * r_pad;
-          uk.fn(r, rows, b2p + ob * r * nr, y_buf.data() + ib * cout_pad + ob * nr, cout_pad, false);
-        }
-      }
-
-      // Bias on write, in the output's layout.
-      if (out_nhwc) {
-        float* dst = outp + (img * hw + p0) * cout;
-        for (int64_t p = 0; p < np; ++p) {
-          const float* src = y_buf.data() + p * cout_pad;
-          for (int64_t o = 0; o < cout; ++o) dst[p * cout + o] = src[o] + (biasp ? biasp[o] : 0.0f);
-        }
-      } else {
-        float* dst = outp + img * cout * hw + p0;
-        for (int64_t o = 0; o < cout; ++o) {
-          const float b = biasp ? biasp[o] : 0.0f;
-          for (int64_t p = 0; p < np; ++p) dst[o * hw + p] = y_buf[p * cout_pad + o] + b;
+          const int64_t nrows = std::min(mr, np - ib);
+          if (out_nhwc && nrows == mr && ncols == nr) {
+            uk.fn(r, rows, bpanel, outp + (img * hw + p0 + ib) * cout + o0, cout, false, bias_pad.data() + o0);
+            continue;
+          }
+          uk.fn(r, rows, bpanel, block.data(), nr, false, bias_pad.data() + o0);
+          if (out_nhwc) {
+            float* dst = outp + (img * hw + p0 + ib) * cout + o0;
+            for (int64_t i = 0; i < nrows; ++i)
+              for (int64_t j = 0; j < ncols; ++j) dst[i * cout + j] = block[i * nr + j];
+          } else {
+            float* dst = outp + (img * cout + o0) * hw + p0 + ib;
+            for (int64_t j = 0; j < ncols; ++j)
+              for (int64_t i = 0; i < nrows; ++i) dst[j * hw + i] = block[i * nr + j];
+          }
         }
       }
     }

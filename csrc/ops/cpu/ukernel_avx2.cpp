@@ -15,14 +15,16 @@ constexpr int kMR = 6;
 constexpr int kNR = 16;
 
 __attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, const float* b, float* c,
-                                                int64_t ldc, bool accumulate) {
+                                                int64_t ldc, bool accumulate,
+                                                const float* init) {
   __m256 acc[kMR][2];
   const float* ap[kMR];
 #pragma GCC unroll 6
   for (int i = 0; i < kMR; ++i) {
     ap[i] = a[i];
-    acc[i][0] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-    acc[i][1] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+    const float* src = accumulate ? c + i * ldc : init;
+    acc[i][0] = src ? _mm256_loadu_ps(src) : _mm256_setzero_ps();
+    acc[i][1] = src ? _mm256_loadu_ps(src + 8) : _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * kNR);

@@ -16,14 +16,16 @@ constexpr int kMR = 8;
 constexpr int kNR = 32;
 
 __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, const float* b, float* c,
-                                               int64_t ldc, bool accumulate) {
+                                               int64_t ldc, bool accumulate,
+                                               const float* init) {
   __m512 acc[kMR][2];
   const float* ap[kMR];
 #pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) {
     ap[i] = a[i];
-    acc[i][0] = accumulate ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
-    acc[i][1] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+    const float* src = accumulate ? c + i * ldc : init;
+    acc[i][0] = src ? _mm512_loadu_ps(src) : _mm512_setzero_ps();
+    acc[i][1] = src ? _mm512_loadu_ps(src + 16) : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * kNR);

@@ -10,10 +10,13 @@ namespace {
 constexpr int kMR = 4;
 constexpr int kNR = 8;
 
-void kernel(int64_t K, const float* const* a, const float* b, float* c, int64_t ldc, bool accumulate) {
+void kernel(int64_t K, const float* const* a, const float* b, float* c, int64_t ldc, bool accumulate,
+            const float* init) {
   float acc[kMR][kNR];
-  for (int i = 0; i < kMR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = accumulate ? c[i * ldc + j] : 0.0f;
+  for (int i = 0; i < kMR; ++i) {
+    const float* src = accumulate ? c + i * ldc : init;
+    for (int j = 0; j < kNR; ++j) acc[i][j] = src ? src[j] : 0.0f;
+  }
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * kNR;
     for (int i = 0; i < kMR; ++i) {
