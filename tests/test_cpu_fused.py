@@ -109,7 +109,19 @@ def test_fused_without_bias_batch1_and_wide(isa):
         _check_against_dense((1, 40, 70, 13, 11, 3, 3, 1, 1, 1), "channels_last")
 
 
-def test_fused_matches_composite_bitwise_shape_and_format():
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("spec", [
+    (4, 8, 20, 20, 19, 3, 3, 1, 1, 1),   # many 128-pixel tiles: whole tiles per thread
+    (1, 24, 36, 7, 7, 3, 3, 1, 1, 1),    # one tile: GEMMs split over r / Cout panels
+], ids=["tiles", "panels"])
+def test_fused_parallel_modes(spec, layout, isa):
+    for threads in (1, 2, 3):
+        with cpu_env("fused", isa, threads):
+            _check_against_dense(spec, layout)
+
+
+def test_fused_matches_composite_shape_and_format():
     spec = SHAPES[0]
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
     fact = CASES["svd"].random((cout, cin, kh, kw), dtype=torch.float32)

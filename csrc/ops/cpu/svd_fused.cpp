@@ -1,7 +1,7 @@
 // Fused forward of kind "svd" (factors [V (r, Cin, kh, kw), U (Cout, r)]).
 //
-// Work item = (image, tile of P consecutive output pixels in row-major Ho*Wo
-// order), spread over threads with at::parallel_for. Per item:
+// The output is cut into tiles of P consecutive output pixels of one image
+// (row-major Ho*Wo order). Per tile:
 //   GEMM 1  T (P x r)    = im2col(x)[tile] (P x kh*kw*Cin) @ V^T
 //           The im2col rows are never copied: the input is NHWC, so the Cin
 //           values of one pixel under one tap are contiguous, and the
@@ -11,11 +11,14 @@
 //           cache-resident tile buffer; the bias is the accumulators' start
 //           value. NHWC outputs are written in place by the microkernel; NCHW
 //           outputs get each MR x NR block transposed on the way out.
+// Threads normally take whole tiles (both GEMMs back to back, T never leaves
+// the core). When there are too few tiles to feed the threads (small images at
+// batch 1), the two GEMMs run as two parallel phases split over column panels
+// of r and Cout instead, so no tile has to shrink and re-read all of V.
 // NCHW inputs are copied to NHWC once per call (a layout copy of the input).
 // V^T and U^T are packed into NR-wide panels on every call.
 // TODO: cache the packed factors per (factor version, ISA) instead of packing
-// on every call; split Cout / K across threads when there are fewer tiles than
-// threads (deep layers at batch 1); read NCHW input without the layout copy.
+// on every call; read NCHW input without the layout copy.
 #include "svd_fused.h"
 
 #include <ATen/Parallel.h>
@@ -26,6 +29,8 @@
 namespace hsv {
 namespace cpu {
 namespace {
+
+constexpr int64_t kMaxTilePixels = 128;  // keeps the P x r tile of T in L1/L2
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -39,13 +44,94 @@ at::Tensor pack_panels(const at::Tensor& m, int64_t nr) {
   return src.view({padded / nr, nr, K}).transpose(1, 2).contiguous();
 }
 
-// Pixels per tile: a multiple of MR, at most ~128 (keeps the P x r and P x Cout
-// tile buffers in L2), and small enough that every thread gets work.
-int64_t tile_pixels(int64_t pixels_per_image, int64_t images, int64_t mr) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t target = std::max<int64_t>(1, (pixels_per_image * images + 2 * threads - 1) / (2 * threads));
-  const int64_t p = std::min<int64_t>({target, 128, pixels_per_image});
-  return round_up(p, mr);
+// Everything one tile's GEMMs need, fixed for the call.
+struct Problem {
+  const Microkernel* uk;
+  int64_t mr, nr;
+  int64_t h, w, cin, kw, taps, k1, r, r_pad, cout, cout_pad, hw, wo;
+  ConvParams cv;
+  int64_t p_tile, tiles_per_image, kc;
+  const float* x;     // NHWC input
+  const float* b1;    // packed V^T
+  const float* b2;    // packed U^T
+  const float* bias;  // cout_pad floats, zeros past cout (or without bias)
+  const float* zeros; // cin floats
+  float* out;
+  bool out_nhwc;
+};
+
+// One tile: its image, first pixel, pixel count and receptive-field origins.
+struct Tile {
+  int64_t img, p0, np;
+  std::vector<int64_t> iy0, ix0;
+
+  void set(const Problem& pb, int64_t item) {
+    img = item / pb.tiles_per_image;
+    p0 = (item % pb.tiles_per_image) * pb.p_tile;
+    np = std::min(pb.p_tile, pb.hw - p0);
+    iy0.resize(pb.p_tile);
+    ix0.resize(pb.p_tile);
+    for (int64_t p = 0; p < pb.p_tile; ++p) {
+      if (p < np) {
+        const int64_t oy = (p0 + p) / pb.wo, ox = (p0 + p) % pb.wo;
+        iy0[p] = oy * pb.cv.stride[0] - pb.cv.padding[0];
+        ix0[p] = ox * pb.cv.stride[1] - pb.cv.padding[1];
+      } else {  // past the image end: a far-away origin, so every tap reads zeros
+        iy0[p] = -(int64_t(1) << 40);
+        ix0[p] = 0;
+      }
+    }
+  }
+};
+
+// GEMM 1 for column panel jb of T (ld r_pad). K is walked tap by tap and, for
+// wide Cin, in chunks, so the chunk's slice of V^T (kc x NR) stays in L1
+// across all the tile's row blocks.
+void gemm1_panel(const Problem& pb, const Tile& t, int64_t jb, float* t_buf) {
+  const float* rows[64];
+  const float* ximg = pb.x + t.img * pb.h * pb.w * pb.cin;
+  for (int64_t tap = 0; tap < pb.taps; ++tap) {
+    const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
+    for (int64_t c0 = 0; c0 < pb.cin; c0 += pb.kc) {
+      const int64_t klen = std::min(pb.kc, pb.cin - c0);
+      const float* bslice = pb.b1 + (jb * pb.k1 + tap * pb.cin + c0) * pb.nr;
+      for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+        for (int64_t i = 0; i < pb.mr; ++i) {
+          const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
+          rows[i] = (iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w) ? ximg + (iy * pb.w + ix) * pb.cin + c0
+                                                                   : pb.zeros;
+        }
+        pb.uk->fn(klen, rows, bslice, t_buf + ib * pb.r_pad + jb * pb.nr, pb.r_pad, tap > 0 || c0 > 0, nullptr);
+      }
+    }
+  }
+}
+
+// GEMM 2 for column panel ob of the output. Full blocks of an NHWC output are
+// written in place; edge blocks and NCHW outputs go through an MR x NR scratch
+// block (transposed on the way for NCHW).
+void gemm2_panel(const Problem& pb, const Tile& t, int64_t ob, const float* t_buf, float* block) {
+  const float* rows[64];
+  const int64_t o0 = ob * pb.nr, ncols = std::min(pb.nr, pb.cout - o0);
+  const float* bpanel = pb.b2 + ob * pb.r * pb.nr;
+  for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+    for (int64_t i = 0; i < pb.mr; ++i) rows[i] = t_buf + (ib + i) * pb.r_pad;
+    const int64_t nrows = std::min(pb.mr, t.np - ib);
+    float* nhwc = pb.out + (t.img * pb.hw + t.p0 + ib) * pb.cout + o0;
+    if (pb.out_nhwc && nrows == pb.mr && ncols == pb.nr) {
+      pb.uk->fn(pb.r, rows, bpanel, nhwc, pb.cout, false, pb.bias + o0);
+      continue;
+    }
+    pb.uk->fn(pb.r, rows, bpanel, block, pb.nr, false, pb.bias + o0);
+    if (pb.out_nhwc) {
+      for (int64_t i = 0; i < nrows; ++i)
+        for (int64_t j = 0; j < ncols; ++j) nhwc[i * pb.cout + j] = block[i * pb.nr + j];
+    } else {
+      float* dst = pb.out + (t.img * pb.cout + o0) * pb.hw + t.p0 + ib;
+      for (int64_t j = 0; j < ncols; ++j)
+        for (int64_t i = 0; i < nrows; ++i) dst[j * pb.hw + i] = block[i * pb.nr + j];
+    }
+  }
 }
 
 }  // namespace
@@ -58,121 +144,96 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
                              const Plan& plan, const Microkernel& uk) {
   const at::Tensor& V = factors[0];
   const at::Tensor& U = factors[1];
-  const int64_t r = V.size(0), cin = V.size(1), kh = V.size(2), kw = V.size(3);
-  const int64_t cout = U.size(0);
-  const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
-  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
-  const ConvParams& cv = plan.stages[0].conv;
-
+  const int64_t n = input.size(0);
   const at::MemoryFormat out_format = output_memory_format(input);
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
   if (n == 0) return out;
+  TORCH_CHECK(uk.mr <= 64, "hsv::conv2d: microkernel MR too large");
+
+  Problem pb;
+  pb.uk = &uk;
+  pb.mr = uk.mr;
+  pb.nr = uk.nr;
+  pb.r = V.size(0);
+  pb.cin = V.size(1);
+  pb.kw = V.size(3);
+  pb.taps = V.size(2) * pb.kw;
+  pb.k1 = pb.taps * pb.cin;
+  pb.cout = U.size(0);
+  pb.r_pad = round_up(pb.r, pb.nr);
+  pb.cout_pad = round_up(pb.cout, pb.nr);
+  pb.h = input.size(2);
+  pb.w = input.size(3);
+  pb.wo = plan.out_shape[3];
+  pb.hw = plan.out_shape[2] * pb.wo;
+  pb.cv = plan.stages[0].conv;
+  pb.out_nhwc = out_format == at::MemoryFormat::ChannelsLast;
+  pb.out = out.data_ptr<float>();
 
   // NHWC input; no copy when the input already is channels_last.
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const float* xp = x.data_ptr<float>();
-
-  const int64_t mr = uk.mr, nr = uk.nr;
-  TORCH_CHECK(mr <= 64, "hsv::conv2d: microkernel MR too large");
-  const int64_t taps = kh * kw;
-  const int64_t k1 = taps * cin;
-  const int64_t r_pad = round_up(r, nr), cout_pad = round_up(cout, nr);
-
+  pb.x = x.data_ptr<float>();
   // GEMM 1 operand: V^T with K ordered (tap, cin) to match the NHWC row reads.
-  const at::Tensor b1 = pack_panels(V.permute({0, 2, 3, 1}).reshape({r, k1}), nr);
+  const at::Tensor b1 = pack_panels(V.permute({0, 2, 3, 1}).reshape({pb.r, pb.k1}), pb.nr);
   // GEMM 2 operand: U^T, K = r.
-  const at::Tensor b2 = pack_panels(U, nr);
-  const float* b1p = b1.data_ptr<float>();
-  const float* b2p = b2.data_ptr<float>();
-
+  const at::Tensor b2 = pack_panels(U, pb.nr);
+  pb.b1 = b1.data_ptr<float>();
+  pb.b2 = b2.data_ptr<float>();
   // Bias padded to whole panels (zeros without bias): the accumulator start of GEMM 2.
-  std::vector<float> bias_pad(static_cast<size_t>(cout_pad), 0.0f);
+  std::vector<float> bias_pad(static_cast<size_t>(pb.cout_pad), 0.0f);
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bias_c = bias->contiguous();
-    std::copy(bias_c.data_ptr<float>(), bias_c.data_ptr<float>() + cout, bias_pad.begin());
+    std::copy(bias_c.data_ptr<float>(), bias_c.data_ptr<float>() + pb.cout, bias_pad.begin());
   }
-  const std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
+  pb.bias = bias_pad.data();
+  const std::vector<float> zeros(static_cast<size_t>(std::max<int64_t>(pb.cin, 1)), 0.0f);
+  pb.zeros = zeros.data();
 
   // Cin chunk of GEMM 1: about 24 KB of packed V^T per chunk (L1 is 32-48 KB),
   // split evenly so no chunk is a short remainder.
-  const int64_t kc_max = std::max<int64_t>(1, 6144 / nr);
-  const int64_t chunks = std::max<int64_t>(1, (cin + kc_max - 1) / kc_max);
-  const int64_t kc = std::max<int64_t>(1, (cin + chunks - 1) / chunks);
+  const int64_t kc_max = std::max<int64_t>(1, 6144 / pb.nr);
+  const int64_t chunks = std::max<int64_t>(1, (pb.cin + kc_max - 1) / kc_max);
+  pb.kc = std::max<int64_t>(1, (pb.cin + chunks - 1) / chunks);
 
-  const int64_t hw = ho * wo;
-  const int64_t p_tile = tile_pixels(hw, n, mr);
-  const int64_t tiles_per_image = (hw + p_tile - 1) / p_tile;
-  float* outp = out.data_ptr<float>();
-  const bool out_nhwc = out_format == at::MemoryFormat::ChannelsLast;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  pb.p_tile = round_up(std::min(kMaxTilePixels, pb.hw), pb.mr);
+  pb.tiles_per_image = (pb.hw + pb.p_tile - 1) / pb.p_tile;
+  const int64_t tiles = n * pb.tiles_per_image;
+  const int64_t t_floats = pb.p_tile * pb.r_pad;
 
-  at::parallel_for(0, n * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> t_buf(static_cast<size_t>(p_tile * r_pad));
-    std::vector<float> block(static_cast<size_t>(mr * nr));
-    // Top-left input coordinate of each pixel's receptive field; a pixel past
-    // the image end gets a far-away origin so every tap reads zeros.
-    std::vector<int64_t> iy0(p_tile), ix0(p_tile);
-    const float* rows[64];  // >= any microkernel's MR
+  if (tiles >= 2 * threads || threads == 1) {
+    // Whole tiles per thread: T stays in this core's cache between the GEMMs.
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> t_buf(static_cast<size_t>(t_floats));
+      std::vector<float> block(static_cast<size_t>(pb.mr * pb.nr));
+      Tile t;
+      for (int64_t item = begin; item < end; ++item) {
+        t.set(pb, item);
+        for (int64_t jb = 0; jb < pb.r_pad / pb.nr; ++jb) gemm1_panel(pb, t, jb, t_buf.data());
+        for (int64_t ob = 0; ob < pb.cout_pad / pb.nr; ++ob) gemm2_panel(pb, t, ob, t_buf.data(), block.data());
+      }
+    });
+    return out;
+  }
+
+  // Too few tiles for the threads: T for all tiles (at most 2 * threads tiles,
+  // so small) is built in one parallel phase over (tile, r panel), then the
+  // output in a second over (tile, Cout panel).
+  std::vector<float> t_all(static_cast<size_t>(tiles * t_floats));
+  const int64_t r_panels = pb.r_pad / pb.nr, c_panels = pb.cout_pad / pb.nr;
+  at::parallel_for(0, tiles * r_panels, 1, [&](int64_t begin, int64_t end) {
+    Tile t;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t img = item / tiles_per_image;
-      const int64_t p0 = (item % tiles_per_image) * p_tile;
-      const int64_t np = std::min(p_tile, hw - p0);
-      for (int64_t p = 0; p < p_tile; ++p) {
-        if (p < np) {
-          const int64_t oy = (p0 + p) / wo, ox = (p0 + p) % wo;
-          iy0[p] = oy * cv.stride[0] - cv.padding[0];
-          ix0[p] = ox * cv.stride[1] - cv.padding[1];
-        } else {
-          iy0[p] = -(int64_t(1) << 40);
-          ix0[p] = 0;
-        }
-      }
-      const float* ximg = xp + img * h * w * cin;
-
-      // GEMM 1. Within a column panel, K is walked tap by tap and, for wide
-      // Cin, in chunks, so the chunk's slice of V^T (kc x NR) stays in L1
-      // across all the tile's row blocks.
-      for (int64_t jb = 0; jb < r_pad / nr; ++jb) {
-        for (int64_t tap = 0; tap < taps; ++tap) {
-          const int64_t dy = (tap / kw) * cv.dilation[0], dx = (tap % kw) * cv.dilation[1];
-          for (int64_t c0 = 0; c0 < cin; c0 += kc) {
-            const int64_t klen = std::min(kc, cin - c0);
-            const float* bslice = b1p + (jb * k1 + tap * cin + c0) * nr;
-            for (int64_t ib = 0; ib < np; ib += mr) {
-              for (int64_t i = 0; i < mr; ++i) {
-                const int64_t iy = iy0[ib + i] + dy, ix = ix0[ib + i] + dx;
-                rows[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? ximg + (iy * w + ix) * cin + c0 : zeros.data();
-              }
-              uk.fn(klen, rows, bslice, t_buf.data() + ib * r_pad + jb * nr, r_pad, tap > 0 || c0 > 0, nullptr);
-            }
-          }
-        }
-      }
-
-      // GEMM 2, bias folded into the accumulator start. Full blocks of an
-      // NHWC output are written in place; edge blocks and NCHW outputs go
-      // through an MR x NR scratch block (transposed on the way for NCHW).
-      for (int64_t ob = 0; ob < cout_pad / nr; ++ob) {
-        const int64_t o0 = ob * nr, ncols = std::min(nr, cout - o0);
-        const float* bpanel = b2p + ob * r * nr;
-        for (int64_t ib = 0; ib < np; ib += mr) {
-          for (int64_t i = 0; i < mr; ++i) rows[i] = t_buf.data() + (ib + i) * r_pad;
-          const int64_t nrows = std::min(mr, np - ib);
-          if (out_nhwc && nrows == mr && ncols == nr) {
-            uk.fn(r, rows, bpanel, outp + (img * hw + p0 + ib) * cout + o0, cout, false, bias_pad.data() + o0);
-            continue;
-          }
-          uk.fn(r, rows, bpanel, block.data(), nr, false, bias_pad.data() + o0);
-          if (out_nhwc) {
-            float* dst = outp + (img * hw + p0 + ib) * cout + o0;
-            for (int64_t i = 0; i < nrows; ++i)
-              for (int64_t j = 0; j < ncols; ++j) dst[i * cout + j] = block[i * nr + j];
-          } else {
-            float* dst = outp + (img * cout + o0) * hw + p0 + ib;
-            for (int64_t j = 0; j < ncols; ++j)
-              for (int64_t i = 0; i < nrows; ++i) dst[j * hw + i] = block[i * nr + j];
-          }
-        }
-      }
+      t.set(pb, item / r_panels);
+      gemm1_panel(pb, t, item % r_panels, t_all.data() + (item / r_panels) * t_floats);
+    }
+  });
+  at::parallel_for(0, tiles * c_panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> block(static_cast<size_t>(pb.mr * pb.nr));
+    Tile t;
+    for (int64_t item = begin; item < end; ++item) {
+      t.set(pb, item / c_panels);
+      gemm2_panel(pb, t, item % c_panels, t_all.data() + (item / c_panels) * t_floats, block.data());
     }
   });
   return out;
