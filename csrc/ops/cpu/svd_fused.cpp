@@ -1,7 +1,8 @@
 // Fused forward of kind "svd" (factors [V (r, Cin, kh, kw), U (Cout, r)]).
 //
-// The output is cut into tiles of P consecutive output pixels of one image
-// (row-major Ho*Wo order). Per tile:
+// The output pixels of the whole batch, in (N, Ho, Wo) order, are cut into
+// tiles of P consecutive pixels; a tile may span images, so small images at
+// larger batch still make full tiles (fewer passes over V^T). Per tile:
 //   GEMM 1  T (P x r)    = im2col(x)[tile] (P x kh*kw*Cin) @ V^T
 //           The im2col rows are never copied: the input is NHWC, so the Cin
 //           values of one pixel under one tap are contiguous, and the
@@ -48,9 +49,9 @@ at::Tensor pack_panels(const at::Tensor& m, int64_t nr) {
 struct Problem {
   const Microkernel* uk;
   int64_t mr, nr;
-  int64_t h, w, cin, kw, taps, k1, r, r_pad, cout, cout_pad, hw, wo;
+  int64_t h, w, cin, kw, taps, k1, r, r_pad, cout, cout_pad, hw, wo, pixels;
   ConvParams cv;
-  int64_t p_tile, tiles_per_image, kc;
+  int64_t p_tile, kc;
   const float* x;     // NHWC input
   const float* b1;    // packed V^T
   const float* b2;    // packed U^T
@@ -60,23 +61,26 @@ struct Problem {
   bool out_nhwc;
 };
 
-// One tile: its image, first pixel, pixel count and receptive-field origins.
+// One tile: first pixel (over the batch), pixel count, and per pixel the
+// input image's offset and the receptive field's top-left corner.
 struct Tile {
-  int64_t img, p0, np;
-  std::vector<int64_t> iy0, ix0;
+  int64_t g0, np;
+  std::vector<int64_t> xoff, iy0, ix0;
 
   void set(const Problem& pb, int64_t item) {
-    img = item / pb.tiles_per_image;
-    p0 = (item % pb.tiles_per_image) * pb.p_tile;
-    np = std::min(pb.p_tile, pb.hw - p0);
+    g0 = item * pb.p_tile;
+    np = std::min(pb.p_tile, pb.pixels - g0);
+    xoff.resize(pb.p_tile);
     iy0.resize(pb.p_tile);
     ix0.resize(pb.p_tile);
     for (int64_t p = 0; p < pb.p_tile; ++p) {
       if (p < np) {
-        const int64_t oy = (p0 + p) / pb.wo, ox = (p0 + p) % pb.wo;
-        iy0[p] = oy * pb.cv.stride[0] - pb.cv.padding[0];
-        ix0[p] = ox * pb.cv.stride[1] - pb.cv.padding[1];
-      } else {  // past the image end: a far-away origin, so every tap reads zeros
+        const int64_t img = (g0 + p) / pb.hw, q = (g0 + p) % pb.hw;
+        xoff[p] = img * pb.h * pb.w * pb.cin;
+        iy0[p] = (q / pb.wo) * pb.cv.stride[0] - pb.cv.padding[0];
+        ix0[p] = (q % pb.wo) * pb.cv.stride[1] - pb.cv.padding[1];
+      } else {  // past the batch end: a far-away origin, so every tap reads zeros
+        xoff[p] = 0;
         iy0[p] = -(int64_t(1) << 40);
         ix0[p] = 0;
       }
@@ -89,7 +93,6 @@ struct Tile {
 // across all the tile's row blocks.
 void gemm1_panel(const Problem& pb, const Tile& t, int64_t jb, float* t_buf) {
   const float* rows[64];
-  const float* ximg = pb.x + t.img * pb.h * pb.w * pb.cin;
   for (int64_t tap = 0; tap < pb.taps; ++tap) {
     const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
     for (int64_t c0 = 0; c0 < pb.cin; c0 += pb.kc) {
@@ -98,8 +101,9 @@ void gemm1_panel(const Problem& pb, const Tile& t, int64_t jb, float* t_buf) {
       for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
         for (int64_t i = 0; i < pb.mr; ++i) {
           const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
-          rows[i] = (iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w) ? ximg + (iy * pb.w + ix) * pb.cin + c0
-                                                                   : pb.zeros;
+          rows[i] = (iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w)
+                        ? pb.x + t.xoff[ib + i] + (iy * pb.w + ix) * pb.cin + c0
+                        : pb.zeros;
         }
         pb.uk->fn(klen, rows, bslice, t_buf + ib * pb.r_pad + jb * pb.nr, pb.r_pad, tap > 0 || c0 > 0, nullptr);
       }
@@ -117,7 +121,7 @@ void gemm2_panel(const Problem& pb, const Tile& t, int64_t ob, const float* t_bu
   for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
     for (int64_t i = 0; i < pb.mr; ++i) rows[i] = t_buf + (ib + i) * pb.r_pad;
     const int64_t nrows = std::min(pb.mr, t.np - ib);
-    float* nhwc = pb.out + (t.img * pb.hw + t.p0 + ib) * pb.cout + o0;
+    float* nhwc = pb.out + (t.g0 + ib) * pb.cout + o0;
     if (pb.out_nhwc && nrows == pb.mr && ncols == pb.nr) {
       pb.uk->fn(pb.r, rows, bpanel, nhwc, pb.cout, false, pb.bias + o0);
       continue;
@@ -127,9 +131,13 @@ void gemm2_panel(const Problem& pb, const Tile& t, int64_t ob, const float* t_bu
       for (int64_t i = 0; i < nrows; ++i)
         for (int64_t j = 0; j < ncols; ++j) nhwc[i * pb.cout + j] = block[i * pb.nr + j];
     } else {
-      float* dst = pb.out + (t.img * pb.cout + o0) * pb.hw + t.p0 + ib;
+      float* dst[64];  // per row: its (image, pixel) in the NCHW output, channel o0
+      for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t g = t.g0 + ib + i;
+        dst[i] = pb.out + ((g / pb.hw) * pb.cout + o0) * pb.hw + g % pb.hw;
+      }
       for (int64_t j = 0; j < ncols; ++j)
-        for (int64_t i = 0; i < nrows; ++i) dst[j * pb.hw + i] = block[i * pb.nr + j];
+        for (int64_t i = 0; i < nrows; ++i) dst[i][j * pb.hw] = block[i * pb.nr + j];
     }
   }
 }
@@ -196,9 +204,9 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.kc = std::max<int64_t>(1, (pb.cin + chunks - 1) / chunks);
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  pb.p_tile = round_up(std::min(kMaxTilePixels, pb.hw), pb.mr);
-  pb.tiles_per_image = (pb.hw + pb.p_tile - 1) / pb.p_tile;
-  const int64_t tiles = n * pb.tiles_per_image;
+  pb.pixels = n * pb.hw;
+  pb.p_tile = round_up(std::min(kMaxTilePixels, pb.pixels), pb.mr);
+  const int64_t tiles = (pb.pixels + pb.p_tile - 1) / pb.p_tile;
   const int64_t t_floats = pb.p_tile * pb.r_pad;
 
   if (tiles >= 2 * threads || threads == 1) {
