@@ -35,14 +35,35 @@ constexpr int64_t kMaxTilePixels = 128;  // keeps the P x r tile of T in L1/L2
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Packs a (rows x K) row-major matrix into panels of nr rows, transposed for
-// the microkernel: panel[p][k][j] = m[p*nr + j][k], zero rows past the end.
-// ATen's copy does the strided transpose faster than a hand loop.
-at::Tensor pack_panels(const at::Tensor& m, int64_t nr) {
-  const int64_t rows = m.size(0), K = m.size(1);
-  const int64_t padded = round_up(rows, nr);
-  at::Tensor src = padded == rows ? m : at::constant_pad_nd(m, {0, 0, 0, padded - rows});
-  return src.view({padded / nr, nr, K}).transpose(1, 2).contiguous();
+// Packs a weight w (rows, cin, taps...) into panels of nr rows, transposed for
+// the microkernel and with K ordered (tap, cin) to match the NHWC row reads:
+//   panel[p][tap * cin + c][j] = w[p*nr + j][c][tap], zero rows past the end.
+// One pass, in blocks of 16 channels so the source lines being gathered (nr
+// rows x 16 channels x taps) stay in L1 while every tap is written out.
+// A matrix (rows, K) is the case taps = 1.
+at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps, int64_t nr) {
+  const at::Tensor wc = w.contiguous();
+  const float* src = wc.data_ptr<float>();
+  const int64_t panels = (rows + nr - 1) / nr, K = cin * taps;
+  at::Tensor packed = at::empty({panels * K * nr}, at::kFloat);
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* pd = dst + p * K * nr;
+      const int64_t valid = std::min(nr, rows - p * nr);
+      const float* ps = src + p * nr * K;
+      for (int64_t c0 = 0; c0 < cin; c0 += 16) {
+        const int64_t c1 = std::min(cin, c0 + 16);
+        for (int64_t tap = 0; tap < taps; ++tap)
+          for (int64_t c = c0; c < c1; ++c) {
+            float* d = pd + (tap * cin + c) * nr;
+            for (int64_t j = 0; j < valid; ++j) d[j] = ps[(j * cin + c) * taps + tap];
+            for (int64_t j = valid; j < nr; ++j) d[j] = 0.0f;
+          }
+      }
+    }
+  });
+  return packed;
 }
 
 // Everything one tile's GEMMs need, fixed for the call.
@@ -181,10 +202,10 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // NHWC input; no copy when the input already is channels_last.
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   pb.x = x.data_ptr<float>();
-  // GEMM 1 operand: V^T with K ordered (tap, cin) to match the NHWC row reads.
-  const at::Tensor b1 = pack_panels(V.permute({0, 2, 3, 1}).reshape({pb.r, pb.k1}), pb.nr);
+  // GEMM 1 operand: V^T.
+  const at::Tensor b1 = pack_panels(V, pb.r, pb.cin, pb.taps, pb.nr);
   // GEMM 2 operand: U^T, K = r.
-  const at::Tensor b2 = pack_panels(U, pb.nr);
+  const at::Tensor b2 = pack_panels(U, pb.cout, pb.r, 1, pb.nr);
   pb.b1 = b1.data_ptr<float>();
   pb.b2 = b2.data_ptr<float>();
   // Bias padded to whole panels (zeros without bias): the accumulator start of GEMM 2.
