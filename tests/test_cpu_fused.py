@@ -101,12 +101,18 @@ def test_fused_layouts(spec, layout, isa, threads):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_fused_without_bias_batch1_and_wide(isa):
-    # Cout and r past several NR panels, a tile count that does not divide the
-    # pixel count, and batch 1.
-    with cpu_env("fused", isa, 2):
-        _check_against_dense((1, 40, 70, 13, 11, 3, 3, 1, 1, 1), "contiguous", with_bias=False)
-        _check_against_dense((1, 40, 70, 13, 11, 3, 3, 1, 1, 1), "channels_last")
+@pytest.mark.parametrize("spec", [
+    (1, 40, 70, 13, 11, 3, 3, 1, 1, 1),    # r = 35, Cout = 70: narrow microkernels
+    (2, 16, 128, 9, 10, 3, 3, 1, 1, 1),    # r = 64, Cout = 128: wide, whole panels
+    (2, 12, 100, 9, 10, 3, 3, 2, 1, 1),    # r = 50, Cout = 100: wide, edge panels
+], ids=["narrow", "wide", "wide-edges"])
+def test_fused_panel_widths_without_bias(spec, isa):
+    # Cout and r past several NR panels, a pixel count that is no multiple of
+    # the tile, batch 1 and 2, with and without bias.
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            _check_against_dense(spec, "contiguous", with_bias=False)
+            _check_against_dense(spec, "channels_last")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -17,7 +17,8 @@
 // batch 1), the two GEMMs run as two parallel phases split over column panels
 // of r and Cout instead, so no tile has to shrink and re-read all of V.
 // NCHW inputs are copied to NHWC once per call (a layout copy of the input).
-// V^T and U^T are packed into NR-wide panels on every call.
+// V^T and U^T are packed into NR-wide panels on every call; each GEMM takes
+// the narrow microkernel when its N (r or Cout) is small against NR.
 // TODO: cache the packed factors per (factor version, ISA) instead of packing
 // on every call; read NCHW input without the layout copy.
 #include "svd_fused.h"
@@ -68,8 +69,9 @@ at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t t
 
 // Everything one tile's GEMMs need, fixed for the call.
 struct Problem {
-  const Microkernel* uk;
-  int64_t mr, nr;
+  const Microkernel* uk1;  // GEMM 1 (N = r), NR = nr1
+  const Microkernel* uk2;  // GEMM 2 (N = Cout), NR = nr2; same MR
+  int64_t mr, nr1, nr2;
   int64_t h, w, cin, kw, taps, k1, r, r_pad, cout, cout_pad, hw, wo, pixels;
   ConvParams cv;
   int64_t p_tile, kc;
@@ -118,7 +120,7 @@ void gemm1_panel(const Problem& pb, const Tile& t, int64_t jb, float* t_buf) {
     const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
     for (int64_t c0 = 0; c0 < pb.cin; c0 += pb.kc) {
       const int64_t klen = std::min(pb.kc, pb.cin - c0);
-      const float* bslice = pb.b1 + (jb * pb.k1 + tap * pb.cin + c0) * pb.nr;
+      const float* bslice = pb.b1 + (jb * pb.k1 + tap * pb.cin + c0) * pb.nr1;
       for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
         for (int64_t i = 0; i < pb.mr; ++i) {
           const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
@@ -126,7 +128,7 @@ void gemm1_panel(const Problem& pb, const Tile& t, int64_t jb, float* t_buf) {
                         ? pb.x + t.xoff[ib + i] + (iy * pb.w + ix) * pb.cin + c0
                         : pb.zeros;
         }
-        pb.uk->fn(klen, rows, bslice, t_buf + ib * pb.r_pad + jb * pb.nr, pb.r_pad, tap > 0 || c0 > 0, nullptr);
+        pb.uk1->fn(klen, rows, bslice, t_buf + ib * pb.r_pad + jb * pb.nr1, pb.r_pad, tap > 0 || c0 > 0, nullptr);
       }
     }
   }
@@ -137,20 +139,20 @@ void gemm1_panel(const Problem& pb, const Tile& t, int64_t jb, float* t_buf) {
 // block (transposed on the way for NCHW).
 void gemm2_panel(const Problem& pb, const Tile& t, int64_t ob, const float* t_buf, float* block) {
   const float* rows[64];
-  const int64_t o0 = ob * pb.nr, ncols = std::min(pb.nr, pb.cout - o0);
-  const float* bpanel = pb.b2 + ob * pb.r * pb.nr;
+  const int64_t o0 = ob * pb.nr2, ncols = std::min(pb.nr2, pb.cout - o0);
+  const float* bpanel = pb.b2 + ob * pb.r * pb.nr2;
   for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
     for (int64_t i = 0; i < pb.mr; ++i) rows[i] = t_buf + (ib + i) * pb.r_pad;
     const int64_t nrows = std::min(pb.mr, t.np - ib);
     float* nhwc = pb.out + (t.g0 + ib) * pb.cout + o0;
-    if (pb.out_nhwc && nrows == pb.mr && ncols == pb.nr) {
-      pb.uk->fn(pb.r, rows, bpanel, nhwc, pb.cout, false, pb.bias + o0);
+    if (pb.out_nhwc && nrows == pb.mr && ncols == pb.nr2) {
+      pb.uk2->fn(pb.r, rows, bpanel, nhwc, pb.cout, false, pb.bias + o0);
       continue;
     }
-    pb.uk->fn(pb.r, rows, bpanel, block, pb.nr, false, pb.bias + o0);
+    pb.uk2->fn(pb.r, rows, bpanel, block, pb.nr2, false, pb.bias + o0);
     if (pb.out_nhwc) {
       for (int64_t i = 0; i < nrows; ++i)
-        for (int64_t j = 0; j < ncols; ++j) nhwc[i * pb.cout + j] = block[i * pb.nr + j];
+        for (int64_t j = 0; j < ncols; ++j) nhwc[i * pb.cout + j] = block[i * pb.nr2 + j];
     } else {
       float* dst[64];  // per row: its (image, pixel) in the NCHW output, channel o0
       for (int64_t i = 0; i < nrows; ++i) {
@@ -158,7 +160,7 @@ void gemm2_panel(const Problem& pb, const Tile& t, int64_t ob, const float* t_bu
         dst[i] = pb.out + ((g / pb.hw) * pb.cout + o0) * pb.hw + g % pb.hw;
       }
       for (int64_t j = 0; j < ncols; ++j)
-        for (int64_t i = 0; i < nrows; ++i) dst[i][j * pb.hw] = block[i * pb.nr + j];
+        for (int64_t i = 0; i < nrows; ++i) dst[i][j * pb.hw] = block[i * pb.nr2 + j];
     }
   }
 }
@@ -177,20 +179,22 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const at::MemoryFormat out_format = output_memory_format(input);
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
   if (n == 0) return out;
-  TORCH_CHECK(uk.mr <= 64, "hsv::conv2d: microkernel MR too large");
+  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr), "hsv::conv2d: microkernel MR too large");
 
   Problem pb;
-  pb.uk = &uk;
-  pb.mr = uk.mr;
-  pb.nr = uk.nr;
   pb.r = V.size(0);
   pb.cin = V.size(1);
   pb.kw = V.size(3);
   pb.taps = V.size(2) * pb.kw;
   pb.k1 = pb.taps * pb.cin;
   pb.cout = U.size(0);
-  pb.r_pad = round_up(pb.r, pb.nr);
-  pb.cout_pad = round_up(pb.cout, pb.nr);
+  pb.uk1 = &microkernel_for_width(uk, pb.r);
+  pb.uk2 = &microkernel_for_width(uk, pb.cout);
+  pb.mr = uk.mr;
+  pb.nr1 = pb.uk1->nr;
+  pb.nr2 = pb.uk2->nr;
+  pb.r_pad = round_up(pb.r, pb.nr1);
+  pb.cout_pad = round_up(pb.cout, pb.nr2);
   pb.h = input.size(2);
   pb.w = input.size(3);
   pb.wo = plan.out_shape[3];
@@ -203,9 +207,9 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   pb.x = x.data_ptr<float>();
   // GEMM 1 operand: V^T.
-  const at::Tensor b1 = pack_panels(V, pb.r, pb.cin, pb.taps, pb.nr);
+  const at::Tensor b1 = pack_panels(V, pb.r, pb.cin, pb.taps, pb.nr1);
   // GEMM 2 operand: U^T, K = r.
-  const at::Tensor b2 = pack_panels(U, pb.cout, pb.r, 1, pb.nr);
+  const at::Tensor b2 = pack_panels(U, pb.cout, pb.r, 1, pb.nr2);
   pb.b1 = b1.data_ptr<float>();
   pb.b2 = b2.data_ptr<float>();
   // Bias padded to whole panels (zeros without bias): the accumulator start of GEMM 2.
@@ -220,7 +224,7 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
 
   // Cin chunk of GEMM 1: about 24 KB of packed V^T per chunk (L1 is 32-48 KB),
   // split evenly so no chunk is a short remainder.
-  const int64_t kc_max = std::max<int64_t>(1, 6144 / pb.nr);
+  const int64_t kc_max = std::max<int64_t>(1, 6144 / pb.nr1);
   const int64_t chunks = std::max<int64_t>(1, (pb.cin + kc_max - 1) / kc_max);
   pb.kc = std::max<int64_t>(1, (pb.cin + chunks - 1) / chunks);
 
@@ -234,12 +238,12 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
     // Whole tiles per thread: T stays in this core's cache between the GEMMs.
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> t_buf(static_cast<size_t>(t_floats));
-      std::vector<float> block(static_cast<size_t>(pb.mr * pb.nr));
+      std::vector<float> block(static_cast<size_t>(pb.mr * pb.nr2));
       Tile t;
       for (int64_t item = begin; item < end; ++item) {
         t.set(pb, item);
-        for (int64_t jb = 0; jb < pb.r_pad / pb.nr; ++jb) gemm1_panel(pb, t, jb, t_buf.data());
-        for (int64_t ob = 0; ob < pb.cout_pad / pb.nr; ++ob) gemm2_panel(pb, t, ob, t_buf.data(), block.data());
+        for (int64_t jb = 0; jb < pb.r_pad / pb.nr1; ++jb) gemm1_panel(pb, t, jb, t_buf.data());
+        for (int64_t ob = 0; ob < pb.cout_pad / pb.nr2; ++ob) gemm2_panel(pb, t, ob, t_buf.data(), block.data());
       }
     });
     return out;
@@ -249,7 +253,7 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // so small) is built in one parallel phase over (tile, r panel), then the
   // output in a second over (tile, Cout panel).
   std::vector<float> t_all(static_cast<size_t>(tiles * t_floats));
-  const int64_t r_panels = pb.r_pad / pb.nr, c_panels = pb.cout_pad / pb.nr;
+  const int64_t r_panels = pb.r_pad / pb.nr1, c_panels = pb.cout_pad / pb.nr2;
   at::parallel_for(0, tiles * r_panels, 1, [&](int64_t begin, int64_t end) {
     Tile t;
     for (int64_t item = begin; item < end; ++item) {
@@ -258,7 +262,7 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
     }
   });
   at::parallel_for(0, tiles * c_panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> block(static_cast<size_t>(pb.mr * pb.nr));
+    std::vector<float> block(static_cast<size_t>(pb.mr * pb.nr2));
     Tile t;
     for (int64_t item = begin; item < end; ++item) {
       t.set(pb, item / c_panels);

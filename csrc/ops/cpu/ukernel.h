@@ -24,7 +24,14 @@ struct Microkernel {
   int mr;
   int nr;
   MicrokernelFn fn;
+  // Same ISA and MR, half the NR: for GEMMs whose N (the rank, or Cout) would
+  // be mostly padding in NR-wide panels. nullptr when there is none.
+  const Microkernel* narrow;
 };
+
+// The kernel for a GEMM with n output columns: uk, or its narrow variant when
+// padding n to uk's NR would waste a quarter or more of the work.
+const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n);
 
 // nullptr when this build has no such kernel (e.g. a non-x86 target). Whether
 // the CPU can run it is a separate question: see isa.h.

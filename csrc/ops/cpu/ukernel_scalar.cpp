@@ -31,8 +31,14 @@ void kernel(int64_t K, const float* const* a, const float* b, float* c, int64_t 
 }  // namespace
 
 const Microkernel* microkernel_scalar() {
-  static const Microkernel k{"scalar", kMR, kNR, &kernel};
+  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr};
   return &k;
+}
+
+const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n) {
+  if (uk.narrow == nullptr) return uk;
+  const int64_t padded = (n + uk.nr - 1) / uk.nr * uk.nr;
+  return 4 * (padded - n) >= padded ? *uk.narrow : uk;
 }
 
 }  // namespace cpu
