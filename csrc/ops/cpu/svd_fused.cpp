@@ -179,7 +179,7 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const at::MemoryFormat out_format = output_memory_format(input);
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
   if (n == 0) return out;
-  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr), "hsv::conv2d: microkernel MR too large");
+  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr), "hsv::conv2d: inconsistent CPU microkernel table (MR)");
 
   Problem pb;
   pb.r = V.size(0);
