@@ -1,11 +1,13 @@
 // Register-blocked GEMM microkernels for the fused CPU convs, one per ISA.
 //
 // Every kernel computes an MR x NR block of C:
-//   C[i][j] = C0[i][j] + sum_{k < K} a[i][k] * b[k * NR + j]      i < MR, j < NR
+//   C[i][j] = C0[i][j] + sum_{k < K} a[i][k * ka] * b[k * NR + j]      i < MR, j < NR
 // where C0 is C itself (accumulate), else the row init[0..NR) for every i
 // (e.g. the bias), else zero.
 // a is "indirect": one row pointer per output row, so the im2col panel of a
 // conv is never built; a row that falls into the padding points at zeros.
+// ka is the distance between a row's consecutive elements (1 for NHWC input,
+// H*W for NCHW): all rows share it, so it costs one add per k step.
 // b is a packed panel (K x NR, row-major), zero-filled past the real columns.
 // The caller always passes MR rows (spare rows point at zeros or scratch) and
 // an ldc that holds NR columns, so the kernels have no edge cases.
@@ -16,8 +18,8 @@
 namespace hsv {
 namespace cpu {
 
-using MicrokernelFn = void (*)(int64_t K, const float* const* a, const float* b, float* c, int64_t ldc,
-                               bool accumulate, const float* init);
+using MicrokernelFn = void (*)(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
+                               int64_t ldc, bool accumulate, const float* init);
 
 struct Microkernel {
   const char* isa;  // "avx512", "avx2" or "scalar"

@@ -16,7 +16,7 @@ constexpr int kW = 8;  // floats per vector
 
 // NV vectors per row: NR = NV * kW.
 template <int NV>
-__attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, const float* b, float* c,
+__attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
                                            int64_t ldc, bool accumulate, const float* init) {
   constexpr int kNR = NV * kW;
   __m256 acc[kMR][NV];
@@ -34,7 +34,7 @@ __attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a
     for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * kNR + v * kW);
 #pragma GCC unroll 8
     for (int i = 0; i < kMR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(ap[i] + k);
+      const __m256 ai = _mm256_broadcast_ss(ap[i] + k * ka);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
     }

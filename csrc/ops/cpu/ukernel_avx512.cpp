@@ -17,7 +17,7 @@ constexpr int kW = 16;  // floats per vector
 
 // NV vectors per row: NR = NV * kW.
 template <int NV>
-__attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, const float* b, float* c,
+__attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
                                            int64_t ldc, bool accumulate, const float* init) {
   constexpr int kNR = NV * kW;
   __m512 acc[kMR][NV];
@@ -35,7 +35,7 @@ __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a,
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + v * kW);
 #pragma GCC unroll 8
     for (int i = 0; i < kMR; ++i) {
-      const __m512 ai = _mm512_set1_ps(ap[i][k]);
+      const __m512 ai = _mm512_set1_ps(ap[i][k * ka]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
     }

@@ -10,7 +10,7 @@ namespace {
 constexpr int kMR = 4;
 constexpr int kNR = 8;
 
-void kernel(int64_t K, const float* const* a, const float* b, float* c, int64_t ldc, bool accumulate,
+void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c, int64_t ldc, bool accumulate,
             const float* init) {
   float acc[kMR][kNR];
   for (int i = 0; i < kMR; ++i) {
@@ -20,7 +20,7 @@ void kernel(int64_t K, const float* const* a, const float* b, float* c, int64_t 
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * kNR;
     for (int i = 0; i < kMR; ++i) {
-      const float ai = a[i][k];
+      const float ai = a[i][k * ka];
       for (int j = 0; j < kNR; ++j) acc[i][j] += ai * bk[j];
     }
   }
