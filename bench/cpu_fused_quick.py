@@ -43,14 +43,15 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rank-div", type=int, default=4, help="rank = min(Cout, Cin*9) // rank_div")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last inputs (all three paths)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = hsvkernels.build_info()
     print("hsvkernels from %s" % os.path.dirname(hsvkernels.__file__))
-    print("torch %s, threads %d, mkldnn %s, isa %s, fp32, reps %d (median ms)" % (
+    print("torch %s, threads %d, mkldnn %s, isa %s, fp32, %s, reps %d (median ms)" % (
         torch.__version__, torch.get_num_threads(), torch.backends.mkldnn.is_available(), info.get("cpu_isa"),
-        args.reps))
+        "channels_last" if args.channels_last else "NCHW", args.reps))
     print("wall ms (median) | process-CPU ms (median)")
     hdr = ("layer", "N", "r", "fused", "compos.", "dense", "f/comp", "f/dense")
     print("%-22s %3s %4s %8s %8s %8s %6s %6s | %8s %8s %8s %6s %6s" % (hdr + hdr[3:]))
@@ -62,6 +63,8 @@ def main():
         bias = torch.randn(cout)
         for n in [int(b) for b in args.batches.split(",")]:
             x = torch.randn(n, cin, h, w)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             call = lambda: torch.ops.hsv.conv2d(x, [v, u], bias, [s, s], [1, 1], [1, 1], 1, "svd")  # noqa: E731
             runs = {
                 "fused": (call, {"HSV_CPU_IMPL": "fused"}),
