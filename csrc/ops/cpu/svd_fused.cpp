@@ -197,7 +197,8 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const at::MemoryFormat out_format = output_memory_format(input);
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
   if (n == 0) return out;
-  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr), "hsv::conv2d: inconsistent CPU microkernel table (MR)");
+  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
+              "hsv::conv2d: inconsistent CPU microkernel table (MR)");
 
   Problem pb;
   pb.r = V.size(0);
@@ -227,7 +228,8 @@ at::Tensor svd_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // beat a layout copy for one r panel and lose from two on. Otherwise the
   // input is copied to NHWC once.
   const int64_t reloads = pb.taps * (pb.r_pad / pb.nr1);
-  const at::Tensor x = (input.stride(1) == 1 || reloads <= 9) ? input : input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x =
+      (input.stride(1) == 1 || reloads <= 9) ? input : input.contiguous(at::MemoryFormat::ChannelsLast);
   pb.x = x.data_ptr<float>();
   pb.sn = x.stride(0);
   pb.sc = x.stride(1);
