@@ -18,7 +18,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       c10::string_view kind) {
   const cpu::Impl impl = cpu::impl_from_env();
-  if (impl == cpu::Impl::Composite) return conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind);
+  if (impl == cpu::Impl::Composite) {
+    return conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind);
+  }
   const std::string k(kind);
   // make_plan validates every argument, so errors match the composite path.
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
