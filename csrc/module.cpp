@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "ops/chain/conv_chain.h"
+#include "ops/cpu/isa.h"
 
 #ifndef HSV_TORCH_VERSION
 #define HSV_TORCH_VERSION "unknown"
@@ -31,11 +32,14 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["cuda_archs"] = "";
 #endif
-  // Fused CPU kernels with AVX2 / AVX-512 paths are not part of this build yet:
-  // the CPU kernels are the unfused ATen chain.
-  info["cpu_avx2"] = false;
-  info["cpu_avx512"] = false;
+  // cpu_avx2 / cpu_avx512: the fused kernels' microkernel for that ISA is in this
+  // build; cpu_isa: the one this CPU runs (HSV_CPU_ISA can force a lesser one).
+  // cpu_kernels: what HSV_CPU_IMPL selects by default, and what else exists.
+  info["cpu_avx2"] = hsv::cpu::microkernel_avx2() != nullptr;
+  info["cpu_avx512"] = hsv::cpu::microkernel_avx512() != nullptr;
+  info["cpu_isa"] = hsv::cpu::best_isa();
   info["cpu_kernels"] = "composite";
+  info["cpu_fused_kinds"] = std::vector<std::string>{"svd"};
   info["cuda_kernels"] = "composite";
   info["kinds"] = hsv::known_kinds();
   return info;

@@ -1,0 +1,45 @@
+// Register-blocked GEMM microkernels for the fused CPU convs, one per ISA.
+//
+// Every kernel computes an MR x NR block of C:
+//   C[i][j] = C0[i][j] + sum_{k < K} a[i][k * ka] * b[k * NR + j]      i < MR, j < NR
+// where C0 is C itself (accumulate), else the row init[0..NR) for every i
+// (e.g. the bias), else zero.
+// a is "indirect": one row pointer per output row, so the im2col panel of a
+// conv is never built; a row that falls into the padding points at zeros.
+// ka is the distance between a row's consecutive elements (1 for NHWC input,
+// H*W for NCHW): all rows share it, so it costs one add per k step.
+// b is a packed panel (K x NR, row-major), zero-filled past the real columns.
+// The caller always passes MR rows (spare rows point at zeros or scratch) and
+// an ldc that holds NR columns, so the kernels have no edge cases.
+#pragma once
+
+#include <cstdint>
+
+namespace hsv {
+namespace cpu {
+
+using MicrokernelFn = void (*)(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
+                               int64_t ldc, bool accumulate, const float* init);
+
+struct Microkernel {
+  const char* isa;  // "avx512", "avx2" or "scalar"
+  int mr;
+  int nr;
+  MicrokernelFn fn;
+  // Same ISA and MR, half the NR: for GEMMs whose N (the rank, or Cout) would
+  // be mostly padding in NR-wide panels. nullptr when there is none.
+  const Microkernel* narrow;
+};
+
+// The kernel for a GEMM with n output columns: uk, or its narrow variant when
+// padding n to uk's NR would waste a quarter or more of the work.
+const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n);
+
+// nullptr when this build has no such kernel (e.g. a non-x86 target). Whether
+// the CPU can run it is a separate question: see isa.h.
+const Microkernel* microkernel_avx512();
+const Microkernel* microkernel_avx2();
+const Microkernel* microkernel_scalar();
+
+}  // namespace cpu
+}  // namespace hsv

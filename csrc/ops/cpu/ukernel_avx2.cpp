@@ -1,0 +1,68 @@
+// AVX2+FMA microkernels: 6 rows x 16 columns (12 ymm accumulators, 2 ymm of b
+// per k step, one broadcast per row: 15 of the 16 ymm registers) and a narrow
+// 6 x 8 variant. Compiled for AVX2 through a function attribute, for the same
+// reason as the AVX-512 kernels: nothing else in this object may use the ISA.
+#include "ukernel.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+namespace hsv {
+namespace cpu {
+namespace {
+
+constexpr int kMR = 6;
+constexpr int kW = 8;  // floats per vector
+
+// NV vectors per row: NR = NV * kW.
+template <int NV>
+__attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
+                                           int64_t ldc, bool accumulate, const float* init) {
+  constexpr int kNR = NV * kW;
+  __m256 acc[kMR][NV];
+  const float* ap[kMR];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+    ap[i] = a[i];
+    const float* src = accumulate ? c + i * ldc : init;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm256_loadu_ps(src + v * kW) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * kNR + v * kW);
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(ap[i] + k * ka);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+  }
+}
+
+}  // namespace
+
+const Microkernel* microkernel_avx2() {
+  static const Microkernel narrow{"avx2", kMR, kW, &kernel<1>, nullptr};
+  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<2>, &narrow};
+  return &wide;
+}
+
+}  // namespace cpu
+}  // namespace hsv
+
+#else
+
+namespace hsv {
+namespace cpu {
+const Microkernel* microkernel_avx2() { return nullptr; }
+}  // namespace cpu
+}  // namespace hsv
+
+#endif

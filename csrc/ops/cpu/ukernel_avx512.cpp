@@ -1,0 +1,69 @@
+// AVX-512 microkernels: 8 rows x 32 columns (16 zmm accumulators, 2 zmm of b
+// per k step, one broadcast per row) and a narrow 8 x 16 variant. Compiled for AVX-512 through a function
+// attribute rather than a file-wide -mavx512f, so nothing else in this object
+// (inline library code, static initializers) can contain AVX-512 instructions
+// that would run before the run-time ISA check.
+#include "ukernel.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+namespace hsv {
+namespace cpu {
+namespace {
+
+constexpr int kMR = 8;
+constexpr int kW = 16;  // floats per vector
+
+// NV vectors per row: NR = NV * kW.
+template <int NV>
+__attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
+                                           int64_t ldc, bool accumulate, const float* init) {
+  constexpr int kNR = NV * kW;
+  __m512 acc[kMR][NV];
+  const float* ap[kMR];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+    ap[i] = a[i];
+    const float* src = accumulate ? c + i * ldc : init;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm512_loadu_ps(src + v * kW) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + v * kW);
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) {
+      const __m512 ai = _mm512_set1_ps(ap[i][k * ka]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+  }
+}
+
+}  // namespace
+
+const Microkernel* microkernel_avx512() {
+  static const Microkernel narrow{"avx512", kMR, kW, &kernel<1>, nullptr};
+  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<2>, &narrow};
+  return &wide;
+}
+
+}  // namespace cpu
+}  // namespace hsv
+
+#else
+
+namespace hsv {
+namespace cpu {
+const Microkernel* microkernel_avx512() { return nullptr; }
+}  // namespace cpu
+}  // namespace hsv
+
+#endif

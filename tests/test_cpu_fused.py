@@ -1,0 +1,233 @@
+"""The fused CPU forward of kind "svd" (HSV_CPU_IMPL=fused) under every ISA path this CPU runs.
+
+Ground truth is F.conv2d in float64 on the dense weight rebuilt from the same
+factors; hypothesis-drawn shapes compare fused against the composite chain.
+"""
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factories import CASES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_op import SHAPES
+
+import hsvkernels
+
+INFO = hsvkernels.build_info()
+pytestmark = pytest.mark.skipif(not INFO.get("extension"), reason="needs the native extension")
+
+ISA_ORDER = ["avx512", "avx2", "scalar"]
+_RANK = {"avx512": 2, "avx2": 1, "scalar": 0}
+ISAS = [i for i in ISA_ORDER if INFO.get("extension") and _RANK[i] <= _RANK[INFO["cpu_isa"]]]
+TOL32 = 2e-5
+
+
+@contextmanager
+def cpu_env(impl=None, isa=None, threads=None):
+    saved = {k: os.environ.get(k) for k in ("HSV_CPU_IMPL", "HSV_CPU_ISA")}
+    saved_threads = torch.get_num_threads()
+    try:
+        for key, val in (("HSV_CPU_IMPL", impl), ("HSV_CPU_ISA", isa)):
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
+        torch.set_num_threads(saved_threads)
+
+
+def _rel_err(y, ref):
+    if ref.numel() == 0:
+        return 0.0
+    return ((y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _make_input(n, cin, h, w, layout):
+    if layout == "channels_last":
+        return torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    if layout == "noncontiguous":
+        return torch.randn(n, cin, h, 2 * w)[..., ::2]
+    if layout == "channels_last_noncontiguous":
+        return torch.randn(n, h, 2 * w, cin).permute(0, 3, 1, 2)[..., ::2]
+    return torch.randn(n, cin, h, w)
+
+
+def _expected_format(x):
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _check_against_dense(spec, layout, with_bias=True):
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
+    fact = CASES["svd"].random((cout, cin, kh, kw), dtype=torch.float64)
+    x = _make_input(n, cin, h, w, layout)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
+    y = hsvkernels.conv2d(x, fact.to(torch.float32), None if bias is None else bias.float(), stride, padding, dilation)
+    assert y.dtype == torch.float32 and y.shape == truth.shape
+    assert y.is_contiguous(memory_format=_expected_format(x))
+    assert _rel_err(y, truth) <= TOL32
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("spec", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
+def test_fused_matches_dense(spec, isa, threads):
+    with cpu_env("fused", isa, threads):
+        _check_against_dense(spec, "contiguous")
+
+
+LAYOUT_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[7], SHAPES[8], SHAPES[10], SHAPES[11]]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channels_last_noncontiguous"])
+@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=["3x3", "stride2", "7x7s2", "1x1", "batch0", "mixed"])
+def test_fused_layouts(spec, layout, isa, threads):
+    with cpu_env("fused", isa, threads):
+        _check_against_dense(spec, layout)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("spec", [
+    (1, 40, 70, 13, 11, 3, 3, 1, 1, 1),    # r = 35, Cout = 70: narrow microkernels
+    (2, 16, 128, 9, 10, 3, 3, 1, 1, 1),    # r = 64, Cout = 128: wide, whole panels
+    (2, 12, 100, 9, 10, 3, 3, 2, 1, 1),    # r = 50, Cout = 100: wide, edge panels
+], ids=["narrow", "wide", "wide-edges"])
+def test_fused_panel_widths_without_bias(spec, isa):
+    # Cout and r past several NR panels, a pixel count that is no multiple of
+    # the tile, batch 1 and 2, with and without bias.
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            _check_against_dense(spec, "contiguous", with_bias=False)
+            _check_against_dense(spec, "channels_last")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("spec", [
+    (4, 8, 20, 20, 19, 3, 3, 1, 1, 1),   # many 128-pixel tiles: whole tiles per thread
+    (1, 24, 36, 7, 7, 3, 3, 1, 1, 1),    # one tile: GEMMs split over r / Cout panels
+], ids=["tiles", "panels"])
+def test_fused_parallel_modes(spec, layout, isa):
+    for threads in (1, 2, 3):
+        with cpu_env("fused", isa, threads):
+            _check_against_dense(spec, layout)
+
+
+def test_fused_matches_composite_shape_and_format():
+    spec = SHAPES[0]
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
+    fact = CASES["svd"].random((cout, cin, kh, kw), dtype=torch.float32)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout)
+    with cpu_env("composite"):
+        yc = hsvkernels.conv2d(x, fact, bias, stride, padding, dilation)
+    with cpu_env("fused"):
+        yf = hsvkernels.conv2d(x, fact, bias, stride, padding, dilation)
+    assert yc.shape == yf.shape and yf.is_contiguous(memory_format=torch.channels_last)
+    assert _rel_err(yf, yc) <= TOL32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_falls_back_for_other_dtypes(dtype):
+    fact = CASES["svd"].random((16, 8, 3, 3), dtype=torch.float64)
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
+    truth = F.conv2d(x, fact.to_dense(), None, 1, 1)
+    with cpu_env("fused"):
+        y = hsvkernels.conv2d(x.to(dtype), fact.to(dtype), None, 1, 1)
+    assert y.dtype == dtype
+    assert _rel_err(y, truth) <= (1e-11 if dtype == torch.float64 else 3e-2)
+
+
+def test_auto_runs_and_backward_stays_composite():
+    fact = CASES["svd"].random((6, 4, 3, 3), dtype=torch.float32)
+    x = torch.randn(2, 4, 7, 6, requires_grad=True)
+    factors = [f.clone().requires_grad_() for f in fact.factors]
+    with cpu_env("auto"):
+        y = torch.ops.hsv.conv2d(x, factors, None, [2, 2], [1, 1], [1, 1], 1, "svd")
+        y.square().sum().backward()
+    with cpu_env("composite"):
+        x2 = x.detach().clone().requires_grad_()
+        f2 = [f.detach().clone().requires_grad_() for f in factors]
+        y2 = torch.ops.hsv.conv2d(x2, f2, None, [2, 2], [1, 1], [1, 1], 1, "svd")
+        y2.square().sum().backward()
+    assert _rel_err(y, y2) <= TOL32
+    assert _rel_err(x.grad, x2.grad) <= 1e-4
+    for a, b in zip(factors, f2):
+        assert _rel_err(a.grad, b.grad) <= 1e-4
+
+
+def test_invalid_settings_error_clearly():
+    fact = CASES["svd"].random((6, 4, 3, 3), dtype=torch.float32)
+    x = torch.randn(1, 4, 5, 5)
+    with cpu_env("fast"), pytest.raises(ValueError, match="HSV_CPU_IMPL='fast'"):
+        hsvkernels.conv2d(x, fact)
+    with cpu_env("fused", "sse9"), pytest.raises(ValueError, match="HSV_CPU_ISA='sse9'"):
+        hsvkernels.conv2d(x, fact)
+    missing = [i for i in ISA_ORDER if i not in ISAS]
+    for isa in missing:
+        with cpu_env("fused", isa), pytest.raises(RuntimeError, match="does not support"):
+            hsvkernels.conv2d(x, fact)
+
+
+def test_fused_argument_errors_match_composite():
+    fact = CASES["svd"].random((6, 4, 3, 3), dtype=torch.float32)
+    bad = [
+        (torch.randn(1, 5, 5, 5), fact.factors, None),             # channel mismatch
+        (torch.randn(1, 4, 5, 5), fact.factors, torch.randn(7)),   # bias size
+        (torch.randn(1, 4, 2, 2), fact.factors, None),             # too small without padding
+    ]
+    for x, factors, bias in bad:
+        msgs = []
+        for impl in ("composite", "fused"):
+            with cpu_env(impl), pytest.raises(ValueError) as exc:
+                torch.ops.hsv.conv2d(x, list(factors), bias, [1, 1], [0, 0], [1, 1], 1, "svd")
+            msgs.append(str(exc.value).split("\n")[0])
+        assert msgs[0] == msgs[1]
+
+
+@st.composite
+def conv_specs(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 12))
+    n = draw(st.integers(0, 3))
+    cin, cout, r = draw(st.integers(1, 20)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))
+    isa = draw(st.sampled_from(ISAS))
+    threads = draw(st.sampled_from([1, 2]))
+    with_bias = draw(st.booleans())
+    return (n, cin, cout, r, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, isa, threads, with_bias)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_specs())
+def test_fused_vs_composite_random_shapes(spec):
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, layout, isa, threads, with_bias = spec
+    v = torch.randn(r, cin, kh, kw) / (cin * kh * kw) ** 0.5
+    u = torch.randn(cout, r) / r ** 0.5
+    x = _make_input(n, cin, h, w, layout)
+    bias = torch.randn(cout) if with_bias else None
+    args = ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd")
+    with cpu_env("composite"):
+        yc = torch.ops.hsv.conv2d(x, *args)
+    with cpu_env("fused", isa, threads):
+        yf = torch.ops.hsv.conv2d(x, *args)
+    assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
+    assert _rel_err(yf, yc) <= TOL32
