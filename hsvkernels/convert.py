@@ -3,6 +3,7 @@
 Every conv gets a row in the returned Report, including the ones left dense and
 why. revert_(model) turns FactorizedConv2d layers back into nn.Conv2d.
 """
+import contextlib
 import fnmatch
 import logging
 import math
@@ -23,7 +24,8 @@ DEFAULT_MIN_PARAMS = 4096
 
 
 def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
-             example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, **method_options):
+             example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, decompose_threads=None,
+             **method_options):
     """Replaces eligible nn.Conv2d layers of `model` with FactorizedConv2d, in place.
 
     method, ratio/rank, **method_options: passed to hsvkernels.decompose for every layer.
@@ -39,6 +41,9 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     measure: time each layer dense vs factorized on its example input and keep
         the faster.
     min_params: convs with fewer weights stay dense.
+    decompose_threads: torch CPU threads while decomposing (default: unchanged).
+        1 is often fastest: threaded LAPACK SVD gains little on conv-sized
+        matrices and slows down badly (40x seen) when cores are shared.
 
     Grouped convs, layers whose decomposition fails and layers whose factorized
     form needs more MACs (or parameters) than the dense one also stay dense; the
@@ -88,7 +93,8 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         layer_method = kwargs.pop("method")
         row.method = layer_method
         try:
-            layer = FactorizedConv2d.from_conv(conv, method=layer_method, **kwargs)
+            with _threads(decompose_threads):
+                layer = FactorizedConv2d.from_conv(conv, method=layer_method, **kwargs)
         except Exception as exc:  # one bad layer must not stop the conversion of the others
             row.reason = "decomposition failed: %s: %s" % (type(exc).__name__, exc)
             failures.append(row.reason)
@@ -275,6 +281,19 @@ def _replace(model, old, new):
         for key, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, key, new)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _count_params(model):
