@@ -34,10 +34,11 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     overrides: {pattern: None | dict}; the first pattern matching a layer name wins.
         None keeps the layer dense, a dict updates the decompose arguments
         (it may set "method"; a "rank" replaces the global ratio and vice versa).
-    example_input: a batch for one forward pass that gives each conv's output size
-        (for MACs). When given, it is also the calibration batch: each layer's
-        output error is measured on the input it sees. Default: a 1x3x224x224
-        random batch on the model's device, used for sizes only.
+    example_input: a batch (or tuple of forward arguments) for one forward pass
+        that gives each conv's output size (for MACs). When given, it is also the
+        calibration batch: each layer's output error is measured on the input it
+        sees. Default: a random 1xCx224x224 batch on the model's device (C = the
+        first conv's input channels), used for sizes only.
     measure: time each layer dense vs factorized on its example input and keep
         the faster.
     min_params: convs with fewer weights stay dense.
@@ -65,9 +66,9 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     calibrate = example_input is not None
     model_params_before = _count_params(model)
-    shapes, inputs = _probe(model, [m for _, m in convs], example_input, keep_inputs=calibrate or measure)
+    shapes, inputs = _probe(model, convs, example_input, keep_inputs=calibrate or measure)
     first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
-    input_size = tuple(first.shape) if first is not None else _default_input_shape()
+    input_size = tuple(first.shape) if first is not None else _default_input_shape(convs)
 
     base = dict(method_options, method=method)
     if ratio is not None:
@@ -233,8 +234,9 @@ def _output_error(conv, layer, x):
 
 # Model plumbing ---------------------------------------------------------------------------
 
-def _default_input_shape():
-    return (1, 3, 224, 224)
+def _default_input_shape(convs):
+    channels = convs[0][1].in_channels if convs else 3
+    return (1, channels, 224, 224)
 
 
 def _model_device_dtype(model):
@@ -245,10 +247,14 @@ def _model_device_dtype(model):
 
 
 def _probe(model, convs, example_input, keep_inputs):
-    """One forward pass in eval mode: {conv: ((Hin, Win), (Hout, Wout))} and, if asked, {conv: input}."""
-    if example_input is None:
+    """One forward pass in eval mode over (name, conv) pairs.
+
+    Returns {conv: ((Hin, Win), (Hout, Wout))} and, if asked, {conv: its input}.
+    """
+    default = example_input is None
+    if default:
         device, dtype = _model_device_dtype(model)
-        example_input = torch.randn(_default_input_shape(), device=device, dtype=dtype)
+        example_input = torch.randn(_default_input_shape(convs), device=device, dtype=dtype)
     shapes, inputs = {}, {}
 
     def hook(module, args, output):
@@ -258,7 +264,7 @@ def _probe(model, convs, example_input, keep_inputs):
         if keep_inputs:
             inputs[module] = args[0].detach()
 
-    handles = [c.register_forward_hook(hook) for c in set(convs)]
+    handles = [c.register_forward_hook(hook) for c in {m for _, m in convs}]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()  # batch norm must not update its running statistics here
@@ -267,6 +273,12 @@ def _probe(model, convs, example_input, keep_inputs):
                 model(*example_input)
             else:
                 model(example_input)
+    except Exception as exc:
+        if not default:
+            raise
+        raise ValueError("convert_: the forward pass that sizes the convs failed on a default random input of "
+                         "shape %s (%s: %s); pass example_input=" % (tuple(example_input.shape),
+                                                                     type(exc).__name__, exc)) from exc
     finally:
         for h in handles:
             h.remove()
