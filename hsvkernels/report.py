@@ -117,8 +117,9 @@ class Report:
 
     @classmethod
     def from_json(cls, text_or_path):
+        """From a JSON string (as to_json returns) or the path of a file holding one."""
         text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+        if not isinstance(text, str) or not text.lstrip().startswith("{"):
             with open(text_or_path) as f:
                 text = f.read()
         return cls.from_dict(json.loads(text))

@@ -81,6 +81,8 @@ def test_report_outputs(resnet18_converted, tmp_path):
     back = Report.from_json(report.to_json())
     assert back.totals() == report.totals() and back.layers[3] == report.layers[3]
     assert json.loads(report.to_json())["totals"]["factorized"] == 20
+    report.to_json(tmp_path / "r.json")
+    assert Report.from_json(tmp_path / "r.json").totals() == report.totals()
     png = report.plot(tmp_path / "r.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
