@@ -13,11 +13,7 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def main(argv=None):
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
@@ -27,14 +23,14 @@ def main(argv=None):
         return 1
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="python -m hsvkernels", description="Low-rank factorized convolutions.")
+def build_parser():
+    p = argparse.ArgumentParser(prog="hsvkernels", description="Factorized convolutions for PyTorch CNNs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="build and device information (include it in bug reports)")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=cmd_info)
+    info = sub.add_parser("info", help="how the extension was built and what can run here")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=_cmd_info)
 
     c = sub.add_parser("compress", help="factorize a model's convolutions and print the per-layer report")
     c.add_argument("model", help="torchvision:NAME (random init unless --weights) or a directory written by --out")
@@ -88,49 +84,27 @@ def _input_size(text):
 
 # info -------------------------------------------------------------------------------------------
 
-def cmd_info(args):
+def _cmd_info(args):
     import torch
 
     import hsvkernels
 
-    build = hsvkernels.build_info()
-    info = {"hsvkernels": hsvkernels.__version__, "torch": torch.__version__, "build": build,
-            "methods": sorted(hsvkernels.METHODS), "kinds": sorted(hsvkernels.FORMATS),
-            "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-        info["cuda_capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
-    can_run, why = _cuda_kernels_status(build)
-    info["cuda_kernels_runnable"] = can_run
-    info["cuda_kernels_note"] = why
+    info = hsvkernels.build_info()
+    cuda_runnable = bool(info.get("with_cuda")) and torch.cuda.is_available()
+    info["torch_runtime"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    info["cuda_kernels_can_run_here"] = cuda_runnable
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info, indent=2, sort_keys=True))
         return 0
-    print("hsvkernels %s, torch %s" % (info["hsvkernels"], info["torch"]))
-    for k, v in build.items():
-        print("  %-16s %s" % (k, v))
-    print("methods: %s; kinds: %s" % (", ".join(info["methods"]), ", ".join(info["kinds"])))
-    if torch.cuda.is_available():
-        print("CUDA device: %s (sm %s)" % (info["cuda_device"], info["cuda_capability"]))
-    print("CUDA kernels can run here: %s (%s)" % ("yes" if can_run else "no", why))
+    for key in sorted(info):
+        print("%-26s %s" % (key, info[key]))
+    if not info.get("extension"):
+        print("\nThe native extension is missing: the op runs on the pure-PyTorch reference path.")
+    elif info.get("with_cuda") and not cuda_runnable:
+        print("\nCUDA kernels are compiled in but cannot run here: no CUDA device is visible.")
     return 0
-
-
-def _cuda_kernels_status(build):
-    import torch
-
-    if not build.get("extension"):
-        return False, "native extension not loaded; the pure-PyTorch reference path is used"
-    if not build.get("with_cuda"):
-        return False, "extension built without CUDA"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device visible to torch"
-    cap = "%d.%d" % torch.cuda.get_device_capability(0)
-    archs = [a.strip().replace("+PTX", "") for a in str(build.get("cuda_archs", "")).replace(",", ";").split(";")
-             if a.strip()]
-    if archs and cap not in archs:
-        return False, "device is sm %s but the extension was built for %s" % (cap, ", ".join(archs))
-    return True, "device sm %s, built for %s" % (cap, build.get("cuda_archs"))
 
 
 # compress -----------------------------------------------------------------------------------

@@ -116,6 +116,32 @@ def _conv2d_backward_flops(grad_shape, input_shape, factor_shapes, has_bias, str
     return 2 * input_shape[0] * total
 
 
+# Autocast: like aten.conv2d, the op runs in the autocast dtype ------------------------
+
+_autocast_lib = torch.library.Library("hsv", "IMPL")
+
+
+def _register_autocast(device_type, dispatch_key):
+    def kernel(input, factors, bias, stride, padding, dilation, groups, kind):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            if t is not None and t.is_floating_point() and t.device.type == device_type:
+                return t.to(dtype)
+            return t
+
+        # Disabling autocast excludes its dispatch key, so this call reaches the real kernel.
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.hsv.conv2d(cast(input), [cast(f) for f in factors], cast(bias), stride, padding,
+                                        dilation, groups, kind)
+
+    _autocast_lib.impl("conv2d", kernel, dispatch_key)
+
+
+_register_autocast("cpu", "AutocastCPU")
+_register_autocast("cuda", "AutocastCUDA")
+
+
 # The public wrapper --------------------------------------------------------------------
 
 def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):

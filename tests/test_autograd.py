@@ -155,3 +155,29 @@ def test_torch_compile_fullgraph(kind):
     net(x).sum().backward()
     for g, p in zip(grads, net.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_cpu_runs_in_bfloat16(kind):
+    fact = CASES[kind].random((16, 8, 3, 3), dtype=torch.float32)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    factors = [f.clone().requires_grad_() for f in fact.factors]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.hsv.conv2d(x, factors, None, [1, 1], [1, 1], [1, 1], 1, kind)
+    assert y.dtype == torch.bfloat16
+    truth = F.conv2d(x.double(), fact.to_dense().double(), None, 1, 1)
+    assert ((y.double() - truth).abs().max() / truth.abs().max()).item() < 3e-2
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and all(f.grad.dtype == torch.float32 for f in factors)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_export_round_trip(kind, tmp_path):
+    fact = CASES[kind].random((16, 8, 3, 3), dtype=torch.float32)
+    layer = hsvkernels.FactorizedConv2d(fact, padding=1, bias=torch.randn(16))
+    x = torch.randn(2, 8, 10, 10)
+    exported = torch.export.export(layer, (x,))
+    path = tmp_path / "layer.pt2"
+    torch.export.save(exported, str(path))
+    loaded = torch.export.load(str(path))
+    torch.testing.assert_close(loaded.module()(x), layer(x))

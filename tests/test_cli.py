@@ -45,15 +45,6 @@ def test_usage_errors_exit_2(capsys):
         assert e.value.code == 2, argv
 
 
-def test_info(capsys):
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "CUDA kernels can run here:" in out and "torch" in out
-    assert main(["info", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert "svd" in info["methods"] and "build" in info
-
-
 def test_compress_out_then_report_and_recompress(tmp_path, capsys):
     d = str(tmp_path / "m")
     assert main(["compress", "torchvision:mobilenet_v2", "--ratio", "2", "--input-size", "1x3x32x32",

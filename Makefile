@@ -1,0 +1,42 @@
+# make demo   : set up, build, compress a model, verify it and benchmark it
+# make test   : set up, build, run the whole test suite
+# Set-up is a virtual environment in .venv with torch from TORCH_SPEC; the
+# extension builds with CUDA when torch is a CUDA build and nvcc is found (or
+# FORCE_CUDA=1), for TORCH_CUDA_ARCH_LIST (default 8.0;8.6;9.0 without a GPU).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+MAX_JOBS ?= 2
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all setup build test demo bench clean
+
+all: test
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+build: setup
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m hsvkernels info
+
+test: build
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m hsvkernels compress torchvision:resnet18 --method svd --ratio 4 --input-size 224 --verify
+	$(PY) bench/layers.py --quick --methods svd
+
+bench: build
+	$(PY) bench/layers.py
+
+clean:
+	rm -rf build *.egg-info hsvkernels/_C*.so

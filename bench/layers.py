@@ -1,0 +1,427 @@
+"""Per-layer benchmark: dense F.conv2d vs torch.ops.hsv.conv2d vs the reference chain.
+
+For every suite layer, batch size and decomposition method, all three run on the
+same input in the same process, timed in interleaved rounds, so that their
+ratios are comparable even on a noisy machine. See bench/README.md.
+
+    python bench/layers.py --quick
+    python bench/layers.py --device cuda --dtype bfloat16 --channels-last --batch 1,32,128
+"""
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:   # run as a script: import this checkout's hsvkernels, not an installed one
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+import hsvkernels  # noqa: E402
+from bench import suite, timing  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Normalized max error max|y - y_exact| / max|y_exact| above which an output is wrong (not merely imprecise).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+TOLERANCE_TF32 = 5e-3
+QUICK_TAGS = ("L3", "L5", "L6")   # a 3x3, a strided 3x3 and a 1x1 layer
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                   help="comma list of decomposition methods (default: all of hsvkernels.METHODS)")
+    p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 32])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--channels-last", action="store_true", help="input and dense weight in channels_last")
+    p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="CUDA: set cudnn.allow_tf32 and cuda.matmul.allow_tf32 both on or off")
+    p.add_argument("--ratio", type=float, default=4.0, help="parameter compression asked of every method")
+    p.add_argument("--macs-ratio", type=float, default=4.0,
+                   help="MAC reduction asked of methods that accept macs_ratio (0: never ask)")
+    p.add_argument("--min-run-time", type=float, help="seconds of timing per callable (default 1.0, quick 0.1)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per layer (default 3, quick 2)")
+    p.add_argument("--min-blocks", type=int, help="timed blocks per callable at least (default 5, quick 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: layers %s unless selected otherwise, short timing" % ",".join(QUICK_TAGS))
+    p.add_argument("--out", help="output path without extension (default bench/results/layers-<device>-<date>)")
+    suite.add_filter_args(p)
+    args = p.parse_args(argv)
+    if args.min_run_time is None:
+        args.min_run_time = 0.1 if args.quick else 1.0
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
+    if args.min_blocks is None:
+        args.min_blocks = 3 if args.quick else 5
+    return args
+
+
+def select_layers(args):
+    filtered = any(getattr(args, k) for k in ("model", "channels_min", "channels_max", "kernel", "stride",
+                                               "layers", "tags", "shape"))
+    if args.quick and not filtered:
+        args.tags = list(QUICK_TAGS)
+    layers = suite.select_from_args(args)
+    if not layers:
+        raise SystemExit("layers.py: no layer matches the filters")
+    return layers
+
+
+# Decomposition ----------------------------------------------------------------------------
+
+def accepts(fn, option):
+    """Whether a method's decompose function takes keyword `option` (or **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def decompose(weight, method, args):
+    """(config, Factorization or None, refusal message or None, seconds)."""
+    config = {"ratio": args.ratio}
+    if args.macs_ratio and accepts(hsvkernels.METHODS[method], "macs_ratio"):
+        config["macs_ratio"] = args.macs_ratio
+    t0 = time.perf_counter()
+    try:
+        fact = hsvkernels.decompose(weight, method, **config)
+    except (ValueError, TypeError, NotImplementedError) as exc:   # the method refuses this configuration
+        return config, None, "%s: %s" % (type(exc).__name__, exc), None
+    return config, fact, None, time.perf_counter() - t0
+
+
+# Which aten conv backend runs ----------------------------------------------------------------
+
+def conv_backend(x, w, stride, padding, dilation, groups=1):
+    """The ATen convolution backend (Mkldnn, Slow2d, Cudnn, ...) chosen for these arguments."""
+    try:
+        b = torch._C._select_conv_backend(x, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
+                                          groups)
+        return str(b).rsplit(".", 1)[-1]
+    except Exception:   # private API; a missing or changed one must not stop a benchmark
+        return "unknown"
+
+
+class _ConvBackends(TorchFunctionMode):
+    """Records the backend of every conv2d a Python-level chain calls.
+
+    A function mode, not a dispatch mode: entering a dispatch mode imports
+    torch._dynamo, which costs seconds.
+    """
+
+    ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+    def __init__(self):
+        super().__init__()
+        self.backends = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            a = dict(self.DEFAULTS, **dict(zip(self.ARGS, args)), **kwargs)
+            self.backends.append(conv_backend(a["input"], a["weight"], _pair(a["stride"]), _pair(a["padding"]),
+                                              _pair(a["dilation"]), a["groups"]))
+        return func(*args, **kwargs)
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def chain_backends(fn):
+    try:
+        with _ConvBackends() as mode:
+            fn()
+        return mode.backends
+    except Exception:
+        return ["unknown"]
+
+
+# Correctness gate -------------------------------------------------------------------------
+
+def normalized_error(y, expected):
+    y, expected = y.float(), expected.float()
+    return ((y - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def exact_output(x, fact, kw):
+    """F.conv2d on the reconstructed weight in fp32 with TF32 off: the result every path must match."""
+    w = fact.to_dense().to(device=x.device, dtype=torch.float32)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=False,
+                                    allow_tf32=False):
+        return F.conv2d(x.float(), w, None, **kw)
+
+
+def tolerance(dtype, device):
+    if dtype == torch.float32 and device.type == "cuda" and (torch.backends.cudnn.allow_tf32
+                                                             or torch.backends.cuda.matmul.allow_tf32):
+        return TOLERANCE_TF32
+    return TOLERANCE[dtype]
+
+
+# One layer --------------------------------------------------------------------------------
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def bench_layer(shape, args, device, dtype, methods, layer_index):
+    kw = shape.conv_kwargs()
+    g = torch.Generator().manual_seed(args.seed * 1000 + layer_index)
+    # a random, He-scaled dense weight: the layer before compression
+    weight = torch.randn(shape.weight_shape, generator=g) * math.sqrt(2.0 / (shape.cin * shape.kh * shape.kw))
+    decomposed = {m: decompose(weight, m, args) for m in methods}
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    w_dense = weight.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    ho, wo = shape.out_hw
+    rows = []
+    for batch in args.batch:
+        x = torch.randn(batch, shape.cin, shape.h, shape.w, generator=g).to(device=device, dtype=dtype)
+        x = x.contiguous(memory_format=memory_format)
+        fns = {"dense": lambda: F.conv2d(x, w_dense, None, **kw)}
+        per_method = {}
+        for method in methods:
+            config, fact, refusal, seconds = decomposed[method]
+            row = dict(shape.as_dict(), batch=batch, method=method, config=config, kind=None, status="ok",
+                       message=None, decompose_s=seconds)
+            per_method[method] = row
+            rows.append(row)
+            if fact is None:
+                row.update(status="refused", message=refusal)
+                continue
+            f = fact.to(device=device, dtype=dtype)
+            factors, kind = list(f.factors), f.kind
+            row.update(kind=kind, factor_shapes=[list(t.shape) for t in factors], meta=jsonable(fact.meta),
+                       params_dense=shape.dense_params, params_fact=fact.num_params(),
+                       macs_dense=shape.dense_macs(batch), macs_fact=batch * fact.macs(ho, wo, shape.h, shape.w))
+            row["params_ratio"] = row["params_dense"] / row["params_fact"]
+            row["macs_ratio"] = row["macs_dense"] / row["macs_fact"]
+
+            def op(factors=factors, kind=kind):
+                return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
+                                            kw["groups"], kind)
+
+            def ref(f=f):
+                return hsvkernels.reference.conv2d(x, f, None, kw["stride"], kw["padding"], kw["dilation"],
+                                                   kw["groups"])
+
+            try:   # the gate: both factorized paths against dense on the reconstructed weight
+                with torch.inference_mode():
+                    expected = exact_output(x, f, kw)
+                    y_op, y_ref = op(), ref()
+                    errors = {"op": normalized_error(y_op, expected), "reference": normalized_error(y_ref, expected)}
+                    row["out_channels_last"] = bool(y_op.is_contiguous(memory_format=torch.channels_last)
+                                                    and not y_op.is_contiguous())
+                    row["backends"] = {"dense": conv_backend(x, w_dense, **kw),
+                                       "reference": chain_backends(ref)}
+            except Exception as exc:   # the op cannot run this case (device, dtype, kind not built)
+                row.update(status="error", message="%s: %s" % (type(exc).__name__, exc))
+                continue
+            tol = tolerance(dtype, device)
+            row["check"] = dict(errors, tolerance=tol)
+            bad = {k: e for k, e in errors.items() if not e <= tol}
+            if bad:
+                raise RuntimeError("layers.py: WRONG OUTPUT for %s batch %d method %s (kind %s, %s %s): normalized "
+                                   "max error %s > tolerance %g against dense on the reconstructed weight"
+                                   % (shape.name, batch, method, kind, device, args.dtype, bad, tol))
+            fns["op:" + method] = op
+            fns["reference:" + method] = ref
+        with torch.inference_mode():
+            times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=args.rounds,
+                                            min_blocks=args.min_blocks)
+        for method, row in per_method.items():
+            row["time"] = {"dense": times["dense"], "op": times.get("op:" + method),
+                           "reference": times.get("reference:" + method)}
+            t_dense = times["dense"]["median"]
+            t_op = (times.get("op:" + method) or {}).get("median")
+            t_ref = (times.get("reference:" + method) or {}).get("median")
+            row.update(ratio_op_dense=ratio(t_op, t_dense), ratio_ref_dense=ratio(t_ref, t_dense),
+                       ratio_op_ref=ratio(t_op, t_ref),
+                       gflops_dense=2 * shape.dense_macs(batch) / t_dense / 1e9,
+                       gflops_op=2 * row["macs_fact"] / t_op / 1e9 if t_op else None,
+                       gflops_ref=2 * row["macs_fact"] / t_ref / 1e9 if t_ref else None)
+            print_row(row)
+    return rows
+
+
+# Output -----------------------------------------------------------------------------------
+
+def fmt_time(s):
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return "%.1f us" % (s * 1e6)
+    if s < 1.0:
+        return "%.2f ms" % (s * 1e3)
+    return "%.3f s" % s
+
+
+def fmt(v, spec="%.3f"):
+    return "-" if v is None else spec % v
+
+
+def ranks_of(row):
+    meta = row.get("meta") or {}
+    keys = [k for k in ("ranks", "rank") if k in meta] or sorted(k for k in meta if "rank" in k)
+    return ";".join(str(meta[k]).replace(" ", "") for k in keys) or "-"
+
+
+def jsonable(value):
+    """meta values as JSON: small tensors as lists, big ones as a shape note."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 64 else "tensor%s" % (list(value.shape),)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+COLUMNS = ("layer", "N", "method", "kind", "ranks", "params x", "MACs x", "dense", "op", "reference",
+           "op/dense", "ref/dense", "op/ref", "GFLOP/s dense", "GFLOP/s op", "GFLOP/s ref", "note")
+_WIDTHS = (30, 4, 9, 9, 9, 8, 7, 10, 10, 10, 8, 9, 7, 13, 10, 11, 0)
+
+
+def row_cells(row):
+    t = row.get("time") or {}
+    med = {k: (t.get(k) or {}).get("median") for k in ("dense", "op", "reference")}
+    if row["status"] != "ok":
+        return [row["layer"], str(row["batch"]), row["method"], "-", "-", "-", "-", fmt_time(med["dense"]), "-",
+                "-", "-", "-", "-", fmt(row.get("gflops_dense"), "%.1f"), "-", "-",
+                "%s: %s" % (row["status"].upper(), (row["message"] or "")[:100])]
+    return [row["layer"], str(row["batch"]), row["method"], row["kind"], ranks_of(row),
+            fmt(row["params_ratio"], "%.2f"), fmt(row["macs_ratio"], "%.2f"), fmt_time(med["dense"]),
+            fmt_time(med["op"]), fmt_time(med["reference"]), fmt(row["ratio_op_dense"]),
+            fmt(row["ratio_ref_dense"]), fmt(row["ratio_op_ref"]), fmt(row["gflops_dense"], "%.1f"),
+            fmt(row["gflops_op"], "%.1f"), fmt(row["gflops_ref"], "%.1f"), ""]
+
+
+def print_header():
+    print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, _WIDTHS)).rstrip(), flush=True)
+
+
+def print_row(row):
+    print(" ".join(c.ljust(w) for c, w in zip(row_cells(row), _WIDTHS)).rstrip(), flush=True)
+
+
+def geomean(values):
+    values = [v for v in values if v and math.isfinite(v) and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summarize(rows):
+    """Geometric means of the time ratios per (method, batch) over the layers that ran."""
+    out = []
+    for method in sorted({r["method"] for r in rows}):
+        for batch in sorted({r["batch"] for r in rows}):
+            ok = [r for r in rows if r["method"] == method and r["batch"] == batch and r["status"] == "ok"]
+            if ok:
+                out.append({"method": method, "batch": batch, "layers": len(ok),
+                            "geomean_op_dense": geomean(r["ratio_op_dense"] for r in ok),
+                            "geomean_ref_dense": geomean(r["ratio_ref_dense"] for r in ok),
+                            "geomean_op_ref": geomean(r["ratio_op_ref"] for r in ok)})
+    return out
+
+
+def markdown(result):
+    env, settings = result["env"], result["settings"]
+    lines = ["# hsvkernels layer benchmark: %s %s" % (settings["device"], settings["dtype"]), ""]
+    lines += ["    " + line for line in timing.describe_environment(env)]
+    lines += ["", "Settings: batch %s, channels_last %s, ratio %g, macs_ratio %g, timing %gs in %d rounds "
+              "(at least %d blocks) per callable." % (settings["batch"], settings["channels_last"], settings["ratio"],
+                                                     settings["macs_ratio"], settings["min_run_time"],
+                                                     settings["rounds"], settings["min_blocks"]),
+              "Times are medians per call; ratios < 1 mean the first is faster. See bench/README.md.", ""]
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    for row in result["rows"]:
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row_cells(row)) + " |")
+    if result["summary"]:
+        lines += ["", "Geometric means over the layers that ran:", "",
+                  "| method | N | layers | op/dense | ref/dense | op/ref |", "|---|---|---|---|---|---|"]
+        for s in result["summary"]:
+            lines.append("| %s | %d | %d | %s | %s | %s |" % (s["method"], s["batch"], s["layers"],
+                                                           fmt(s["geomean_op_dense"]), fmt(s["geomean_ref_dense"]),
+                                                           fmt(s["geomean_op_ref"])))
+    return "\n".join(lines) + "\n"
+
+
+def default_out(args):
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = "layers-%s-%s%s" % (args.device.replace(":", ""), stamp, "-quick" if args.quick else "")
+    return os.path.join(_ROOT, "bench", "results", name)
+
+
+def setup_backends(args, device):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # the fair dense baseline: cuDNN picks its best algorithm per shape
+        if args.tf32 != "default":
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("layers.py: --device %s but CUDA is not available" % args.device)
+    setup_backends(args, device)
+    methods = args.methods or sorted(hsvkernels.METHODS)
+    unknown = [m for m in methods if m not in hsvkernels.METHODS]
+    if unknown:
+        raise SystemExit("layers.py: unknown method(s) %s; hsvkernels.METHODS has %s"
+                         % (unknown, sorted(hsvkernels.METHODS)))
+    layers = select_layers(args)
+    env = timing.environment(args.device)
+    for line in timing.describe_environment(env):
+        print(line)
+    print("device %s  dtype %s  channels_last %s  batch %s  methods %s  layers %d  timing %gs in %d rounds, "
+          ">= %d blocks" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
+                            args.min_run_time, args.rounds, args.min_blocks), flush=True)
+    print_header()
+    rows = []
+    for i, shape in enumerate(layers):
+        rows.extend(bench_layer(shape, args, device, dtype, methods, i))
+    settings = {k: v for k, v in vars(args).items() if k != "shape"}
+    settings["shape"] = [s.as_dict() for s in args.shape]
+    settings["methods"] = methods
+    result = {"schema": "hsvkernels-bench-layers/1", "env": env, "settings": settings, "rows": rows,
+              "summary": summarize(rows)}
+    for s in result["summary"]:
+        print("geomean %-9s N=%-4d over %d layers: op/dense %s  ref/dense %s  op/ref %s"
+              % (s["method"], s["batch"], s["layers"], fmt(s["geomean_op_dense"]), fmt(s["geomean_ref_dense"]),
+                 fmt(s["geomean_op_ref"])))
+    out = args.out or default_out(args)
+    out = out[:-5] if out.endswith(".json") else out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(out + ".md", "w") as f:
+        f.write(markdown(result))
+    print("wrote %s.json and %s.md" % (out, out))
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        print("layers.py: %d configuration(s) failed to run; see 'message' in the JSON" % len(errors),
+              file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    # a configuration the op could not run is a failure, even though the others still ran
+    sys.exit(1 if any(r["status"] == "error" for r in main()["rows"]) else 0)
