@@ -66,7 +66,7 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     calibrate = example_input is not None
     model_params_before = _count_params(model)
-    shapes, inputs = _probe(model, convs, example_input, keep_inputs=calibrate or measure)
+    shapes, inputs, y_dense = _probe(model, convs, example_input, keep_inputs=calibrate or measure)
     first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
     input_size = tuple(first.shape) if first is not None else _default_input_shape(convs)
 
@@ -128,6 +128,10 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         # Every decomposition failed: almost surely a bad argument, not a property of the layers.
         raise ValueError("convert_: no layer could be decomposed; first error: %s" % failures[0])
     report.model_params_after = _count_params(model)
+    if calibrate and isinstance(y_dense, torch.Tensor) and report.factorized:
+        # Per-layer errors compound; this is what the whole model's output lost.
+        _, _, y = _probe(model, [], example_input, keep_inputs=False)
+        report.model_output_error = _rel(y, y_dense)
     return report
 
 
@@ -227,9 +231,13 @@ def _keep_dense(row):
 
 def _output_error(conv, layer, x):
     with torch.no_grad():
-        y = conv(x).double()
-        y_hat = layer(x).double()
-        return (torch.linalg.vector_norm(y - y_hat) / torch.linalg.vector_norm(y).clamp_min(1e-300)).item()
+        return _rel(layer(x), conv(x))
+
+
+def _rel(y_hat, y):
+    """||y_hat - y|| / ||y||, in float64."""
+    y, y_hat = y.detach().double(), y_hat.detach().double()
+    return (torch.linalg.vector_norm(y - y_hat) / torch.linalg.vector_norm(y).clamp_min(1e-300)).item()
 
 
 # Model plumbing ---------------------------------------------------------------------------
@@ -249,7 +257,7 @@ def _model_device_dtype(model):
 def _probe(model, convs, example_input, keep_inputs):
     """One forward pass in eval mode over (name, conv) pairs.
 
-    Returns {conv: ((Hin, Win), (Hout, Wout))} and, if asked, {conv: its input}.
+    Returns {conv: ((Hin, Win), (Hout, Wout))}, {conv: its input} (if asked) and the model's output.
     """
     default = example_input is None
     if default:
@@ -270,9 +278,9 @@ def _probe(model, convs, example_input, keep_inputs):
         model.eval()  # batch norm must not update its running statistics here
         with torch.no_grad():
             if isinstance(example_input, (tuple, list)):
-                model(*example_input)
+                output = model(*example_input)
             else:
-                model(example_input)
+                output = model(example_input)
     except Exception as exc:
         if not default:
             raise
@@ -284,7 +292,7 @@ def _probe(model, convs, example_input, keep_inputs):
             h.remove()
         for m, training in modes.items():
             m.training = training
-    return shapes, inputs
+    return shapes, inputs, output
 
 
 def _replace(model, old, new):

@@ -49,6 +49,7 @@ class Report:
     input_size: tuple = None                          # example input shape used for MACs
     model_params_before: int = None                   # every parameter of the model, not only convs
     model_params_after: int = None
+    model_output_error: float = None                  # whole model, on the calibration batch (when given)
 
     # Totals -------------------------------------------------------------------------
     def _sum(self, attr):
@@ -75,6 +76,7 @@ class Report:
             "macs_after": self._sum("macs_after"),
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
+            "model_output_error": self.model_output_error,
         }
         t["compression"] = t["params_before"] / t["params_after"] if t["params_after"] else math.nan
         t["macs_reduction"] = t["macs_before"] / t["macs_after"] if t["macs_after"] else math.nan
@@ -160,6 +162,8 @@ class Report:
             size = "x".join(map(str, self.input_size)) if self.input_size else "?"
             out.append("conv MACs per image at input %s: %s -> %s (%.2fx); FLOPs = 2 x MACs" % (
                 size, _count(t["macs_before"]), _count(t["macs_after"]), t["macs_reduction"]))
+        if self.model_output_error is not None:
+            out.append("model output relative error on the calibration batch: %.4f" % self.model_output_error)
         return "\n".join(s.rstrip() for s in out)
 
     def to_markdown(self):

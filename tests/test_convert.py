@@ -53,7 +53,9 @@ def test_resnet18_all_convs_factorized(resnet18_converted):
         assert r.params_after < r.params_before and r.macs_after < r.macs_before
         assert 0 <= r.rel_error < 1 and r.output_error is not None and r.meta["rank"] >= 1
     with torch.no_grad():
-        assert model(x).shape == original(x).shape
+        y, y0 = model(x), original(x)
+    assert y.shape == y0.shape
+    assert report.model_output_error == pytest.approx(rel(y.double(), y0.double()), rel=1e-6)
 
 
 def test_report_totals_match_layers(resnet18_converted):
@@ -176,7 +178,7 @@ def test_default_example_input_gives_macs_without_output_error():
     report = convert_(model, "svd", ratio=2, min_params=100, **FAST)
     assert report.input_size == (1, 3, 224, 224)
     assert report["2"].macs_before == 64 * 32 * 9 * 224 * 224
-    assert report["2"].output_error is None
+    assert report["2"].output_error is None and report.model_output_error is None
 
 
 def test_public_api():
