@@ -7,6 +7,7 @@ are reported without a traceback; --debug shows it.
 import argparse
 import copy
 import json
+import logging
 import sys
 
 USER_ERRORS = (ValueError, OSError)
@@ -14,6 +15,8 @@ USER_ERRORS = (ValueError, OSError)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # Per-layer problems are in the printed report already; log them only when asked.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
     try:
         return args.func(args)
     except USER_ERRORS as exc:
@@ -26,6 +29,7 @@ def main(argv=None):
 def build_parser():
     p = argparse.ArgumentParser(prog="hsvkernels", description="Factorized convolutions for PyTorch CNNs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each layer's decision as it is made")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="how the extension was built and what can run here")
@@ -36,7 +40,8 @@ def build_parser():
     c.add_argument("model", help="torchvision:NAME (random init unless --weights) or a directory written by --out")
     c.add_argument("--weights", metavar="FILE", help="state_dict to load first (.safetensors, or a torch.save file)")
     c.add_argument("--method", default="svd", help="decomposition method (default: svd)")
-    c.add_argument("--ratio", type=float, help="target parameter compression per layer (default: 4 unless --rank)")
+    c.add_argument("--ratio", type=float, help="target parameter compression per layer (default: 4, unless --rank or an --option "
+                        "whose name contains rank or ratio, e.g. macs_ratio, is given)")
     c.add_argument("--rank", type=int, help="explicit rank for every layer")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option, forwarded to decompose (VALUE parsed as JSON when it can be)")
@@ -121,8 +126,10 @@ def cmd_compress(args):
     options = dict(_parse_option(o) for o in args.option)
     if args.rank is not None:
         options["rank"] = args.rank
-    else:
-        options["ratio"] = 4.0 if args.ratio is None else args.ratio
+    elif args.ratio is not None:
+        options["ratio"] = args.ratio
+    elif not any("rank" in k or "ratio" in k for k in options):
+        options["ratio"] = 4.0  # the default target, unless a method option already picks the size
     if args.min_params is not None:
         options["min_params"] = args.min_params
     device = torch.device(args.device)

@@ -83,3 +83,12 @@ def test_weights_file(tmp_path, capsys):
 def test_report_on_missing_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_bad_method_option_fails_cleanly(capsys):
+    assert main(["compress", "torchvision:resnet18", "--option", "bogus=1", "--input-size", "32",
+                 "--skip", "layer[234]*"]) == 1
+    err = capsys.readouterr().err
+    assert "no layer could be decomposed" in err and "bogus" in err
+    assert main(["compress", "torchvision:resnet18", "--option", "not an option"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
