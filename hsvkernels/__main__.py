@@ -54,7 +54,7 @@ def build_parser():
                    help="compare the compressed model with a dense model rebuilt from its factors and with the original")
     c.add_argument("--out", metavar="DIR", help="save the compressed model (plan JSON + safetensors + report)")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed for random init and the random batches")
     c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     c.add_argument("--decompose-threads", type=int, default=1,
                    help="CPU threads while decomposing (default 1: threaded LAPACK SVD is slow on shared cores)")
@@ -133,6 +133,7 @@ def cmd_compress(args):
     if args.min_params is not None:
         options["min_params"] = args.min_params
     device = torch.device(args.device)
+    torch.manual_seed(args.seed)  # random-init models and the random batches are then reproducible
 
     model = _load_model(args.model, args.weights).to(device).eval()
     original = copy.deepcopy(model) if args.verify else None
