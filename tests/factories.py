@@ -35,8 +35,57 @@ def _svd_full(weight):
     return hsvkernels.decompose(weight, "svd", rank=min(cout, cin * kh * kw))
 
 
+def _randn(*shape, dtype, device, fan_in):
+    return torch.randn(*shape, dtype=dtype, device=device) / fan_in ** 0.5
+
+
+def _tucker2_random(shape, dtype=torch.float64, device="cpu"):
+    cout, cin, kh, kw = shape
+    rt, rs = max(1, cout // 2), max(1, cin // 2)
+    us = _randn(rs, cin, dtype=dtype, device=device, fan_in=cin)
+    core = _randn(rt, rs, kh, kw, dtype=dtype, device=device, fan_in=rs * kh * kw)
+    ut = _randn(cout, rt, dtype=dtype, device=device, fan_in=rt)
+    return Factorization("tucker2", [us, core, ut], shape)
+
+
+def _cp_random(shape, dtype=torch.float64, device="cpu"):
+    cout, cin, kh, kw = shape
+    r = max(2, min(cin, cout))
+    a_s = _randn(r, cin, dtype=dtype, device=device, fan_in=cin)
+    a_h = _randn(r, kh, dtype=dtype, device=device, fan_in=kh)
+    a_w = _randn(r, kw, dtype=dtype, device=device, fan_in=kw)
+    a_t = _randn(cout, r, dtype=dtype, device=device, fan_in=r)
+    return Factorization("cp", [a_s, a_h, a_w, a_t], shape)
+
+
+def _separable_random(kind):
+    def make(shape, dtype=torch.float64, device="cpu"):
+        cout, cin, kh, kw = shape
+        r1, r13, r3 = max(1, cin // 2), max(1, (cin + cout) // 3), max(1, cout // 2)
+        u1 = _randn(r1, cin, dtype=dtype, device=device, fan_in=cin)
+        g1 = _randn(r13, r1, kh, dtype=dtype, device=device, fan_in=r1 * kh)
+        g2 = _randn(r3, r13, kw, dtype=dtype, device=device, fan_in=r13 * kw)
+        u3 = _randn(cout, r3, dtype=dtype, device=device, fan_in=r3)
+        return Factorization(kind, [u1, g1, g2, u3], shape)
+    return make
+
+
+def _full(method):
+    def make(weight):
+        from hsvkernels.decompose import cp, ht2, tt_tucker, tucker2
+        shape = tuple(weight.shape)
+        rank = {"tucker2": tucker2.max_ranks, "ht2": ht2.max_ranks, "tt_tucker": tt_tucker.max_ranks,
+                "cp": cp.max_rank}[method](shape)
+        return hsvkernels.decompose(weight, method, rank=rank)
+    return make
+
+
 CASES = {
     "svd": KindCase(_svd_random, _svd_full),
+    "tucker2": KindCase(_tucker2_random, _full("tucker2")),
+    "cp": KindCase(_cp_random, _full("cp")),
+    "ht2": KindCase(_separable_random("ht2"), _full("ht2")),
+    "tt_tucker": KindCase(_separable_random("tt_tucker"), _full("tt_tucker")),
 }
 
 KINDS = sorted(k for k in CASES if k in hsvkernels.FORMATS)

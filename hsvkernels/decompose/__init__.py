@@ -1,9 +1,14 @@
 """decompose(weight, method, ...) -> Factorization; one module per method."""
 import torch
 
+from . import cp as _cp
+from . import ht2 as _ht2
 from . import svd as _svd
+from . import tt_tucker as _tt_tucker
+from . import tucker2 as _tucker2
 
-METHODS = {"svd": _svd.decompose}
+METHODS = {"svd": _svd.decompose, "tucker2": _tucker2.decompose, "cp": _cp.decompose, "ht2": _ht2.decompose,
+           "tt_tucker": _tt_tucker.decompose}
 
 
 def check_weight(weight):

@@ -6,9 +6,13 @@ kernel, and what each stage costs. The C++ kernels implement the same layouts
 (csrc/ops/chain/kind_*.cpp); tests hold the two against each other.
 """
 from .base import Format, KernelShape, check_call, memory_format_of_output
+from .cp import CP
+from .ht2 import HT2
 from .svd import SVD
+from .tt_tucker import TTTucker
+from .tucker2 import Tucker2
 
-FORMATS = {f.kind: f for f in (SVD(),)}
+FORMATS = {f.kind: f for f in (SVD(), Tucker2(), CP(), HT2(), TTTucker())}
 
 
 def get(kind):
