@@ -104,12 +104,19 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         if not _fill_factorized(row, layer, conv, shapes.get(conv)):
             continue
         x = inputs.get(conv)
-        if x is not None and calibrate:
-            row.output_error = _output_error(conv, layer, x)
-        if x is not None and measure:
-            from ._timing import latency_ms
-            row.latency_dense_ms = latency_ms(conv, x)
-            row.latency_factorized_ms = latency_ms(layer, x)
+        try:
+            if x is not None and calibrate:
+                row.output_error = _output_error(conv, layer, x)
+            if x is not None and measure:
+                from ._timing import latency_ms
+                row.latency_dense_ms = latency_ms(conv, x)
+                row.latency_factorized_ms = latency_ms(layer, x)
+        except Exception as exc:  # e.g. a kind the native extension was built without
+            row.reason = "factorized layer failed to run: %s: %s" % (type(exc).__name__, exc)
+            _keep_dense(row)
+            log.warning("%s: %s", name, row.reason)
+            continue
+        if row.latency_factorized_ms is not None:
             if row.latency_factorized_ms > row.latency_dense_ms:
                 row.reason = "slower than dense: %.3f ms vs %.3f ms" % (row.latency_factorized_ms,
                                                                         row.latency_dense_ms)

@@ -183,3 +183,14 @@ def test_default_example_input_gives_macs_without_output_error():
 
 def test_public_api():
     assert hsvkernels.convert_ is convert_ and hsvkernels.revert_ is revert_ and hsvkernels.Report is Report
+
+
+def test_layer_that_fails_to_run_stays_dense(monkeypatch):
+    def broken(self, input):
+        raise RuntimeError("kind not built into the extension")
+    monkeypatch.setattr(FactorizedConv2d, "forward", broken)
+    model = small_net()
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=torch.randn(1, 3, 8, 8), **FAST)
+    tried = [r for r in report.layers if r.method is not None]
+    assert tried and all(r.decision == DENSE and "failed to run" in r.reason for r in tried)
+    assert not any(isinstance(m, FactorizedConv2d) for m in model.modules())

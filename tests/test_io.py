@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hsvkernels import FactorizedConv2d, convert_, io, models
+from hsvkernels import METHODS, FactorizedConv2d, convert_, io, models
 from hsvkernels.io import SaveFileError
 
 torchvision = pytest.importorskip("torchvision")
@@ -141,3 +141,19 @@ def test_plan_factor_shapes_must_match_weights(saved_small):
     (d / io.PLAN_FILE).write_text(json.dumps(plan))
     with pytest.raises(SaveFileError, match="cannot be rebuilt.*unknown kind"):
         io.load(d, model=small_net())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_converts_saves_and_loads(method, tmp_path):
+    torch.manual_seed(0)
+    model = small_net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    report = convert_(model, method, ratio=2, min_params=100, example_input=x, **FAST)
+    assert report.factorized, [(r.name, r.reason) for r in report.layers]
+    io.save(model, tmp_path / method)
+    loaded = io.load(tmp_path / method, model=small_net()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    kinds = [m.kind for m in model.modules() if isinstance(m, FactorizedConv2d)]
+    assert [m.kind for m in loaded.modules() if isinstance(m, FactorizedConv2d)] == kinds
+    assert len(kinds) == len(report.factorized)
