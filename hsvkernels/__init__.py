@@ -13,8 +13,10 @@ from .factorization import Factorization
 from .formats import FORMATS
 from .nn import FactorizedConv2d
 from .ops import conv2d
+from .convert import convert_, revert_
+from .report import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["FORMATS", "METHODS", "HAS_EXTENSION", "Factorization", "FactorizedConv2d", "build_info", "conv2d",
-           "decompose", "reference", "__version__"]
+__all__ = ["FORMATS", "METHODS", "HAS_EXTENSION", "Factorization", "FactorizedConv2d", "Report", "build_info", "conv2d",
+           "convert_", "decompose", "revert_", "reference", "__version__"]

@@ -1,8 +1,93 @@
-"""Command line: python -m hsvkernels <command> (see --help)."""
+"""python -m hsvkernels {info, compress, report}.
+
+Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line
+message on stderr. User mistakes (unknown model, unreadable file, bad option)
+are reported without a traceback; --debug shows it.
+"""
 import argparse
+import copy
 import json
+import logging
 import sys
 
+USER_ERRORS = (ValueError, OSError)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # Per-layer problems are in the printed report already; log them only when asked.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print("hsvkernels %s: error: %s" % (args.command, " ".join(str(exc).split())), file=sys.stderr)
+        return 1
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="hsvkernels", description="Factorized convolutions for PyTorch CNNs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each layer's decision as it is made")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="how the extension was built and what can run here")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=_cmd_info)
+
+    c = sub.add_parser("compress", help="factorize a model's convolutions and print the per-layer report")
+    c.add_argument("model", help="torchvision:NAME (random init unless --weights) or a directory written by --out")
+    c.add_argument("--weights", metavar="FILE", help="state_dict to load first (.safetensors, or a torch.save file)")
+    c.add_argument("--method", default="svd", help="decomposition method (default: svd)")
+    c.add_argument("--ratio", type=float, help="target parameter compression per layer (default: 4, unless --rank or an --option "
+                        "whose name contains rank or ratio, e.g. macs_ratio, is given)")
+    c.add_argument("--rank", type=int, help="explicit rank for every layer")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra method option, forwarded to decompose (VALUE parsed as JSON when it can be)")
+    c.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="fnmatch pattern of layers to keep dense")
+    c.add_argument("--min-params", type=int, help="convs with fewer weights stay dense")
+    c.add_argument("--input-size", default="224", type=_input_size, metavar="[N x][C x]H[xW]",
+                   help="example input for output sizes, calibration and --verify (default: 1x3x224x224)")
+    c.add_argument("--measure", action="store_true", help="time each layer and keep it dense if factorizing is slower")
+    c.add_argument("--verify", action="store_true",
+                   help="compare the compressed model with a dense model rebuilt from its factors and with the original")
+    c.add_argument("--out", metavar="DIR", help="save the compressed model (plan JSON + safetensors + report)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0, help="seed for random init and the random batches")
+    c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--decompose-threads", type=int, default=1,
+                   help="CPU threads while decomposing (default 1: threaded LAPACK SVD is slow on shared cores)")
+    _output_flags(c)
+    c.set_defaults(func=cmd_compress)
+
+    r = sub.add_parser("report", help="print the report of a directory written by compress --out")
+    r.add_argument("dir")
+    _output_flags(r)
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def _output_flags(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--markdown", action="store_true", help="print the report as a Markdown table")
+    p.add_argument("--plot", metavar="PNG", help="also write a compression-vs-error plot")
+
+
+def _input_size(text):
+    try:
+        dims = [int(d) for d in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected sizes like 224, 64x64, 3x64x64 or 1x3x64x64, got %r" % text)
+    if not 1 <= len(dims) <= 4 or min(dims) < 1:
+        raise argparse.ArgumentTypeError("expected 1 to 4 positive sizes like 1x3x64x64, got %r" % text)
+    if len(dims) == 1:
+        dims = dims * 2
+    return tuple([1, 3][: 4 - len(dims)] + dims) if len(dims) < 4 else tuple(dims)
+
+
+# info -------------------------------------------------------------------------------------------
 
 def _cmd_info(args):
     import torch
@@ -27,18 +112,173 @@ def _cmd_info(args):
     return 0
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="hsvkernels", description="Factorized convolutions for PyTorch CNNs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="how the extension was built and what can run here")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=_cmd_info)
-    return parser
+# compress -----------------------------------------------------------------------------------
+
+def cmd_compress(args):
+    import torch
+
+    from . import convert, io
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ratio is not None and args.rank is not None:
+        raise ValueError("give --ratio or --rank, not both")
+    options = dict(_parse_option(o) for o in args.option)
+    if args.rank is not None:
+        options["rank"] = args.rank
+    elif args.ratio is not None:
+        options["ratio"] = args.ratio
+    elif not any("rank" in k or "ratio" in k for k in options):
+        options["ratio"] = 4.0  # the default target, unless a method option already picks the size
+    if args.min_params is not None:
+        options["min_params"] = args.min_params
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)  # random-init models and the random batches are then reproducible
+
+    model = _load_model(args.model, args.weights).to(device).eval()
+    original = copy.deepcopy(model) if args.verify else None
+    gen = torch.Generator().manual_seed(args.seed)
+    calib = torch.randn(args.input_size, generator=gen).to(device)
+    report = convert.convert_(model, args.method, skip=args.skip, example_input=calib, measure=args.measure,
+                              decompose_threads=args.decompose_threads or None, **options)
+    _print_report(report, args)
+    if args.out:
+        io.save(model, args.out, report=report)
+        print("saved to %s" % args.out, file=_aux(args))
+    if args.verify:
+        return _verify(model, original, torch.randn(args.input_size, generator=gen).to(device), _aux(args))
+    return 0
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+def _parse_option(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise ValueError("--option expects KEY=VALUE with KEY a Python identifier, got %r" % text)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _load_model(spec, weights):
+    import os
+
+    from . import io, models
+
+    if os.path.isdir(spec):
+        model = io.load(spec)
+    elif spec.startswith("torchvision:") or not os.path.exists(spec):
+        model = models.build(spec)
+    else:
+        raise ValueError("%r is a file; expected torchvision:NAME or a directory written by compress --out "
+                         "(pass weights with --weights)" % spec)
+    if weights:
+        _load_weights(model, weights)
+    return model
+
+
+def _load_weights(model, path):
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except SafetensorError as exc:
+            raise ValueError("cannot read %s: %s" % (path, exc)) from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # pickle and zip errors come in many types; all mean "not a state_dict file"
+            raise ValueError("cannot read %s as a state_dict: %s" % (path, exc)) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # common checkpoint layout
+    if not isinstance(state, dict):
+        raise ValueError("%s does not hold a state_dict (found %s)" % (path, type(state).__name__))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError("weights in %s do not fit the model: %s" % (path, str(exc).splitlines()[0])) from None
+
+
+def _aux(args):
+    """Where lines other than the report go: stderr when stdout must stay valid JSON."""
+    return sys.stderr if args.json else sys.stdout
+
+
+def _verify(model, original, x, out):
+    """Prints how the compressed model compares with its dense rebuild and the original; 1 if they disagree."""
+    import torch
+
+    from .convert import revert_
+
+    rebuilt = copy.deepcopy(model)
+    revert_(rebuilt)
+    with torch.no_grad():
+        y = model(x).double()
+        y_dense = rebuilt(x).double()
+        y_orig = original(x).double()
+
+    def rel(a, b):
+        return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300)).item()
+    max_abs = (y - y_dense).abs().max().item()
+    rel_dense = rel(y, y_dense)
+    print("verify on a random %s batch:" % "x".join(map(str, x.shape)), file=out)
+    print("  compressed vs dense rebuilt from factors: max abs diff %.3e, relative diff %.3e" % (max_abs, rel_dense), file=out)
+    print("  compressed vs original dense model:       relative output error %.4f" % rel(y, y_orig), file=out)
+    # The two compute the same function; only floating point rounding may differ.
+    tol = 1e-4 if x.dtype != torch.float64 else 1e-10
+    if not rel_dense <= tol:
+        print("verify: FAILED (relative diff above %.0e)" % tol, file=out)
+        return 1
+    print("verify: OK", file=out)
+    return 0
+
+
+# report -------------------------------------------------------------------------------------
+
+def cmd_report(args):
+    from . import io
+    from .report import Report
+
+    report = io.load_report(args.dir)
+    if report is None:
+        plan = io.read_plan(args.dir)
+        report = _report_from_plan(plan, Report)
+        print("(no report.json in %s: showing the saved plan only)" % args.dir, file=sys.stderr)
+    _print_report(report, args)
+    return 0
+
+
+def _report_from_plan(plan, Report):
+    import math
+
+    from .report import FACTORIZED, LayerRow
+
+    rows = []
+    for layer in plan["layers"]:
+        shape = (layer["out_channels"], layer["in_channels"], *layer["kernel_size"])
+        bias = layer["out_channels"] if layer["bias"] else 0
+        rows.append(LayerRow(name=layer["name"], shape=shape, method=layer["kind"], meta=layer["meta"],
+                             params_before=math.prod(shape) + bias,
+                             params_after=sum(math.prod(s) for s in layer["factor_shapes"]) + bias,
+                             decision=FACTORIZED))
+    return Report(layers=rows, method=",".join(sorted({r.method for r in rows})) or None)
+
+
+def _print_report(report, args):
+    if args.json:
+        print(report.to_json())
+    elif args.markdown:
+        print(report.to_markdown())
+    else:
+        print(report)
+    if args.plot:
+        report.plot(args.plot)
+        print("plot written to %s" % args.plot, file=_aux(args))
 
 
 if __name__ == "__main__":

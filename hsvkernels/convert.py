@@ -1,0 +1,338 @@
+"""convert_(model, ...): swap a model's nn.Conv2d layers for FactorizedConv2d, in place.
+
+Every conv gets a row in the returned Report, including the ones left dense and
+why. revert_(model) turns FactorizedConv2d layers back into nn.Conv2d.
+"""
+import contextlib
+import fnmatch
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from .decompose import METHODS
+from .nn import FactorizedConv2d
+from .report import DENSE, FACTORIZED, LayerRow, Report
+
+log = logging.getLogger("hsvkernels.convert")
+
+# Below this many weights a layer's share of cost is negligible and the extra
+# kernel launch of a factorized chain usually costs more than it saves.
+DEFAULT_MIN_PARAMS = 4096
+
+
+def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
+             example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, decompose_threads=None,
+             **method_options):
+    """Replaces eligible nn.Conv2d layers of `model` with FactorizedConv2d, in place.
+
+    method, ratio/rank, **method_options: passed to hsvkernels.decompose for every layer.
+    filter_fn(module, name) -> bool: False keeps that conv dense.
+    skip: fnmatch patterns of layer names to keep dense.
+    overrides: {pattern: None | dict}; the first pattern matching a layer name wins.
+        None keeps the layer dense, a dict updates the decompose arguments
+        (it may set "method"; a "rank" replaces the global ratio and vice versa).
+    example_input: a batch (or tuple of forward arguments) for one forward pass
+        that gives each conv's output size (for MACs). When given, it is also the
+        calibration batch: each layer's output error is measured on the input it
+        sees. Default: a random 1xCx224x224 batch on the model's device (C = the
+        first conv's input channels), used for sizes only.
+    measure: time each layer dense vs factorized on its example input and keep
+        the faster.
+    min_params: convs with fewer weights stay dense.
+    decompose_threads: torch CPU threads while decomposing (default: unchanged).
+        1 is often fastest: threaded LAPACK SVD gains little on conv-sized
+        matrices and slows down badly (40x seen) when cores are shared.
+
+    Grouped convs, layers whose decomposition fails and layers whose factorized
+    form needs more MACs (or parameters) than the dense one also stay dense; the
+    report says why. Returns a hsvkernels.report.Report.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError("convert_ expects an nn.Module, got %s" % type(model).__name__)
+    overrides = dict(overrides or {})
+    if isinstance(skip, str):
+        skip = (skip,)
+    _check_method(method, "method")
+    for pattern, value in overrides.items():
+        if value is not None and not isinstance(value, dict):
+            raise TypeError("overrides[%r] must be None (keep dense) or a dict of decompose arguments, got %r"
+                            % (pattern, value))
+        if value and "method" in value:
+            _check_method(value["method"], "overrides[%r]['method']" % pattern)
+
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    calibrate = example_input is not None
+    model_params_before = _count_params(model)
+    shapes, inputs, y_dense = _probe(model, convs, example_input, keep_inputs=calibrate or measure)
+    first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
+    input_size = tuple(first.shape) if first is not None else _default_input_shape(convs)
+
+    base = dict(method_options, method=method)
+    if ratio is not None:
+        base["ratio"] = ratio
+    if rank is not None:
+        base["rank"] = rank
+
+    report = Report(method=method, options=_public_options(base), input_size=input_size,
+                    model_params_before=model_params_before)
+    failures = []
+    for name, conv in _progress(convs, progress):
+        row = _row_for(name, conv, shapes.get(conv))
+        report.layers.append(row)
+        kwargs = _layer_kwargs(name, base, skip, overrides, row)
+        if kwargs is None:
+            continue
+        if filter_fn is not None and not filter_fn(conv, name):
+            row.reason = "excluded by filter_fn"
+            continue
+        if reason := _ineligible(conv, min_params):
+            row.reason = reason
+            continue
+        layer_method = kwargs.pop("method")
+        row.method = layer_method
+        try:
+            with _threads(decompose_threads):
+                layer = FactorizedConv2d.from_conv(conv, method=layer_method, **kwargs)
+        except Exception as exc:  # one bad layer must not stop the conversion of the others
+            row.reason = "decomposition failed: %s: %s" % (type(exc).__name__, exc)
+            failures.append(row.reason)
+            log.warning("%s: %s", name, row.reason)
+            continue
+        if not _fill_factorized(row, layer, conv, shapes.get(conv)):
+            continue
+        x = inputs.get(conv)
+        try:
+            if x is not None and calibrate:
+                row.output_error = _output_error(conv, layer, x)
+            if x is not None and measure:
+                from ._timing import latency_ms
+                row.latency_dense_ms = latency_ms(conv, x)
+                row.latency_factorized_ms = latency_ms(layer, x)
+        except Exception as exc:  # e.g. a kind the native extension was built without
+            row.reason = "factorized layer failed to run: %s: %s" % (type(exc).__name__, exc)
+            _keep_dense(row)
+            log.warning("%s: %s", name, row.reason)
+            continue
+        if row.latency_factorized_ms is not None:
+            if row.latency_factorized_ms > row.latency_dense_ms:
+                row.reason = "slower than dense: %.3f ms vs %.3f ms" % (row.latency_factorized_ms,
+                                                                        row.latency_dense_ms)
+                _keep_dense(row)
+                continue
+        layer.train(conv.training)
+        _replace(model, conv, layer)
+        row.decision = FACTORIZED
+        if row.macs_before is None:
+            row.reason = "not run by the example input; MACs unknown"
+        log.info("%s: %s %s rel. error %.4g, params %d -> %d", name, layer_method, row.meta, row.rel_error,
+                 row.params_before, row.params_after)
+
+    attempted = [r for r in report.layers if r.method is not None]
+    if attempted and len(failures) == len(attempted):
+        # Every decomposition failed: almost surely a bad argument, not a property of the layers.
+        raise ValueError("convert_: no layer could be decomposed; first error: %s" % failures[0])
+    report.model_params_after = _count_params(model)
+    if calibrate and isinstance(y_dense, torch.Tensor) and report.factorized:
+        # Per-layer errors compound; this is what the whole model's output lost.
+        _, _, y = _probe(model, [], example_input, keep_inputs=False)
+        report.model_output_error = _rel(y, y_dense)
+    return report
+
+
+def revert_(model):
+    """Replaces every FactorizedConv2d in `model` with the nn.Conv2d its factors represent, in place.
+
+    Returns the names of the reverted layers.
+    """
+    names = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FactorizedConv2d):
+            dense = m.to_dense()
+            dense.train(m.training)
+            _replace(model, m, dense)
+            names.append(name)
+    return names
+
+
+# Steps of convert_ ------------------------------------------------------------------------
+
+def _check_method(method, what):
+    if method not in METHODS:
+        raise ValueError("convert_: %s %r is not a known method; expected one of: %s"
+                         % (what, method, ", ".join(sorted(METHODS))))
+
+
+def _public_options(base):
+    return {k: v for k, v in base.items() if k != "method"}
+
+
+def _layer_kwargs(name, base, skip, overrides, row):
+    """The decompose arguments for one layer, or None (with row.reason set) if it is skipped."""
+    for pattern in skip:
+        if fnmatch.fnmatchcase(name, pattern):
+            row.reason = "skipped (skip pattern %r)" % pattern
+            return None
+    kwargs = dict(base)
+    for pattern, value in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if value is None:
+                row.reason = "skipped (override %r is None)" % pattern
+                return None
+            if "rank" in value:
+                kwargs.pop("ratio", None)
+            if "ratio" in value:
+                kwargs.pop("rank", None)
+            kwargs.update(value)
+            break
+    return kwargs
+
+
+def _ineligible(conv, min_params):
+    """Why a conv cannot or should not be factorized, or None."""
+    if is_lazy(conv.weight):
+        return "lazy conv, not initialised yet"
+    if conv.groups != 1:
+        return "grouped conv (groups=%d): factors would span all input channels" % conv.groups
+    if conv.weight.numel() < min_params:
+        return "small layer: %d weights < min_params=%d" % (conv.weight.numel(), min_params)
+    return None
+
+
+def _row_for(name, conv, sizes):
+    row = LayerRow(name=name, shape=tuple(conv.weight.shape), groups=conv.groups)
+    row.params_before = row.params_after = sum(p.numel() for p in conv.parameters(recurse=False))
+    if sizes is not None:
+        _, (ho, wo) = sizes
+        row.macs_before = row.macs_after = math.prod(row.shape) * ho * wo
+    return row
+
+
+def _fill_factorized(row, layer, conv, sizes):
+    """Fills the row's costs and error; False (row left dense, reason set) if factorizing doesn't pay."""
+    fact = layer.factorization
+    row.meta = dict(fact.meta)
+    row.params_after = layer.num_params()
+    row.rel_error = fact.relative_error(conv.weight)
+    if sizes is not None:
+        (hi, wi), (ho, wo) = sizes
+        row.macs_after = fact.macs(ho, wo, hi, wi)
+    if row.params_after >= row.params_before:
+        row.reason = "no saving: %d params factorized vs %d dense" % (row.params_after, row.params_before)
+    elif row.macs_after is not None and row.macs_after > row.macs_before:
+        row.reason = "no saving: %d MACs factorized vs %d dense" % (row.macs_after, row.macs_before)
+    else:
+        return True
+    _keep_dense(row)
+    return False
+
+
+def _keep_dense(row):
+    """Marks a tried layer as kept dense; its after-costs revert to the dense ones."""
+    row.decision = DENSE
+    row.params_after = row.params_before
+    row.macs_after = row.macs_before
+
+
+def _output_error(conv, layer, x):
+    with torch.no_grad():
+        return _rel(layer(x), conv(x))
+
+
+def _rel(y_hat, y):
+    """||y_hat - y|| / ||y||, in float64."""
+    y, y_hat = y.detach().double(), y_hat.detach().double()
+    return (torch.linalg.vector_norm(y - y_hat) / torch.linalg.vector_norm(y).clamp_min(1e-300)).item()
+
+
+# Model plumbing ---------------------------------------------------------------------------
+
+def _default_input_shape(convs):
+    channels = convs[0][1].in_channels if convs else 3
+    return (1, channels, 224, 224)
+
+
+def _model_device_dtype(model):
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _probe(model, convs, example_input, keep_inputs):
+    """One forward pass in eval mode over (name, conv) pairs.
+
+    Returns {conv: ((Hin, Win), (Hout, Wout))}, {conv: its input} (if asked) and the model's output.
+    """
+    default = example_input is None
+    if default:
+        device, dtype = _model_device_dtype(model)
+        example_input = torch.randn(_default_input_shape(convs), device=device, dtype=dtype)
+    shapes, inputs = {}, {}
+
+    def hook(module, args, output):
+        if module in shapes or not args or not isinstance(output, torch.Tensor):
+            return
+        shapes[module] = (tuple(args[0].shape[-2:]), tuple(output.shape[-2:]))
+        if keep_inputs:
+            inputs[module] = args[0].detach()
+
+    handles = [c.register_forward_hook(hook) for c in {m for _, m in convs}]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()  # batch norm must not update its running statistics here
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                output = model(*example_input)
+            else:
+                output = model(example_input)
+    except Exception as exc:
+        if not default:
+            raise
+        raise ValueError("convert_: the forward pass that sizes the convs failed on a default random input of "
+                         "shape %s (%s: %s); pass example_input=" % (tuple(example_input.shape),
+                                                                     type(exc).__name__, exc)) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return shapes, inputs, output
+
+
+def _replace(model, old, new):
+    """Points every attribute that holds `old` (a module may be shared) at `new`."""
+    for parent in model.modules():
+        for key, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, key, new)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _progress(items, enabled):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    # disable=None turns the bar off when stderr is not a terminal (CI, pipes).
+    return tqdm(items, desc="hsvkernels.convert_", unit="layer", disable=None, leave=False)

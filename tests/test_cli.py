@@ -1,0 +1,94 @@
+"""python -m hsvkernels: exit codes and output of info, compress and report."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hsvkernels.__main__ import main
+
+torchvision = pytest.importorskip("torchvision")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    """The real `python -m hsvkernels`, from this checkout."""
+    return subprocess.run([sys.executable, "-m", "hsvkernels", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_compress_resnet18_verify(capsys):
+    # In-process (the subprocess path is covered below); resnet18's SVDs dominate the time.
+    assert main(["compress", "torchvision:resnet18", "--method", "svd", "--ratio", "4", "--input-size", "64",
+                 "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.1.conv2" in out and "TOTAL (20/20 factorized)" in out
+    assert "compressed vs dense rebuilt from factors: max abs diff" in out
+    assert "relative output error" in out and "verify: OK" in out
+
+
+def test_unknown_model_fails_with_one_line():
+    r = run_cli("compress", "torchvision:resnet1")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "unknown torchvision model 'resnet1'" in r.stderr and "resnet18" in r.stderr
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in ([], ["compress"], ["compress", "torchvision:resnet18", "--input-size", "axb"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as e:
+            code = main(argv)
+            raise SystemExit(code)
+        assert e.value.code == 2, argv
+
+
+def test_compress_out_then_report_and_recompress(tmp_path, capsys):
+    d = str(tmp_path / "m")
+    assert main(["compress", "torchvision:mobilenet_v2", "--ratio", "2", "--input-size", "1x3x32x32",
+                 "--min-params", "20000", "--out", d, "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # --json keeps stdout machine-readable
+    assert report["totals"]["factorized"] > 0 and "saved to" in captured.err
+    assert any("grouped" in row["reason"] for row in report["layers"])
+    assert main(["report", d]) == 0
+    assert "TOTAL (%d/" % report["totals"]["factorized"] in capsys.readouterr().out
+    png = str(tmp_path / "r.png")
+    assert main(["report", d, "--markdown", "--plot", png]) == 0
+    assert capsys.readouterr().out.startswith("| layer |") and os.path.getsize(png) > 0
+    # A saved directory is a model source too: the remaining convs stay as they were.
+    assert main(["compress", d, "--ratio", "2", "--input-size", "32", "--min-params", "20000", "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+
+
+def test_weights_file(tmp_path, capsys):
+    model = torchvision.models.resnet18(weights=None)
+    good = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), good)
+    assert main(["compress", "torchvision:resnet18", "--weights", good, "--rank", "8", "--input-size", "32",
+                 "--skip", "layer[234]*"]) == 0
+    assert "skip pattern" in capsys.readouterr().out
+    bad = str(tmp_path / "bad.pt")
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), bad)
+    assert main(["compress", "torchvision:resnet18", "--weights", bad, "--input-size", "32"]) == 1
+    assert "do not fit the model" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    assert main(["compress", "torchvision:resnet18", "--weights", str(junk)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_report_on_missing_dir(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_bad_method_option_fails_cleanly(capsys):
+    assert main(["compress", "torchvision:resnet18", "--option", "bogus=1", "--input-size", "32",
+                 "--skip", "layer[234]*"]) == 1
+    err = capsys.readouterr().err
+    assert "no layer could be decomposed" in err and "bogus" in err
+    assert main(["compress", "torchvision:resnet18", "--option", "not an option"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""convert_ / revert_ on whole models, and the Report they produce."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hsvkernels
+from hsvkernels import FactorizedConv2d, convert_, revert_
+from hsvkernels.report import DENSE, FACTORIZED, Report
+
+torchvision = pytest.importorskip("torchvision")
+
+X64 = (1, 3, 64, 64)
+FAST = dict(progress=False, decompose_threads=1)  # single-threaded SVD: much faster on shared cores
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+    )
+
+
+def convs(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def resnet18_converted():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(X64)
+    report = convert_(model, "svd", ratio=4, example_input=x, **FAST)
+    return original, model, report, x
+
+
+def test_resnet18_all_convs_factorized(resnet18_converted):
+    original, model, report, x = resnet18_converted
+    assert len(report.layers) == len(convs(original)) == 20
+    assert convs(model) == []  # every nn.Conv2d was replaced
+    assert all(r.decision == FACTORIZED and r.method == "svd" for r in report.layers)
+    for r in report.layers:
+        assert r.params_after < r.params_before and r.macs_after < r.macs_before
+        assert 0 <= r.rel_error < 1 and r.output_error is not None and r.meta["rank"] >= 1
+    with torch.no_grad():
+        y, y0 = model(x), original(x)
+    assert y.shape == y0.shape
+    assert report.model_output_error == pytest.approx(rel(y.double(), y0.double()), rel=1e-6)
+
+
+def test_report_totals_match_layers(resnet18_converted):
+    original, model, report, _ = resnet18_converted
+    t = report.totals()
+    assert t["params_before"] == sum(r.params_before for r in report.layers)
+    assert t["params_after"] == sum(r.params_after for r in report.layers)
+    assert t["macs_before"] == sum(r.macs_before for r in report.layers)
+    assert t["macs_after"] == sum(r.macs_after for r in report.layers)
+    assert t["model_params_before"] == sum(p.numel() for p in original.parameters())
+    assert t["model_params_after"] == sum(p.numel() for p in model.parameters())
+    # Only conv parameters changed.
+    assert t["model_params_before"] - t["model_params_after"] == t["params_before"] - t["params_after"]
+    # Dense MACs of conv1 (64x3x7x7, stride 2 -> 32x32 output at 64x64 input).
+    assert report["conv1"].macs_before == 64 * 3 * 49 * 32 * 32
+    assert report.input_size == X64
+
+
+def test_report_outputs(resnet18_converted, tmp_path):
+    _, _, report, _ = resnet18_converted
+    text = str(report)
+    assert "layer4.1.conv2" in text and "TOTAL (20/20 factorized)" in text and "FLOPs = 2 x MACs" in text
+    md = report.to_markdown()
+    assert md.splitlines()[0].startswith("| layer |") and len(md.splitlines()) == 2 + 20 + 1
+    back = Report.from_json(report.to_json())
+    assert back.totals() == report.totals() and back.layers[3] == report.layers[3]
+    assert json.loads(report.to_json())["totals"]["factorized"] == 20
+    report.to_json(tmp_path / "r.json")
+    assert Report.from_json(tmp_path / "r.json").totals() == report.totals()
+    png = report.plot(tmp_path / "r.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_revert_round_trip(resnet18_converted):
+    _, model, _, x = resnet18_converted
+    dense = copy.deepcopy(model)
+    names = revert_(dense)
+    assert len(names) == 20 and len(convs(dense)) == 20
+    assert not any(isinstance(m, FactorizedConv2d) for m in dense.modules())
+    with torch.no_grad():
+        assert rel(dense(x), model(x)) < 1e-5
+
+
+def test_mobilenet_v2_grouped_convs_stay_dense():
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    x = torch.randn(X64)
+    with torch.no_grad():
+        y0 = model(x)
+    report = convert_(model, "svd", ratio=2, example_input=x, min_params=20000, **FAST)
+    grouped = [r for r in report.layers if r.groups > 1]
+    assert grouped and all(r.decision == DENSE and "grouped" in r.reason for r in grouped)
+    small = [r for r in report.layers if r.groups == 1 and math.prod(r.shape) < 20000]
+    assert small and all(r.decision == DENSE and "min_params" in r.reason for r in small)
+    assert report.factorized and all(r.groups == 1 for r in report.factorized)
+    assert sum(isinstance(m, FactorizedConv2d) for m in model.modules()) == len(report.factorized)
+    assert all(r.params_after == r.params_before for r in report.dense)
+    with torch.no_grad():
+        assert model(x).shape == y0.shape
+    revert_(model)
+    assert len(convs(model)) == len(report.layers)
+
+
+def test_overrides_skip_and_filter():
+    model = small_net()
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=torch.randn(1, 3, 16, 16),
+                      skip=("0",), overrides={"2": {"rank": 5}, "7": None}, **FAST)
+    assert "skip pattern '0'" in report["0"].reason and report["0"].decision == DENSE
+    assert report["2"].decision == FACTORIZED and report["2"].meta["rank"] == 5
+    assert "override '7' is None" in report["7"].reason
+    assert "grouped" in report["5"].reason
+    assert isinstance(model[2], FactorizedConv2d) and isinstance(model[7], nn.Conv2d)
+
+    model = small_net()
+    report = convert_(model, "svd", ratio=2, min_params=100, filter_fn=lambda m, name: m.stride == (1, 1), **FAST)
+    assert report["7"].reason == "excluded by filter_fn" and report["2"].decision == FACTORIZED
+
+
+def test_unprofitable_and_failing_layers_stay_dense():
+    model = small_net()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    # rank 27 on 32x3x3x3: 27*27 + 32*27 params > 32*27 dense -> no saving; rank 1000 is out of range.
+    report = convert_(model, "svd", rank=27, min_params=100, overrides={"7": {"rank": 1000}}, example_input=x,
+                      **FAST)
+    assert report["0"].decision == DENSE and report["0"].reason.startswith("no saving")
+    assert report["0"].params_after == report["0"].params_before
+    assert report["7"].decision == DENSE and "decomposition failed" in report["7"].reason
+    assert report["2"].decision == FACTORIZED
+    with torch.no_grad():
+        assert model(x).shape == y0.shape
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="not a known method"):
+        convert_(small_net(), "nope", ratio=2, **FAST)
+    with pytest.raises(ValueError, match="no layer could be decomposed"):
+        convert_(small_net(), "svd", ratio=2, min_params=100, no_such_option=1, **FAST)
+    with pytest.raises(TypeError, match="overrides"):
+        convert_(small_net(), "svd", ratio=2, overrides={"0": 3}, **FAST)
+
+
+def test_measure_and_modes_preserved():
+    model = small_net().train()
+    bn = model[3]
+    stats = bn.running_mean.clone()
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=torch.randn(2, 3, 16, 16), measure=True,
+                      **FAST)
+    assert torch.equal(bn.running_mean, stats)  # the sizing pass must not update batch-norm statistics
+    assert all(m.training for m in model.modules())
+    tried = [r for r in report.layers if r.method is not None]
+    assert tried and all(r.latency_dense_ms > 0 and r.latency_factorized_ms > 0 for r in tried)
+    for r in tried:
+        if r.decision == DENSE:
+            assert r.reason.startswith("slower than dense")
+
+
+def test_default_example_input_gives_macs_without_output_error():
+    model = small_net()
+    report = convert_(model, "svd", ratio=2, min_params=100, **FAST)
+    assert report.input_size == (1, 3, 224, 224)
+    assert report["2"].macs_before == 64 * 32 * 9 * 224 * 224
+    assert report["2"].output_error is None and report.model_output_error is None
+
+
+def test_public_api():
+    assert hsvkernels.convert_ is convert_ and hsvkernels.revert_ is revert_ and hsvkernels.Report is Report
+
+
+def test_layer_that_fails_to_run_stays_dense(monkeypatch):
+    def broken(self, input):
+        raise RuntimeError("kind not built into the extension")
+    monkeypatch.setattr(FactorizedConv2d, "forward", broken)
+    model = small_net()
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=torch.randn(1, 3, 8, 8), **FAST)
+    tried = [r for r in report.layers if r.method is not None]
+    assert tried and all(r.decision == DENSE and "failed to run" in r.reason for r in tried)
+    assert not any(isinstance(m, FactorizedConv2d) for m in model.modules())
