@@ -178,3 +178,21 @@ def test_svd_takes_macs_ratio():
     fact = hsvkernels.decompose(w, "svd", macs_ratio=3)
     assert fact.dense_macs(5, 5) >= 3 * fact.macs(5, 5)
     assert fact.meta["rank"] == hsvkernels.decompose(w, "svd", ratio=3).meta["rank"]
+
+
+@pytest.mark.parametrize("ratio,macs_ratio", [(4, None), (None, 2), (3, 2)])
+def test_hsv_budget_met_within_2_percent_resnet18(resnet18_layers, ratio, macs_ratio):
+    plan = ranks.select(resnet18_layers, "hsv", ratio=ratio, macs_ratio=macs_ratio, progress=False)
+    assert len(plan) == 20
+    _check_budget(plan, ratio, macs_ratio)
+    # with only a parameter target, no layer may cost more MACs than its dense conv
+    assert all(c.macs <= c.dense_macs for c in plan.values())
+
+
+@pytest.mark.slow
+def test_resnet50_hsv_selection_under_a_minute(resnet50_layers):
+    start = time.perf_counter()
+    plan = ranks.select(resnet50_layers, "hsv", ratio=4, macs_ratio=4, progress=False)
+    elapsed = time.perf_counter() - start
+    _check_budget(plan, 4, 4)
+    assert elapsed < 60, elapsed
