@@ -95,9 +95,11 @@ def hsv_hierarchical(weight, ratio):
     return best[0]
 
 
-def factorize(method, weight, ratio):
+def factorize(method, weight, ratio, stride):
     if method == "hsv-h":
         return hsv_hierarchical(weight, ratio)
+    if method == "kcp":  # its first stages run at the input resolution: its MAC guard needs the stride
+        return hsvkernels.decompose(weight, method, ratio=ratio, stride=stride)
     return hsvkernels.decompose(weight, method, ratio=ratio)
 
 
@@ -132,7 +134,7 @@ def main(argv=None):
                     dense_params += n * s.dense_params
                     dense_macs += n * s.dense_macs()
                     try:
-                        fact = factorize(method, w, ratio)
+                        fact = factorize(method, w, ratio, s.stride)
                     except ValueError:
                         dense_layers.append(s.name)
                         params += n * s.dense_params

@@ -1,4 +1,5 @@
 """FactorizedConv2d: an nn.Conv2d whose kernel is stored as factors and run by hsv::conv2d."""
+import inspect
 import math
 
 import torch
@@ -6,10 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import pair
-from .decompose import decompose
+from .decompose import METHODS, decompose
 from .factorization import Factorization
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _method_parameters(method):
+    fn = METHODS.get(method)
+    return inspect.signature(fn).parameters if fn is not None else {}
 
 
 class FactorizedConv2d(nn.Module):
@@ -61,6 +67,10 @@ class FactorizedConv2d(nn.Module):
         if conv.groups != 1:
             raise ValueError("FactorizedConv2d cannot represent a grouped convolution (groups=%d): "
                              "its factors span all input channels" % conv.groups)
+        if "stride" in _method_parameters(method) and "stride" not in options:
+            # Methods whose early stages run at the input resolution need the stride to keep
+            # their MAC accounting (and the "never costlier than dense" guard) right.
+            options["stride"] = conv.stride
         fact = decompose(conv.weight.detach(), method, rank=rank, ratio=ratio, **options)
         bias = None if conv.bias is None else conv.bias.detach()
         return cls(fact, conv.stride, conv.padding, conv.dilation, bias, conv.padding_mode)

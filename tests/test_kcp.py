@@ -228,3 +228,12 @@ def test_candidate_costs_match_the_factorization():
 def test_kind_case_full_rank_matches_factories():
     w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
     assert CASES["kcp"].full_rank(w).relative_error(w) < 1e-12
+
+
+def test_from_conv_passes_the_stride_so_strided_layers_stay_under_dense_macs():
+    import hsvkernels
+
+    conv = torch.nn.Conv2d(64, 128, 3, stride=2, padding=1)
+    layer = hsvkernels.FactorizedConv2d.from_conv(conv, method="kcp", ratio=2)
+    out_hw, in_hw = (8, 8), (16, 16)
+    assert layer.macs(*out_hw, *in_hw) <= layer.factorization.dense_macs(*out_hw)
