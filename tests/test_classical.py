@@ -13,13 +13,8 @@ KINDS = ["tucker2", "cp", "ht2", "tt_tucker"]
 MAX_RANK = {"tucker2": tucker2.max_ranks, "cp": cp.max_rank, "ht2": ht2.max_ranks, "tt_tucker": tt_tucker.max_ranks}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These matrices are tiny; extra BLAS threads only add contention (and minutes on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small eigenproblems: extra OpenMP threads only add contention (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed=0):

@@ -14,14 +14,8 @@ from hsvkernels import Factorization, reference
 from hsvkernels.decompose import hsv as hsv_method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The decompositions are many small eigenproblems; on a shared, oversubscribed
-    # machine two OpenMP threads spin against each other and run 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small eigenproblems: extra OpenMP threads only add contention (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kronecker_sum(split, rank, kh=3, kw=3, dtype=torch.float64):
