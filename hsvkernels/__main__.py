@@ -1,4 +1,4 @@
-"""python -m hsvkernels {info, compress, report}.
+"""python -m hsvkernels {info, compress, report, bench}.
 
 Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line
 message on stderr. User mistakes (unknown model, unreadable file, bad option)
@@ -60,6 +60,22 @@ def build_parser():
                    help="CPU threads while decomposing (default 1: threaded LAPACK SVD is slow on shared cores)")
     _output_flags(c)
     c.set_defaults(func=cmd_compress)
+
+    b = sub.add_parser("bench", help="time a compressed model against its dense counterpart, end to end")
+    b.add_argument("model", help="torchvision:NAME (converted here with --method/--ratio) or a directory written by "
+                                 "compress --out (timed against the dense model rebuilt from its factors)")
+    b.add_argument("--method", default="svd")
+    b.add_argument("--ratio", type=float, default=4.0)
+    b.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra method option")
+    b.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
+    b.add_argument("--input-size", default="224", type=_input_size, metavar="[C x]H[xW]")
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and batch")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="print the report of a directory written by compress --out")
     r.add_argument("dir")
@@ -235,6 +251,52 @@ def _verify(model, original, x, out):
         print("verify: FAILED (relative diff above %.0e)" % tol, file=out)
         return 1
     print("verify: OK", file=out)
+    return 0
+
+
+# bench --------------------------------------------------------------------------------------
+
+def cmd_bench(args):
+    import os
+
+    import torch
+
+    from . import benchmark, convert
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise ValueError("--batch expects a comma list of integers, got %r" % args.batch) from None
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = _load_model(args.model, None).to(device).eval()
+    if os.path.isdir(args.model):
+        compressed, dense = model, benchmark.dense_twin(model)
+    else:
+        options = dict(_parse_option(o) for o in args.option)
+        options.setdefault("ratio", args.ratio)
+        dense, compressed = model, copy.deepcopy(model)
+        convert.convert_(compressed, args.method, example_input=torch.randn(args.input_size[1:]).unsqueeze(0).to(device),
+                         progress=False, decompose_threads=1, **options)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    dense, compressed = dense.to(memory_format=fmt), compressed.to(memory_format=fmt)
+    rows = []
+    for n in batches:
+        x = torch.randn((n,) + tuple(args.input_size[1:]), device=device).contiguous(memory_format=fmt)
+        rows.append(dict(batch=n, **benchmark.time_pair(dense, compressed, x, min_run_time=args.min_run_time)))
+    result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]),
+              "channels_last": args.channels_last, "flags": benchmark.flags(), "command": " ".join(sys.argv),
+              "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print("%s  %s  input %s  threads %d  %s" % (args.model, args.method, "x".join(map(str, args.input_size[1:])),
+                                               result["flags"]["threads"], "channels_last" if args.channels_last else "NCHW"))
+    print("%6s %12s %14s %8s" % ("batch", "dense ms", "compressed ms", "ratio"))
+    for r in rows:
+        print("%6d %12.3f %14.3f %8.3f" % (r["batch"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"], r["ratio"]))
     return 0
 
 

@@ -92,3 +92,20 @@ def test_bad_method_option_fails_cleanly(capsys):
     assert "no layer could be decomposed" in err and "bogus" in err
     assert main(["compress", "torchvision:resnet18", "--option", "not an option"]) == 1
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_bench_times_dense_and_compressed():
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+
+    out = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--input-size", "32",
+                   "--batch", "1,2", "--min-run-time", "0.05", "--threads", "1", "--json"],
+                  capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = _json.loads(out.stdout)
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    assert all(r["dense_s"] > 0 and r["compressed_s"] > 0 and r["ratio"] > 0 for r in result["rows"])
+    bad = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--batch", "one"],
+                  capture_output=True, text=True)
+    assert bad.returncode == 1 and "--batch expects" in bad.stderr

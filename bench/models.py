@@ -1,0 +1,85 @@
+"""End-to-end latency: torchvision ResNet-18/50 and VGG-16, dense against converted, in one process.
+
+Every conv with groups == 1 is converted with each method at --ratio (and
+--macs-ratio for methods that take it); both models run the same input, timed in
+interleaved rounds (hsvkernels.benchmark.time_pair), medians reported. Random
+init (no downloads); latency does not depend on the weights' values.
+
+    python bench/models.py --models resnet18,resnet50,vgg16 --methods svd,hsv --batch 1,8 \
+        --out bench/results/models-cpu
+"""
+import argparse
+import copy
+import inspect
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hsvkernels  # noqa: E402
+from bench import timing  # noqa: E402
+from hsvkernels import benchmark, convert, models  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,resnet50,vgg16")
+    ap.add_argument("--methods", default="svd,hsv")
+    ap.add_argument("--ratio", type=float, default=4.0)
+    ap.add_argument("--macs-ratio", type=float, default=4.0, help="for methods that take it (0: never)")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--min-run-time", type=float, default=2.0)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--out", default=None, help="path without extension for .json and .md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    env = timing.environment("cpu")
+    rows = []
+    print("threads %d, fp32, %s, ratio %g, macs_ratio %g" % (torch.get_num_threads(), fmt, args.ratio, args.macs_ratio))
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        dense = models.build("torchvision:" + name).eval()
+        example = torch.randn(1, 3, args.input_size, args.input_size)
+        for method in args.methods.split(","):
+            options = {"ratio": args.ratio}
+            if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
+                options["macs_ratio"] = args.macs_ratio
+            compressed = copy.deepcopy(dense)
+            report = convert.convert_(compressed, method, example_input=example, progress=False, decompose_threads=1,
+                                      **options)
+            params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
+            for n in [int(b) for b in args.batch.split(",")]:
+                x = torch.randn(n, 3, args.input_size, args.input_size).contiguous(memory_format=fmt)
+                t = benchmark.time_pair(dense.to(memory_format=fmt), compressed.to(memory_format=fmt), x,
+                                        min_run_time=args.min_run_time)
+                row = dict(model=name, method=method, options=options, batch=n, model_params_x=params,
+                           conv_macs_x=report.totals()["macs_before"] / report.totals()["macs_after"], **t)
+                rows.append(row)
+                print("%-9s %-5s N=%-3d dense %9.2f ms  compressed %9.2f ms  ratio %.3f  (params %.2fx, conv MACs %.2fx)"
+                      % (name, method, n, 1e3 * t["dense_s"], 1e3 * t["compressed_s"], t["ratio"], params,
+                         row["conv_macs_x"]), flush=True)
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+        with open(args.out + ".md", "w") as f:
+            f.write("End to end, fp32, %d threads, %s, input %d. Command: `%s`\n\n"
+                    % (torch.get_num_threads(), "channels_last" if args.channels_last else "NCHW", args.input_size,
+                       " ".join(sys.argv)))
+            f.write("| model | method | batch | dense ms | compressed ms | compressed / dense | model params x | "
+                    "conv MACs x |\n|---|---|---|---|---|---|---|---|\n")
+            for r in rows:
+                f.write("| %s | %s | %d | %.2f | %.2f | %.3f | %.2f | %.2f |\n" % (
+                    r["model"], r["method"], r["batch"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"], r["ratio"],
+                    r["model_params_x"], r["conv_macs_x"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
