@@ -69,7 +69,8 @@ def build_parser():
     d = sub.add_parser("demo", help="train a small CNN on bundled digits, compress it with each method, "
                                     "fine-tune, and compare accuracy, size and latency")
     d.add_argument("--methods", type=_method_list, metavar="M1,M2,...",
-                   help="comma-separated methods (default: svd,hsv,tucker2,ht2,tt_tucker,cp; kcp is slow to convert here; --quick: svd,tucker2)")
+                   help="comma-separated methods (default: svd,hsv,tucker2,ht2,tt_tucker,cp; kcp is slow to "
+                        "convert here; --quick: svd,tucker2)")
     d.add_argument("--epochs", type=_positive_int, help="training epochs of the dense model (default 4; --quick 1)")
     d.add_argument("--ft-epochs", type=_positive_int, default=1, help="fine-tuning epochs per method (default 1)")
     d.add_argument("--ratio", type=float, default=4.0, help="parameter compression per layer (default 4)")
@@ -324,7 +325,8 @@ def cmd_demo(args):
         torch.set_num_threads(args.threads)
     unknown = [m for m in args.methods or () if m not in METHODS]
     if unknown:
-        raise ValueError("unknown method(s) %s; expected some of: %s" % (", ".join(unknown), ", ".join(sorted(METHODS))))
+        raise ValueError("unknown method(s) %s; expected some of: %s"
+                         % (", ".join(unknown), ", ".join(sorted(METHODS))))
     epochs = args.epochs or (1 if args.quick else 4)
     result = demo.run(args.methods, epochs=epochs, ft_epochs=args.ft_epochs, ratio=args.ratio, seed=args.seed,
                       out=args.out, quick=args.quick)
