@@ -108,6 +108,8 @@ def run(methods=None, *, epochs=4, ft_epochs=1, ratio=4.0, size=32, seed=0, out=
                  latency_ratio=1.0, convert_s=0.0, factorized="-")]
     models = {}
     for method in methods:
+        # Same batches for every method, so a row does not depend on which methods ran before it.
+        gen.manual_seed(seed + 1)
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         try:
