@@ -309,10 +309,6 @@ def _print_report(report, args):
         print("plot written to %s" % args.plot, file=_aux(args))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # demo ---------------------------------------------------------------------------------------
 
 def cmd_demo(args):
@@ -333,3 +329,7 @@ def cmd_demo(args):
     diff = result["reload_max_abs_diff"]
     # A save/load round trip must give the same function; anything else is a bug.
     return 0 if diff is not None and diff <= 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

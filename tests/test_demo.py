@@ -28,3 +28,15 @@ def test_demo_quick_prints_table_and_reloads_exactly(capsys, tmp_path):
 def test_demo_rejects_unknown_method(capsys):
     assert main(["demo", "--quick", "--methods", "svd,nope"]) == 1
     assert "unknown method(s) nope" in capsys.readouterr().err
+
+
+def test_demo_through_python_dash_m():
+    # The real entry point: catches a handler defined after the module's __main__ guard.
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "hsvkernels", "demo", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--ft-epochs" in proc.stdout and "--quick" in proc.stdout
