@@ -1,4 +1,4 @@
-"""python -m hsvkernels {info, compress, report, bench}.
+"""python -m hsvkernels {info, compress, report, bench, demo}.
 
 Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line
 message on stderr. User mistakes (unknown model, unreadable file, bad option)
@@ -81,7 +81,35 @@ def build_parser():
     r.add_argument("dir")
     _output_flags(r)
     r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="train a small CNN on bundled digits, compress it with each method, "
+                                    "fine-tune, and compare accuracy, size and latency")
+    d.add_argument("--methods", type=_method_list, metavar="M1,M2,...",
+                   help="comma-separated methods (default: svd,hsv,tucker2,ht2,tt_tucker,cp; kcp is slow to "
+                        "convert here; --quick: svd,tucker2)")
+    d.add_argument("--epochs", type=_positive_int, help="training epochs of the dense model (default 4; --quick 1)")
+    d.add_argument("--ft-epochs", type=_positive_int, default=1, help="fine-tuning epochs per method (default 1)")
+    d.add_argument("--ratio", type=float, default=4.0, help="parameter compression per layer (default 4)")
+    d.add_argument("--out", metavar="DIR", help="where to save the most accurate compressed model (default: a temp dir)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--quick", action="store_true", help="tiny settings, seconds not minutes (for tests)")
+    d.set_defaults(func=cmd_demo)
     return p
+
+
+def _method_list(text):
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % text)
+    return n
 
 
 def _output_flags(p):
@@ -341,6 +369,28 @@ def _print_report(report, args):
     if args.plot:
         report.plot(args.plot)
         print("plot written to %s" % args.plot, file=_aux(args))
+
+
+# demo ---------------------------------------------------------------------------------------
+
+def cmd_demo(args):
+    import torch
+
+    from . import demo
+    from .decompose import METHODS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [m for m in args.methods or () if m not in METHODS]
+    if unknown:
+        raise ValueError("unknown method(s) %s; expected some of: %s"
+                         % (", ".join(unknown), ", ".join(sorted(METHODS))))
+    epochs = args.epochs or (1 if args.quick else 4)
+    result = demo.run(args.methods, epochs=epochs, ft_epochs=args.ft_epochs, ratio=args.ratio, seed=args.seed,
+                      out=args.out, quick=args.quick)
+    diff = result["reload_max_abs_diff"]
+    # A save/load round trip must give the same function; anything else is a bug.
+    return 0 if diff is not None and diff <= 1e-5 else 1
 
 
 if __name__ == "__main__":
