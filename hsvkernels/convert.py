@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from ._progress import progress as progress_bar
 from .decompose import METHODS
 from .nn import FactorizedConv2d
 from .report import DENSE, FACTORIZED, LayerRow, Report
@@ -79,7 +80,7 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     report = Report(method=method, options=_public_options(base), input_size=input_size,
                     model_params_before=model_params_before)
     failures = []
-    for name, conv in _progress(convs, progress):
+    for name, conv in progress_bar(convs, progress, "hsvkernels.convert_", "layer"):
         row = _row_for(name, conv, shapes.get(conv))
         report.layers.append(row)
         kwargs = _layer_kwargs(name, base, skip, overrides, row)
@@ -325,14 +326,3 @@ def _threads(n):
 
 def _count_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def _progress(items, enabled):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    # disable=None turns the bar off when stderr is not a terminal (CI, pipes).
-    return tqdm(items, desc="hsvkernels.convert_", unit="layer", disable=None, leave=False)

@@ -7,6 +7,7 @@ a few epochs of training, optionally distilling from the original dense model
 import torch
 import torch.nn.functional as F
 
+from ._progress import progress as progress_bar
 from .nn import FactorizedConv2d
 
 
@@ -45,7 +46,7 @@ def finetune(model, loader, *, epochs=1, lr=1e-3, teacher=None, alpha=0.5, tempe
     model.train()
     try:
         for _ in range(epochs):
-            for x, y in _progress(loader, progress):
+            for x, y in progress_bar(loader, progress, "finetune", "batch"):
                 if device is not None:
                     x, y = x.to(device), y.to(device)
                 logits = model(x)
@@ -79,13 +80,3 @@ def accuracy(model, loader, device=None):
             correct += (model(x).argmax(1) == y).sum().item()
             total += y.numel()
     return correct / max(total, 1)
-
-
-def _progress(loader, enabled):
-    if not enabled:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return loader
-    return tqdm(loader, desc="finetune", unit="batch", disable=None, leave=False)
