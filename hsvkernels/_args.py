@@ -19,3 +19,11 @@ def pair(value, name):
 def conv_out_size(size, kernel, stride, padding, dilation):
     """Output length of one conv dimension (works on SymInts)."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_target(name, value, what=None):
+    """A compression target (ratio, macs_ratio) is None or a number >= 1; `what` says what it measures."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1):
+        if what:
+            raise ValueError("%s is %s (dense / factorized) and must be a number >= 1, got %r" % (name, what, value))
+        raise ValueError("%s must be a number >= 1, got %r" % (name, value))

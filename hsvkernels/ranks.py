@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ._threads import single_thread
 from .decompose import METHODS
 from .decompose import decompose as _decompose
+from ._args import check_target as _check_target
 
 DENSE = "dense"
 
@@ -135,10 +136,6 @@ def candidates_function(method):
         raise ValueError("method %r offers no candidates() for rank selection" % method)
     return fn
 
-
-def _check_target(name, v):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1):
-        raise ValueError("%s must be a number >= 1, got %r" % (name, v))
 
 
 class _Table:

@@ -3,6 +3,7 @@ import inspect
 
 import torch
 
+from .._args import check_target
 from . import cp as _cp
 from . import hsv as _hsv
 from . import ht2 as _ht2
@@ -48,8 +49,7 @@ def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, *
         raise ValueError("decompose(method=%r): give rank= or ratio=/macs_ratio=, not both" % method)
     targets = (("ratio", "a parameter compression", ratio), ("macs_ratio", "a MAC reduction", macs_ratio))
     for name, what, value in targets:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1):
-            raise ValueError("%s is %s (dense / factorized) and must be a number >= 1, got %r" % (name, what, value))
+        check_target(name, value, what)
     if macs_ratio is not None:
         # Passed on only to methods that take it, so the others need no change.
         if "macs_ratio" not in inspect.signature(METHODS[method]).parameters:

@@ -28,6 +28,7 @@ import torch
 
 from ..factorization import Factorization
 from .candidates import Candidate
+from .._args import check_target as _check_target
 
 
 def divisors(n):
@@ -137,10 +138,6 @@ def _check_rank(shape, split, rank):
         raise ValueError("hsv rank P must be in [1, min(T1*S1, T2*S2*kh*kw)] = [1, %d] for split %s of shape %s, "
                          "got %d" % (bound, split, shape, rank))
 
-
-def _check_target(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1):
-        raise ValueError("%s must be a number >= 1, got %r" % (name, value))
 
 
 def _level2_ranks(level2, shape, split, rank):

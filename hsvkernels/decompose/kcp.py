@@ -32,6 +32,7 @@ from .._threads import single_threaded
 from ..factorization import Factorization
 from ..formats.kcp import KCP
 from .candidates import Candidate
+from .._args import check_target as _check_target
 
 _FORMAT = KCP()
 _GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # ranks tried by the automatic choice
@@ -213,10 +214,6 @@ def factorize(weight, split, rank, merged=False, cp_iters=200, cp_tol=1e-10):
         return factors[:4] + [KCP.merge(at, bt.contiguous())]
     return factors + [bt.contiguous()]
 
-
-def _check_target(name, v):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1):
-        raise ValueError("%s must be a number >= 1, got %r" % (name, v))
 
 
 @single_threaded
