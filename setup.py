@@ -53,6 +53,9 @@ MIN_TORCH = Version("2.4")
 
 
 def _want_cuda():
+    # USE_CUDA=0 (PyTorch's own spelling) builds the CPU kernels only: quicker while working on them.
+    if os.environ.get("USE_CUDA", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
     if _truthy("FORCE_CUDA"):
         if CUDA_HOME is None:
             sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder holding bin/nvcc")
