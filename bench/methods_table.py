@@ -16,8 +16,10 @@ Weight families (no trained weights can be downloaded here):
               decaying spectra and smooth filters, as trained kernels have, without
               favouring any one format.
 
-Methods: svd; hsv (2-level, automatic split); hsv-h (hierarchical: a 2-level HSV
-at a milder ratio whose merged B gets a level-2 rank q1 to meet r); kcp.
+Methods: svd; hsv (2-level, automatic split); hsv-h (hierarchical:
+decompose(..., "hsv", level2="auto"), the least-error of the 2-level form and
+milder 2-level forms whose merged factors get level-2 ranks q1/q2 to meet r); kcp;
+and any other method of hsvkernels.decompose that takes ratio=.
 
   python bench/methods_table.py --ratios 2,4,8 --batch 8 --out bench/results/methods-cpu
 """
@@ -61,43 +63,9 @@ def random_weight(shape, gen):
     return w.uniform_(-bound, bound, generator=gen)
 
 
-def hsv_hierarchical(weight, ratio):
-    """Best of: 2-level HSV at a milder ratio, then the largest q1 on merged B that meets `ratio`."""
-    shape = tuple(weight.shape)
-    dense = math.prod(shape)
-    best = None
-    for milder in (ratio / 2, ratio / 1.5, ratio / 1.25):
-        if milder < 1:
-            continue
-        try:
-            base = hsvkernels.decompose(weight, "hsv", ratio=milder)
-        except ValueError:
-            continue
-        t1, s1, t2, s2 = base.meta["split"]
-        p = base.meta["rank"]
-        kh, kw = shape[2:]
-        # params with level-2 rank q1 on B: q1*S2*kh*kw + P*T2*q1 + T1*S1*P
-        q1 = int((dense / ratio - t1 * s1 * p) // (s2 * kh * kw + p * t2))
-        q1 = min(q1, p * t2, s2 * kh * kw)
-        if q1 < 1:
-            continue
-        try:
-            fact = hsvkernels.decompose(weight, "hsv", rank=p, split=(t1, s1, t2, s2), level2=(q1, None))
-        except ValueError:
-            continue
-        if fact.compression() < ratio or fact.macs(1, 1) > dense:
-            continue
-        err = fact.relative_error(weight)
-        if best is None or err < best[1]:
-            best = (fact, err)
-    if best is None:
-        raise ValueError("no hierarchical HSV configuration meets ratio %g for %s" % (ratio, shape))
-    return best[0]
-
-
 def factorize(method, weight, ratio, stride):
-    if method == "hsv-h":
-        return hsv_hierarchical(weight, ratio)
+    if method == "hsv-h":  # the library's own search over 2-level and level-2 layouts
+        return hsvkernels.decompose(weight, "hsv", ratio=ratio, level2="auto")
     if method == "kcp":  # its first stages run at the input resolution: its MAC guard needs the stride
         return hsvkernels.decompose(weight, method, ratio=ratio, stride=stride)
     return hsvkernels.decompose(weight, method, ratio=ratio)

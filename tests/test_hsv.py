@@ -120,6 +120,44 @@ def test_level2_with_targets():
         hsvkernels.decompose(weight, "hsv", ratio=4, level2=(min(p * t2, s2 * 9), None))
 
 
+@pytest.mark.parametrize("shape,targets", [((64, 64, 3, 3), {"ratio": 4}), ((128, 64, 3, 3), {"ratio": 8}),
+                                           ((96, 48, 3, 3), {"ratio": 4, "macs_ratio": 3}),
+                                           ((64, 3, 7, 7), {"ratio": 4}), ((64, 32, 1, 1), {"macs_ratio": 2})])
+def test_level2_auto_meets_targets_and_never_loses_to_two_levels(shape, targets):
+    gen = torch.Generator().manual_seed(1)
+    # Decaying spectrum: the regime where level 2 can pay off.
+    weight = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+              * torch.linspace(1, 0.05, shape[0], dtype=torch.float64)[:, None, None, None])
+    auto = hsvkernels.decompose(weight, "hsv", level2="auto", **targets)
+    two = hsvkernels.decompose(weight, "hsv", **targets)
+    dense = math.prod(shape)
+    assert auto.num_params() * targets.get("ratio", 1) <= dense
+    assert auto.macs(1, 1) * targets.get("macs_ratio", 1) <= dense
+    assert rel_err(auto, weight) <= rel_err(two, weight) + 1e-12
+    assert math.isclose(1 - auto.meta["energy"], rel_err(auto, weight) ** 2, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def test_level2_auto_recovers_a_hierarchical_kernel_two_levels_cannot():
+    # P = 12 Kronecker terms whose merged B has rank 4: at 8x the 2-level form keeps
+    # at most 7 terms, but a milder level 1 plus q1 >= 4 is exact.
+    split, p, q1 = (8, 8, 8, 8), 12, 4
+    t1, s1, t2, s2 = split
+    gen = torch.Generator().manual_seed(0)
+    b = (torch.randn(p * t2, q1, generator=gen, dtype=torch.float64)
+         @ torch.randn(q1, s2 * 9, generator=gen, dtype=torch.float64)).reshape(p, t2, s2, 3, 3)
+    a = torch.randn(t1, s1, p, generator=gen, dtype=torch.float64)
+    weight = Factorization("hsv", [b, a], (64, 64, 3, 3)).to_dense()
+    auto = hsvkernels.decompose(weight, "hsv", ratio=8, split=split, level2="auto")
+    two = hsvkernels.decompose(weight, "hsv", ratio=8, split=split)
+    assert auto.meta["level2"] is not None  # some level-2 layout, not the 2-level one
+    assert auto.compression() >= 8 and rel_err(auto, weight) < 1e-9
+    assert rel_err(two, weight) > 1e-2
+    # The chosen layout runs through the op like any other hsv factorization.
+    x = torch.randn(2, 64, 9, 9, dtype=torch.float64)
+    y = torch.ops.hsv.conv2d(x, auto.factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")
+    torch.testing.assert_close(y, F.conv2d(x, auto.to_dense(), padding=1))
+
+
 def test_picks_the_least_error_split_that_meets_the_targets():
     shape = (32, 32, 3, 3)
     weight = torch.randn(*shape, dtype=torch.float64)
@@ -277,6 +315,10 @@ def test_level2_factors_the_merged_factors():
     ({"split": (4, 2, 4, 4), "rank": 2, "level2": (9, None)}, "q1"),
     ({"split": (4, 2, 4, 4), "rank": 2, "level2": (None, 5)}, "q2"),
     ({"split": (4, 2, 4, 4), "rank": 2, "level2": 3}, "pair"),
+    ({"rank": 2, "level2": "auto"}, "not rank="),
+    ({"level2": "auto"}, "give rank= or ratio="),
+    ({"ratio": 2, "level2": "best"}, "'auto'"),
+    ({"ratio": 1e6, "level2": "auto"}, "out of reach"),
 ])
 def test_bad_decompose_arguments(kwargs, match):
     weight = torch.randn(16, 8, 3, 3)

@@ -21,12 +21,17 @@ HSV form and is always a candidate, so channel counts that do not factor (a
 
 Level 2 (level2=(q1, q2), either may be None): truncated SVDs of the merged B
 viewed (P*T2, S2*kh*kw) to rank q1 and of A viewed (T1, S1*P) to rank q2 (§2.3).
+level2="auto" (with ratio= / macs_ratio=) chooses the hierarchy too: it tries the
+2-level form at the targets and, for milder level-1 targets, the largest q1, q2 or
+both that bring the layer back to the targets, and keeps the least measured error.
+The 2-level form is always among the candidates, so "auto" is never worse than it.
 """
 import math
 
 import torch
 
 from ..factorization import Factorization
+from ..formats import FORMATS
 from .candidates import Candidate
 from .._args import check_target as _check_target
 
@@ -112,8 +117,12 @@ def gemm_size(shape, split, rank):
     return min(rank * t2, s2 * shape[2] * shape[3], t1, s1 * rank)
 
 
-def choose(weight, rank, ratio, macs_ratio, splits, automatic):
-    """The (split, rank) with the least error among those meeting the targets."""
+def choose(weight, rank, ratio, macs_ratio, splits, automatic, tails=None):
+    """The (split, rank) with the least error among those meeting the targets.
+
+    tails: an optional dict split -> tail_fractions, filled and reused across calls.
+    """
+    tails = {} if tails is None else tails
     shape = tuple(weight.shape)
     best = None
     for split in splits:
@@ -123,7 +132,9 @@ def choose(weight, rank, ratio, macs_ratio, splits, automatic):
         if rank is not None and automatic and (params(shape, split, p) > math.prod(shape)
                                                or macs_per_position(shape, split, p) > math.prod(shape)):
             continue  # an automatic split must not cost more than dense
-        err = tail_fractions(energies(weight, split))[p]
+        if split not in tails:
+            tails[split] = tail_fractions(energies(weight, split))
+        err = tails[split][p]
         key = (err, -gemm_size(shape, split, p))
         if best is None or key < best[0]:
             best = (key, split, p)
@@ -200,16 +211,98 @@ def factors_for(weight, split, rank, level2=(None, None)):
     return out
 
 
+def level2_shapes(shape, split, rank, level2):
+    """Factor shapes of the (possibly level-2) hsv layout, without computing any factor."""
+    _, _, kh, kw = shape
+    t1, s1, t2, s2 = split
+    q1, q2 = level2
+    out = [(rank, t2, s2, kh, kw)] if q1 is None else [(q1, s2, kh, kw), (rank, t2, q1)]
+    out += [(t1, s1, rank)] if q2 is None else [(q2, s1, rank), (t1, q2)]
+    return out
+
+
+def _level2_costs(shape, split, rank, level2):
+    """(params, MACs per output position) of a level-2 layout, from the format's own formulas."""
+    fmt = FORMATS["hsv"]
+    shapes = level2_shapes(shape, split, rank, level2)
+    return fmt.num_params(shapes), sum(fmt.stage_macs(shapes, (1, 1), (1, 1)))
+
+
+def _largest_level2(shape, split, rank, which, ratio, macs_ratio):
+    """The largest level-2 rank(s) meeting the targets: q1, q2 or both at one common fraction of their bounds."""
+    t1, s1, t2, s2 = split
+    bounds = (min(rank * t2, s2 * shape[2] * shape[3]), min(t1, s1 * rank))
+    dense = math.prod(shape)
+
+    def at(f):  # level-2 ranks at fraction f of their bounds
+        q = [max(1, int(b * f)) for b in bounds]
+        return (q[0] if which in ("q1", "both") else None, q[1] if which in ("q2", "both") else None)
+
+    def fits(level2):
+        n_params, n_macs = _level2_costs(shape, split, rank, level2)
+        return n_params * ratio <= dense and n_macs * macs_ratio <= dense
+
+    steps = 64  # costs grow with f, so a bisection over f finds the largest fitting ranks
+    lo, hi = 0, steps
+    if not fits(at(1.0 / steps)):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(at(mid / steps)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return at(max(lo, 1) / steps)
+
+
+MILDER = (1.25, 1.5, 2.0, 3.0)  # how much looser the level-1 targets are before level 2 closes the gap
+
+
+def choose_hierarchical(weight, ratio, macs_ratio, splits):
+    """(split, P, level2, rel_err_sq) with the least measured error among 2-level and level-2 layouts."""
+    shape = tuple(weight.shape)
+    tried, tails = {}, {}
+    plain = choose(weight, None, ratio, macs_ratio, splits, automatic=True, tails=tails)
+    if plain is not None:
+        tried[(plain[0], plain[1], (None, None))] = plain[2]
+    bases = set()
+    for m in MILDER:
+        # Loosen the level-1 targets, the MAC one below 1 too (level 2 must then win the MACs back).
+        for macs_target in (max(macs_ratio / m, 1.0), macs_ratio / m):
+            base = choose(weight, None, ratio / m, macs_target, splits, automatic=True, tails=tails)
+            if base is not None:
+                bases.add(base[:2])
+    for split, p in sorted(bases):
+        for which in ("q1", "q2", "both"):
+            level2 = _largest_level2(shape, split, p, which, ratio, macs_ratio)
+            if level2 is not None and (split, p, level2) not in tried:
+                w_hat = Factorization("hsv", factors_for(weight, split, p, level2), shape).to_dense()
+                w = weight.to(torch.float64)
+                tried[(split, p, level2)] = ((w - w_hat).norm() / w.norm().clamp_min(1e-300)).item() ** 2
+    if not tried:
+        return None
+    (split, p, level2), err = min(tried.items(), key=lambda kv: kv[1])
+    return split, p, level2, err
+
+
 def decompose(weight, *, rank=None, ratio=None, macs_ratio=None, split=None, level2=None):
     """HSV factors of a conv weight; see the module docstring for the automatic choices.
 
     rank: P, the number of Kronecker terms. ratio / macs_ratio: parameter / MAC
     reduction targets (dense over factorized, >= 1). split: (T1, S1, T2, S2).
-    level2: (q1, q2), optional level-2 ranks of the merged B and A.
+    level2: (q1, q2), optional level-2 ranks of the merged B and A, or "auto"
+        (needs ratio= and/or macs_ratio=) to choose them, or none, by measured error.
     """
     shape = tuple(weight.shape)
     _check_target("ratio", ratio)
     _check_target("macs_ratio", macs_ratio)
+    if isinstance(level2, str):
+        if level2 != "auto":
+            raise ValueError("hsv level2 must be None, (q1, q2) or 'auto', got %r" % (level2,))
+        if rank is not None or (ratio is None and macs_ratio is None):
+            raise ValueError("hsv level2='auto' chooses the ranks from targets: give ratio= and/or macs_ratio=, "
+                             "not rank=")
+        return _decompose_hierarchical(weight, ratio, macs_ratio, split)
     if rank is not None and (ratio is not None or macs_ratio is not None):
         raise ValueError("hsv: give rank= or targets (ratio=, macs_ratio=), not both")
     if rank is None and ratio is None and macs_ratio is None:
@@ -244,6 +337,22 @@ def decompose(weight, *, rank=None, ratio=None, macs_ratio=None, split=None, lev
                          "lower q1/q2" % (q, ratio, macs_ratio, chosen, p))
     fact.meta.update({"split": chosen, "rank": p, "level2": q,
                       "energy": 1.0 - err,
+                      "svd_layout": chosen[1] == 1 and chosen[2] == 1})
+    return fact
+
+
+def _decompose_hierarchical(weight, ratio, macs_ratio, split):
+    shape = tuple(weight.shape)
+    splits = [check_split(shape, split)] if split is not None else split_pool(shape)
+    picked = choose_hierarchical(weight, ratio or 1, macs_ratio or 1, splits)
+    if picked is None:
+        raise ValueError("hsv: ratio=%s, macs_ratio=%s is out of reach for shape %s, with or without level-2 "
+                         "ranks" % (ratio, macs_ratio, shape))
+    chosen, p, level2, err = picked
+    fact = Factorization("hsv", [f.to(weight.dtype).contiguous() for f in factors_for(weight, chosen, p, level2)],
+                         shape)
+    q = None if level2 == (None, None) else level2
+    fact.meta.update({"split": chosen, "rank": p, "level2": q, "energy": 1.0 - err,
                       "svd_layout": chosen[1] == 1 and chosen[2] == 1})
     return fact
 
