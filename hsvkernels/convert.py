@@ -2,11 +2,14 @@
 
 Every conv gets a row in the returned Report, including the ones left dense and
 why. revert_(model) turns FactorizedConv2d layers back into nn.Conv2d.
+With fold_bn=True, eval-mode BatchNorm2d layers are first folded into the convs
+they follow (see fold.py).
 """
 import contextlib
 import fnmatch
 import logging
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -14,6 +17,7 @@ from torch.nn.parameter import is_lazy
 
 from ._progress import progress as progress_bar
 from .decompose import METHODS
+from .fold import FoldedBatchNorm, conv_bn_pairs, fold_into_conv_
 from .nn import FactorizedConv2d
 from .report import DENSE, FACTORIZED, LayerRow, Report
 
@@ -26,7 +30,7 @@ DEFAULT_MIN_PARAMS = 4096
 
 def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
              example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, decompose_threads=None,
-             **method_options):
+             fold_bn=False, **method_options):
     """Replaces eligible nn.Conv2d layers of `model` with FactorizedConv2d, in place.
 
     method, ratio/rank, **method_options: passed to hsvkernels.decompose for every layer.
@@ -46,6 +50,13 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     decompose_threads: torch CPU threads while decomposing (default: unchanged).
         1 is often fastest: threaded LAPACK SVD gains little on conv-sized
         matrices and slows down badly (40x seen) when cores are shared.
+    fold_bn: fold every BatchNorm2d that directly and exclusively follows a conv
+        that would be factorized (not skipped, filtered out, grouped or small) into
+        that conv before decomposing it; the BN becomes a FoldedBatchNorm (an
+        nn.Identity). Needs the model in eval mode (running statistics are used).
+        Pairs come from a torch.fx trace; a model fx cannot trace is converted
+        without folding, with a warning and a note in the report. revert_ does
+        not bring the BN back: the dense convs carry the folded weights.
 
     Grouped convs, layers whose decomposition fails and layers whose factorized
     form needs more MACs (or parameters) than the dense one also stay dense; the
@@ -64,6 +75,13 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         if value and "method" in value:
             _check_method(value["method"], "overrides[%r]['method']" % pattern)
 
+    if fold_bn:
+        training = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.training]
+        if training:
+            raise ValueError("convert_: fold_bn=True needs the model in eval mode (call model.eval() first): "
+                             "folding uses running statistics, but %d BatchNorm2d layer(s) are in training mode, "
+                             "e.g. %r" % (len(training), training[0]))
+
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     calibrate = example_input is not None
     model_params_before = _count_params(model)
@@ -79,9 +97,17 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
 
     report = Report(method=method, options=_public_options(base), input_size=input_size,
                     model_params_before=model_params_before)
+    folded = {}
+    if fold_bn:
+        def will_try(name, conv):
+            scratch = LayerRow(name=name, shape=())
+            return (_layer_kwargs(name, base, skip, overrides, scratch) is not None
+                    and (filter_fn is None or filter_fn(conv, name)) and _ineligible(conv, min_params) is None)
+        folded = _fold_batch_norms(model, {conv for name, conv in convs if will_try(name, conv)}, report)
     failures = []
     for name, conv in progress_bar(convs, progress, "hsvkernels.convert_", "layer"):
         row = _row_for(name, conv, shapes.get(conv))
+        row.folded_bn = folded.get(conv)
         report.layers.append(row)
         kwargs = _layer_kwargs(name, base, skip, overrides, row)
         if kwargs is None:
@@ -146,7 +172,9 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
 def revert_(model):
     """Replaces every FactorizedConv2d in `model` with the nn.Conv2d its factors represent, in place.
 
-    Returns the names of the reverted layers.
+    Returns the names of the reverted layers. BatchNorm layers folded by
+    convert_(fold_bn=True) stay folded: the dense convs hold the folded weights
+    and bias, and the FoldedBatchNorm identities stay in place.
     """
     names = []
     for name, m in list(model.named_modules()):
@@ -189,6 +217,29 @@ def _layer_kwargs(name, base, skip, overrides, row):
             kwargs.update(value)
             break
     return kwargs
+
+
+def _fold_batch_norms(model, eligible, report):
+    """Folds each BN that exclusively follows an eligible conv; returns {conv: bn name}."""
+    try:
+        pairs = conv_bn_pairs(model)
+    except RuntimeError as exc:
+        note = "fold_bn: %s; no BatchNorm was folded" % exc
+        warnings.warn(note, stacklevel=3)
+        report.notes.append(note)
+        return {}
+    folded = {}
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if conv not in eligible:
+            continue
+        fold_into_conv_(conv, bn)
+        identity = FoldedBatchNorm(conv_name)
+        identity.train(bn.training)
+        _replace(model, bn, identity)
+        folded[conv] = bn_name
+    log.info("fold_bn: folded %d of %d conv -> BatchNorm2d pairs", len(folded), len(pairs))
+    return folded
 
 
 def _ineligible(conv, min_params):

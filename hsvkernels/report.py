@@ -29,6 +29,7 @@ class LayerRow:
     latency_factorized_ms: float = None
     decision: str = DENSE
     reason: str = ""
+    folded_bn: str = None              # name of the BatchNorm2d folded into this conv (convert_ fold_bn=True)
 
     @property
     def compression(self):
@@ -50,6 +51,7 @@ class Report:
     model_params_before: int = None                   # every parameter of the model, not only convs
     model_params_after: int = None
     model_output_error: float = None                  # whole model, on the calibration batch (when given)
+    notes: list = field(default_factory=list)         # conversion-wide remarks (e.g. why no BN was folded)
 
     # Totals -------------------------------------------------------------------------
     def _sum(self, attr):
@@ -136,7 +138,8 @@ class Report:
                 _num(r.compression, "%.2f"), _count(r.macs_before), _count(r.macs_after),
                 _num(r.rel_error, "%.4f"), _num(r.output_error, "%.4f"), _num(r.latency_dense_ms, "%.3f"),
                 _num(r.latency_factorized_ms, "%.3f"),
-                r.decision + (" (%s)" % r.reason if r.reason else ""))
+                r.decision + (" +%s folded" % r.folded_bn if r.folded_bn else "")
+                + (" (%s)" % r.reason if r.reason else ""))
 
     def _total_cells(self):
         t = self.totals()
@@ -164,6 +167,10 @@ class Report:
                 size, _count(t["macs_before"]), _count(t["macs_after"]), t["macs_reduction"]))
         if self.model_output_error is not None:
             out.append("model output relative error on the calibration batch: %.4f" % self.model_output_error)
+        folds = sum(1 for r in self.layers if r.folded_bn)
+        if folds:
+            out.append("batch norms folded into the conv before them: %d" % folds)
+        out.extend("note: %s" % n for n in self.notes)
         return "\n".join(s.rstrip() for s in out)
 
     def to_markdown(self):
