@@ -6,6 +6,7 @@ per image at the example input size; FLOPs would be 2x MACs.
 """
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 FACTORIZED = "factorized"
@@ -129,7 +130,7 @@ class Report:
         return cls.from_dict(json.loads(text))
 
     # Text output ----------------------------------------------------------------------
-    _COLUMNS = ("layer", "shape", "method", "ranks", "params", "after", "ratio", "MACs", "after", "rel.err",
+    _COLUMNS = ("layer", "shape", "method", "split/ranks", "params", "after", "ratio", "MACs", "after", "rel.err",
                 "out.err", "ms dense", "ms fact", "decision")
 
     def _cells(self, r):
@@ -225,10 +226,25 @@ def _jsonable(x):
 
 
 def _ranks(meta):
-    keys = [k for k in meta if "rank" in k]
+    """The structure a method chose, short: "14" (svd), "split=16x4x4x16,rank=14" (hsv), "R_T=24,R_S=24"."""
+    keys = [k for k in meta if _is_structure_key(k, meta[k])]
     if not keys:
         return "-"
-    return ",".join("%s" % (meta[k],) if len(keys) == 1 else "%s=%s" % (k, meta[k]) for k in keys).replace(" ", "")
+    if keys == ["rank"]:
+        return str(meta["rank"]).replace(" ", "")
+    cells = []
+    for k in keys:
+        v = meta[k]
+        text = "x".join(map(str, v)) if k == "split" and isinstance(v, (tuple, list)) else str(v)
+        cells.append("%s=%s" % (k, text.replace(" ", "")))
+    return ",".join(cells)
+
+
+def _is_structure_key(key, value):
+    # Ranks are named rank*, R_T/R_S (Tucker), R1/R13/R3 (HT-2) or a (TT); split is HSV/KCP's reshaping.
+    if key in ("split", "a") or "rank" in key or re.fullmatch(r"R(_\w+|\d+)", key):
+        return True
+    return key == "level2" and value is not None
 
 
 def _count(n):

@@ -109,3 +109,39 @@ def test_bench_times_dense_and_compressed():
     bad = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--batch", "one"],
                   capture_output=True, text=True)
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
+
+
+SUBCOMMANDS = ["info", "compress", "bench", "report", "demo"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hsvkernels %s" % command)
+    assert "--help" in out and len(out.splitlines()) > 3
+
+
+def test_top_level_help_lists_every_subcommand():
+    r = run_cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: hsvkernels")
+    assert all(c in r.stdout for c in SUBCOMMANDS)
+
+
+def test_console_script_is_declared_and_resolves():
+    import importlib
+    import shutil
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    module, _, attr = scripts["hsvkernels"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    # Where the package is installed (pip install -e .), the script itself must run.
+    exe = shutil.which("hsvkernels", path=os.path.dirname(sys.executable)) or shutil.which("hsvkernels")
+    if exe is None:
+        pytest.skip("hsvkernels is not installed as a console script in this environment")
+    r = subprocess.run([exe, "compress", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: hsvkernels compress"), r.stderr

@@ -194,3 +194,60 @@ def test_layer_that_fails_to_run_stays_dense(monkeypatch):
     tried = [r for r in report.layers if r.method is not None]
     assert tried and all(r.decision == DENSE and "failed to run" in r.reason for r in tried)
     assert not any(isinstance(m, FactorizedConv2d) for m in model.modules())
+
+
+def test_measure_keeps_a_slower_layer_dense(monkeypatch):
+    # Deterministic timings: factorized 32->64 conv "2" is slower than dense, conv "7" faster.
+    import hsvkernels._timing
+
+    def fake_latency_ms(module, x):
+        if isinstance(module, FactorizedConv2d):
+            return 3.0 if module.in_channels == 32 else 0.5
+        return 1.0
+    monkeypatch.setattr(hsvkernels._timing, "latency_ms", fake_latency_ms)
+    model = small_net().eval()
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=torch.randn(1, 3, 16, 16), measure=True,
+                      **FAST)
+    slow, fast = report["2"], report["7"]
+    assert slow.decision == DENSE and slow.reason == "slower than dense: 3.000 ms vs 1.000 ms"
+    assert (slow.latency_dense_ms, slow.latency_factorized_ms) == (1.0, 3.0)
+    assert slow.params_after == slow.params_before and slow.macs_after == slow.macs_before
+    assert type(model[2]) is nn.Conv2d
+    assert fast.decision == FACTORIZED and (fast.latency_dense_ms, fast.latency_factorized_ms) == (1.0, 0.5)
+    assert isinstance(model[7], FactorizedConv2d)
+    assert "slower than dense: 3.000 ms vs 1.000 ms" in str(report) and "0.500" in str(report)
+
+
+def nested_net():
+    from collections import OrderedDict
+    block = lambda: nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    return nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 32, 3, padding=1), stage1=block(), stage2=block(),
+                                     stage3=block()))
+
+
+def test_overrides_by_name_pattern_first_match_wins():
+    model = nested_net()
+    overrides = {"stage1.*": {"rank": 6}, "stage2.0": None, "stage2.2": {"method": "tucker2", "ratio": 2},
+                 "stage*": {"rank": 7}}
+    stem_rank = hsvkernels.decompose(model.stem.weight, "svd", ratio=4).meta["rank"]
+    report = convert_(model, "svd", ratio=4, min_params=100, overrides=overrides, **FAST)
+    assert [report[n].meta["rank"] for n in ("stage1.0", "stage1.2")] == [6, 6]
+    assert report["stage2.0"].decision == DENSE and "override 'stage2.0' is None" in report["stage2.0"].reason
+    assert report["stage2.2"].method == "tucker2" and model.stage2[2].kind == "tucker2"
+    assert model.stage1[0].meta["rank"] == 6 and model.stage1[0].kind == "svd"
+    assert [report[n].meta["rank"] for n in ("stage3.0", "stage3.2")] == [7, 7]
+    # The stem matches no pattern: the global ratio applies.
+    assert report["stem"].method == "svd" and report["stem"].meta["rank"] == stem_rank not in (6, 7)
+
+
+def test_report_table_shows_split_and_ranks():
+    model = nested_net()
+    report = convert_(model, "svd", ratio=2, min_params=100,
+                      overrides={"stage1.0": {"method": "hsv"}, "stage1.2": {"method": "tucker2"}}, **FAST)
+    text = str(report)
+    assert "split/ranks" in text.splitlines()[0]
+    hsv = report["stage1.0"].meta
+    assert "split=%s,rank=%d" % ("x".join(map(str, hsv["split"])), hsv["rank"]) in text
+    tk = report["stage1.2"].meta
+    assert "R_T=%d,R_S=%d" % (tk["R_T"], tk["R_S"]) in text
+    assert "| %d |" % report["stem"].meta["rank"] in report.to_markdown()

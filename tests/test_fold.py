@@ -30,7 +30,7 @@ def randomize_bn_(model):
 
 
 def low_rank_(model, rank):
-    """Makes every ungrouped conv weight exactly rank `rank` as a (Cout, Cin*kh*kw) matrix: SVD at that rank is exact."""
+    """Makes every ungrouped conv weight exactly rank `rank` as a (Cout, Cin*kh*kw) matrix (SVD there is exact)."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for m in model.modules():
