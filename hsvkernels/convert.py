@@ -19,6 +19,7 @@ from ._progress import progress as progress_bar
 from .decompose import METHODS
 from .fold import FoldedBatchNorm, conv_bn_pairs, fold_into_conv_
 from .nn import FactorizedConv2d
+from .ranks import DENSE as _PLAN_DENSE, select as _select
 from .report import DENSE, FACTORIZED, LayerRow, Report
 
 log = logging.getLogger("hsvkernels.convert")
@@ -30,7 +31,7 @@ DEFAULT_MIN_PARAMS = 4096
 
 def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
              example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, decompose_threads=None,
-             fold_bn=False, **method_options):
+             fold_bn=False, budget=None, ranks=None, **method_options):
     """Replaces eligible nn.Conv2d layers of `model` with FactorizedConv2d, in place.
 
     method, ratio/rank, **method_options: passed to hsvkernels.decompose for every layer.
@@ -44,6 +45,16 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         calibration batch: each layer's output error is measured on the input it
         sees. Default: a random 1xCx224x224 batch on the model's device (C = the
         first conv's input channels), used for sizes only.
+    budget: a model-wide target instead of a per-layer one: a number (parameter
+        compression over the convs convert_ factorizes) or a dict with "ratio"
+        and/or "macs_ratio". hsvkernels.ranks.select then spends it where it
+        costs the least weight error; a layer may stay dense by that choice.
+        The method must offer candidates (all but cp do).
+    ranks: a hsvkernels.ranks.Plan (from ranks.select, e.g. with a calibration
+        batch for sensitivity weights) giving each layer's method and config;
+        convs not in the plan stay dense. budget/ranks exclude ratio/rank.
+        Override dicts still apply on top of either (and factorize a layer the
+        plan keeps dense).
     measure: time each layer dense vs factorized on its example input and keep
         the faster.
     min_params: convs with fewer weights stay dense.
@@ -82,6 +93,16 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
                              "folding uses running statistics, but %d BatchNorm2d layer(s) are in training mode, "
                              "e.g. %r" % (len(training), training[0]))
 
+    if budget is not None or ranks is not None:
+        if budget is not None and ranks is not None:
+            raise ValueError("convert_: give budget= or ranks=, not both")
+        if ratio is not None or rank is not None:
+            raise ValueError("convert_: budget=/ranks= choose every layer's size; do not also give ratio= or rank=")
+        budget = _check_budget(budget)
+        if ranks is not None and not isinstance(ranks, dict):
+            raise TypeError("convert_: ranks must be a hsvkernels.ranks.Plan (from ranks.select), got %s"
+                            % type(ranks).__name__)
+
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     calibrate = example_input is not None
     model_params_before = _count_params(model)
@@ -95,15 +116,23 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     if rank is not None:
         base["rank"] = rank
 
-    report = Report(method=method, options=_public_options(base), input_size=input_size,
-                    model_params_before=model_params_before)
+    options = _public_options(base)
+    if budget is not None:
+        options["budget"] = budget
+    report = Report(method=method, options=options, input_size=input_size, model_params_before=model_params_before)
+
+    def will_try(name, conv):
+        scratch = LayerRow(name=name, shape=())
+        return (_layer_kwargs(name, base, skip, overrides, scratch) is not None
+                and (filter_fn is None or filter_fn(conv, name)) and _ineligible(conv, min_params) is None)
     folded = {}
     if fold_bn:
-        def will_try(name, conv):
-            scratch = LayerRow(name=name, shape=())
-            return (_layer_kwargs(name, base, skip, overrides, scratch) is not None
-                    and (filter_fn is None or filter_fn(conv, name)) and _ineligible(conv, min_params) is None)
         folded = _fold_batch_norms(model, {conv for name, conv in convs if will_try(name, conv)}, report)
+    plan = ranks
+    if budget is not None:  # after folding: the allocation must see the weights that get factorized
+        with _threads(decompose_threads):
+            plan = _allocate(method, [(n, c) for n, c in convs if will_try(n, c) and c in shapes], shapes, budget,
+                             progress)
     failures = []
     for name, conv in progress_bar(convs, progress, "hsvkernels.convert_", "layer"):
         row = _row_for(name, conv, shapes.get(conv))
@@ -118,6 +147,17 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         if reason := _ineligible(conv, min_params):
             row.reason = reason
             continue
+        if plan is not None:
+            choice = plan.get(name)
+            if choice is not None and choice.method != _PLAN_DENSE:
+                kwargs = _layer_kwargs(name, dict(method_options, method=choice.method, **choice.config), (),
+                                       overrides, row)
+            elif not any(fnmatch.fnmatchcase(name, p) for p in overrides):  # an override dict beats the plan
+                source = "budget allocation" if budget is not None else "ranks plan"
+                row.reason = ("not in the ranks plan" if choice is None and budget is None
+                              else "not run by the example input, so outside the budget" if choice is None
+                              else "kept dense by the %s" % source)
+                continue
         layer_method = kwargs.pop("method")
         row.method = layer_method
         try:
@@ -217,6 +257,27 @@ def _layer_kwargs(name, base, skip, overrides, row):
             kwargs.update(value)
             break
     return kwargs
+
+
+def _check_budget(budget):
+    """budget as {"ratio": r[, "macs_ratio": m]} (None stays None)."""
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        budget = {"ratio": budget}
+    if not isinstance(budget, dict) or not budget or set(budget) - {"ratio", "macs_ratio"}:
+        raise ValueError("convert_: budget must be a number (parameter compression) or a dict with 'ratio' and/or "
+                         "'macs_ratio', got %r" % (budget,))
+    return dict(budget)
+
+
+def _allocate(method, convs, shapes, budget, progress):
+    """hsvkernels.ranks.select over the given convs; returns {name: Choice}."""
+    if not convs:
+        raise ValueError("convert_: budget= but no conv is eligible for factorizing")
+    items = [(conv.weight, shapes[conv][1], shapes[conv][0]) for _, conv in convs]
+    chosen = _select(items, method, progress=progress, **budget)
+    return {name: chosen[str(i)] for i, (name, _) in enumerate(convs)}
 
 
 def _fold_batch_norms(model, eligible, report):
@@ -341,11 +402,15 @@ def _probe(model, convs, example_input, keep_inputs):
             else:
                 output = model(example_input)
     except Exception as exc:
-        if not default:
-            raise
-        raise ValueError("convert_: the forward pass that sizes the convs failed on a default random input of "
-                         "shape %s (%s: %s); pass example_input=" % (tuple(example_input.shape),
-                                                                     type(exc).__name__, exc)) from exc
+        # Almost always an input that does not fit the model (channels, size): a usage error.
+        if default:
+            raise ValueError("convert_: the forward pass that sizes the convs failed on a default random input of "
+                             "shape %s (%s: %s); pass example_input=" % (tuple(example_input.shape),
+                                                                         type(exc).__name__, exc)) from exc
+        shape = [tuple(t.shape) for t in example_input if isinstance(t, torch.Tensor)] \
+            if isinstance(example_input, (tuple, list)) else tuple(example_input.shape)
+        raise ValueError("convert_: the model's forward pass on example_input of shape %s failed (%s: %s)"
+                         % (shape, type(exc).__name__, exc)) from exc
     finally:
         for h in handles:
             h.remove()

@@ -251,3 +251,53 @@ def test_report_table_shows_split_and_ranks():
     tk = report["stage1.2"].meta
     assert "R_T=%d,R_S=%d" % (tk["R_T"], tk["R_S"]) in text
     assert "| %d |" % report["stem"].meta["rank"] in report.to_markdown()
+
+
+def test_budget_allocates_a_model_wide_target():
+    torch.manual_seed(0)
+    model = nested_net()
+    x = torch.randn(1, 3, 16, 16)
+    report = convert_(model, "svd", budget=3, min_params=100, example_input=x, **FAST)
+    assert report.options["budget"] == {"ratio": 3}
+    t = report.totals()
+    assert t["compression"] >= 3 * 0.98  # the plan meets it on weights; biases add a little
+    for r in report.layers:
+        assert r.decision == FACTORIZED or r.reason == "kept dense by the budget allocation"
+    assert len(report.factorized) >= 2
+    # Both targets: MACs are bounded too.
+    model = nested_net()
+    report = convert_(model, "svd", budget={"ratio": 2, "macs_ratio": 3}, min_params=100, example_input=x, **FAST)
+    assert report.totals()["macs_reduction"] >= 3 * 0.98 and report.totals()["compression"] >= 2 * 0.98
+
+
+def test_ranks_plan_from_ranks_select_is_followed():
+    from hsvkernels import ranks
+    model = nested_net()
+    x = torch.randn(1, 3, 16, 16)
+    plan = ranks.select(model, "tucker2", ratio=3, example_input=x, progress=False)
+    del plan["stage3.2"]
+    stem_override = {"stem": {"method": "svd", "rank": 2}}
+    report = convert_(model, "svd", ranks=plan, min_params=100, example_input=x, overrides=stem_override, **FAST)
+    assert report["stage3.2"].reason == "not in the ranks plan" and type(model.stage3[2]) is nn.Conv2d
+    for name, choice in plan.items():
+        if name == "stem":
+            assert report[name].method == "svd" and report[name].meta["rank"] == 2  # the override wins
+        elif choice.method == "dense":
+            assert report[name].reason == "kept dense by the ranks plan"
+        else:
+            r = report[name]
+            assert r.method == choice.method and (r.meta["R_T"], r.meta["R_S"]) == tuple(choice.config["rank"])
+    assert sum(r.method == "tucker2" for r in report.factorized) >= 3
+
+
+def test_budget_argument_errors():
+    with pytest.raises(ValueError, match="budget= or ranks=, not both"):
+        convert_(small_net(), "svd", budget=2, ranks={}, **FAST)
+    with pytest.raises(ValueError, match="do not also give ratio"):
+        convert_(small_net(), "svd", budget=2, ratio=2, **FAST)
+    with pytest.raises(ValueError, match="budget must be a number"):
+        convert_(small_net(), "svd", budget={"params": 2}, **FAST)
+    with pytest.raises(TypeError, match="ranks must be a hsvkernels.ranks.Plan"):
+        convert_(small_net(), "svd", ranks=[3], **FAST)
+    with pytest.raises(ValueError, match="ratio"):
+        convert_(small_net(), "svd", budget=0.5, min_params=100, **FAST)
