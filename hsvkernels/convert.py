@@ -29,9 +29,9 @@ log = logging.getLogger("hsvkernels.convert")
 DEFAULT_MIN_PARAMS = 4096
 
 
-def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
-             example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, decompose_threads=None,
-             fold_bn=False, budget=None, ranks=None, **method_options):
+def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
+             example_input=None, calibration=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS,
+             decompose_threads=None, fold_bn=False, budget=None, ranks=None, **method_options):
     """Replaces eligible nn.Conv2d layers of `model` with FactorizedConv2d, in place.
 
     method, ratio/rank, **method_options: passed to hsvkernels.decompose for every layer.
@@ -45,6 +45,10 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         calibration batch: each layer's output error is measured on the input it
         sees. Default: a random 1xCx224x224 batch on the model's device (C = the
         first conv's input channels), used for sizes only.
+    calibration: a batch (e.g. real images) for the per-layer and whole-model
+        output errors (and for measure's timings) when it should differ from
+        example_input; sizes then still come from example_input (or from the
+        calibration batch when example_input is not given).
     budget: a model-wide target instead of a per-layer one: a number (parameter
         compression over the convs convert_ factorizes) or a dict with "ratio"
         and/or "macs_ratio". hsvkernels.ranks.select then spends it where it
@@ -104,9 +108,17 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
                             % type(ranks).__name__)
 
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    calibrate = example_input is not None
+    calibrate = example_input is not None or calibration is not None
+    calib_batch, calib_name = (calibration, "calibration") if calibration is not None else (example_input,
+                                                                                            "example_input")
     model_params_before = _count_params(model)
-    shapes, inputs, y_dense = _probe(model, convs, example_input, keep_inputs=calibrate or measure)
+    if calibration is not None and example_input is not None:
+        shapes, _, _ = _probe(model, convs, example_input, keep_inputs=False)
+        _, inputs, y_dense = _probe(model, convs, calibration, keep_inputs=True, what="calibration")
+    else:
+        shapes, inputs, y_dense = _probe(model, convs, calib_batch, keep_inputs=calibrate or measure, what=calib_name)
+        if example_input is None:
+            example_input = calibration  # sizes (and the report's input size) come from it
     first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
     input_size = tuple(first.shape) if first is not None else _default_input_shape(convs)
 
@@ -204,7 +216,7 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     report.model_params_after = _count_params(model)
     if calibrate and isinstance(y_dense, torch.Tensor) and report.factorized:
         # Per-layer errors compound; this is what the whole model's output lost.
-        _, _, y = _probe(model, [], example_input, keep_inputs=False)
+        _, _, y = _probe(model, [], calib_batch, keep_inputs=False, what=calib_name)
         report.model_output_error = _rel(y, y_dense)
     return report
 
@@ -374,7 +386,7 @@ def _model_device_dtype(model):
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _probe(model, convs, example_input, keep_inputs):
+def _probe(model, convs, example_input, keep_inputs, what="example_input"):
     """One forward pass in eval mode over (name, conv) pairs.
 
     Returns {conv: ((Hin, Win), (Hout, Wout))}, {conv: its input} (if asked) and the model's output.
@@ -409,8 +421,8 @@ def _probe(model, convs, example_input, keep_inputs):
                                                                          type(exc).__name__, exc)) from exc
         shape = [tuple(t.shape) for t in example_input if isinstance(t, torch.Tensor)] \
             if isinstance(example_input, (tuple, list)) else tuple(example_input.shape)
-        raise ValueError("convert_: the model's forward pass on example_input of shape %s failed (%s: %s)"
-                         % (shape, type(exc).__name__, exc)) from exc
+        raise ValueError("convert_: the model's forward pass on %s of shape %s failed (%s: %s)"
+                         % (what, shape, type(exc).__name__, exc)) from exc
     finally:
         for h in handles:
             h.remove()

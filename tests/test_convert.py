@@ -301,3 +301,30 @@ def test_budget_argument_errors():
         convert_(small_net(), "svd", ranks=[3], **FAST)
     with pytest.raises(ValueError, match="ratio"):
         convert_(small_net(), "svd", budget=0.5, min_params=100, **FAST)
+
+
+def test_calibration_batch_separate_from_sizes():
+    torch.manual_seed(0)
+    model = small_net().eval()
+    original = copy.deepcopy(model)
+    sizes, calib = torch.randn(1, 3, 32, 32), torch.randn(4, 3, 8, 8)
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=sizes, calibration=calib, **FAST)
+    assert report.input_size == (1, 3, 32, 32) and report["2"].macs_before == 64 * 32 * 9 * 32 * 32
+    # Errors are measured on the calibration batch, not on the sizing input.
+    with torch.no_grad():
+        expected = rel(model(calib).double(), original(calib).double())
+        y2 = original[1](original[0](calib))
+        layer_err = rel(model[2](y2).double(), original[2](y2).double())
+    assert report.model_output_error == pytest.approx(expected, rel=1e-6)
+    assert report["2"].output_error == pytest.approx(layer_err, rel=1e-6)
+    # calibration alone also gives the sizes.
+    report = convert_(small_net().eval(), "svd", ratio=2, min_params=100, calibration=calib, **FAST)
+    assert report.input_size == (4, 3, 8, 8) and report["2"].output_error is not None
+    with pytest.raises(ValueError, match="forward pass on calibration of shape"):
+        convert_(small_net(), "svd", ratio=2, calibration=torch.randn(1, 5, 8, 8), **FAST)
+
+
+def test_default_method_is_hsv():
+    model = small_net()
+    report = convert_(model, ratio=2, min_params=100, **FAST)
+    assert report.method == "hsv" and {r.method for r in report.factorized} == {"hsv"}
