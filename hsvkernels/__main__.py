@@ -55,6 +55,7 @@ def build_parser():
     c.add_argument("--input-size", default="224", type=_input_size, metavar="[N x][C x]H[xW]",
                    help="example input for output sizes, calibration and --verify (default: 1x3x224x224)")
     c.add_argument("--measure", action="store_true", help="time each layer and keep it dense if factorizing is slower")
+    c.add_argument("--fold-bn", action="store_true", help="fold each BatchNorm2d into the conv before it, then factorize")
     c.add_argument("--verify", action="store_true",
                    help="compare the compressed model with a dense model rebuilt from its factors and with the original")
     c.add_argument("--out", metavar="DIR", help="save the compressed model (plan JSON + safetensors + report)")
@@ -208,7 +209,7 @@ def cmd_compress(args):
     gen = torch.Generator().manual_seed(args.seed)
     calib = torch.randn(args.input_size, generator=gen).to(device)
     report = convert.convert_(model, args.method, skip=args.skip, example_input=calib, measure=args.measure,
-                              decompose_threads=args.decompose_threads or None, **options)
+                              fold_bn=args.fold_bn, decompose_threads=args.decompose_threads or None, **options)
     _print_report(report, args)
     if data is not None:
         _finetune(model, original if args.distill else None, data, args, device)

@@ -184,3 +184,17 @@ def test_compress_then_finetune_on_digits(capsys):
                  "--max-steps", "1"]) == 1  # resnet18 takes RGB: the conversion's forward pass fails
     err = capsys.readouterr().err
     assert "forward pass on example_input of shape (1, 1, 16, 16) failed" in err and "Traceback" not in err
+
+
+def test_compress_fold_bn_save_and_recompress(tmp_path, capsys):
+    d = str(tmp_path / "m")
+    assert main(["compress", "torchvision:resnet18", "--rank", "8", "--input-size", "32", "--fold-bn", "--out", d,
+                 "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "+bn1 folded" in out and "batch norms folded into the conv before them: 20" in out
+    assert "verify: OK" in out
+    assert len(json.load(open(os.path.join(d, "hsv_plan.json")))["bn_folds"]) == 20
+    # The saved, folded model is a source again (already-factorized layers are left as they are).
+    assert main(["compress", d, "--rank", "4", "--input-size", "32", "--fold-bn", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: OK" in out and "TOTAL (0/0 factorized)" in out
