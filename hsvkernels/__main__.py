@@ -55,7 +55,8 @@ def build_parser():
     c.add_argument("--input-size", default="224", type=_input_size, metavar="[N x][C x]H[xW]",
                    help="example input for output sizes, calibration and --verify (default: 1x3x224x224)")
     c.add_argument("--measure", action="store_true", help="time each layer and keep it dense if factorizing is slower")
-    c.add_argument("--fold-bn", action="store_true", help="fold each BatchNorm2d into the conv before it, then factorize")
+    c.add_argument("--fold-bn", action="store_true",
+                   help="fold each BatchNorm2d into the conv before it, then factorize")
     c.add_argument("--verify", action="store_true",
                    help="compare the compressed model with a dense model rebuilt from its factors and with the original")
     c.add_argument("--out", metavar="DIR", help="save the compressed model (plan JSON + safetensors + report)")
