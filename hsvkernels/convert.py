@@ -165,10 +165,11 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
                 kwargs = _layer_kwargs(name, dict(method_options, method=choice.method, **choice.config), (),
                                        overrides, row)
             elif not any(fnmatch.fnmatchcase(name, p) for p in overrides):  # an override dict beats the plan
-                source = "budget allocation" if budget is not None else "ranks plan"
-                row.reason = ("not in the ranks plan" if choice is None and budget is None
-                              else "not run by the example input, so outside the budget" if choice is None
-                              else "kept dense by the %s" % source)
+                if choice is None:
+                    row.reason = ("not in the ranks plan" if budget is None
+                                  else "not run by the example input, so outside the budget")
+                else:
+                    row.reason = "kept dense by the %s" % ("budget allocation" if budget is not None else "ranks plan")
                 continue
         layer_method = kwargs.pop("method")
         row.method = layer_method
