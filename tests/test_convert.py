@@ -328,3 +328,11 @@ def test_default_method_is_hsv():
     model = small_net()
     report = convert_(model, ratio=2, min_params=100, **FAST)
     assert report.method == "hsv" and {r.method for r in report.factorized} == {"hsv"}
+
+
+def test_top_level_save_load_finetune():
+    from hsvkernels import io
+    from hsvkernels.finetune import accuracy  # the submodule stays importable though the function shadows it
+    assert hsvkernels.save is io.save and hsvkernels.load is io.load
+    assert hsvkernels.finetune.__name__ == "finetune" and hsvkernels.finetune.__module__ == "hsvkernels.finetune"
+    assert accuracy.__module__ == "hsvkernels.finetune"
