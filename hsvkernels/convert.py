@@ -108,6 +108,9 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
                             % type(ranks).__name__)
 
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if ranks and not set(ranks) & {name for name, _ in convs}:
+        raise ValueError("convert_: the ranks plan names none of this model's convs (plan layers %s...); make it with "
+                         "ranks.select(model, ...) on this model" % ", ".join(list(ranks)[:3]))
     calibrate = example_input is not None or calibration is not None
     calib_batch, calib_name = (calibration, "calibration") if calibration is not None else (example_input,
                                                                                             "example_input")

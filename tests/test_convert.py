@@ -301,6 +301,12 @@ def test_budget_argument_errors():
         convert_(small_net(), "svd", ranks=[3], **FAST)
     with pytest.raises(ValueError, match="ratio"):
         convert_(small_net(), "svd", budget=0.5, min_params=100, **FAST)
+    with pytest.raises(ValueError, match="offers no candidates"):
+        convert_(small_net(), "cp", budget=2, min_params=100, **FAST)
+    from hsvkernels import ranks
+    plan = ranks.select([(torch.randn(64, 32, 3, 3), (8, 8))], "svd", ratio=2, progress=False)
+    with pytest.raises(ValueError, match="names none of this model's convs"):
+        convert_(nested_net(), "svd", ranks=plan, **FAST)  # plan layers are "0", the net's "stem", ...
 
 
 def test_calibration_batch_separate_from_sizes():
