@@ -15,8 +15,11 @@ from .nn import FactorizedConv2d
 from .ops import conv2d
 from .convert import convert_, revert_
 from .report import Report
+from .io import load, save
+# The function shadows its submodule as an attribute; `from hsvkernels.finetune import accuracy` still works.
+from .finetune import finetune
 
 __version__ = "0.1.0"
 
 __all__ = ["FORMATS", "METHODS", "HAS_EXTENSION", "Factorization", "FactorizedConv2d", "Report", "build_info", "conv2d",
-           "convert_", "decompose", "revert_", "reference", "__version__"]
+           "convert_", "decompose", "revert_", "reference", "__version__", "finetune", "load", "save"]

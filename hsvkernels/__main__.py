@@ -43,6 +43,11 @@ def build_parser():
     c.add_argument("--ratio", type=float, help="target parameter compression per layer (default: 4, unless --rank or an --option "
                         "whose name contains rank or ratio, e.g. macs_ratio, is given)")
     c.add_argument("--rank", type=int, help="explicit rank for every layer")
+    c.add_argument("--budget", type=float, metavar="RATIO",
+                   help="model-wide parameter compression, spread over the layers where it costs the least error "
+                        "(hsvkernels.ranks; instead of --ratio/--rank)")
+    c.add_argument("--macs-budget", type=float, metavar="RATIO", help="model-wide MAC reduction (with or without "
+                                                                       "--budget)")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option, forwarded to decompose (VALUE parsed as JSON when it can be)")
     c.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="fnmatch pattern of layers to keep dense")
@@ -50,9 +55,22 @@ def build_parser():
     c.add_argument("--input-size", default="224", type=_input_size, metavar="[N x][C x]H[xW]",
                    help="example input for output sizes, calibration and --verify (default: 1x3x224x224)")
     c.add_argument("--measure", action="store_true", help="time each layer and keep it dense if factorizing is slower")
+    c.add_argument("--fold-bn", action="store_true",
+                   help="fold each BatchNorm2d into the conv before it, then factorize")
     c.add_argument("--verify", action="store_true",
                    help="compare the compressed model with a dense model rebuilt from its factors and with the original")
     c.add_argument("--out", metavar="DIR", help="save the compressed model (plan JSON + safetensors + report)")
+    ft = c.add_argument_group("fine-tuning after compression (optional)")
+    ft.add_argument("--finetune", metavar="DATA",
+                    help="train the compressed model on DATA: an image folder (DATA/<class>/<image>) or 'digits' "
+                         "(scikit-learn's bundled digits, its own test split used for --val)")
+    ft.add_argument("--val", metavar="DIR", help="image folder scored before and after fine-tuning")
+    ft.add_argument("--epochs", type=_positive_int, default=1, help="fine-tuning epochs (default 1)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    ft.add_argument("--max-steps", type=_positive_int, help="stop fine-tuning after this many batches")
+    ft.add_argument("--batch-size", type=_positive_int, default=32, help="(default 32)")
+    ft.add_argument("--distill", action="store_true", help="also match the uncompressed model's outputs "
+                                                           "(knowledge distillation)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--seed", type=int, default=0, help="seed for random init and the random batches")
     c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -167,8 +185,15 @@ def cmd_compress(args):
         torch.set_num_threads(args.threads)
     if args.ratio is not None and args.rank is not None:
         raise ValueError("give --ratio or --rank, not both")
+    budget = {k: v for k, v in (("ratio", args.budget), ("macs_ratio", args.macs_budget)) if v is not None}
+    if budget and (args.ratio is not None or args.rank is not None):
+        raise ValueError("--budget/--macs-budget size every layer; do not also give --ratio or --rank")
+    if (args.val or args.distill) and not args.finetune:
+        raise ValueError("--val and --distill need --finetune DATA")
     options = dict(_parse_option(o) for o in args.option)
-    if args.rank is not None:
+    if budget:
+        options["budget"] = budget
+    elif args.rank is not None:
         options["rank"] = args.rank
     elif args.ratio is not None:
         options["ratio"] = args.ratio
@@ -180,18 +205,61 @@ def cmd_compress(args):
     torch.manual_seed(args.seed)  # random-init models and the random batches are then reproducible
 
     model = _load_model(args.model, args.weights).to(device).eval()
-    original = copy.deepcopy(model) if args.verify else None
+    data = _finetune_data(args) if args.finetune else None  # bad data paths fail before the slow part
+    original = copy.deepcopy(model) if args.verify or args.distill else None
     gen = torch.Generator().manual_seed(args.seed)
     calib = torch.randn(args.input_size, generator=gen).to(device)
     report = convert.convert_(model, args.method, skip=args.skip, example_input=calib, measure=args.measure,
-                              decompose_threads=args.decompose_threads or None, **options)
+                              fold_bn=args.fold_bn, decompose_threads=args.decompose_threads or None, **options)
     _print_report(report, args)
+    if data is not None:
+        _finetune(model, original if args.distill else None, data, args, device)
     if args.out:
         io.save(model, args.out, report=report)
         print("saved to %s" % args.out, file=_aux(args))
     if args.verify:
         return _verify(model, original, torch.randn(args.input_size, generator=gen).to(device), _aux(args))
     return 0
+
+
+def _finetune_data(args):
+    """(train loader, validation loader or None) for compress --finetune."""
+    import torch
+
+    from . import data
+
+    _, channels, height, width = args.input_size
+    if height != width:
+        raise ValueError("--finetune needs a square --input-size, got %dx%d" % (height, width))
+    if args.finetune == "digits":
+        if args.val:
+            raise ValueError("--finetune digits brings its own test split; leave out --val")
+        train, val = data.digits(size=height, channels=channels, seed=args.seed)
+    else:
+        if channels != 3:
+            raise ValueError("image folders give 3-channel images; --input-size has %d channels" % channels)
+        train = data.image_folder(args.finetune, size=height, train=True)
+        val = data.image_folder(args.val, size=height) if args.val else None
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=args.batch_size) if val is not None else None
+    return loader, val_loader
+
+
+def _finetune(model, teacher, data, args, device):
+    from .finetune import accuracy, finetune
+
+    loader, val = data
+    out = _aux(args)
+    if val is not None:
+        print("accuracy before fine-tuning: %.4f" % accuracy(model, val, device), file=out)
+    losses = finetune(model, loader, epochs=args.epochs, lr=args.lr, teacher=teacher, device=device,
+                      max_steps=args.max_steps, seed=args.seed)
+    if not losses:
+        raise ValueError("--finetune %s gave no training batches" % args.finetune)
+    print("fine-tuned %d step(s): loss %.4f -> %.4f" % (len(losses), losses[0], losses[-1]), file=out)
+    if val is not None:
+        print("accuracy after fine-tuning:  %.4f" % accuracy(model, val, device), file=out)
 
 
 def _parse_option(text):

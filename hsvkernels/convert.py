@@ -2,11 +2,14 @@
 
 Every conv gets a row in the returned Report, including the ones left dense and
 why. revert_(model) turns FactorizedConv2d layers back into nn.Conv2d.
+With fold_bn=True, eval-mode BatchNorm2d layers are first folded into the convs
+they follow (see fold.py).
 """
 import contextlib
 import fnmatch
 import logging
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -14,7 +17,9 @@ from torch.nn.parameter import is_lazy
 
 from ._progress import progress as progress_bar
 from .decompose import METHODS
+from .fold import FoldedBatchNorm, conv_bn_pairs, fold_into_conv_
 from .nn import FactorizedConv2d
+from .ranks import DENSE as _PLAN_DENSE, select as _select
 from .report import DENSE, FACTORIZED, LayerRow, Report
 
 log = logging.getLogger("hsvkernels.convert")
@@ -24,9 +29,9 @@ log = logging.getLogger("hsvkernels.convert")
 DEFAULT_MIN_PARAMS = 4096
 
 
-def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
-             example_input=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS, decompose_threads=None,
-             **method_options):
+def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip=(), overrides=None,
+             example_input=None, calibration=None, measure=False, progress=True, min_params=DEFAULT_MIN_PARAMS,
+             decompose_threads=None, fold_bn=False, budget=None, ranks=None, **method_options):
     """Replaces eligible nn.Conv2d layers of `model` with FactorizedConv2d, in place.
 
     method, ratio/rank, **method_options: passed to hsvkernels.decompose for every layer.
@@ -40,12 +45,33 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         calibration batch: each layer's output error is measured on the input it
         sees. Default: a random 1xCx224x224 batch on the model's device (C = the
         first conv's input channels), used for sizes only.
+    calibration: a batch (e.g. real images) for the per-layer and whole-model
+        output errors (and for measure's timings) when it should differ from
+        example_input; sizes then still come from example_input (or from the
+        calibration batch when example_input is not given).
+    budget: a model-wide target instead of a per-layer one: a number (parameter
+        compression over the convs convert_ factorizes) or a dict with "ratio"
+        and/or "macs_ratio". hsvkernels.ranks.select then spends it where it
+        costs the least weight error; a layer may stay dense by that choice.
+        The method must offer candidates (all but cp do).
+    ranks: a hsvkernels.ranks.Plan (from ranks.select, e.g. with a calibration
+        batch for sensitivity weights) giving each layer's method and config;
+        convs not in the plan stay dense. budget/ranks exclude ratio/rank.
+        Override dicts still apply on top of either (and factorize a layer the
+        plan keeps dense).
     measure: time each layer dense vs factorized on its example input and keep
         the faster.
     min_params: convs with fewer weights stay dense.
     decompose_threads: torch CPU threads while decomposing (default: unchanged).
         1 is often fastest: threaded LAPACK SVD gains little on conv-sized
         matrices and slows down badly (40x seen) when cores are shared.
+    fold_bn: fold every BatchNorm2d that directly and exclusively follows a conv
+        that would be factorized (not skipped, filtered out, grouped or small) into
+        that conv before decomposing it; the BN becomes a FoldedBatchNorm (an
+        nn.Identity). Needs the model in eval mode (running statistics are used).
+        Pairs come from a torch.fx trace; a model fx cannot trace is converted
+        without folding, with a warning and a note in the report. revert_ does
+        not bring the BN back: the dense convs carry the folded weights.
 
     Grouped convs, layers whose decomposition fails and layers whose factorized
     form needs more MACs (or parameters) than the dense one also stay dense; the
@@ -64,10 +90,38 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         if value and "method" in value:
             _check_method(value["method"], "overrides[%r]['method']" % pattern)
 
+    if fold_bn:
+        training = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.training]
+        if training:
+            raise ValueError("convert_: fold_bn=True needs the model in eval mode (call model.eval() first): "
+                             "folding uses running statistics, but %d BatchNorm2d layer(s) are in training mode, "
+                             "e.g. %r" % (len(training), training[0]))
+
+    if budget is not None or ranks is not None:
+        if budget is not None and ranks is not None:
+            raise ValueError("convert_: give budget= or ranks=, not both")
+        if ratio is not None or rank is not None:
+            raise ValueError("convert_: budget=/ranks= choose every layer's size; do not also give ratio= or rank=")
+        budget = _check_budget(budget)
+        if ranks is not None and not isinstance(ranks, dict):
+            raise TypeError("convert_: ranks must be a hsvkernels.ranks.Plan (from ranks.select), got %s"
+                            % type(ranks).__name__)
+
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    calibrate = example_input is not None
+    if ranks and not set(ranks) & {name for name, _ in convs}:
+        raise ValueError("convert_: the ranks plan names none of this model's convs (plan layers %s...); make it with "
+                         "ranks.select(model, ...) on this model" % ", ".join(list(ranks)[:3]))
+    calibrate = example_input is not None or calibration is not None
+    calib_batch, calib_name = (calibration, "calibration") if calibration is not None else (example_input,
+                                                                                            "example_input")
     model_params_before = _count_params(model)
-    shapes, inputs, y_dense = _probe(model, convs, example_input, keep_inputs=calibrate or measure)
+    if calibration is not None and example_input is not None:
+        shapes, _, _ = _probe(model, convs, example_input, keep_inputs=False)
+        _, inputs, y_dense = _probe(model, convs, calibration, keep_inputs=True, what="calibration")
+    else:
+        shapes, inputs, y_dense = _probe(model, convs, calib_batch, keep_inputs=calibrate or measure, what=calib_name)
+        if example_input is None:
+            example_input = calibration  # sizes (and the report's input size) come from it
     first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
     input_size = tuple(first.shape) if first is not None else _default_input_shape(convs)
 
@@ -77,11 +131,27 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     if rank is not None:
         base["rank"] = rank
 
-    report = Report(method=method, options=_public_options(base), input_size=input_size,
-                    model_params_before=model_params_before)
+    options = _public_options(base)
+    if budget is not None:
+        options["budget"] = budget
+    report = Report(method=method, options=options, input_size=input_size, model_params_before=model_params_before)
+
+    def will_try(name, conv):
+        scratch = LayerRow(name=name, shape=())
+        return (_layer_kwargs(name, base, skip, overrides, scratch) is not None
+                and (filter_fn is None or filter_fn(conv, name)) and _ineligible(conv, min_params) is None)
+    folded = {}
+    if fold_bn:
+        folded = _fold_batch_norms(model, {conv for name, conv in convs if will_try(name, conv)}, report)
+    plan = ranks
+    if budget is not None:  # after folding: the allocation must see the weights that get factorized
+        with _threads(decompose_threads):
+            plan = _allocate(method, [(n, c) for n, c in convs if will_try(n, c) and c in shapes], shapes, budget,
+                             progress)
     failures = []
     for name, conv in progress_bar(convs, progress, "hsvkernels.convert_", "layer"):
         row = _row_for(name, conv, shapes.get(conv))
+        row.folded_bn = folded.get(conv)
         report.layers.append(row)
         kwargs = _layer_kwargs(name, base, skip, overrides, row)
         if kwargs is None:
@@ -92,6 +162,18 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
         if reason := _ineligible(conv, min_params):
             row.reason = reason
             continue
+        if plan is not None:
+            choice = plan.get(name)
+            if choice is not None and choice.method != _PLAN_DENSE:
+                kwargs = _layer_kwargs(name, dict(method_options, method=choice.method, **choice.config), (),
+                                       overrides, row)
+            elif not any(fnmatch.fnmatchcase(name, p) for p in overrides):  # an override dict beats the plan
+                if choice is None:
+                    row.reason = ("not in the ranks plan" if budget is None
+                                  else "not run by the example input, so outside the budget")
+                else:
+                    row.reason = "kept dense by the %s" % ("budget allocation" if budget is not None else "ranks plan")
+                continue
         layer_method = kwargs.pop("method")
         row.method = layer_method
         try:
@@ -138,7 +220,7 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
     report.model_params_after = _count_params(model)
     if calibrate and isinstance(y_dense, torch.Tensor) and report.factorized:
         # Per-layer errors compound; this is what the whole model's output lost.
-        _, _, y = _probe(model, [], example_input, keep_inputs=False)
+        _, _, y = _probe(model, [], calib_batch, keep_inputs=False, what=calib_name)
         report.model_output_error = _rel(y, y_dense)
     return report
 
@@ -146,7 +228,9 @@ def convert_(model, method="svd", *, ratio=None, rank=None, filter_fn=None, skip
 def revert_(model):
     """Replaces every FactorizedConv2d in `model` with the nn.Conv2d its factors represent, in place.
 
-    Returns the names of the reverted layers.
+    Returns the names of the reverted layers. BatchNorm layers folded by
+    convert_(fold_bn=True) stay folded: the dense convs hold the folded weights
+    and bias, and the FoldedBatchNorm identities stay in place.
     """
     names = []
     for name, m in list(model.named_modules()):
@@ -189,6 +273,50 @@ def _layer_kwargs(name, base, skip, overrides, row):
             kwargs.update(value)
             break
     return kwargs
+
+
+def _check_budget(budget):
+    """budget as {"ratio": r[, "macs_ratio": m]} (None stays None)."""
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        budget = {"ratio": budget}
+    if not isinstance(budget, dict) or not budget or set(budget) - {"ratio", "macs_ratio"}:
+        raise ValueError("convert_: budget must be a number (parameter compression) or a dict with 'ratio' and/or "
+                         "'macs_ratio', got %r" % (budget,))
+    return dict(budget)
+
+
+def _allocate(method, convs, shapes, budget, progress):
+    """hsvkernels.ranks.select over the given convs; returns {name: Choice}."""
+    if not convs:
+        raise ValueError("convert_: budget= but no conv is eligible for factorizing")
+    items = [(conv.weight, shapes[conv][1], shapes[conv][0]) for _, conv in convs]
+    chosen = _select(items, method, progress=progress, **budget)
+    return {name: chosen[str(i)] for i, (name, _) in enumerate(convs)}
+
+
+def _fold_batch_norms(model, eligible, report):
+    """Folds each BN that exclusively follows an eligible conv; returns {conv: bn name}."""
+    try:
+        pairs = conv_bn_pairs(model)
+    except RuntimeError as exc:
+        note = "fold_bn: %s; no BatchNorm was folded" % exc
+        warnings.warn(note, stacklevel=3)
+        report.notes.append(note)
+        return {}
+    folded = {}
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if conv not in eligible:
+            continue
+        fold_into_conv_(conv, bn)
+        identity = FoldedBatchNorm(conv_name)
+        identity.train(bn.training)
+        _replace(model, bn, identity)
+        folded[conv] = bn_name
+    log.info("fold_bn: folded %d of %d conv -> BatchNorm2d pairs", len(folded), len(pairs))
+    return folded
 
 
 def _ineligible(conv, min_params):
@@ -262,7 +390,7 @@ def _model_device_dtype(model):
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _probe(model, convs, example_input, keep_inputs):
+def _probe(model, convs, example_input, keep_inputs, what="example_input"):
     """One forward pass in eval mode over (name, conv) pairs.
 
     Returns {conv: ((Hin, Win), (Hout, Wout))}, {conv: its input} (if asked) and the model's output.
@@ -290,11 +418,15 @@ def _probe(model, convs, example_input, keep_inputs):
             else:
                 output = model(example_input)
     except Exception as exc:
-        if not default:
-            raise
-        raise ValueError("convert_: the forward pass that sizes the convs failed on a default random input of "
-                         "shape %s (%s: %s); pass example_input=" % (tuple(example_input.shape),
-                                                                     type(exc).__name__, exc)) from exc
+        # Almost always an input that does not fit the model (channels, size): a usage error.
+        if default:
+            raise ValueError("convert_: the forward pass that sizes the convs failed on a default random input of "
+                             "shape %s (%s: %s); pass example_input=" % (tuple(example_input.shape),
+                                                                         type(exc).__name__, exc)) from exc
+        shape = [tuple(t.shape) for t in example_input if isinstance(t, torch.Tensor)] \
+            if isinstance(example_input, (tuple, list)) else tuple(example_input.shape)
+        raise ValueError("convert_: the model's forward pass on %s of shape %s failed (%s: %s)"
+                         % (what, shape, type(exc).__name__, exc)) from exc
     finally:
         for h in handles:
             h.remove()

@@ -12,7 +12,7 @@ from .nn import FactorizedConv2d
 
 
 def finetune(model, loader, *, epochs=1, lr=1e-3, teacher=None, alpha=0.5, temperature=4.0, factors_only=False,
-             max_steps=None, device=None, optimizer=None, progress=True):
+             max_steps=None, device=None, optimizer=None, progress=True, seed=None):
     """Trains `model` in place on (input, label) batches from `loader`; returns the per-step losses.
 
     teacher: a model (e.g. the dense original) whose softened outputs the student
@@ -20,9 +20,15 @@ def finetune(model, loader, *, epochs=1, lr=1e-3, teacher=None, alpha=0.5, tempe
     factors_only: train only the FactorizedConv2d factors, freezing everything else.
     optimizer: an optimizer to use instead of the default Adam(lr) over the trained parameters.
     max_steps: stop after this many batches in total.
+    seed: seeds torch's global generator first, which also drives DataLoader
+        shuffling (when the loader has no generator of its own) and dropout, so
+        two runs from the same model with the same seed give the same result.
+    progress: a tqdm bar per epoch (hidden when stderr is not a terminal).
     """
     if not 0 <= alpha <= 1:
         raise ValueError("alpha must be in [0, 1], got %r" % (alpha,))
+    if seed is not None:
+        torch.manual_seed(seed)
     if device is not None:
         model.to(device)
         if teacher is not None:

@@ -5,7 +5,10 @@ state_dict alone is not enough to rebuild it. The plan (hsv_plan.json) records,
 for every FactorizedConv2d, its kind, meta, conv hyper-parameters and factor
 shapes; load() rebuilds those layers into a fresh dense architecture with
 placeholder factors (no decomposition) and then loads every tensor strictly from
-model.safetensors. No pickles: nothing in a save directory runs code on load.
+model.safetensors. BatchNorm layers folded by convert_(fold_bn=True) are listed
+in the plan's "bn_folds" (format version 2): load() replaces them with identities
+and gives their convs a bias, so the folded weights fit. No pickles: nothing in a
+save directory runs code on load.
 """
 import hashlib
 import json
@@ -16,6 +19,7 @@ from torch import nn
 
 from . import models
 from .factorization import Factorization
+from .fold import FoldedBatchNorm, folds_of
 from .nn import FactorizedConv2d
 from .report import Report, _jsonable
 
@@ -23,7 +27,7 @@ PLAN_FILE = "hsv_plan.json"
 WEIGHTS_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 FORMAT = "hsvkernels.compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds "bn_folds"; saves without folds are still written as 1, for older readers
 
 
 class SaveFileError(ValueError):
@@ -46,9 +50,10 @@ def save(model, directory, *, model_ref=None, report=None):
     # save_model drops tensors that share storage (tied weights) and records them in
     # the metadata; plain save_file would refuse them.
     save_model(model, weights_path, metadata={"format": FORMAT})
+    folds = [{"bn": bn, "conv": conv} for bn, conv in folds_of(model)]
     plan = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if folds else 1,
         "hsvkernels_version": __version__,
         "torch_version": torch.__version__,
         "model": model_ref or models.ref_of(model),
@@ -57,6 +62,8 @@ def save(model, directory, *, model_ref=None, report=None):
         "weights_sha256": _sha256(weights_path),
         "layers": [_layer_plan(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)],
     }
+    if folds:
+        plan["bn_folds"] = folds
     with open(os.path.join(directory, PLAN_FILE), "w") as f:
         json.dump(_jsonable(plan), f, indent=2)
         f.write("\n")
@@ -90,6 +97,8 @@ def load(directory, model=None, *, device="cpu"):
             raise SaveFileError("cannot rebuild the saved model: %s" % exc) from None
     elif not isinstance(model, nn.Module):
         raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
+    for fold in plan.get("bn_folds", ()):
+        _refold(model, fold["bn"], fold["conv"])
     for i, layer in enumerate(plan["layers"]):
         _rebuild_layer(model, layer, i)
     _load_state(model, state, weights_path)
@@ -123,6 +132,10 @@ def read_plan(directory):
         missing = [k for k in _LAYER_KEYS if not isinstance(layer, dict) or k not in layer]
         if missing:
             raise SaveFileError("%s: layers[%d] lacks %s" % (path, i, ", ".join(missing)))
+    folds = plan.get("bn_folds", [])
+    if not isinstance(folds, list) or not all(isinstance(f, dict) and isinstance(f.get("bn"), str)
+                                              and isinstance(f.get("conv"), str) for f in folds):
+        raise SaveFileError("%s: bn_folds must be a list of {\"bn\": name, \"conv\": name}" % path)
     return plan
 
 
@@ -159,6 +172,26 @@ def _layer_plan(name, m):
         "factor_shapes": [tuple(f.shape) for f in m.factors],
         "dtype": str(m.factors[0].dtype).replace("torch.", ""),
     }
+
+
+def _refold(model, bn_name, conv_name):
+    """Puts a fresh model in the folded shape: the BN becomes an identity, its conv gets a bias."""
+    try:
+        bn, conv = model.get_submodule(bn_name), model.get_submodule(conv_name)
+    except AttributeError:
+        raise SaveFileError("plan folds BatchNorm %r into conv %r, but the model has no such modules: wrong "
+                            "architecture for this save?" % (bn_name, conv_name)) from None
+    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+        raise SaveFileError("plan folds %r into %r, but they are a %s and a %s in the model (expected BatchNorm2d "
+                            "and Conv2d)" % (bn_name, conv_name, type(bn).__name__, type(conv).__name__))
+    if conv.bias is None:
+        w = conv.weight
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=w.dtype, device=w.device),
+                                 requires_grad=w.requires_grad)
+    identity = FoldedBatchNorm(conv_name)
+    identity.train(bn.training)
+    from .convert import _replace
+    _replace(model, bn, identity)
 
 
 def _rebuild_layer(model, layer, index):

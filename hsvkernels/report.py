@@ -6,6 +6,7 @@ per image at the example input size; FLOPs would be 2x MACs.
 """
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 FACTORIZED = "factorized"
@@ -29,6 +30,7 @@ class LayerRow:
     latency_factorized_ms: float = None
     decision: str = DENSE
     reason: str = ""
+    folded_bn: str = None              # name of the BatchNorm2d folded into this conv (convert_ fold_bn=True)
 
     @property
     def compression(self):
@@ -50,6 +52,7 @@ class Report:
     model_params_before: int = None                   # every parameter of the model, not only convs
     model_params_after: int = None
     model_output_error: float = None                  # whole model, on the calibration batch (when given)
+    notes: list = field(default_factory=list)         # conversion-wide remarks (e.g. why no BN was folded)
 
     # Totals -------------------------------------------------------------------------
     def _sum(self, attr):
@@ -127,7 +130,7 @@ class Report:
         return cls.from_dict(json.loads(text))
 
     # Text output ----------------------------------------------------------------------
-    _COLUMNS = ("layer", "shape", "method", "ranks", "params", "after", "ratio", "MACs", "after", "rel.err",
+    _COLUMNS = ("layer", "shape", "method", "split/ranks", "params", "after", "ratio", "MACs", "after", "rel.err",
                 "out.err", "ms dense", "ms fact", "decision")
 
     def _cells(self, r):
@@ -136,7 +139,8 @@ class Report:
                 _num(r.compression, "%.2f"), _count(r.macs_before), _count(r.macs_after),
                 _num(r.rel_error, "%.4f"), _num(r.output_error, "%.4f"), _num(r.latency_dense_ms, "%.3f"),
                 _num(r.latency_factorized_ms, "%.3f"),
-                r.decision + (" (%s)" % r.reason if r.reason else ""))
+                r.decision + (" +%s folded" % r.folded_bn if r.folded_bn else "")
+                + (" (%s)" % r.reason if r.reason else ""))
 
     def _total_cells(self):
         t = self.totals()
@@ -164,6 +168,10 @@ class Report:
                 size, _count(t["macs_before"]), _count(t["macs_after"]), t["macs_reduction"]))
         if self.model_output_error is not None:
             out.append("model output relative error on the calibration batch: %.4f" % self.model_output_error)
+        folds = sum(1 for r in self.layers if r.folded_bn)
+        if folds:
+            out.append("batch norms folded into the conv before them: %d" % folds)
+        out.extend("note: %s" % n for n in self.notes)
         return "\n".join(s.rstrip() for s in out)
 
     def to_markdown(self):
@@ -218,10 +226,25 @@ def _jsonable(x):
 
 
 def _ranks(meta):
-    keys = [k for k in meta if "rank" in k]
+    """The structure a method chose, short: "14" (svd), "split=16x4x4x16,rank=14" (hsv), "R_T=24,R_S=24"."""
+    keys = [k for k in meta if _is_structure_key(k, meta[k])]
     if not keys:
         return "-"
-    return ",".join("%s" % (meta[k],) if len(keys) == 1 else "%s=%s" % (k, meta[k]) for k in keys).replace(" ", "")
+    if keys == ["rank"]:
+        return str(meta["rank"]).replace(" ", "")
+    cells = []
+    for k in keys:
+        v = meta[k]
+        text = "x".join(map(str, v)) if k == "split" and isinstance(v, (tuple, list)) else str(v)
+        cells.append("%s=%s" % (k, text.replace(" ", "")))
+    return ",".join(cells)
+
+
+def _is_structure_key(key, value):
+    # Ranks are named rank*, R_T/R_S (Tucker), R1/R13/R3 (HT-2) or a (TT); split is HSV/KCP's reshaping.
+    if key in ("split", "a") or "rank" in key or re.fullmatch(r"R(_\w+|\d+)", key):
+        return True
+    return key == "level2" and value is not None
 
 
 def _count(n):

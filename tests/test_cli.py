@@ -109,3 +109,92 @@ def test_bench_times_dense_and_compressed():
     bad = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--batch", "one"],
                   capture_output=True, text=True)
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
+
+
+SUBCOMMANDS = ["info", "compress", "bench", "report", "demo"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hsvkernels %s" % command)
+    assert "--help" in out and len(out.splitlines()) > 3
+
+
+def test_top_level_help_lists_every_subcommand():
+    r = run_cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: hsvkernels")
+    assert all(c in r.stdout for c in SUBCOMMANDS)
+
+
+def test_console_script_is_declared_and_resolves():
+    import importlib
+    import shutil
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    module, _, attr = scripts["hsvkernels"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    # Where the package is installed (pip install -e .), the script itself must run.
+    exe = shutil.which("hsvkernels", path=os.path.dirname(sys.executable)) or shutil.which("hsvkernels")
+    if exe is None:
+        pytest.skip("hsvkernels is not installed as a console script in this environment")
+    r = subprocess.run([exe, "compress", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: hsvkernels compress"), r.stderr
+
+
+def test_compress_with_budget(capsys):
+    assert main(["compress", "torchvision:resnet18", "--budget", "3", "--input-size", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["budget"] == {"ratio": 3.0}
+    assert report["totals"]["compression"] >= 3 * 0.98
+    assert main(["compress", "torchvision:resnet18", "--budget", "3", "--ratio", "2"]) == 1
+    assert "do not also give --ratio" in capsys.readouterr().err
+
+
+def test_compress_then_finetune_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+    for k, name in enumerate(["a", "b"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (120 * k, 30 * i, 90)).save(tmp_path / "imgs" / name / ("%d.png" % i))
+    folder, out = str(tmp_path / "imgs"), str(tmp_path / "out")
+    assert main(["compress", "torchvision:resnet18", "--ratio", "4", "--input-size", "16", "--finetune", folder,
+                 "--val", folder, "--batch-size", "4", "--distill", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy before fine-tuning:" in text and "accuracy after fine-tuning:" in text
+    assert "fine-tuned 2 step(s): loss" in text  # 6 images in batches of 4
+    missing = str(tmp_path / "missing")
+    assert main(["compress", "torchvision:resnet18", "--finetune", missing, "--input-size", "16"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--val", folder]) == 1
+    assert "need --finetune" in capsys.readouterr().err
+
+
+def test_compress_then_finetune_on_digits(capsys):
+    assert main(["compress", "torchvision:resnet18", "--rank", "8", "--input-size", "1x3x16x16", "--skip", "layer[34]*",
+                 "--finetune", "digits", "--max-steps", "2", "--lr", "1e-3"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy before fine-tuning:" in text and "fine-tuned 2 step(s)" in text
+    assert main(["compress", "torchvision:resnet18", "--finetune", "digits", "--input-size", "1x1x16x16",
+                 "--max-steps", "1"]) == 1  # resnet18 takes RGB: the conversion's forward pass fails
+    err = capsys.readouterr().err
+    assert "forward pass on example_input of shape (1, 1, 16, 16) failed" in err and "Traceback" not in err
+
+
+def test_compress_fold_bn_save_and_recompress(tmp_path, capsys):
+    d = str(tmp_path / "m")
+    assert main(["compress", "torchvision:resnet18", "--rank", "8", "--input-size", "32", "--fold-bn", "--out", d,
+                 "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "+bn1 folded" in out and "batch norms folded into the conv before them: 20" in out
+    assert "verify: OK" in out
+    assert len(json.load(open(os.path.join(d, "hsv_plan.json")))["bn_folds"]) == 20
+    # The saved, folded model is a source again (already-factorized layers are left as they are).
+    assert main(["compress", d, "--rank", "4", "--input-size", "32", "--fold-bn", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: OK" in out and "TOTAL (0/0 factorized)" in out

@@ -194,3 +194,151 @@ def test_layer_that_fails_to_run_stays_dense(monkeypatch):
     tried = [r for r in report.layers if r.method is not None]
     assert tried and all(r.decision == DENSE and "failed to run" in r.reason for r in tried)
     assert not any(isinstance(m, FactorizedConv2d) for m in model.modules())
+
+
+def test_measure_keeps_a_slower_layer_dense(monkeypatch):
+    # Deterministic timings: factorized 32->64 conv "2" is slower than dense, conv "7" faster.
+    import hsvkernels._timing
+
+    def fake_latency_ms(module, x):
+        if isinstance(module, FactorizedConv2d):
+            return 3.0 if module.in_channels == 32 else 0.5
+        return 1.0
+    monkeypatch.setattr(hsvkernels._timing, "latency_ms", fake_latency_ms)
+    model = small_net().eval()
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=torch.randn(1, 3, 16, 16), measure=True,
+                      **FAST)
+    slow, fast = report["2"], report["7"]
+    assert slow.decision == DENSE and slow.reason == "slower than dense: 3.000 ms vs 1.000 ms"
+    assert (slow.latency_dense_ms, slow.latency_factorized_ms) == (1.0, 3.0)
+    assert slow.params_after == slow.params_before and slow.macs_after == slow.macs_before
+    assert type(model[2]) is nn.Conv2d
+    assert fast.decision == FACTORIZED and (fast.latency_dense_ms, fast.latency_factorized_ms) == (1.0, 0.5)
+    assert isinstance(model[7], FactorizedConv2d)
+    assert "slower than dense: 3.000 ms vs 1.000 ms" in str(report) and "0.500" in str(report)
+
+
+def nested_net():
+    from collections import OrderedDict
+    block = lambda: nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    return nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 32, 3, padding=1), stage1=block(), stage2=block(),
+                                     stage3=block()))
+
+
+def test_overrides_by_name_pattern_first_match_wins():
+    model = nested_net()
+    overrides = {"stage1.*": {"rank": 6}, "stage2.0": None, "stage2.2": {"method": "tucker2", "ratio": 2},
+                 "stage*": {"rank": 7}}
+    stem_rank = hsvkernels.decompose(model.stem.weight, "svd", ratio=4).meta["rank"]
+    report = convert_(model, "svd", ratio=4, min_params=100, overrides=overrides, **FAST)
+    assert [report[n].meta["rank"] for n in ("stage1.0", "stage1.2")] == [6, 6]
+    assert report["stage2.0"].decision == DENSE and "override 'stage2.0' is None" in report["stage2.0"].reason
+    assert report["stage2.2"].method == "tucker2" and model.stage2[2].kind == "tucker2"
+    assert model.stage1[0].meta["rank"] == 6 and model.stage1[0].kind == "svd"
+    assert [report[n].meta["rank"] for n in ("stage3.0", "stage3.2")] == [7, 7]
+    # The stem matches no pattern: the global ratio applies.
+    assert report["stem"].method == "svd" and report["stem"].meta["rank"] == stem_rank not in (6, 7)
+
+
+def test_report_table_shows_split_and_ranks():
+    model = nested_net()
+    report = convert_(model, "svd", ratio=2, min_params=100,
+                      overrides={"stage1.0": {"method": "hsv"}, "stage1.2": {"method": "tucker2"}}, **FAST)
+    text = str(report)
+    assert "split/ranks" in text.splitlines()[0]
+    hsv = report["stage1.0"].meta
+    assert "split=%s,rank=%d" % ("x".join(map(str, hsv["split"])), hsv["rank"]) in text
+    tk = report["stage1.2"].meta
+    assert "R_T=%d,R_S=%d" % (tk["R_T"], tk["R_S"]) in text
+    assert "| %d |" % report["stem"].meta["rank"] in report.to_markdown()
+
+
+def test_budget_allocates_a_model_wide_target():
+    torch.manual_seed(0)
+    model = nested_net()
+    x = torch.randn(1, 3, 16, 16)
+    report = convert_(model, "svd", budget=3, min_params=100, example_input=x, **FAST)
+    assert report.options["budget"] == {"ratio": 3}
+    t = report.totals()
+    assert t["compression"] >= 3 * 0.98  # the plan meets it on weights; biases add a little
+    for r in report.layers:
+        assert r.decision == FACTORIZED or r.reason == "kept dense by the budget allocation"
+    assert len(report.factorized) >= 2
+    # Both targets: MACs are bounded too.
+    model = nested_net()
+    report = convert_(model, "svd", budget={"ratio": 2, "macs_ratio": 3}, min_params=100, example_input=x, **FAST)
+    assert report.totals()["macs_reduction"] >= 3 * 0.98 and report.totals()["compression"] >= 2 * 0.98
+
+
+def test_ranks_plan_from_ranks_select_is_followed():
+    from hsvkernels import ranks
+    model = nested_net()
+    x = torch.randn(1, 3, 16, 16)
+    plan = ranks.select(model, "tucker2", ratio=3, example_input=x, progress=False)
+    del plan["stage3.2"]
+    stem_override = {"stem": {"method": "svd", "rank": 2}}
+    report = convert_(model, "svd", ranks=plan, min_params=100, example_input=x, overrides=stem_override, **FAST)
+    assert report["stage3.2"].reason == "not in the ranks plan" and type(model.stage3[2]) is nn.Conv2d
+    for name, choice in plan.items():
+        if name == "stem":
+            assert report[name].method == "svd" and report[name].meta["rank"] == 2  # the override wins
+        elif choice.method == "dense":
+            assert report[name].reason == "kept dense by the ranks plan"
+        else:
+            r = report[name]
+            assert r.method == choice.method and (r.meta["R_T"], r.meta["R_S"]) == tuple(choice.config["rank"])
+    assert sum(r.method == "tucker2" for r in report.factorized) >= 3
+
+
+def test_budget_argument_errors():
+    with pytest.raises(ValueError, match="budget= or ranks=, not both"):
+        convert_(small_net(), "svd", budget=2, ranks={}, **FAST)
+    with pytest.raises(ValueError, match="do not also give ratio"):
+        convert_(small_net(), "svd", budget=2, ratio=2, **FAST)
+    with pytest.raises(ValueError, match="budget must be a number"):
+        convert_(small_net(), "svd", budget={"params": 2}, **FAST)
+    with pytest.raises(TypeError, match="ranks must be a hsvkernels.ranks.Plan"):
+        convert_(small_net(), "svd", ranks=[3], **FAST)
+    with pytest.raises(ValueError, match="ratio"):
+        convert_(small_net(), "svd", budget=0.5, min_params=100, **FAST)
+    with pytest.raises(ValueError, match="offers no candidates"):
+        convert_(small_net(), "cp", budget=2, min_params=100, **FAST)
+    from hsvkernels import ranks
+    plan = ranks.select([(torch.randn(64, 32, 3, 3), (8, 8))], "svd", ratio=2, progress=False)
+    with pytest.raises(ValueError, match="names none of this model's convs"):
+        convert_(nested_net(), "svd", ranks=plan, **FAST)  # plan layers are "0", the net's "stem", ...
+
+
+def test_calibration_batch_separate_from_sizes():
+    torch.manual_seed(0)
+    model = small_net().eval()
+    original = copy.deepcopy(model)
+    sizes, calib = torch.randn(1, 3, 32, 32), torch.randn(4, 3, 8, 8)
+    report = convert_(model, "svd", ratio=2, min_params=100, example_input=sizes, calibration=calib, **FAST)
+    assert report.input_size == (1, 3, 32, 32) and report["2"].macs_before == 64 * 32 * 9 * 32 * 32
+    # Errors are measured on the calibration batch, not on the sizing input.
+    with torch.no_grad():
+        expected = rel(model(calib).double(), original(calib).double())
+        y2 = original[1](original[0](calib))
+        layer_err = rel(model[2](y2).double(), original[2](y2).double())
+    assert report.model_output_error == pytest.approx(expected, rel=1e-6)
+    assert report["2"].output_error == pytest.approx(layer_err, rel=1e-6)
+    # calibration alone also gives the sizes.
+    report = convert_(small_net().eval(), "svd", ratio=2, min_params=100, calibration=calib, **FAST)
+    assert report.input_size == (4, 3, 8, 8) and report["2"].output_error is not None
+    with pytest.raises(ValueError, match="forward pass on calibration of shape"):
+        convert_(small_net(), "svd", ratio=2, calibration=torch.randn(1, 5, 8, 8), **FAST)
+
+
+def test_default_method_is_hsv():
+    model = small_net()
+    report = convert_(model, ratio=2, min_params=100, **FAST)
+    assert report.method == "hsv" and {r.method for r in report.factorized} == {"hsv"}
+
+
+def test_top_level_save_load_finetune():
+    from hsvkernels import io
+    from hsvkernels.finetune import accuracy  # the submodule stays importable though the function shadows it
+    assert hsvkernels.save is io.save and hsvkernels.load is io.load
+    assert hsvkernels.finetune.__name__ == "finetune" and hsvkernels.finetune.__module__ == "hsvkernels.finetune"
+    assert accuracy.__module__ == "hsvkernels.finetune"

@@ -49,3 +49,41 @@ def test_factors_only_freezes_the_rest():
     assert model[7].weight.requires_grad  # restored afterwards
     with pytest.raises(ValueError, match="no FactorizedConv2d"):
         finetune(net(), task(32), factors_only=True, progress=False)
+
+
+def shuffled_loader(seed_data=0):
+    from torch.utils.data import DataLoader, TensorDataset
+    xs, ys = zip(*task(128, seed_data))
+    return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=16, shuffle=True)
+
+
+def test_deterministic_under_a_seed():
+    # Shuffling and dropout both draw from torch's generator: the seed must fix them.
+    torch.manual_seed(0)
+    base = nn.Sequential(*net()[:7], nn.Dropout(0.5), net()[7])
+    convert_(base, "svd", ratio=2, min_params=100, progress=False, decompose_threads=1)
+    runs = []
+    for seed in (1, 1, 2):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1234 + len(runs))  # whatever state the caller left behind
+        losses = finetune(model, shuffled_loader(), epochs=2, lr=1e-2, progress=False, seed=seed)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (l1, p1), (l2, p2), (l3, _) = runs
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert l1 != l3
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    model = net()
+    finetune(model, task(64), max_steps=2, progress=True)
+    assert "finetune" in term.getvalue() and "batch" in term.getvalue()
+    term.truncate(0)
+    finetune(model, task(64), max_steps=2, progress=False)
+    assert term.getvalue() == ""
