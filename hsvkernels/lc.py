@@ -36,7 +36,7 @@ from ._threads import single_thread
 from .convert import DEFAULT_MIN_PARAMS
 from .decompose import METHODS
 from .decompose import decompose as _decompose
-from .nn import FactorizedConv2d
+from .nn import FactorizedConv2d, _method_parameters
 
 CLR_MODES = ("triangular", "triangular2", "exp_range")
 # The penalty adds curvature mu to the L-step; SGD with Nesterov momentum 0.9 diverges on
@@ -118,6 +118,8 @@ class _Layer:
     """One compressed conv: its weight w, its factors Theta, Delta(Theta) and the multipliers lambda."""
 
     def __init__(self, name, conv, method, kwargs):
+        if "stride" in _method_parameters(method) and "stride" not in kwargs:
+            kwargs = dict(kwargs, stride=conv.stride)   # as FactorizedConv2d.from_conv: MACs at the real stride
         self.name, self.conv, self.method, self.kwargs = name, conv, method, kwargs
         self.lam = torch.zeros_like(conv.weight, dtype=torch.float64)
         self.fact = self.approx = None

@@ -132,7 +132,7 @@ def _task(n=64):
     return [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
 
 
-@pytest.mark.parametrize("method", ["tucker2", "ht2", "cp"])
+@pytest.mark.parametrize("method", ["tucker2", "ht2", "cp", "hsv"])
 def test_other_methods_as_the_c_step_and_exp_range_clr(method):
     torch.manual_seed(0)
     model, history = lc.train(_Net(), _task(), method, ratio=2, steps=3, min_params=0, clr="exp_range",
