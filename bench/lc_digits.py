@@ -15,7 +15,6 @@ command and the machine in the files.
   python bench/lc_digits.py --method svd --clr exp_range --out bench/results/lc-digits-svd-clr
 """
 import argparse
-import copy
 import json
 import os
 import sys

@@ -39,7 +39,6 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm

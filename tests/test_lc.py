@@ -198,3 +198,20 @@ def test_argument_errors():
         lc.train(_Net(), task, "svd", ratio=2, eval_fn=3)
     with pytest.raises(ValueError, match="C-step of layer 'b'"):
         lc.train(_Net(), task, "svd", ranks={"b": 1000}, progress=False)
+
+
+def test_bench_script_writes_the_curve(tmp_path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import lc_digits
+
+    out = tmp_path / "lc"
+    lc_digits.main(["--method", "svd", "--steps", "2", "--widths", "8,16,16", "--size", "8", "--out", str(out)])
+    result = json.loads((tmp_path / "lc.json").read_text())
+    assert [h["step"] for h in result["history"]] == [0, 1, 2]
+    assert 0 <= result["summary"]["final_accuracy"] <= 1 and result["baseline"]["direct_accuracy"] >= 0
+    text = (tmp_path / "lc.md").read_text()
+    assert "Command:" in text and "Machine:" in text and "| 2 |" in text
+    assert (tmp_path / "lc.png").stat().st_size > 1000
