@@ -19,7 +19,9 @@ The search runs over log2(beta), starts at the EVBMF point (beta = 1), takes
 rank configuration is evaluated once (a cache), so the objective is called at
 most n_trials times. Search spaces (`per`): "stage" (one beta per rank slot,
 shared by the layers: 2-3 dimensions), "layer" (one beta per layer, for all its
-slots) or "global" (one beta).
+slots) or "global" (one beta). EVBMF needs weights with a decaying spectrum: on
+random or barely trained weights it gives ranks near 1 and the multipliers cannot
+reach useful ranks, so search on a trained model.
 
 Library: bayesian-optimization (import name bayes_opt), an optional dependency
 (`pip install hsvkernels[bayes]`). Of the three the issue named, checked here with
