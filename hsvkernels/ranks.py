@@ -362,3 +362,12 @@ def apply(model, plan):
         conv = getattr(parent, child)
         setattr(parent, child, FactorizedConv2d.from_conv(conv, choice.method, **choice.config))
     return model
+
+
+def bayes_opt(layers, method="tt_tucker", **kwargs):
+    """Bayesian-optimisation rank search around the EVBMF ranks; see hsvkernels.bayesopt.bayes_opt.
+
+    Needs the optional bayesian-optimization package (pip install 'hsvkernels[bayes]').
+    """
+    from .bayesopt import bayes_opt as search  # late: bayesopt imports Plan and Choice from here
+    return search(layers, method, **kwargs)
