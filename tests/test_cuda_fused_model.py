@@ -1,0 +1,166 @@
+"""The index arithmetic of csrc/ops/cuda/two_stage_fused.cu, transcribed to Python and
+checked against F.conv2d on CPU.
+
+The fused CUDA kernel cannot run without a GPU, but most ways for it to be wrong are in
+its indexing: the K order of the packed V against the on-the-fly im2col gather, tap and
+pixel decomposition, padding and past-the-end predicates, the hsv U = A kron I_T2
+mapping, and the strided output writes. This model follows the kernel's tiles and
+formulas one for one (names as in the .cu file), with exact float64 arithmetic in place
+of the tensor-core products, so an index bug in the scheme shows up here on any machine.
+It checks the transcription, not the compiled kernel: keep the two in step when editing
+either (tests/test_cuda_fused.py checks the kernel itself on a GPU).
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hsvkernels
+
+# the kernel's tile constants
+kThreads, kTileM, kTileK, kTileN, kMaxRank = 128, 64, 32, 64, 128
+kGatherPerThread = kTileK * kTileM // kThreads
+
+
+def round_up(v, m):
+    return (v + m - 1) // m * m
+
+
+def two_stage_factors(kind, factors):
+    """V (r, Cin, kh, kw), U (Cout, r) as two_stage_factors() builds them."""
+    if kind == "svd":
+        return factors
+    b, a = factors
+    P, T2, T1 = b.shape[0], b.shape[1], a.shape[0]
+    v = b.reshape(P * T2, b.shape[2], b.shape[3], b.shape[4])
+    u = torch.kron(a.reshape(T1, P), torch.eye(T2, dtype=a.dtype))
+    return v, u
+
+
+def gather_coords(e, channels_fastest):
+    if channels_fastest:
+        return e % kTileK, e // kTileK
+    return e // kTileM, e % kTileM
+
+
+def model_forward(x, kind, factors, bias, stride, padding, dilation):
+    v, u = two_stage_factors(kind, factors)
+    r, cin, kh, kw = v.shape
+    cout = u.shape[0]
+    n, _, h, w = x.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    # host side: Vp (rp, k_pad) with K ordered (tap, channel), Up (cout_pad, rp), zero padded
+    k, rp, cout_pad = kh * kw * cin, round_up(r, 16), round_up(cout, kTileN)
+    k_pad = round_up(k, kTileK)
+    vp = np.zeros((rp, k_pad))
+    vp[:r, :k] = v.permute(0, 2, 3, 1).reshape(r, k).numpy()
+    up = np.zeros((cout_pad, rp))
+    up[:cout, :r] = u.numpy()
+    # the input read through its strides, from its storage
+    x_flat = x.as_strided((x.untyped_storage().nbytes() // 8,), (1,), 0).numpy()
+    sn, sc, sh, sw = x.stride()
+    x_off0 = x.storage_offset()
+    # output_memory_format(): channels_last when the input is (and is not also contiguous)
+    out = torch.empty(n, cout, ho, wo, dtype=torch.float64)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    out_flat = np.full(out.numel(), np.nan)
+    on, oc, oh, ow = out.stride()
+    tiles_per_image = (ho * wo + kTileM - 1) // kTileM
+    channels_fastest = sc == 1
+    e_all = np.arange(kThreads)[:, None] + np.arange(kGatherPerThread)[None, :] * kThreads   # [tid, i]
+    for block in range(n * tiles_per_image):
+        bn = block // tiles_per_image
+        m0 = (block - bn * tiles_per_image) * kTileM
+        # pixel tables
+        q = m0 + np.arange(kTileM)
+        valid = q < ho * wo
+        oy, ox = q // wo, q % wo
+        pix_out = np.where(valid, bn * on + oy * oh + ox * ow, -1)
+        pix_iy = np.where(valid, oy * stride[0] - padding[0], 0)
+        pix_ix = np.where(valid, ox * stride[1] - padding[1], 0)
+
+        def im2col_tile(k0):
+            b_s = np.full((kTileK, kTileM), np.nan)   # every element must be written
+            kk, m = gather_coords(e_all, channels_fastest)
+            kg = k0 + kk
+            tap, c = kg // cin, kg % cin
+            ty, tx = tap // kw, tap % kw
+            iy, ix = pix_iy[m] + ty * dilation[0], pix_ix[m] + tx * dilation[1]
+            inside = (kg < k) & (pix_out[m] >= 0) & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+            addr = x_off0 + bn * sn + c * sc + iy * sh + ix * sw
+            b_s[kk, m] = np.where(inside, x_flat[np.where(inside, addr, 0)], 0.0)
+            return b_s
+
+        acc = np.zeros((rp, kTileM))
+        for step in range(k_pad // kTileK):
+            k0 = step * kTileK
+            a_s = vp[:, k0:k0 + kTileK]
+            b_s = im2col_tile(k0)
+            assert not np.isnan(b_s).any()
+            acc += a_s @ b_s
+        t_s = acc
+        for co0 in range(0, cout, kTileN):
+            u_s = up[co0:co0 + kTileN, :rp]
+            o_s = u_s @ t_s
+            for e in range(kTileN * kTileM):
+                j, m = (e % kTileN, e // kTileN) if oc == 1 else (e // kTileM, e % kTileM)
+                co = co0 + j
+                if co < cout and pix_out[m] >= 0:
+                    val = o_s[j, m] + (0.0 if bias is None else float(bias[co]))
+                    out_flat[pix_out[m] + co * oc] = val
+    assert not np.isnan(out_flat).any(), "an output element was never written"
+    return torch.as_strided(torch.from_numpy(out_flat), out.shape, out.stride())
+
+
+def layouts(x):
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    wide = torch.zeros(n, c, h, 2 * w, dtype=x.dtype)
+    wide[..., ::2] = x
+    yield "noncontiguous", wide[..., ::2]
+    offset = torch.zeros(x.numel() + 7, dtype=x.dtype)
+    offset[7:] = x.flatten()
+    yield "storage_offset", offset[7:].view(x.shape)
+
+
+SPECS = [
+    # (N, Cin, Cout, r, H, W, kh, kw, stride, padding, dilation)
+    (2, 8, 16, 5, 9, 11, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (1, 40, 70, 35, 13, 11, 3, 3, (2, 2), (1, 1), (1, 1)),       # K 360, two Cout chunks
+    (1, 3, 20, 16, 23, 21, 7, 7, (2, 2), (3, 3), (1, 1)),        # stem-like, several pixel tiles
+    (3, 6, 10, 4, 6, 5, 2, 3, (2, 1), (0, 1), (1, 2)),           # even kernel, mixed stride/dilation
+    (2, 16, 8, 8, 9, 9, 1, 1, (2, 2), (0, 0), (1, 1)),           # 1x1 stride 2
+    (1, 4, 6, 3, 12, 13, 3, 3, (1, 1), (2, 2), (2, 2)),          # dilation 2
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[str(i) for i in range(len(SPECS))])
+def test_model_svd_matches_conv(spec):
+    torch.manual_seed(0)
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
+    v = torch.randn(r, cin, kh, kw, dtype=torch.float64)
+    u = torch.randn(cout, r, dtype=torch.float64)
+    bias = torch.randn(cout, dtype=torch.float64)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64)
+    dense = (u @ v.reshape(r, -1)).reshape(cout, cin, kh, kw)
+    truth = F.conv2d(x, dense, bias, stride, padding, dilation)
+    for name, xl in layouts(x):
+        y = model_forward(xl, "svd", [v, u], bias, stride, padding, dilation)
+        torch.testing.assert_close(y, truth, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("T2", [1, 2, 3, 4])
+def test_model_hsv_level1_matches_dense(T2):
+    torch.manual_seed(T2)
+    P, T1, S2, kh, kw = 5, 7, 9, 3, 2
+    b = torch.randn(P, T2, S2, kh, kw, dtype=torch.float64)
+    a = torch.randn(T1, 1, P, dtype=torch.float64)
+    fact = hsvkernels.Factorization("hsv", [b, a], (T1 * T2, S2, kh, kw))
+    x = torch.randn(2, S2, 10, 9, dtype=torch.float64)
+    truth = F.conv2d(x, fact.to_dense(), None, (1, 2), (1, 0), 1)
+    for name, xl in layouts(x):
+        y = model_forward(xl, "hsv", [b, a], None, (1, 2), (1, 0), (1, 1))
+        torch.testing.assert_close(y, truth, rtol=1e-10, atol=1e-10, msg=name)
