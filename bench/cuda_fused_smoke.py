@@ -75,6 +75,30 @@ def run_hsv(dtype):
     return err
 
 
+def run_tucker2(dtype, channels_last):
+    """tucker2, stride 2 (a halo of 17 x 17 per 8 x 8 tile), two Cout chunks."""
+    opts = dict(device="cuda", dtype=dtype)
+    us = torch.randn(12, 20, **opts) / 4
+    core = torch.randn(10, 12, 3, 3, **opts) / 10
+    ut = torch.randn(70, 10, **opts) / 3
+    x = torch.randn(2, 20, 19, 17, **opts)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = ([us, core, ut], torch.randn(70, **opts), [2, 2], [1, 1], [1, 1], 1, "tucker2")
+    os.environ["HSV_CUDA_IMPL"] = "composite"
+    y_comp = torch.ops.hsv.conv2d(x, *args)
+    os.environ["HSV_CUDA_IMPL"] = "fused"
+    before = _C.cuda_fused_launch_count()
+    y = torch.ops.hsv.conv2d(x, *args)
+    torch.cuda.synchronize()
+    if _C.cuda_fused_launch_count() != before + 1:
+        raise SystemExit("fused kernel did not run for tucker2 %s" % dtype)
+    err = ((y.float() - y_comp.float()).abs().max() / y_comp.float().abs().max()).item()
+    if not err <= TOL[dtype]:
+        raise SystemExit("fused != composite for tucker2 %s: error %.3g" % (dtype, err))
+    return err
+
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -89,9 +113,10 @@ def main():
         for channels_last in (False, True):
             for case in CASES:
                 worst = max(worst, run_case(case, dtype, channels_last))
+            worst = max(worst, run_tucker2(dtype, channels_last))
         worst = max(worst, run_hsv(dtype))
     print("cuda_fused_smoke: %d fused calls match the composite chain (worst relative error %.3g)"
-          % (3 * (2 * len(CASES) + 1), worst))
+          % (3 * (2 * len(CASES) + 3), worst))
 
 
 if __name__ == "__main__":

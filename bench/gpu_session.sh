@@ -116,8 +116,8 @@ if want bench; then
   # dense (cuDNN, cudnn.benchmark=True) vs op (the environment's default) vs
   # composite vs fused, in one process per dtype; the eight layers of
   # docs/performance.md section 3.3 at ratio=4, macs_ratio=4.
-  common=(--device cuda --methods svd --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 1,32,128 --impls composite,fused
-    --min-run-time 0.3 --rounds 3 --min-blocks 5)
+  common=(--device cuda --methods svd,tucker2 --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 1,32,128 --impls composite,fused
+    --min-run-time 0.2 --rounds 3 --min-blocks 5)
   step "bench bf16 channels_last" 170 "$OUT/session.log" \
     "$PY" bench/layers.py "${common[@]}" --dtype bfloat16 --channels-last --out "$OUT/bench-bf16"
   # fp32 with TF32 on for cuDNN and cuBLAS alike (the fused fp32 path is TF32)
@@ -130,8 +130,8 @@ fi
   echo "gpu_session: done in $((SECONDS - START))s of ${BUDGET}s"
   for r in "${RESULTS[@]}"; do echo "  $r"; done
   # registers, spills, shared memory of the fused kernels (ptxas -v in build.log)
-  grep -A3 "Compiling entry function.*two_stage_kernel" "$OUT/build.log" 2>/dev/null |
-    grep -E "entry function|registers|spill" | sed -E "s/.*two_stage_kernelI(.*)EEvNS.*/kernel \1:/" | tail -6
+  grep -A3 -E "Compiling entry function.*(two_stage|tucker2)_kernel" "$OUT/build.log" 2>/dev/null |
+    grep -E "entry function|registers|spill" | sed -E "s/.*(two_stage|tucker2)_kernelI(.*)EEvNS.*/\1 \2:/" | tail -12
   grep -hE "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)|ERROR SUMMARY|RACECHECK SUMMARY|^geomean|WRONG OUTPUT" \
     "$OUT"/tests.log "$OUT"/sanitizer.log "$OUT"/session.log 2>/dev/null | grep -v "^gpu_session" | tail -40
 } | tee -a "$LOG.tail"

@@ -205,7 +205,44 @@ def test_fused_hsv_falls_back(spec, impl):
     check_fused(impl, fact, x, None, 1, 1, 1, expect_fused=False)
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("svd", "hsv")])
+def tucker2_factors(rs, rt, cin, cout, kh, kw, dtype=torch.float64):
+    us = torch.randn(rs, cin, dtype=dtype) / cin ** 0.5
+    core = torch.randn(rt, rs, kh, kw, dtype=dtype) / (rs * kh * kw) ** 0.5
+    ut = torch.randn(cout, rt, dtype=dtype) / rt ** 0.5
+    return hsvkernels.Factorization("tucker2", [us, core, ut], (cout, cin, kh, kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (N, Cin, Cout, R_S, R_T, H, W, kh, kw, stride, padding, dilation)
+    (2, 64, 64, 24, 24, 14, 14, 3, 3, 1, 1, 1),          # what decompose(ratio=4) gives a 64->64 layer
+    (1, 40, 70, 35, 20, 19, 17, 3, 3, 2, 1, 1),          # stride 2, ranks and Cout off the tile sizes
+    (3, 6, 10, 4, 3, 6, 5, 2, 3, (2, 1), (0, 1), (1, 2)),  # even kernel, mixed stride/dilation
+    (1, 96, 128, 128, 128, 9, 10, 3, 3, 1, 1, 1),        # both ranks at the limit
+    (2, 16, 8, 8, 16, 9, 9, 1, 1, 1, 0, 1),              # 1x1 core
+    (0, 8, 8, 4, 4, 9, 9, 3, 3, 1, 1, 1),                # batch 0
+], ids=["resnet", "stride2", "mixed", "rank128", "1x1", "batch0"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_fused_tucker2(spec, dtype, with_bias, impl):
+    n, cin, cout, rs, rt, h, w, kh, kw, stride, padding, dilation = spec
+    fact = tucker2_factors(rs, rt, cin, cout, kh, kw)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    for layout in LAYOUTS:
+        x = make_input(n, cin, h, w, layout, dtype)
+        check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+def test_fused_tucker2_falls_back(impl):
+    fact = tucker2_factors(8, 130, 16, 24, 3, 3)   # R_T above the limit
+    check_fused(impl, fact, make_input(2, 16, 9, 9, "channels_last", torch.bfloat16), None, 1, 1, 1,
+                expect_fused=False)
+    torch.backends.cudnn.allow_tf32 = False
+    fact = tucker2_factors(8, 8, 16, 24, 3, 3)
+    check_fused(impl, fact, make_input(2, 16, 9, 9, "contiguous", torch.float32), None, 1, 1, 1,
+                expect_fused=False)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("svd", "hsv", "tucker2")])
 def test_other_kinds_fall_back_to_composite(kind, impl):
     spec = SHAPES[0]
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
@@ -242,6 +279,33 @@ def test_fused_vs_composite_random_shapes(impl, spec):
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
     x = make_input(n, cin, h, w, layout, dtype)
     check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+@st.composite
+def tucker2_specs(draw):
+    # ranges whose halo and ranks always fit the kernel's shared memory (so it must run)
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 30))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 30))
+    n = draw(st.integers(0, 3))
+    cin, cout = draw(st.integers(1, 72)), draw(st.integers(1, 150))
+    rs, rt = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    layout = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES))
+    return n, cin, cout, rs, rt, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, dtype
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(tucker2_specs())
+def test_fused_tucker2_random_shapes(impl, spec):
+    n, cin, cout, rs, rt, h, w, kh, kw, stride, padding, dilation, layout, dtype = spec
+    fact = tucker2_factors(rs, rt, cin, cout, kh, kw)
+    x = make_input(n, cin, h, w, layout, dtype)
+    check_fused(impl, fact, x, torch.randn(cout, dtype=torch.float64), stride, padding, dilation)
 
 
 def test_fused_forward_composite_backward(impl):

@@ -43,13 +43,65 @@ def gather_coords(e, channels_fastest):
     return e // kTileM, e % kTileM
 
 
+def gather_tile(element, k0, channels_fastest):
+    """The kTileK x kTileM tile of G[k][m] = element(k, m) as the threads gather it
+    (every element written exactly once: NaN-initialized, checked)."""
+    b_s = np.full((kTileK, kTileM), np.nan)
+    e = np.arange(kThreads)[:, None] + np.arange(kGatherPerThread)[None, :] * kThreads   # [tid, i]
+    kk, m = gather_coords(e, channels_fastest)
+    b_s[kk, m] = element(k0 + kk, m)
+    assert not np.isnan(b_s).any()
+    return b_s
+
+
+def rank_gemm(a_pad, element, channels_fastest):
+    """acc = A @ G over K in steps of kTileK (a_pad: rows_pad x k_steps * kTileK)."""
+    acc = np.zeros((a_pad.shape[0], kTileM))
+    for k0 in range(0, a_pad.shape[1], kTileK):
+        acc += a_pad[:, k0:k0 + kTileK] @ gather_tile(element, k0, channels_fastest)
+    return acc
+
+
+def output_stage(out_flat, up, t_s, cout, pix_out, oc, bias):
+    """Stage 2 and the epilogue: out = bias + Up @ T through the output strides."""
+    for co0 in range(0, cout, kTileN):
+        o_s = up[co0:co0 + kTileN] @ t_s
+        for e in range(kTileN * kTileM):
+            j, m = (e % kTileN, e // kTileN) if oc == 1 else (e // kTileM, e % kTileM)
+            co = co0 + j
+            if co < cout and pix_out[m] >= 0:
+                out_flat[pix_out[m] + co * oc] = o_s[j, m] + (0.0 if bias is None else float(bias[co]))
+
+
+def storage_of(x):
+    """The input's storage as a flat array, its strides and storage offset (the kernel's view of it)."""
+    return x.as_strided((x.untyped_storage().nbytes() // 8,), (1,), 0).numpy(), x.stride(), x.storage_offset()
+
+
+def output_like(x, n, cout, ho, wo):
+    """output_memory_format(): channels_last when the input is (and is not also contiguous)."""
+    out = torch.empty(n, cout, ho, wo, dtype=torch.float64)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out, np.full(out.numel(), np.nan)
+
+
+def finish(out, out_flat):
+    assert not np.isnan(out_flat).any(), "an output element was never written"
+    return torch.as_strided(torch.from_numpy(out_flat), out.shape, out.stride())
+
+
+def out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def model_forward(x, kind, factors, bias, stride, padding, dilation):
+    """two_stage_kernel (svd, hsv level 1)."""
     v, u = two_stage_factors(kind, factors)
     r, cin, kh, kw = v.shape
     cout = u.shape[0]
     n, _, h, w = x.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = out_size(h, kh, stride[0], padding[0], dilation[0]), out_size(w, kw, stride[1], padding[1], dilation[1])
     # host side: Vp (rp, k_pad) with K ordered (tap, channel), Up (cout_pad, rp), zero padded
     k, rp, cout_pad = kh * kw * cin, round_up(r, 16), round_up(cout, kTileN)
     k_pad = round_up(k, kTileK)
@@ -57,19 +109,10 @@ def model_forward(x, kind, factors, bias, stride, padding, dilation):
     vp[:r, :k] = v.permute(0, 2, 3, 1).reshape(r, k).numpy()
     up = np.zeros((cout_pad, rp))
     up[:cout, :r] = u.numpy()
-    # the input read through its strides, from its storage
-    x_flat = x.as_strided((x.untyped_storage().nbytes() // 8,), (1,), 0).numpy()
-    sn, sc, sh, sw = x.stride()
-    x_off0 = x.storage_offset()
-    # output_memory_format(): channels_last when the input is (and is not also contiguous)
-    out = torch.empty(n, cout, ho, wo, dtype=torch.float64)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    out_flat = np.full(out.numel(), np.nan)
+    x_flat, (sn, sc, sh, sw), x_off0 = storage_of(x)
+    out, out_flat = output_like(x, n, cout, ho, wo)
     on, oc, oh, ow = out.stride()
     tiles_per_image = (ho * wo + kTileM - 1) // kTileM
-    channels_fastest = sc == 1
-    e_all = np.arange(kThreads)[:, None] + np.arange(kGatherPerThread)[None, :] * kThreads   # [tid, i]
     for block in range(n * tiles_per_image):
         bn = block // tiles_per_image
         m0 = (block - bn * tiles_per_image) * kTileM
@@ -81,37 +124,81 @@ def model_forward(x, kind, factors, bias, stride, padding, dilation):
         pix_iy = np.where(valid, oy * stride[0] - padding[0], 0)
         pix_ix = np.where(valid, ox * stride[1] - padding[1], 0)
 
-        def im2col_tile(k0):
-            b_s = np.full((kTileK, kTileM), np.nan)   # every element must be written
-            kk, m = gather_coords(e_all, channels_fastest)
-            kg = k0 + kk
+        def im2col_element(kg, m):
             tap, c = kg // cin, kg % cin
             ty, tx = tap // kw, tap % kw
             iy, ix = pix_iy[m] + ty * dilation[0], pix_ix[m] + tx * dilation[1]
             inside = (kg < k) & (pix_out[m] >= 0) & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
             addr = x_off0 + bn * sn + c * sc + iy * sh + ix * sw
-            b_s[kk, m] = np.where(inside, x_flat[np.where(inside, addr, 0)], 0.0)
-            return b_s
+            return np.where(inside, x_flat[np.where(inside, addr, 0)], 0.0)
 
-        acc = np.zeros((rp, kTileM))
-        for step in range(k_pad // kTileK):
-            k0 = step * kTileK
-            a_s = vp[:, k0:k0 + kTileK]
-            b_s = im2col_tile(k0)
-            assert not np.isnan(b_s).any()
-            acc += a_s @ b_s
-        t_s = acc
-        for co0 in range(0, cout, kTileN):
-            u_s = up[co0:co0 + kTileN, :rp]
-            o_s = u_s @ t_s
-            for e in range(kTileN * kTileM):
-                j, m = (e % kTileN, e // kTileN) if oc == 1 else (e // kTileM, e % kTileM)
-                co = co0 + j
-                if co < cout and pix_out[m] >= 0:
-                    val = o_s[j, m] + (0.0 if bias is None else float(bias[co]))
-                    out_flat[pix_out[m] + co * oc] = val
-    assert not np.isnan(out_flat).any(), "an output element was never written"
-    return torch.as_strided(torch.from_numpy(out_flat), out.shape, out.stride())
+        t_s = rank_gemm(vp, im2col_element, sc == 1)
+        output_stage(out_flat, up, t_s, cout, pix_out, oc, bias)
+    return finish(out, out_flat)
+
+
+kTileH = kTileW = 8
+
+
+def model_tucker2(x, factors, bias, stride, padding, dilation):
+    """tucker2_kernel: stage 0 over the halo into Z, stage 1 gathered from Z, stage 2."""
+    us, core, ut = factors
+    rs, cin = us.shape
+    rt, _, kh, kw = core.shape
+    cout = ut.shape[0]
+    n, _, h, w = x.shape
+    ho, wo = out_size(h, kh, stride[0], padding[0], dilation[0]), out_size(w, kw, stride[1], padding[1], dilation[1])
+    rsp, rtp, cin_pad = round_up(rs, 16), round_up(rt, 16), round_up(cin, kTileK)
+    k1 = kh * kw * rs
+    k1_pad, cout_pad = round_up(k1, kTileK), round_up(cout, kTileN)
+    usp = np.zeros((rsp, cin_pad))
+    usp[:rs, :cin] = us.numpy()
+    cp = np.zeros((rtp, k1_pad))
+    cp[:rt, :k1] = core.permute(0, 2, 3, 1).reshape(rt, k1).numpy()
+    utp = np.zeros((cout_pad, rtp))
+    utp[:cout, :rt] = ut.numpy()
+    halo_h = (kTileH - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+    halo_w = (kTileW - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+    halo_px = halo_h * halo_w
+    halo_cols = round_up(halo_px, kTileM)
+    x_flat, (sn, sc, sh, sw), x_off0 = storage_of(x)
+    out, out_flat = output_like(x, n, cout, ho, wo)
+    on, oc, oh, ow = out.stride()
+    tiles_w, tiles_h = (wo + kTileW - 1) // kTileW, (ho + kTileH - 1) // kTileH
+    tiles_per_image = tiles_w * tiles_h
+    for block in range(n * tiles_per_image):
+        bn = block // tiles_per_image
+        tile = block - bn * tiles_per_image
+        oy0, ox0 = (tile // tiles_w) * kTileH, (tile - (tile // tiles_w) * tiles_w) * kTileW
+        iy_origin, ix_origin = oy0 * stride[0] - padding[0], ox0 * stride[1] - padding[1]
+        m = np.arange(kTileM)
+        my, mx = m // kTileW, m % kTileW
+        oy, ox = oy0 + my, ox0 + mx
+        pix_out = np.where((oy < ho) & (ox < wo), bn * on + oy * oh + ox * ow, -1)
+        pix_hy, pix_hx = my * stride[0], mx * stride[1]
+        z_s = np.full((rsp, halo_cols), np.nan)
+        for hc0 in range(0, halo_cols, kTileM):
+            def halo_element(c, m):
+                hp = hc0 + m
+                hy, hx = hp // halo_w, hp % halo_w
+                iy, ix = iy_origin + hy, ix_origin + hx
+                inside = (c < cin) & (hp < halo_px) & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+                addr = x_off0 + bn * sn + c * sc + iy * sh + ix * sw
+                return np.where(inside, x_flat[np.where(inside, addr, 0)], 0.0)
+
+            z_s[:, hc0:hc0 + kTileM] = rank_gemm(usp, halo_element, sc == 1)
+
+        def z_element(k, m):
+            tap, r = k // rs, k % rs
+            ty, tx = tap // kw, tap % kw
+            hy, hx = pix_hy[m] + ty * dilation[0], pix_hx[m] + tx * dilation[1]
+            valid = (k < k1) & (pix_out[m] >= 0)
+            assert ((hy < halo_h) & (hx < halo_w) | ~valid).all(), "a tap outside the halo"
+            return np.where(valid, z_s[np.where(valid, r, 0), np.where(valid, hy * halo_w + hx, 0)], 0.0)
+
+        t_s = rank_gemm(cp, z_element, False)
+        output_stage(out_flat, utp, t_s, cout, pix_out, oc, bias)
+    return finish(out, out_flat)
 
 
 def layouts(x):
@@ -163,4 +250,30 @@ def test_model_hsv_level1_matches_dense(T2):
     truth = F.conv2d(x, fact.to_dense(), None, (1, 2), (1, 0), 1)
     for name, xl in layouts(x):
         y = model_forward(xl, "hsv", [b, a], None, (1, 2), (1, 0), (1, 1))
+        torch.testing.assert_close(y, truth, rtol=1e-10, atol=1e-10, msg=name)
+
+
+TUCKER_SPECS = [
+    # (N, Cin, Cout, R_S, R_T, H, W, kh, kw, stride, padding, dilation)
+    (2, 8, 16, 5, 6, 9, 11, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (1, 40, 70, 35, 20, 19, 17, 3, 3, (2, 2), (1, 1), (1, 1)),    # stride 2, two Cout chunks, several tiles
+    (3, 6, 10, 4, 3, 6, 5, 2, 3, (2, 1), (0, 1), (1, 2)),         # even kernel, mixed stride/dilation
+    (1, 4, 6, 3, 5, 12, 13, 3, 3, (1, 1), (2, 2), (2, 2)),        # dilation 2
+    (2, 16, 8, 8, 16, 9, 9, 1, 1, (1, 1), (0, 0), (1, 1)),        # 1x1 core
+]
+
+
+@pytest.mark.parametrize("spec", TUCKER_SPECS, ids=[str(i) for i in range(len(TUCKER_SPECS))])
+def test_model_tucker2_matches_conv(spec):
+    torch.manual_seed(1)
+    n, cin, cout, rs, rt, h, w, kh, kw, stride, padding, dilation = spec
+    us = torch.randn(rs, cin, dtype=torch.float64)
+    core = torch.randn(rt, rs, kh, kw, dtype=torch.float64)
+    ut = torch.randn(cout, rt, dtype=torch.float64)
+    bias = torch.randn(cout, dtype=torch.float64)
+    fact = hsvkernels.Factorization("tucker2", [us, core, ut], (cout, cin, kh, kw))
+    x = torch.randn(n, cin, h, w, dtype=torch.float64)
+    truth = F.conv2d(x, fact.to_dense(), bias, stride, padding, dilation)
+    for name, xl in layouts(x):
+        y = model_tucker2(xl, [us, core, ut], bias, stride, padding, dilation)
         torch.testing.assert_close(y, truth, rtol=1e-10, atol=1e-10, msg=name)

@@ -2,8 +2,8 @@
 // HSV_CUDA_IMPL (see cuda_impl.h): "composite" (default) is the unfused ATen
 // chain (cuDNN convs) on the current stream; "fused" runs the hand-written fused
 // kernel where one supports the arguments (kinds "svd" and "hsv" level 1 with
-// S1 = 1, see two_stage_fused.h) and the composite chain otherwise. The
-// backward op is always the composite chain.
+// S1 = 1, see two_stage_fused.h; "tucker2", see tucker2_fused.h) and the
+// composite chain otherwise. The backward op is always the composite chain.
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -13,6 +13,7 @@
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
 #include "cuda_impl.h"
+#include "tucker2_fused.h"
 #include "two_stage_fused.h"
 
 namespace hsv {
@@ -35,7 +36,7 @@ int64_t fused_launch_count() { return launches.load(); }
 
 void count_fused_launch() { launches.fetch_add(1); }
 
-std::vector<std::string> fused_kinds() { return {"svd", "hsv"}; }
+std::vector<std::string> fused_kinds() { return {"svd", "hsv", "tucker2"}; }
 
 }  // namespace cuda
 
@@ -52,6 +53,9 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
   if (cuda::two_stage_supports(input, factors, plan, k)) {
     return cuda::two_stage_forward(input, factors, bias, plan, k);
+  }
+  if (cuda::tucker2_supports(input, factors, plan, k)) {
+    return cuda::tucker2_forward(input, factors, bias, plan);
   }
   return chain_forward(input, factors, bias, plan);
 }
