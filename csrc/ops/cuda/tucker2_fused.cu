@@ -24,8 +24,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <type_traits>
 
 #include "cuda_impl.h"
@@ -350,20 +348,9 @@ int smem_bytes(at::ScalarType dtype, int64_t rsp, int64_t rtp, int64_t halo_cols
 
 template <typename S>
 void launch(const Params& p, int64_t blocks, int smem, cudaStream_t stream) {
-  // Above 48 KB of dynamic shared memory a kernel must opt in, per device;
-  // done once per size high-water mark, so warmed-up calls only launch.
-  static std::mutex mutex;
-  static std::map<int, int> granted;  // device -> bytes
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    int& have = granted[device];
-    if (smem > have) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(tucker2_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      have = smem;
-    }
-  }
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(&tucker2_kernel<S>), device);
   tucker2_kernel<S><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -34,8 +34,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <type_traits>
 
 #include "cuda_impl.h"
@@ -309,22 +307,9 @@ int smem_bytes(at::ScalarType dtype, int64_t rp) {
 
 template <typename S>
 void launch(const Params& p, int64_t blocks, int smem, cudaStream_t stream) {
-  // Above 48 KB of dynamic shared memory a kernel must opt in, per device. Done
-  // once per (dtype, device, size high-water mark), so warmed-up calls make no
-  // attribute call (nothing but the launch while a CUDA graph is captured).
-  static std::mutex mutex;
-  static std::map<int, int> granted;  // device -> bytes
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    int& have = granted[device];
-    if (smem > have) {
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(two_stage_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      have = smem;
-    }
-  }
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(&two_stage_kernel<S>), device);
   two_stage_kernel<S><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
+#include <utility>
 
 namespace hsv {
 namespace cuda {
@@ -122,6 +124,19 @@ inline DeviceInfo device_info(int device) {
   d.smem_optin = smem;
   known[device] = d;
   return d;
+}
+
+// Lets `kernel` use all the dynamic shared memory the device allows (above
+// 48 KB a kernel must opt in), once per (kernel, device): later launches, CUDA
+// graph captures included, make no attribute call.
+inline void allow_max_dynamic_smem(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const int limit = static_cast<int>(device_info(device).smem_optin);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  done.insert({kernel, device});
 }
 
 }  // namespace tiles
