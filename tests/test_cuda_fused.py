@@ -152,6 +152,36 @@ def test_fused_svd_ranks_and_tiles(spec, dtype, with_bias, impl):
         check_fused(impl, fact, x, bias, stride, padding, dilation)
 
 
+@pytest.mark.parametrize("splits", ["1", "2", "3", "7", "1000"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (N, Cin, Cout, r, H, W, kh, kw, stride, padding, dilation)
+    (1, 40, 70, 35, 13, 11, 3, 3, 1, 1, 1),      # K 360: 12 K steps
+    (1, 64, 128, 112, 7, 7, 3, 3, 1, 1, 1),      # an L4-like 7x7 layer at batch 1
+    (2, 17, 9, 5, 10, 9, 3, 3, 2, 1, 1),         # K 153: 5 K steps, Cout < 16
+], ids=["k360", "l4like", "small"])
+def test_fused_split_k(spec, dtype, splits, impl, monkeypatch):
+    # forced split counts (clamped to the K steps): the parts' sum must equal the whole
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    for with_bias in (True, False):
+        bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+        for layout in ("contiguous", "channels_last"):
+            x = make_input(n, cin, h, w, layout, dtype)
+            check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+def test_bad_split_k_value_errors(impl, monkeypatch):
+    impl("fused")
+    fact = svd_factors(4, 4, 6, 3, 3, dtype=torch.float16).to("cuda")
+    x = torch.randn(1, 4, 5, 5, device="cuda", dtype=torch.float16)
+    for bad in ("0", "-2", "two", "3x"):
+        monkeypatch.setenv("HSV_CUDA_SPLIT_K", bad)
+        with pytest.raises(ValueError, match="HSV_CUDA_SPLIT_K='%s'" % bad):
+            hsvkernels.conv2d(x, fact)
+
+
 def test_fused_falls_back_where_unsupported(impl):
     # rank above the kernel's limit, float64, and fp32 with TF32 off: composite, still right
     cases = [(svd_factors(129, 16, 32, 3, 3), torch.bfloat16), (svd_factors(8, 16, 32, 3, 3), torch.float64)]
@@ -356,7 +386,7 @@ def test_fused_on_side_stream_and_in_cuda_graph(impl):
         y_side = hsvkernels.conv2d(x, fact, None, 1, 1)
         assert launches() - before == 1
     torch.cuda.current_stream().wait_stream(side)
-    assert torch.equal(y_side, expected)
+    torch.testing.assert_close(y_side, expected)   # split-K sums in fp32 atomics: order may differ
     # capture on a side stream (as torch.cuda.graph does), then replay on new data
     g = torch.cuda.CUDAGraph()
     static_x = x.clone()
@@ -366,7 +396,7 @@ def test_fused_on_side_stream_and_in_cuda_graph(impl):
     static_x.copy_(x2)
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_y, hsvkernels.conv2d(x2, fact, None, 1, 1))
+    torch.testing.assert_close(static_y, hsvkernels.conv2d(x2, fact, None, 1, 1))
 
 
 def test_fused_under_compile_reduce_overhead(impl):

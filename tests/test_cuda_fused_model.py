@@ -54,23 +54,27 @@ def gather_tile(element, k0, channels_fastest):
     return b_s
 
 
-def rank_gemm(a_pad, element, channels_fastest):
-    """acc = A @ G over K in steps of kTileK (a_pad: rows_pad x k_steps * kTileK)."""
+def rank_gemm(a_pad, element, channels_fastest, steps=None):
+    """acc = A @ G over K in steps of kTileK (a_pad: rows_pad x k_steps * kTileK), or over `steps` only."""
     acc = np.zeros((a_pad.shape[0], kTileM))
-    for k0 in range(0, a_pad.shape[1], kTileK):
+    for k0 in (range(0, a_pad.shape[1], kTileK) if steps is None else [s * kTileK for s in steps]):
         acc += a_pad[:, k0:k0 + kTileK] @ gather_tile(element, k0, channels_fastest)
     return acc
 
 
-def output_stage(out_flat, up, t_s, cout, pix_out, oc, bias):
-    """Stage 2 and the epilogue: out = bias + Up @ T through the output strides."""
+def output_stage(out_flat, up, t_s, cout, pix_out, oc, bias, partial=None):
+    """Stage 2 and the epilogue: out = bias + Up @ T through the output strides
+    (split-K: partial += Up @ T_split, no bias)."""
     for co0 in range(0, cout, kTileN):
         o_s = up[co0:co0 + kTileN] @ t_s
         for e in range(kTileN * kTileM):
             j, m = (e % kTileN, e // kTileN) if oc == 1 else (e // kTileM, e % kTileM)
             co = co0 + j
             if co < cout and pix_out[m] >= 0:
-                out_flat[pix_out[m] + co * oc] = o_s[j, m] + (0.0 if bias is None else float(bias[co]))
+                if partial is not None:
+                    partial[pix_out[m] + co * oc] += o_s[j, m]
+                else:
+                    out_flat[pix_out[m] + co * oc] = o_s[j, m] + (0.0 if bias is None else float(bias[co]))
 
 
 def storage_of(x):
@@ -95,8 +99,8 @@ def out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def model_forward(x, kind, factors, bias, stride, padding, dilation):
-    """two_stage_kernel (svd, hsv level 1)."""
+def model_forward(x, kind, factors, bias, stride, padding, dilation, splits=1):
+    """two_stage_kernel (svd, hsv level 1), with `splits` parts of K as two_stage_forward clamps them."""
     v, u = two_stage_factors(kind, factors)
     r, cin, kh, kw = v.shape
     cout = u.shape[0]
@@ -113,9 +117,16 @@ def model_forward(x, kind, factors, bias, stride, padding, dilation):
     out, out_flat = output_like(x, n, cout, ho, wo)
     on, oc, oh, ow = out.stride()
     tiles_per_image = (ho * wo + kTileM - 1) // kTileM
-    for block in range(n * tiles_per_image):
+    k_steps = k_pad // kTileK
+    splits = max(1, min(splits, k_steps, 65535))
+    steps_per_split = (k_steps + splits - 1) // splits
+    splits = (k_steps + steps_per_split - 1) // steps_per_split
+    partial = np.zeros(out.numel()) if splits > 1 else None
+    for block, split in ((b, s) for b in range(n * tiles_per_image) for s in range(splits)):
         bn = block // tiles_per_image
         m0 = (block - bn * tiles_per_image) * kTileM
+        step_begin = split * steps_per_split
+        steps = range(step_begin, min(k_steps, step_begin + steps_per_split))
         # pixel tables
         q = m0 + np.arange(kTileM)
         valid = q < ho * wo
@@ -132,8 +143,14 @@ def model_forward(x, kind, factors, bias, stride, padding, dilation):
             addr = x_off0 + bn * sn + c * sc + iy * sh + ix * sw
             return np.where(inside, x_flat[np.where(inside, addr, 0)], 0.0)
 
-        t_s = rank_gemm(vp, im2col_element, sc == 1)
-        output_stage(out_flat, up, t_s, cout, pix_out, oc, bias)
+        t_s = rank_gemm(vp, im2col_element, sc == 1, steps)
+        output_stage(out_flat, up, t_s, cout, pix_out, oc, bias, partial)
+    if partial is not None:   # the host: out = partial + bias, in out's layout
+        y = torch.as_strided(torch.from_numpy(partial), out.shape, out.stride())
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        out.copy_(y)
+        out_flat = out.as_strided((out.numel(),), (1,), 0).numpy().copy()
     return finish(out, out_flat)
 
 
@@ -224,8 +241,9 @@ SPECS = [
 ]
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole_k", "split_k3"])
 @pytest.mark.parametrize("spec", SPECS, ids=[str(i) for i in range(len(SPECS))])
-def test_model_svd_matches_conv(spec):
+def test_model_svd_matches_conv(spec, splits):
     torch.manual_seed(0)
     n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
     v = torch.randn(r, cin, kh, kw, dtype=torch.float64)
@@ -235,7 +253,7 @@ def test_model_svd_matches_conv(spec):
     dense = (u @ v.reshape(r, -1)).reshape(cout, cin, kh, kw)
     truth = F.conv2d(x, dense, bias, stride, padding, dilation)
     for name, xl in layouts(x):
-        y = model_forward(xl, "svd", [v, u], bias, stride, padding, dilation)
+        y = model_forward(xl, "svd", [v, u], bias, stride, padding, dilation, splits)
         torch.testing.assert_close(y, truth, rtol=1e-10, atol=1e-10, msg=name)
 
 

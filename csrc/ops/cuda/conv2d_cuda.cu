@@ -9,6 +9,8 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <exception>
+#include <string>
 
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
@@ -30,6 +32,22 @@ Impl impl_from_env() {
   if (v.empty() || v == "composite") return Impl::Composite;
   if (v == "fused") return Impl::Fused;
   TORCH_CHECK_VALUE(false, "hsv::conv2d: HSV_CUDA_IMPL='", v, "' is not one of 'composite', 'fused'");
+}
+
+int64_t split_k_from_env() {
+  const char* raw = std::getenv("HSV_CUDA_SPLIT_K");
+  const std::string v = raw ? std::string(raw) : std::string();
+  if (v.empty() || v == "auto") return 0;
+  int64_t splits = 0;
+  size_t used = 0;
+  try {
+    splits = std::stoll(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  TORCH_CHECK_VALUE(used == v.size() && splits >= 1, "hsv::conv2d: HSV_CUDA_SPLIT_K='", v,
+                    "' is not 'auto' or a positive integer");
+  return splits;
 }
 
 int64_t fused_launch_count() { return launches.load(); }

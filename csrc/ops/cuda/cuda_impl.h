@@ -18,6 +18,12 @@ enum class Impl { Composite, Fused };
 // Throws c10::ValueError naming HSV_CUDA_IMPL on any other value.
 Impl impl_from_env();
 
+// HSV_CUDA_SPLIT_K = auto (default) | a positive integer: how many parts the
+// two-stage fused kernel (svd, hsv) splits its first GEMM's K into (clamped to
+// what the shape allows); auto chooses by a small model (two_stage_fused.cu). Returns 0 for auto; throws
+// c10::ValueError naming HSV_CUDA_SPLIT_K on other values.
+int64_t split_k_from_env();
+
 // How many times a fused CUDA kernel was launched in this process: tests use it
 // to tell a fused run from a silent fallback to the composite chain.
 int64_t fused_launch_count();

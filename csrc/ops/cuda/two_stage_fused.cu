@@ -15,13 +15,17 @@
 //            memory (rounded to the input dtype, as the composite chain rounds
 //            its intermediate), Cout walked in chunks of kTileN, written once
 //            through the output's strides.
+// Split-K (gridDim.y > 1, for grids too small to fill the GPU: batch 1, small
+// images): CTA (tile, s) runs stage 1 over its share of K only and atomically
+// adds U @ T_s into a zeroed fp32 buffer laid out like the output; the host adds
+// the bias and converts. HSV_CUDA_SPLIT_K forces a split count (tests).
 // Vp = V permuted to (r, kh, kw, Cin) and zero-padded to (rp, k_pad); Up = U
 // zero-padded to (cout_pad, rp): padding the factors (small) once per call
 // leaves predicates only on the gathered input and on the output.
 // Tensor cores through WMMA: fp16/bf16 operands m16n16k16, fp32 operands as
 // TF32 m16n16k8; fp32 accumulation in both.
-// TODO (after GPU verification): cache Vp/Up per factor version; split-K or
-// smaller tiles for batch 1; per-shape tile choice; wgmma on sm_90a.
+// TODO (after GPU verification): cache Vp/Up per factor version; tune the
+// split-K model and the tile sizes per shape on measurements; wgmma on sm_90a.
 #include "two_stage_fused.h"
 
 #include <ATen/Context.h>
@@ -34,6 +38,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <initializer_list>
 #include <type_traits>
 
 #include "cuda_impl.h"
@@ -60,6 +65,8 @@ struct Params {
   const float* bias;            // cout floats, or nullptr
   void* out;
   long long on, oc, oh, ow;     // output strides (elements)
+  int steps_per_split;          // K steps per CTA along gridDim.y (all of them without split-K)
+  float* partial;               // split-K: fp32 output with out's strides, zeroed, summed into; else nullptr
 };
 
 // Shared memory, in bytes from the start of the dynamic buffer:
@@ -168,26 +175,29 @@ __global__ void __launch_bounds__(kThreads) two_stage_kernel(const Params p) {
   // Stage 1: T = Vp @ im2col(x) over K in steps of kTileK.
   const bool channels_fastest = p.sc == 1;
   const int rank_tiles = p.rp / 16;
+  // This CTA's K steps: all of them, or split blockIdx.y's share (split-K).
   const int k_steps = p.k_pad / kTileK;
+  const int step_begin = blockIdx.y * p.steps_per_split;
+  const int step_end = min(k_steps, step_begin + p.steps_per_split);
   S staged[kGatherPerThread];
   FragC acc[kMaxRankTiles];
 #pragma unroll
   for (int i = 0; i < kMaxRankTiles; ++i) wmma::fill_fragment(acc[i], 0.0f);
 
-  // Prologue: step 0 into buffer 0.
-  copy_tile_async(a_s(0), L.ld_a, vp, p.k_pad, p.rp, kTileK);
+  // Prologue: the first step into buffer 0.
+  copy_tile_async(a_s(0), L.ld_a, vp + step_begin * kTileK, p.k_pad, p.rp, kTileK);
 #pragma unroll
   for (int i = 0; i < kGatherPerThread; ++i) {
     int kk, m;
     gather_coords(tid + i * kThreads, channels_fastest, kk, m);
-    b_s(0)[kk * L.ld_b + m] = im2col_element(p, x, kk, m, pix_out, pix_iy, pix_ix);
+    b_s(0)[kk * L.ld_b + m] = im2col_element(p, x, step_begin * kTileK + kk, m, pix_out, pix_iy, pix_ix);
   }
   cp_async_wait_all();
   __syncthreads();
 
-  for (int step = 0; step < k_steps; ++step) {
-    const int cur = step & 1;
-    const bool more = step + 1 < k_steps;
+  for (int step = step_begin; step < step_end; ++step) {
+    const int cur = (step - step_begin) & 1;
+    const bool more = step + 1 < step_end;
     if (more) {  // start step + 1: buffer cur ^ 1 was last read in step - 1, before its closing barrier
       const int k0 = (step + 1) * kTileK;
       copy_tile_async(a_s(cur ^ 1), L.ld_a, vp + k0, p.k_pad, p.rp, kTileK);
@@ -289,9 +299,12 @@ __global__ void __launch_bounds__(kThreads) two_stage_kernel(const Params p) {
       }
       const int co = co0 + j;
       if (co < p.cout && pix_out[m] >= 0) {
-        float v = o_s[j * L.ld_f + m];
-        if (p.bias != nullptr) v += p.bias[co];
-        out[pix_out[m] + co * p.oc] = from_float<S>(v);
+        const float v = o_s[j * L.ld_f + m];
+        if (p.partial != nullptr) {  // split-K: U @ T_split summed over the splits; bias and dtype on the host
+          atomicAdd(p.partial + pix_out[m] + co * p.oc, v);
+        } else {
+          out[pix_out[m] + co * p.oc] = from_float<S>(p.bias != nullptr ? v + p.bias[co] : v);
+        }
       }
     }
     __syncthreads();  // u_s and o_s are rewritten by the next chunk
@@ -306,12 +319,23 @@ int smem_bytes(at::ScalarType dtype, int64_t rp) {
 }
 
 template <typename S>
-void launch(const Params& p, int64_t blocks, int smem, cudaStream_t stream) {
+void launch(const Params& p, dim3 grid, int smem, cudaStream_t stream) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   allow_max_dynamic_smem(reinterpret_cast<const void*>(&two_stage_kernel<S>), device);
-  two_stage_kernel<S><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  two_stage_kernel<S><<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Split-K (batch 1, small images): when the pixel tiles alone leave SMs idle,
+// split stage 1's K into as many parts as fill them, but keep each part's K at
+// least the padded Cout, so the stage 2 that every part repeats (on its
+// partial T, summed into an fp32 buffer) costs no more than its stage 1.
+int64_t auto_splits(int64_t blocks, int64_t k_pad, int64_t cout_pad, int64_t sms) {
+  if (blocks >= sms) return 1;
+  const int64_t by_work = std::max<int64_t>(1, k_pad / std::max<int64_t>(cout_pad, 4 * kTileK));
+  const int64_t to_fill = (sms + blocks - 1) / blocks;
+  return std::min(by_work, to_fill);
 }
 
 // The kernel's V (r, Cin, kh, kw) and U (Cout, r) for a kind, as sizes (for
@@ -453,20 +477,36 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t blocks = n * tiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "hsv::conv2d: fused kernel: too many pixel tiles (",
               blocks, ")");
+  const int64_t k_steps = k_pad / kTileK;
+  const int64_t forced = split_k_from_env();
+  int64_t splits = forced > 0 ? forced : auto_splits(blocks, k_pad, cout_pad, device_info(input.device().index()).sms);
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, k_steps, 65535}));
+  p.steps_per_split = static_cast<int>((k_steps + splits - 1) / splits);
+  splits = (k_steps + p.steps_per_split - 1) / p.steps_per_split;  // no empty split
+  at::Tensor partial;
+  if (splits > 1) {
+    partial = at::zeros(plan.out_shape, out.options().dtype(at::kFloat).memory_format(output_memory_format(input)));
+    TORCH_CHECK(partial.strides() == out.strides(), "hsv::conv2d: fused kernel: split-K buffer layout mismatch");
+    p.partial = partial.data_ptr<float>();
+  }
   const int smem = smem_bytes(input.scalar_type(), rp);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index());
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   switch (input.scalar_type()) {
     case at::kHalf:
-      launch<__half>(p, blocks, smem, stream);
+      launch<__half>(p, grid, smem, stream);
       break;
     case at::kBFloat16:
-      launch<__nv_bfloat16>(p, blocks, smem, stream);
+      launch<__nv_bfloat16>(p, grid, smem, stream);
       break;
     case at::kFloat:
-      launch<float>(p, blocks, smem, stream);
+      launch<float>(p, grid, smem, stream);
       break;
     default:
       TORCH_CHECK(false, "hsv::conv2d: fused kernel called with dtype ", input.scalar_type());
+  }
+  if (splits > 1) {  // the parts' sum, plus bias, in the output dtype and layout
+    out.copy_(bias_f.defined() ? partial + bias_f.view({1, cout, 1, 1}) : partial);
   }
   count_fused_launch();
   return out;

@@ -108,6 +108,7 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // headers are not in every CUDA toolkit this builds with.)
 struct DeviceInfo {
   int major = 0;
+  int sms = 0;
   int64_t smem_optin = 0;
 };
 
@@ -120,6 +121,7 @@ inline DeviceInfo device_info(int device) {
   DeviceInfo d;
   int smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   d.smem_optin = smem;
   known[device] = d;
