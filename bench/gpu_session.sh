@@ -123,6 +123,10 @@ if want bench; then
   # fp32 with TF32 on for cuDNN and cuBLAS alike (the fused fp32 path is TF32)
   step "bench fp32 tf32-on" 170 "$OUT/session.log" \
     "$PY" bench/layers.py "${common[@]}" --dtype float32 --tf32 on --out "$OUT/bench-fp32"
+  # batch 1, bf16 channels_last, CUDA-graph replays (no launch overhead); printed only, to stay at 8 files
+  step "bench bf16 batch-1 graphed" 90 "$OUT/session.log" \
+    "$PY" bench/layers.py "${common[@]}" --batch 1 --graph --dtype bfloat16 --channels-last \
+    --out /tmp/hsv-bench-bf16-graph
 fi
 
 {

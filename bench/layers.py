@@ -50,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--impls", type=lambda s: [m for m in s.split(",") if m], default=[],
                    help="also time the op under each of these implementations (HSV_CPU_IMPL or HSV_CUDA_IMPL, "
                         "set before every call), e.g. composite,fused; ratios in the note column")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: time replays of a CUDA graph captured from each callable (after warm-up) "
+                        "instead of eager calls: kernel time without launch overhead")
     p.add_argument("--ratio", type=float, default=4.0, help="parameter compression asked of every method")
     p.add_argument("--macs-ratio", type=float, default=4.0,
                    help="MAC reduction asked of methods that accept macs_ratio (0: never ask)")
@@ -182,6 +185,24 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def graphed(fn):
+    """fn captured once into a CUDA graph (after warm-up on a side stream); returns its replay.
+
+    The op reads HSV_CUDA_IMPL when it is called, so each --impls callable is
+    captured with its own implementation.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def impl_variable(device):
     """The environment variable that picks the op's implementation on this device."""
     return "HSV_CUDA_IMPL" if device.type == "cuda" else "HSV_CPU_IMPL"
@@ -285,6 +306,8 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             for impl, fn in impl_ops.items():
                 fns["impl:%s:%s" % (impl, method)] = fn
         with torch.inference_mode():
+            if args.graph and device.type == "cuda":
+                fns = {name: graphed(fn) for name, fn in fns.items()}
             times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=args.rounds,
                                             min_blocks=args.min_blocks)
         for method, row in per_method.items():
@@ -412,9 +435,10 @@ def markdown(result):
     lines = ["# hsvkernels layer benchmark: %s %s" % (settings["device"], settings["dtype"]), ""]
     lines += ["    " + line for line in timing.describe_environment(env)]
     lines += ["", "Settings: batch %s, channels_last %s, ratio %g, macs_ratio %g, timing %gs in %d rounds "
-              "(at least %d blocks) per callable." % (settings["batch"], settings["channels_last"], settings["ratio"],
-                                                     settings["macs_ratio"], settings["min_run_time"],
-                                                     settings["rounds"], settings["min_blocks"]),
+              "(at least %d blocks) per callable%s." % (settings["batch"], settings["channels_last"], settings["ratio"],
+                                                       settings["macs_ratio"], settings["min_run_time"],
+                                                       settings["rounds"], settings["min_blocks"],
+                                                       ", CUDA-graph replays" if settings.get("graph") else ""),
               "Times are medians per call; ratios < 1 mean the first is faster. See bench/README.md.", ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
@@ -463,8 +487,9 @@ def main(argv=None):
     for line in timing.describe_environment(env):
         print(line)
     print("device %s  dtype %s  channels_last %s  batch %s  methods %s  layers %d  timing %gs in %d rounds, "
-          ">= %d blocks" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
-                            args.min_run_time, args.rounds, args.min_blocks), flush=True)
+          ">= %d blocks%s" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
+                              args.min_run_time, args.rounds, args.min_blocks,
+                              "  CUDA-graph replays" if args.graph and device.type == "cuda" else ""), flush=True)
     print_header()
     rows = []
     for i, shape in enumerate(layers):
