@@ -6,6 +6,7 @@ ratios are comparable even on a noisy machine. See bench/README.md.
 
     python bench/layers.py --quick
     python bench/layers.py --device cuda --dtype bfloat16 --channels-last --batch 1,32,128
+    python bench/layers.py --device cuda --methods svd --impls composite,fused
 """
 import argparse
 import datetime
@@ -46,6 +47,12 @@ def parse_args(argv):
     p.add_argument("--channels-last", action="store_true", help="input and dense weight in channels_last")
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
                    help="CUDA: set cudnn.allow_tf32 and cuda.matmul.allow_tf32 both on or off")
+    p.add_argument("--impls", type=lambda s: [m for m in s.split(",") if m], default=[],
+                   help="also time the op under each of these implementations (HSV_CPU_IMPL or HSV_CUDA_IMPL, "
+                        "set before every call), e.g. composite,fused; ratios in the note column")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: time replays of a CUDA graph captured from each callable (after warm-up) "
+                        "instead of eager calls: kernel time without launch overhead")
     p.add_argument("--ratio", type=float, default=4.0, help="parameter compression asked of every method")
     p.add_argument("--macs-ratio", type=float, default=4.0,
                    help="MAC reduction asked of methods that accept macs_ratio (0: never ask)")
@@ -178,6 +185,52 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def graphed(fn):
+    """fn captured once into a CUDA graph (after warm-up on a side stream); returns its replay.
+
+    The op reads HSV_CUDA_IMPL when it is called, so each --impls callable is
+    captured with its own implementation.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def impl_variable(device):
+    """The environment variable that picks the op's implementation on this device."""
+    return "HSV_CUDA_IMPL" if device.type == "cuda" else "HSV_CPU_IMPL"
+
+
+def with_env(fn, var, value):
+    """fn run with os.environ[var] = value (None: unset); the extension reads it on every call.
+
+    Set before every call and not restored, so every timed op callable sets its
+    own: the cost (a putenv, about a microsecond) is the same for all of them.
+    """
+    if value is None:
+        def call():
+            os.environ.pop(var, None)
+            return fn()
+    else:
+        def call():
+            os.environ[var] = value
+            return fn()
+    return call
+
+
+def fused_launch_count():
+    """The extension's count of fused CUDA kernel launches (None without it)."""
+    c = getattr(hsvkernels._extension, "_C", None)
+    return c.cuda_fused_launch_count() if c is not None and hasattr(c, "cuda_fused_launch_count") else None
+
+
 def bench_layer(shape, args, device, dtype, methods, layer_index):
     kw = shape.conv_kwargs()
     g = torch.Generator().manual_seed(args.seed * 1000 + layer_index)
@@ -187,6 +240,7 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     w_dense = weight.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
     ho, wo = shape.out_hw
+    impl_var, env_impl = impl_variable(device), args.env_impl
     rows = []
     for batch in args.batch:
         x = torch.randn(batch, shape.cin, shape.h, shape.w, generator=g).to(device=device, dtype=dtype)
@@ -210,9 +264,13 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             row["params_ratio"] = row["params_dense"] / row["params_fact"]
             row["macs_ratio"] = row["macs_dense"] / row["macs_fact"]
 
-            def op(factors=factors, kind=kind):
+            def op_call(factors=factors, kind=kind):
                 return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
                                             kw["groups"], kind)
+
+            # with --impls every op callable sets the variable: "op" back to the environment's own value
+            op = with_env(op_call, impl_var, env_impl) if args.impls else op_call
+            impl_ops = {impl: with_env(op_call, impl_var, impl) for impl in args.impls}
 
             def ref(f=f):
                 return hsvkernels.reference.conv2d(x, f, None, kw["stride"], kw["padding"], kw["dilation"],
@@ -227,6 +285,12 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                                                     and not y_op.is_contiguous())
                     row["backends"] = {"dense": conv_backend(x, w_dense, **kw),
                                        "reference": chain_backends(ref)}
+                    row["fused_ran"] = {}
+                    for impl, fn in impl_ops.items():
+                        # the counter counts fused CUDA launches only: no verdict on CPU
+                        before = fused_launch_count() if device.type == "cuda" else None
+                        errors["op:" + impl] = normalized_error(fn(), expected)
+                        row["fused_ran"][impl] = None if before is None else fused_launch_count() > before
             except Exception as exc:   # the op cannot run this case (device, dtype, kind not built)
                 row.update(status="error", message="%s: %s" % (type(exc).__name__, exc))
                 continue
@@ -239,7 +303,11 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                                    % (shape.name, batch, method, kind, device, args.dtype, bad, tol))
             fns["op:" + method] = op
             fns["reference:" + method] = ref
+            for impl, fn in impl_ops.items():
+                fns["impl:%s:%s" % (impl, method)] = fn
         with torch.inference_mode():
+            if args.graph and device.type == "cuda":
+                fns = {name: graphed(fn) for name, fn in fns.items()}
             times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=args.rounds,
                                             min_blocks=args.min_blocks)
         for method, row in per_method.items():
@@ -248,6 +316,12 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             t_dense = times["dense"]["median"]
             t_op = (times.get("op:" + method) or {}).get("median")
             t_ref = (times.get("reference:" + method) or {}).get("median")
+            t_impls = {impl: times.get("impl:%s:%s" % (impl, method)) for impl in args.impls}
+            row["time_impls"] = t_impls
+            t_impl = {impl: (t or {}).get("median") for impl, t in t_impls.items()}
+            row["ratio_impls_dense"] = {impl: ratio(t, t_dense) for impl, t in t_impl.items()}
+            if len(args.impls) >= 2:   # e.g. fused / composite, measured in this process
+                row["ratio_impl_last_first"] = ratio(t_impl[args.impls[-1]], t_impl[args.impls[0]])
             row.update(ratio_op_dense=ratio(t_op, t_dense), ratio_ref_dense=ratio(t_ref, t_dense),
                        ratio_op_ref=ratio(t_op, t_ref),
                        gflops_dense=2 * shape.dense_macs(batch) / t_dense / 1e9,
@@ -308,7 +382,19 @@ def row_cells(row):
             fmt(row["params_ratio"], "%.2f"), fmt(row["macs_ratio"], "%.2f"), fmt_time(med["dense"]),
             fmt_time(med["op"]), fmt_time(med["reference"]), fmt(row["ratio_op_dense"]),
             fmt(row["ratio_ref_dense"]), fmt(row["ratio_op_ref"]), fmt(row["gflops_dense"], "%.1f"),
-            fmt(row["gflops_op"], "%.1f"), fmt(row["gflops_ref"], "%.1f"), ""]
+            fmt(row["gflops_op"], "%.1f"), fmt(row["gflops_ref"], "%.1f"), impl_note(row)]
+
+
+def impl_note(row):
+    """--impls: each implementation's time / dense (with '(fallback)' where no fused kernel ran), and last/first."""
+    ratios = row.get("ratio_impls_dense") or {}
+    ran = row.get("fused_ran") or {}
+    parts = ["%s/dense %s%s" % (impl, fmt(r), " (fallback)" if impl == "fused" and ran.get(impl) is False else "")
+             for impl, r in ratios.items()]
+    impls = list(ratios)
+    if len(impls) >= 2:
+        parts.append("%s/%s %s" % (impls[-1], impls[0], fmt(row.get("ratio_impl_last_first"))))
+    return ", ".join(parts)
 
 
 def print_header():
@@ -331,10 +417,16 @@ def summarize(rows):
         for batch in sorted({r["batch"] for r in rows}):
             ok = [r for r in rows if r["method"] == method and r["batch"] == batch and r["status"] == "ok"]
             if ok:
-                out.append({"method": method, "batch": batch, "layers": len(ok),
-                            "geomean_op_dense": geomean(r["ratio_op_dense"] for r in ok),
-                            "geomean_ref_dense": geomean(r["ratio_ref_dense"] for r in ok),
-                            "geomean_op_ref": geomean(r["ratio_op_ref"] for r in ok)})
+                s = {"method": method, "batch": batch, "layers": len(ok),
+                     "geomean_op_dense": geomean(r["ratio_op_dense"] for r in ok),
+                     "geomean_ref_dense": geomean(r["ratio_ref_dense"] for r in ok),
+                     "geomean_op_ref": geomean(r["ratio_op_ref"] for r in ok)}
+                impls = list(ok[0].get("ratio_impls_dense") or {})
+                for impl in impls:
+                    s["geomean_%s_dense" % impl] = geomean(r["ratio_impls_dense"][impl] for r in ok)
+                if len(impls) >= 2:
+                    s["geomean_%s_%s" % (impls[-1], impls[0])] = geomean(r.get("ratio_impl_last_first") for r in ok)
+                out.append(s)
     return out
 
 
@@ -343,9 +435,10 @@ def markdown(result):
     lines = ["# hsvkernels layer benchmark: %s %s" % (settings["device"], settings["dtype"]), ""]
     lines += ["    " + line for line in timing.describe_environment(env)]
     lines += ["", "Settings: batch %s, channels_last %s, ratio %g, macs_ratio %g, timing %gs in %d rounds "
-              "(at least %d blocks) per callable." % (settings["batch"], settings["channels_last"], settings["ratio"],
-                                                     settings["macs_ratio"], settings["min_run_time"],
-                                                     settings["rounds"], settings["min_blocks"]),
+              "(at least %d blocks) per callable%s." % (settings["batch"], settings["channels_last"], settings["ratio"],
+                                                       settings["macs_ratio"], settings["min_run_time"],
+                                                       settings["rounds"], settings["min_blocks"],
+                                                       ", CUDA-graph replays" if settings.get("graph") else ""),
               "Times are medians per call; ratios < 1 mean the first is faster. See bench/README.md.", ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
@@ -382,6 +475,8 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("layers.py: --device %s but CUDA is not available" % args.device)
     setup_backends(args, device)
+    # the implementation the environment selects, before --impls callables start setting it
+    args.env_impl = os.environ.get(impl_variable(device))
     methods = args.methods or sorted(hsvkernels.METHODS)
     unknown = [m for m in methods if m not in hsvkernels.METHODS]
     if unknown:
@@ -392,8 +487,9 @@ def main(argv=None):
     for line in timing.describe_environment(env):
         print(line)
     print("device %s  dtype %s  channels_last %s  batch %s  methods %s  layers %d  timing %gs in %d rounds, "
-          ">= %d blocks" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
-                            args.min_run_time, args.rounds, args.min_blocks), flush=True)
+          ">= %d blocks%s" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
+                              args.min_run_time, args.rounds, args.min_blocks,
+                              "  CUDA-graph replays" if args.graph and device.type == "cuda" else ""), flush=True)
     print_header()
     rows = []
     for i, shape in enumerate(layers):
@@ -404,9 +500,12 @@ def main(argv=None):
     result = {"schema": "hsvkernels-bench-layers/1", "env": env, "settings": settings, "rows": rows,
               "summary": summarize(rows)}
     for s in result["summary"]:
-        print("geomean %-9s N=%-4d over %d layers: op/dense %s  ref/dense %s  op/ref %s"
+        extra = "".join("  %s %s" % (k[len("geomean_"):].replace("_", "/"), fmt(v)) for k, v in s.items()
+                        if k.startswith("geomean_") and k not in ("geomean_op_dense", "geomean_ref_dense",
+                                                                   "geomean_op_ref"))
+        print("geomean %-9s N=%-4d over %d layers: op/dense %s  ref/dense %s  op/ref %s%s"
               % (s["method"], s["batch"], s["layers"], fmt(s["geomean_op_dense"]), fmt(s["geomean_ref_dense"]),
-                 fmt(s["geomean_op_ref"])))
+                 fmt(s["geomean_op_ref"]), extra))
     out = args.out or default_out(args)
     out = out[:-5] if out.endswith(".json") else out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -415,6 +514,8 @@ def main(argv=None):
     with open(out + ".md", "w") as f:
         f.write(markdown(result))
     print("wrote %s.json and %s.md" % (out, out))
+    if args.impls:   # leave the variable as the environment had it
+        with_env(lambda: None, impl_variable(device), args.env_impl)()
     errors = [r for r in rows if r["status"] == "error"]
     if errors:
         print("layers.py: %d configuration(s) failed to run; see 'message' in the JSON" % len(errors),

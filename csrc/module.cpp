@@ -5,6 +5,9 @@
 
 #include "ops/chain/conv_chain.h"
 #include "ops/cpu/isa.h"
+#ifdef WITH_CUDA
+#include "ops/cuda/cuda_impl.h"
+#endif
 
 #ifndef HSV_TORCH_VERSION
 #define HSV_TORCH_VERSION "unknown"
@@ -40,7 +43,14 @@ py::dict build_info() {
   info["cpu_isa"] = hsv::cpu::best_isa();
   info["cpu_kernels"] = "composite";
   info["cpu_fused_kinds"] = std::vector<std::string>{"svd"};
+  // cuda_kernels: what HSV_CUDA_IMPL selects by default; cuda_fused_kinds: the
+  // kinds HSV_CUDA_IMPL=fused runs fused (where dtype and shape allow).
   info["cuda_kernels"] = "composite";
+#ifdef WITH_CUDA
+  info["cuda_fused_kinds"] = hsv::cuda::fused_kinds();
+#else
+  info["cuda_fused_kinds"] = std::vector<std::string>{};
+#endif
   info["kinds"] = hsv::known_kinds();
   return info;
 }
@@ -50,4 +60,11 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hsvkernels native extension: registers torch.ops.hsv.* and reports build info";
   m.def("build_info", &build_info, "How this extension was built: versions, CUDA archs, CPU paths, kinds");
+  m.def("cuda_fused_launch_count", []() -> int64_t {
+#ifdef WITH_CUDA
+    return hsv::cuda::fused_launch_count();
+#else
+    return 0;
+#endif
+  }, "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
 }

@@ -1,0 +1,94 @@
+"""A few small fused CUDA calls, for compute-sanitizer (memcheck, racecheck) to watch.
+
+Each case runs a fused kernel (HSV_CUDA_IMPL=fused) and fails when it did not run
+or its output is off from F.conv2d on the dense weight, computed on the CPU in
+float64: no cuDNN kernel runs on the GPU, so what the sanitizer reports is in the
+fused kernels (or in the few plain ATen kernels that make inputs and pad factors).
+Small on purpose: racecheck slows kernels down by orders of magnitude.
+
+    compute-sanitizer --tool racecheck python bench/cuda_fused_smoke.py
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hsvkernels  # noqa: E402
+from hsvkernels._extension import _C  # noqa: E402
+
+TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# svd: (N, Cin, Cout, r, H, W, kh, kw, stride, padding, dilation)
+SVD_CASES = [
+    (2, 8, 16, 5, 9, 11, 3, 3, 1, 1, 1),        # odd sizes, rank 5
+    (1, 40, 70, 35, 13, 11, 3, 3, 2, 1, 1),     # stride 2, K 360, two Cout chunks
+    (1, 64, 96, 128, 7, 9, 3, 3, 1, 1, 1),      # the rank limit
+    (3, 6, 10, 4, 6, 5, 2, 3, (2, 1), (0, 1), (1, 2)),  # non-square kernel, mixed stride/dilation
+    (2, 16, 8, 8, 9, 9, 1, 1, 2, 0, 1),         # 1x1 stride 2
+]
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def check(kind, factors, shape, x, bias, stride, padding, dilation):
+    """One fused call against float64 truth on the CPU; returns the relative error."""
+    os.environ["HSV_CUDA_IMPL"] = "fused"
+    before = _C.cuda_fused_launch_count()
+    y = torch.ops.hsv.conv2d(x, factors, bias, _pair(stride), _pair(padding), _pair(dilation), 1, kind)
+    torch.cuda.synchronize()
+    if _C.cuda_fused_launch_count() != before + 1:
+        raise SystemExit("fused kernel did not run: %s %s %s" % (kind, shape, x.dtype))
+    dense = hsvkernels.Factorization(kind, [f.double().cpu() for f in factors], shape).to_dense()
+    truth = F.conv2d(x.double().cpu(), dense, None if bias is None else bias.double().cpu(), _pair(stride),
+                     _pair(padding), _pair(dilation))
+    err = ((y.double().cpu() - truth).abs().max() / truth.abs().max()).item()
+    if not err <= TOL[x.dtype]:
+        raise SystemExit("fused output off for %s %s %s layout %s: error %.3g"
+                         % (kind, shape, x.dtype, "channels_last" if x.stride(1) == 1 else "NCHW", err))
+    return err
+
+
+def make_x(n, c, h, w, dtype, channels_last):
+    x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_fused_smoke.py: no CUDA device")
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = True   # the fused fp32 path runs where cuDNN may use TF32
+    worst, calls = 0.0, 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        opts = dict(device="cuda", dtype=dtype)
+        for channels_last in (False, True):
+            for n, cin, cout, r, h, w, kh, kw, stride, padding, dilation in SVD_CASES:
+                v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
+                u = torch.randn(cout, r, **opts) / r ** 0.5
+                x = make_x(n, cin, h, w, dtype, channels_last)
+                worst = max(worst, check("svd", [v, u], (cout, cin, kh, kw), x, torch.randn(cout, **opts), stride,
+                                         padding, dilation))
+                calls += 1
+            # tucker2, stride 2: a 17 x 17 halo per 8 x 8 tile, two Cout chunks
+            us = torch.randn(12, 20, **opts) / 20 ** 0.5
+            core = torch.randn(10, 12, 3, 3, **opts) / 108 ** 0.5
+            ut = torch.randn(70, 10, **opts) / 10 ** 0.5
+            x = make_x(2, 20, 19, 17, dtype, channels_last)
+            worst = max(worst, check("tucker2", [us, core, ut], (70, 20, 3, 3), x, torch.randn(70, **opts), 2, 1, 1))
+            # hsv level 1 with S1 = 1, T2 = 2: the two-stage kernel with U = A kron I_T2
+            b = torch.randn(6, 2, 12, 3, 3, **opts) / 108 ** 0.5
+            a = torch.randn(5, 1, 6, **opts) / 6 ** 0.5
+            x = make_x(2, 12, 9, 10, dtype, channels_last)
+            worst = max(worst, check("hsv", [b, a], (10, 12, 3, 3), x, None, 1, 1, 1))
+            calls += 2
+    print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g)" % (calls, worst))
+
+
+if __name__ == "__main__":
+    main()

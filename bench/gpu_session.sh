@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One GPU session in one call: build the extension for sm_90, record the
+# environment, run the CUDA tests under both HSV_CUDA_IMPL values, run
+# compute-sanitizer (memcheck, racecheck) on a small fused-kernel script, and
+# benchmark dense vs composite vs fused per layer. Every part is time-bounded
+# and the whole stays inside HSV_SESSION_BUDGET seconds (default 560), so it
+# fits one 10-minute device call; parts that no longer fit are skipped and say so.
+#
+#   bash bench/gpu_session.sh                       # build info test sanitize bench
+#   bash bench/gpu_session.sh build info test sanitize
+#   bash bench/gpu_session.sh build bench
+#
+# Run from anywhere; it works in the repository root. Logs and results go to
+# $OUT (default /tmp/hsv-gpu-session), at most 8 files: session.log (steps,
+# timings, environment, the final table of step results), build.log (with
+# ptxas' register/shared-memory report of every kernel), tests.log,
+# sanitizer.log and bench-<dtype>.{json,md}. Needs no network.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/hsv-gpu-session}
+mkdir -p "$OUT"
+BUDGET=${HSV_SESSION_BUDGET:-560}
+PY=${PYTHON:-python3}
+START=$SECONDS
+LOG=$OUT/session.log
+RESULTS=()
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(build info test sanitize bench)
+want() {
+  local p
+  for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done
+  return 1
+}
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# step NAME CAP LOGFILE CMD...: CMD under a timeout of min(CAP, budget left),
+# output appended to LOGFILE; the result line goes to session.log.
+step() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local t
+  t=$(left)
+  [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt 15 ]; then
+    RESULTS+=("$name: SKIPPED (session budget spent)")
+    echo "SKIPPED $name: session budget spent" | tee -a "$LOG"
+    return 124
+  fi
+  echo "=== $name (limit ${t}s): $*" | tee -a "$LOG" >>"$log"
+  local t0=$SECONDS rc
+  timeout -k 5 "$t" "$@" >>"$log" 2>&1
+  rc=$?
+  local what="rc=$rc"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT after ${t}s"
+  RESULTS+=("$name: $what in $((SECONDS - t0))s (log $(basename "$log"))")
+  echo "$name: $what in $((SECONDS - t0))s" | tee -a "$LOG"
+  return $rc
+}
+
+echo "gpu_session: parts ${parts[*]}, budget ${BUDGET}s, out $OUT, $(date -u +%FT%TZ)" | tee "$LOG"
+git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$LOG"
+
+if want build; then
+  # sm_90 only (the H100/H200); ptxas -v puts each kernel's registers, spills
+  # and shared memory in build.log.
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas=-v"
+  step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . ||
+    step build-inplace 300 "$OUT/build.log" "$PY" setup.py build_ext --inplace
+  unset NVCC_APPEND_FLAGS
+fi
+
+if ! "$PY" -c "import sys, hsvkernels; sys.exit(0 if hsvkernels.build_info().get('with_cuda') else 1)" \
+  >>"$LOG" 2>&1; then
+  echo "gpu_session: hsvkernels has no CUDA kernels (build failed?); see build.log" | tee -a "$LOG"
+  exit 1
+fi
+
+if want info; then
+  {
+    echo "--- python -m hsvkernels info"
+    "$PY" -m hsvkernels info
+    echo "--- nvidia-smi"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', \
+torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+    command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
+  } >>"$LOG" 2>&1
+fi
+
+if want test; then
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  # the whole CUDA matrix with the default (composite), plus the fused tests (which set HSV_CUDA_IMPL themselves)
+  step "tests composite" 200 "$OUT/tests.log" env HSV_CUDA_IMPL=composite \
+    "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py tests/test_cuda_fused.py
+  # the foundation CUDA matrix again with the fused kernels selected
+  step "tests fused" 120 "$OUT/tests.log" env HSV_CUDA_IMPL=fused \
+    "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py
+fi
+
+if want sanitize; then
+  if command -v compute-sanitizer >/dev/null; then
+    step "memcheck" 90 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$PY" bench/cuda_fused_smoke.py
+    step "racecheck" 120 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --racecheck-report all \
+      --error-exitcode 3 "$PY" bench/cuda_fused_smoke.py
+  else
+    RESULTS+=("sanitize: SKIPPED (compute-sanitizer not on PATH)")
+  fi
+fi
+
+if want bench; then
+  # dense (cuDNN, cudnn.benchmark=True) vs op (the environment's default) vs
+  # composite vs fused, in one process per dtype; the eight layers of
+  # docs/performance.md section 3.3 at ratio=4, macs_ratio=4.
+  common=(--device cuda --methods svd,tucker2 --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 1,32,128 --impls composite,fused
+    --min-run-time 0.2 --rounds 3 --min-blocks 5)
+  step "bench bf16 channels_last" 170 "$OUT/session.log" \
+    "$PY" bench/layers.py "${common[@]}" --dtype bfloat16 --channels-last --out "$OUT/bench-bf16"
+  # fp32 with TF32 on for cuDNN and cuBLAS alike (the fused fp32 path is TF32)
+  step "bench fp32 tf32-on" 170 "$OUT/session.log" \
+    "$PY" bench/layers.py "${common[@]}" --dtype float32 --tf32 on --out "$OUT/bench-fp32"
+  # batch 1, bf16 channels_last, CUDA-graph replays (no launch overhead); printed only, to stay at 8 files
+  step "bench bf16 batch-1 graphed" 90 "$OUT/session.log" \
+    "$PY" bench/layers.py "${common[@]}" --batch 1 --graph --dtype bfloat16 --channels-last \
+    --out /tmp/hsv-bench-bf16-graph
+fi
+
+{
+  echo
+  echo "gpu_session: done in $((SECONDS - START))s of ${BUDGET}s"
+  for r in "${RESULTS[@]}"; do echo "  $r"; done
+  # registers, spills, shared memory of the fused kernels (ptxas -v in build.log)
+  grep -A3 -E "Compiling entry function.*(two_stage|tucker2)_kernel" "$OUT/build.log" 2>/dev/null |
+    grep -E "entry function|registers|spill" | sed -E "s/.*(two_stage|tucker2)_kernelI(.*)EEvNS.*/\1 \2:/" | tail -12
+  grep -hE "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)|ERROR SUMMARY|RACECHECK SUMMARY|^geomean|WRONG OUTPUT" \
+    "$OUT"/tests.log "$OUT"/sanitizer.log "$OUT"/session.log 2>/dev/null | grep -v "^gpu_session" | tail -40
+} | tee -a "$LOG.tail"
+cat "$LOG.tail" >>"$LOG" && rm -f "$LOG.tail"

@@ -1,0 +1,36 @@
+// Which CUDA forward runs: HSV_CUDA_IMPL = composite (default) | fused, read on
+// every call so a process (a test, a benchmark) can switch between them.
+// "fused" runs a hand-written fused kernel where one exists for the kind, dtype
+// and shape, and the composite chain (cuDNN convs) otherwise. The fused kernels
+// stay off the default path until they have been verified on a GPU.
+// Plain C++ (no CUDA headers), so module.cpp can report on it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace hsv {
+namespace cuda {
+
+enum class Impl { Composite, Fused };
+
+// Throws c10::ValueError naming HSV_CUDA_IMPL on any other value.
+Impl impl_from_env();
+
+// HSV_CUDA_SPLIT_K = auto (default) | a positive integer: how many parts the
+// two-stage fused kernel (svd, hsv) splits its first GEMM's K into (clamped to
+// what the shape allows); auto chooses by a small model (two_stage_fused.cu). Returns 0 for auto; throws
+// c10::ValueError naming HSV_CUDA_SPLIT_K on other values.
+int64_t split_k_from_env();
+
+// How many times a fused CUDA kernel was launched in this process: tests use it
+// to tell a fused run from a silent fallback to the composite chain.
+int64_t fused_launch_count();
+void count_fused_launch();
+
+// The kinds that have a fused CUDA kernel.
+std::vector<std::string> fused_kinds();
+
+}  // namespace cuda
+}  // namespace hsv

@@ -1,0 +1,146 @@
+// Building blocks shared by the fused CUDA kernels (two_stage_fused.cu,
+// tucker2_fused.cu): tile sizes, WMMA operand traits, cp.async copies, and
+// the host-side device queries. Header-only, all inline or templates.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <set>
+#include <utility>
+
+namespace hsv {
+namespace cuda {
+namespace tiles {
+
+using namespace nvcuda;
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kTileM = 64;     // output pixels per CTA: 16 per warp
+constexpr int kTileK = 32;     // K per stage-1 step
+constexpr int kTileN = 64;     // output channels per stage-2 step
+constexpr int kMaxRank = 128;  // padded rank limit: at most 8 accumulator tiles per warp
+constexpr int kMaxRankTiles = kMaxRank / 16;
+constexpr int kGatherPerThread = kTileK * kTileM / kThreads;
+static_assert(kTileM == 16 * (kThreads / 32), "one 16-pixel column per warp");
+static_assert(kTileK * kTileM % kThreads == 0, "the gathered tile splits evenly over the threads");
+
+// Operand element type S on the device (the tensor's dtype) and its WMMA shape.
+template <typename S>
+struct Mma;
+template <>
+struct Mma<__half> {
+  using Elem = __half;
+  static constexpr int kK = 16;
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  using Elem = __nv_bfloat16;
+  static constexpr int kK = 16;
+};
+template <>
+struct Mma<float> {
+  using Elem = wmma::precision::tf32;
+  static constexpr int kK = 8;
+};
+
+template <typename S>
+__device__ __forceinline__ S from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+
+__host__ __device__ constexpr inline int align128(int bytes) { return (bytes + 127) / 128 * 128; }
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+}
+
+// Waits for all of this thread's cp.async copies (commit + wait_group 0).
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Copies rows x cols elements (row stride src_ld in global memory, dst_ld in
+// shared memory) in 16-byte pieces; cols * sizeof(S), both strides and both
+// base addresses are multiples of 16 bytes.
+template <typename S>
+__device__ __forceinline__ void copy_tile_async(S* dst, int dst_ld, const S* src, long long src_ld, int rows,
+                                                int cols) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(S));
+  const int pieces_per_row = cols / kVec;
+  for (int i = threadIdx.x; i < rows * pieces_per_row; i += kThreads) {
+    const int row = i / pieces_per_row, piece = i - row * pieces_per_row;
+    cp_async16(dst + row * dst_ld + piece * kVec, src + row * src_ld + piece * kVec);
+  }
+}
+
+// The (k, m) coordinates of element e of a kTileK x kTileM gathered tile:
+// consecutive threads walk K (channels) for a unit-stride channel input, so
+// their loads are contiguous, and pixels otherwise.
+__device__ __forceinline__ void gather_coords(int e, bool channels_fastest, int& kk, int& m) {
+  if (channels_fastest) {
+    kk = e % kTileK;
+    m = e / kTileK;
+  } else {
+    m = e % kTileM;
+    kk = e / kTileM;
+  }
+}
+
+template <typename Frag>
+__device__ __forceinline__ void round_to_tf32(Frag& f) {
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// What the fused kernels' checks need to know of a device, read once per device.
+// (Through the runtime, not ATen/cuda/CUDAContext.h, whose cuSPARSE/cuBLAS
+// headers are not in every CUDA toolkit this builds with.)
+struct DeviceInfo {
+  int major = 0;
+  int sms = 0;
+  int64_t smem_optin = 0;
+};
+
+inline DeviceInfo device_info(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  DeviceInfo d;
+  int smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  d.smem_optin = smem;
+  known[device] = d;
+  return d;
+}
+
+// Lets `kernel` use all the dynamic shared memory the device allows (above
+// 48 KB a kernel must opt in), once per (kernel, device): later launches, CUDA
+// graph captures included, make no attribute call.
+inline void allow_max_dynamic_smem(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const int limit = static_cast<int>(device_info(device).smem_optin);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  done.insert({kernel, device});
+}
+
+}  // namespace tiles
+}  // namespace cuda
+}  // namespace hsv

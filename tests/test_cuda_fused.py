@@ -1,0 +1,438 @@
+"""The fused CUDA forward (HSV_CUDA_IMPL=fused) against the composite chain, the
+reference path and F.conv2d on the dense weight rebuilt from the same factors.
+
+Skipped without a CUDA device or without CUDA kernels in the extension. Every
+test that expects the fused kernel to run checks the extension's launch counter,
+so a silent fallback to the composite chain cannot pass for a fused run.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+from factories import CASES, KINDS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_op import SHAPES
+
+import hsvkernels
+from hsvkernels import reference
+
+INFO = hsvkernels.build_info()
+pytestmark = [
+    requires_cuda,
+    pytest.mark.cuda,
+    pytest.mark.skipif(not INFO.get("with_cuda"), reason="the native extension was built without CUDA kernels"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative max error against float64 truth: fp32 runs in TF32 (as cuDNN does by
+# default); half types round their operands and the rank-r intermediate.
+TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+LAYOUTS = ["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]
+
+
+def launches():
+    from hsvkernels._extension import _C
+    return _C.cuda_fused_launch_count()
+
+
+@pytest.fixture
+def impl(monkeypatch):
+    """impl("fused") / impl("composite"): the CUDA forward the next calls take (read per call)."""
+    def set_impl(value):
+        monkeypatch.setenv("HSV_CUDA_IMPL", value)
+    return set_impl
+
+
+@pytest.fixture(autouse=True)
+def _tf32_on():
+    # The fused fp32 path computes in TF32 and runs only where cuDNN may too.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def make_input(n, cin, h, w, layout, dtype):
+    # made on the device: .to() would turn a strided view into a dense copy
+    opts = dict(device="cuda", dtype=dtype)
+    if layout == "channels_last":
+        return torch.randn(n, cin, h, w, **opts).contiguous(memory_format=torch.channels_last)
+    if layout == "noncontiguous":
+        return torch.randn(n, cin, h, 2 * w, **opts)[..., ::2]
+    if layout == "channels_last_noncontiguous":
+        return torch.randn(n, h, 2 * w, cin, **opts).permute(0, 3, 1, 2)[..., ::2]
+    return torch.randn(n, cin, h, w, **opts)
+
+
+def expected_format(x):
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def rel_err(y, ref):
+    if ref.numel() == 0:
+        return 0.0
+    y, ref = y.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(y).all(), "non-finite output (an element left unwritten?)"
+    return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def poison_allocator(numel, dtype):
+    """Leaves a NaN-filled block in the caching allocator, which the op's output
+    is likely to reuse: an element the kernel never writes then shows as NaN."""
+    junk = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device="cuda")
+    del junk
+
+
+def svd_factors(r, cin, cout, kh, kw, dtype=torch.float64):
+    v = torch.randn(r, cin, kh, kw, dtype=dtype) / (cin * kh * kw) ** 0.5
+    u = torch.randn(cout, r, dtype=dtype) / r ** 0.5
+    return hsvkernels.Factorization("svd", [v, u], (cout, cin, kh, kw))
+
+
+def check_fused(impl, fact, x, bias, stride, padding, dilation, expect_fused=True):
+    """Runs fused and composite on x; both against float64 truth and each other."""
+    dtype = x.dtype
+    truth = F.conv2d(x.double().cpu(), fact.to_dense().double(), None if bias is None else bias.double(), stride,
+                     padding, dilation)
+    fd = fact.to("cuda", dtype)
+    bd = None if bias is None else bias.to("cuda", dtype)
+    impl("composite")
+    y_comp = hsvkernels.conv2d(x, fd, bd, stride, padding, dilation)
+    impl("fused")
+    poison_allocator(truth.numel(), dtype)
+    before = launches()
+    y = hsvkernels.conv2d(x, fd, bd, stride, padding, dilation)
+    torch.cuda.synchronize()
+    ran = launches() - before
+    if expect_fused and x.shape[0] > 0:
+        assert ran == 1, "the fused kernel did not run (fallback to the composite chain)"
+    elif not expect_fused:
+        assert ran == 0, "the fused kernel ran where it should have fallen back"
+    assert y.shape == truth.shape and y.dtype == dtype and y.device.type == "cuda"
+    assert y.is_contiguous(memory_format=expected_format(x))
+    assert rel_err(y, truth) <= TOL[dtype]
+    assert rel_err(y, y_comp.double()) <= TOL[dtype]
+    return y
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
+def test_fused_svd_matches_dense_and_composite(spec, dtype, layout, impl):
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
+    fact = CASES["svd"].random((cout, cin, kh, kw), dtype=torch.float64)
+    x = make_input(n, cin, h, w, layout, dtype)
+    bias = torch.randn(cout, dtype=torch.float64)
+    y = check_fused(impl, fact, x, bias, stride, padding, dilation)
+    # and the reference path (pure PyTorch) on the same factors
+    y_ref = reference.conv2d(x, fact.to("cuda", dtype), bias.to("cuda", dtype), stride, padding, dilation)
+    assert rel_err(y, y_ref.double()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (N, Cin, Cout, r, H, W, kh, kw, stride, padding, dilation)
+    (2, 40, 70, 35, 13, 11, 3, 3, 1, 1, 1),      # r, Cout and K = 360 off every tile multiple
+    (1, 64, 128, 128, 9, 10, 3, 3, 1, 1, 1),     # the rank limit, two Cout chunks
+    (3, 17, 5, 1, 8, 9, 3, 3, 2, 1, 1),          # rank 1, Cout 5, odd Cin
+    (2, 256, 96, 48, 7, 7, 1, 1, 1, 0, 1),       # 1x1, K a multiple of the K step
+    (1, 8, 16, 8, 33, 65, 3, 3, 1, 1, 1),        # many pixel tiles, a partial last one
+    (4, 3, 64, 16, 23, 23, 7, 7, 2, 3, 1),       # stem-like 7x7 stride 2, Cin 3
+    (2, 16, 24, 12, 12, 14, 3, 2, (2, 1), (2, 0), (3, 2)),  # non-square kernel, mixed stride/padding/dilation
+], ids=["offsizes", "rank128", "rank1", "1x1", "tiles", "stem", "mixed"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_fused_svd_ranks_and_tiles(spec, dtype, with_bias, impl):
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    for layout in ("contiguous", "channels_last"):
+        x = make_input(n, cin, h, w, layout, dtype)
+        check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("splits", ["1", "2", "3", "7", "1000"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (N, Cin, Cout, r, H, W, kh, kw, stride, padding, dilation)
+    (1, 40, 70, 35, 13, 11, 3, 3, 1, 1, 1),      # K 360: 12 K steps
+    (1, 64, 128, 112, 7, 7, 3, 3, 1, 1, 1),      # an L4-like 7x7 layer at batch 1
+    (2, 17, 9, 5, 10, 9, 3, 3, 2, 1, 1),         # K 153: 5 K steps, Cout < 16
+], ids=["k360", "l4like", "small"])
+def test_fused_split_k(spec, dtype, splits, impl, monkeypatch):
+    # forced split counts (clamped to the K steps): the parts' sum must equal the whole
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    for with_bias in (True, False):
+        bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+        for layout in ("contiguous", "channels_last"):
+            x = make_input(n, cin, h, w, layout, dtype)
+            check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+def test_bad_split_k_value_errors(impl, monkeypatch):
+    impl("fused")
+    fact = svd_factors(4, 4, 6, 3, 3, dtype=torch.float16).to("cuda")
+    x = torch.randn(1, 4, 5, 5, device="cuda", dtype=torch.float16)
+    for bad in ("0", "-2", "two", "3x"):
+        monkeypatch.setenv("HSV_CUDA_SPLIT_K", bad)
+        with pytest.raises(ValueError, match="HSV_CUDA_SPLIT_K='%s'" % bad):
+            hsvkernels.conv2d(x, fact)
+
+
+def test_fused_falls_back_where_unsupported(impl):
+    # rank above the kernel's limit, float64, and fp32 with TF32 off: composite, still right
+    cases = [(svd_factors(129, 16, 32, 3, 3), torch.bfloat16), (svd_factors(8, 16, 32, 3, 3), torch.float64)]
+    for fact, dtype in cases:
+        x = make_input(2, 16, 9, 9, "contiguous", dtype)
+        tol = 1e-11 if dtype == torch.float64 else TOL[dtype]
+        impl("fused")
+        before = launches()
+        y = hsvkernels.conv2d(x, fact.to("cuda", dtype), None, 1, 1)
+        assert launches() == before
+        truth = F.conv2d(x.double().cpu(), fact.to_dense(), None, 1, 1)
+        assert rel_err(y, truth) <= tol
+    torch.backends.cudnn.allow_tf32 = False
+    fact = svd_factors(8, 16, 32, 3, 3)
+    x = make_input(2, 16, 9, 9, "contiguous", torch.float32)
+    check_fused(impl, fact, x, None, 1, 1, 1, expect_fused=False)
+
+
+def hsv_factors(P, T1, T2, S1, S2, kh, kw, dtype=torch.float64):
+    b = torch.randn(P, T2, S2, kh, kw, dtype=dtype) / (S2 * kh * kw) ** 0.5
+    a = torch.randn(T1, S1, P, dtype=dtype) / (S1 * P) ** 0.5
+    return hsvkernels.Factorization("hsv", [b, a], (T1 * T2, S1 * S2, kh, kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (P, T1, T2, S2, N, H, W, kh, kw, stride, padding, dilation); S1 = 1
+    (14, 64, 1, 64, 2, 9, 11, 3, 3, 1, 1, 1),     # what decompose(ratio=4) gives a 64->64 3x3 layer
+    (15, 64, 2, 128, 1, 8, 8, 3, 3, 1, 1, 1),     # T2 = 2 (128->128), Cout 128
+    (5, 7, 3, 9, 3, 10, 7, 3, 2, 2, (1, 0), 1),   # T2 = 3, odd everything
+    (32, 20, 4, 24, 2, 6, 6, 1, 1, 1, 0, 1),      # T2 = 4 (the limit), rank 128, 1x1
+], ids=["t2_1", "t2_2", "t2_3", "t2_4"])
+def test_fused_hsv_level1(spec, dtype, impl):
+    P, T1, T2, S2, n, h, w, kh, kw, stride, padding, dilation = spec
+    fact = hsv_factors(P, T1, T2, 1, S2, kh, kw)
+    bias = torch.randn(T1 * T2, dtype=torch.float64)
+    for layout in ("contiguous", "channels_last", "noncontiguous"):
+        x = make_input(n, S2, h, w, layout, dtype)
+        check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("spec", [
+    (4, 6, 2, 3, 5),     # S1 = 3 > 1
+    (4, 6, 5, 1, 5),     # T2 = 5 > 4
+    (40, 6, 4, 1, 5),    # P*T2 = 160 > 128
+], ids=["s1", "t2", "rank"])
+def test_fused_hsv_falls_back(spec, impl):
+    P, T1, T2, S1, S2 = spec
+    fact = hsv_factors(P, T1, T2, S1, S2, 3, 3)
+    x = make_input(2, S1 * S2, 9, 8, "channels_last", torch.bfloat16)
+    check_fused(impl, fact, x, None, 1, 1, 1, expect_fused=False)
+
+
+def tucker2_factors(rs, rt, cin, cout, kh, kw, dtype=torch.float64):
+    us = torch.randn(rs, cin, dtype=dtype) / cin ** 0.5
+    core = torch.randn(rt, rs, kh, kw, dtype=dtype) / (rs * kh * kw) ** 0.5
+    ut = torch.randn(cout, rt, dtype=dtype) / rt ** 0.5
+    return hsvkernels.Factorization("tucker2", [us, core, ut], (cout, cin, kh, kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (N, Cin, Cout, R_S, R_T, H, W, kh, kw, stride, padding, dilation)
+    (2, 64, 64, 24, 24, 14, 14, 3, 3, 1, 1, 1),          # what decompose(ratio=4) gives a 64->64 layer
+    (1, 40, 70, 35, 20, 19, 17, 3, 3, 2, 1, 1),          # stride 2, ranks and Cout off the tile sizes
+    (3, 6, 10, 4, 3, 6, 5, 2, 3, (2, 1), (0, 1), (1, 2)),  # even kernel, mixed stride/dilation
+    (1, 96, 128, 128, 128, 9, 10, 3, 3, 1, 1, 1),        # both ranks at the limit
+    (2, 16, 8, 8, 16, 9, 9, 1, 1, 1, 0, 1),              # 1x1 core
+    (0, 8, 8, 4, 4, 9, 9, 3, 3, 1, 1, 1),                # batch 0
+], ids=["resnet", "stride2", "mixed", "rank128", "1x1", "batch0"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_fused_tucker2(spec, dtype, with_bias, impl):
+    n, cin, cout, rs, rt, h, w, kh, kw, stride, padding, dilation = spec
+    fact = tucker2_factors(rs, rt, cin, cout, kh, kw)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    for layout in LAYOUTS:
+        x = make_input(n, cin, h, w, layout, dtype)
+        check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+def test_fused_tucker2_falls_back(impl):
+    fact = tucker2_factors(8, 130, 16, 24, 3, 3)   # R_T above the limit
+    check_fused(impl, fact, make_input(2, 16, 9, 9, "channels_last", torch.bfloat16), None, 1, 1, 1,
+                expect_fused=False)
+    torch.backends.cudnn.allow_tf32 = False
+    fact = tucker2_factors(8, 8, 16, 24, 3, 3)
+    check_fused(impl, fact, make_input(2, 16, 9, 9, "contiguous", torch.float32), None, 1, 1, 1,
+                expect_fused=False)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("svd", "hsv", "tucker2")])
+def test_other_kinds_fall_back_to_composite(kind, impl):
+    spec = SHAPES[0]
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
+    if not CASES[kind].supports((cout, cin, kh, kw)):
+        pytest.skip("shape not representable")
+    fact = CASES[kind].random((cout, cin, kh, kw), dtype=torch.float64)
+    x = make_input(n, cin, h, w, "channels_last", torch.bfloat16)
+    check_fused(impl, fact, x, torch.randn(cout, dtype=torch.float64), stride, padding, dilation,
+                expect_fused=False)
+
+
+@st.composite
+def conv_specs(draw):
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 40))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 40))
+    n = draw(st.integers(0, 4))
+    cin, cout, r = draw(st.integers(1, 72)), draw(st.integers(1, 150)), draw(st.integers(1, 128))
+    layout = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES))
+    with_bias = draw(st.booleans())
+    return n, cin, cout, r, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, dtype, with_bias
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(conv_specs())
+def test_fused_vs_composite_random_shapes(impl, spec):
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, layout, dtype, with_bias = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    x = make_input(n, cin, h, w, layout, dtype)
+    check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+@st.composite
+def tucker2_specs(draw):
+    # ranges whose halo and ranks always fit the kernel's shared memory (so it must run)
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 30))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 30))
+    n = draw(st.integers(0, 3))
+    cin, cout = draw(st.integers(1, 72)), draw(st.integers(1, 150))
+    rs, rt = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    layout = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES))
+    return n, cin, cout, rs, rt, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, dtype
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(tucker2_specs())
+def test_fused_tucker2_random_shapes(impl, spec):
+    n, cin, cout, rs, rt, h, w, kh, kw, stride, padding, dilation, layout, dtype = spec
+    fact = tucker2_factors(rs, rt, cin, cout, kh, kw)
+    x = make_input(n, cin, h, w, layout, dtype)
+    check_fused(impl, fact, x, torch.randn(cout, dtype=torch.float64), stride, padding, dilation)
+
+
+def test_fused_forward_composite_backward(impl):
+    # The forward runs fused; the backward op stays the composite chain.
+    fact = svd_factors(12, 8, 20, 3, 3, dtype=torch.float32)
+    x = torch.randn(2, 8, 11, 10, device="cuda", requires_grad=True)
+    factors = [f.to("cuda").requires_grad_() for f in fact.factors]
+    bias = torch.randn(20, device="cuda", requires_grad=True)
+    grads = {}
+    for which in ("composite", "fused"):
+        impl(which)
+        for t in [x, bias, *factors]:
+            t.grad = None
+        before = launches()
+        y = torch.ops.hsv.conv2d(x, factors, bias, [2, 1], [1, 1], [1, 1], 1, "svd")
+        assert launches() - before == (1 if which == "fused" else 0)
+        y.square().sum().backward()
+        grads[which] = [y.detach()] + [t.grad.clone() for t in [x, bias, *factors]]
+    for a, b in zip(grads["fused"], grads["composite"]):
+        assert rel_err(a, b) <= TOL[torch.float32]
+
+
+def test_gradcheck_with_fused_selected(impl):
+    impl("fused")   # float64 runs the chain; gradcheck and opcheck must still hold with fused selected
+    fact = svd_factors(5, 4, 6, 3, 3)
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    factors = [f.to("cuda").requires_grad_() for f in fact.factors]
+    bias = torch.randn(6, dtype=torch.float64, device="cuda", requires_grad=True)
+
+    def fn(x, v, u, b):
+        return torch.ops.hsv.conv2d(x, [v, u], b, [2, 2], [1, 1], [1, 1], 1, "svd")
+
+    assert torch.autograd.gradcheck(fn, (x, *factors, bias))
+    args = (x.detach().half(), [f.detach().half() for f in factors], bias.detach().half(), [2, 2], [1, 1], [1, 1], 1,
+            "svd")
+    torch.library.opcheck(torch.ops.hsv.conv2d.default, args)
+
+
+def test_fused_on_side_stream_and_in_cuda_graph(impl):
+    impl("fused")
+    fact = svd_factors(24, 32, 48, 3, 3, dtype=torch.bfloat16).to("cuda")
+    x = make_input(4, 32, 14, 14, "channels_last", torch.bfloat16)
+    expected = hsvkernels.conv2d(x, fact, None, 1, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        before = launches()
+        y_side = hsvkernels.conv2d(x, fact, None, 1, 1)
+        assert launches() - before == 1
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y_side, expected)   # split-K sums in fp32 atomics: order may differ
+    # capture on a side stream (as torch.cuda.graph does), then replay on new data
+    g = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    with torch.cuda.graph(g):
+        static_y = hsvkernels.conv2d(static_x, fact, None, 1, 1)
+    x2 = make_input(4, 32, 14, 14, "channels_last", torch.bfloat16)
+    static_x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, hsvkernels.conv2d(x2, fact, None, 1, 1))
+
+
+def test_fused_under_compile_reduce_overhead(impl):
+    impl("fused")
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).cuda()
+    layer = hsvkernels.FactorizedConv2d.from_conv(conv, method="svd", ratio=4).to(torch.bfloat16)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(4, 16, 14, 14, device="cuda", dtype=torch.bfloat16)
+    before = launches()
+    for _ in range(3):
+        y = compiled(x)
+    assert launches() > before
+    assert rel_err(y, layer(x).double()) <= TOL[torch.bfloat16]
+
+
+def test_bad_impl_value_errors(impl):
+    impl("fastest")
+    fact = svd_factors(4, 4, 6, 3, 3, dtype=torch.float32).to("cuda")
+    with pytest.raises(ValueError, match="HSV_CUDA_IMPL='fastest'"):
+        hsvkernels.conv2d(torch.randn(1, 4, 5, 5, device="cuda"), fact)
+
+
+def test_fused_argument_errors_match_composite(impl):
+    fact = svd_factors(4, 4, 6, 3, 3, dtype=torch.float16).to("cuda")
+    half = dict(device="cuda", dtype=torch.float16)
+    bad = [
+        (torch.randn(1, 5, 5, 5, **half), None),             # channel mismatch
+        (torch.randn(1, 4, 5, 5, **half), torch.randn(7, **half)),   # bias size
+        (torch.randn(1, 4, 2, 2, **half), None),             # too small without padding
+    ]
+    for x, bias in bad:
+        msgs = []
+        for which in ("composite", "fused"):
+            impl(which)
+            with pytest.raises(ValueError) as exc:
+                torch.ops.hsv.conv2d(x, list(fact.factors), bias, [1, 1], [0, 0], [1, 1], 1, "svd")
+            msgs.append(str(exc.value).split("\n")[0])
+        assert msgs[0] == msgs[1]
