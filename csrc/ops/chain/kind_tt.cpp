@@ -1,0 +1,80 @@
+// kind "tt": TT-conv with tensorized channels (Garipov et al. 2016), the spatial core
+// at the end of the train so that no stage needs a permute. Layout and maths in
+// hsvkernels/formats/tt.py. With S = Cin = S_1*...*S_d (input modes) and
+// T = Cout = T_1*...*T_d (output modes), row-major:
+// factors = [G_1 (1, T_1, S_1, r_1), ..., G_d (r_{d-1}, T_d, S_d, r_d), K (r_d, kh, kw)]
+// stage 0: view (N*S, 1, H, W), kh x kw conv 1 -> r_d with the layer's stride/padding/dilation
+// stage k = d..1: view (N*S_1..S_{k-1}, S_k*r_k, T_{k+1}..T_d*Ho, Wo), 1x1 conv with G_k
+//          as (r_{k-1}*T_k, S_k*r_k, 1, 1); the finished output modes ride in the rows
+// output view (N, T, Ho, Wo)
+#include "conv_chain.h"
+
+namespace hsv {
+namespace {
+
+#define TT_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "hsv::conv2d(kind='tt'): ", __VA_ARGS__)
+
+const char* kLayout = "[G_1 (1, T_1, S_1, r_1), ..., G_d (r_{d-1}, T_d, S_d, r_d), K (r_d, kh, kw)]";
+
+Plan build_tt_plan(const at::Tensor& input, at::TensorList factors, const ConvParams& conv) {
+  const int64_t nf = static_cast<int64_t>(factors.size());
+  TT_CHECK(nf >= 2, "expected d + 1 >= 2 factors ", kLayout, ", got ", nf);
+  const int64_t d = nf - 1;
+  for (int64_t k = 0; k < d; ++k)
+    TT_CHECK(factors[k].dim() == 4, "factors[", k, "] (G_", k + 1, ") must be 4-D (r_", k, ", T_", k + 1, ", S_",
+             k + 1, ", r_", k + 1, "), got shape ", factors[k].sizes());
+  const auto& K = factors[d];
+  TT_CHECK(K.dim() == 3, "factors[", d, "] (K, the last factor) must be 3-D (r_d, kh, kw), got shape ", K.sizes());
+  for (int64_t k = 0; k < nf; ++k)
+    for (auto s : factors[k].sizes()) TT_CHECK(s > 0, "factors[", k, "] has an empty dimension: ", factors[k].sizes());
+  TT_CHECK(factors[0].size(0) == 1, "factors[0] (G_1) must have r_0 = 1 as its first dimension, got shape ",
+           factors[0].sizes());
+  for (int64_t k = 1; k <= d; ++k) {
+    const int64_t prev = factors[k - 1].size(3);
+    if (k == d) {
+      TT_CHECK(K.size(0) == prev, "rank mismatch: factors[", k - 1, "] (G_", k, ") has r_", k, " = ", prev,
+               " but factors[", k, "] (K) has shape ", K.sizes(), ", expected (", prev, ", kh, kw)");
+    } else {
+      TT_CHECK(factors[k].size(0) == prev, "rank mismatch: factors[", k - 1, "] (G_", k, ") has r_", k, " = ", prev,
+               " but factors[", k, "] (G_", k + 1, ") has shape ", factors[k].sizes(), ", expected (", prev, ", T_",
+               k + 1, ", S_", k + 1, ", r_", k + 1, ")");
+    }
+  }
+  std::vector<int64_t> out_modes(d), in_modes(d), ranks(d + 1);
+  ranks[0] = 1;
+  int64_t cin = 1, cout = 1;
+  for (int64_t k = 0; k < d; ++k) {
+    out_modes[k] = factors[k].size(1);
+    in_modes[k] = factors[k].size(2);
+    ranks[k + 1] = factors[k].size(3);
+    cout *= out_modes[k];
+    cin *= in_modes[k];
+  }
+  TT_CHECK(input.size(1) == cin, "input has ", input.size(1), " channels but the factors expect Cin = ", cin,
+           " (the product of their S_k)");
+  const int64_t kh = K.size(1), kw = K.size(2);
+  const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
+  const int64_t ho = conv_out_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
+  const int64_t wo = conv_out_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
+  const ConvParams pointwise{{1, 1}, {0, 0}, {1, 1}, 1};
+  Plan plan;
+  plan.out_channels = cout;
+  plan.out_shape = {n, cout, ho, wo};
+  // Every input channel is a batch entry of the spatial conv, all with the same weights.
+  plan.stages.push_back(Stage{d, {ranks[d], 1, kh, kw}, {n * cin, 1, h, w}, conv});
+  int64_t s_before = cin, t_after = 1;
+  for (int64_t k = d - 1; k >= 0; --k) {
+    s_before /= in_modes[k];
+    plan.stages.push_back(Stage{k,
+                                {ranks[k] * out_modes[k], in_modes[k] * ranks[k + 1], 1, 1},
+                                {n * s_before, in_modes[k] * ranks[k + 1], t_after * ho, wo},
+                                pointwise});
+    t_after *= out_modes[k];
+  }
+  return plan;
+}
+
+const bool registered = (register_kind("tt", build_tt_plan), true);
+
+}  // namespace
+}  // namespace hsv
