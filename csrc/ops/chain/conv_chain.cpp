@@ -108,7 +108,14 @@ Plan make_plan(const at::Tensor& input, at::TensorList factors, const c10::optio
 namespace {
 
 at::Tensor stage_weight(at::TensorList factors, const Stage& st) {
-  return factors[st.factor].reshape(st.weight_shape);
+  if (st.right_factor < 0) return factors[st.factor].reshape(st.weight_shape);
+  return at::matmul(factors[st.factor].reshape({-1, st.inner}), factors[st.right_factor].reshape({st.inner, -1}))
+      .reshape(st.weight_shape);
+}
+
+void accumulate(std::vector<at::Tensor>& grad_factors, int64_t index, const at::Tensor& grad) {
+  auto& slot = grad_factors[index];
+  slot = slot.defined() ? slot + grad : grad;
 }
 
 at::Tensor run_stage(const at::Tensor& x, at::TensorList factors, const Stage& st) {
@@ -155,9 +162,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, c10::optional<at::Tensor>> chain
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, c.groups,
                                           {need_input, need_factors, false});
     if (need_factors) {
-      at::Tensor gw = std::get<1>(grads).reshape(factors[st.factor].sizes());
-      auto& slot = grad_factors[st.factor];
-      slot = slot.defined() ? slot + gw : gw;
+      const at::Tensor& gw = std::get<1>(grads);
+      if (st.right_factor < 0) {
+        accumulate(grad_factors, st.factor, gw.reshape(factors[st.factor].sizes()));
+      } else {  // weight = L @ R: dL = dW @ R^T, dR = L^T @ dW
+        const at::Tensor left = factors[st.factor].reshape({-1, st.inner});
+        const at::Tensor right = factors[st.right_factor].reshape({st.inner, -1});
+        const at::Tensor gw2 = gw.reshape({left.size(0), right.size(1)});
+        accumulate(grad_factors, st.factor, at::matmul(gw2, right.t()).reshape(factors[st.factor].sizes()));
+        accumulate(grad_factors, st.right_factor, at::matmul(left.t(), gw2).reshape(factors[st.right_factor].sizes()));
+      }
     }
     if (need_input) g = std::get<0>(grads).reshape(pre_view_shapes[i]);
   }
