@@ -56,6 +56,8 @@ def test_to_dense_is_the_train_entry_by_entry():
     ((4, 2), (3, 2), (2, 3), (3, 3)),
     ((5,), (3,), (4,), (3, 3)),        # d = 1
     ((2, 2), (2, 4), (2, 1), (1, 1)),  # 1x1 kernel: r_d = 1
+    ((16,), (3,), (2,), (3, 3)),       # d = 1, run unmerged: spatial conv 1 -> r_d, then one 1x1
+    ((4, 4), (2, 2), (2, 2), (3, 3)),  # unmerged
 ])
 def test_chain_op_and_dense_agree(out_modes, in_modes, ranks, k):
     fs = _train(_gen(1), out_modes, in_modes, ranks, *k)
@@ -70,22 +72,32 @@ def test_chain_op_and_dense_agree(out_modes, in_modes, ranks, k):
         assert (y - truth).abs().max().item() < 1e-12 * scale
 
 
-def test_params_and_macs_follow_the_formulas():
-    out_modes, in_modes, ranks, (kh, kw) = (2, 3, 2), (2, 2, 3), (3, 4, 5), (3, 2)
+@pytest.mark.parametrize("out_modes,in_modes,ranks,k,merged", [
+    ((2, 3, 2), (2, 2, 3), (3, 4, 5), (3, 2), True),
+    ((4, 2, 2), (2, 2, 3), (3, 3, 3), (3, 3), False),
+    ((16,), (3,), (2,), (3, 3), False),
+])
+def test_params_and_macs_follow_the_formulas(out_modes, in_modes, ranks, k, merged):
+    (kh, kw), d = k, len(ranks)
     fs = _train(_gen(3), out_modes, in_modes, ranks, kh, kw)
-    fact = hsvkernels.Factorization("tt", fs, (12, 12, kh, kw))
+    cout, cin = math.prod(out_modes), math.prod(in_modes)
+    fact = hsvkernels.Factorization("tt", fs, (cout, cin, kh, kw))
     r = (1,) + ranks
     # methods.md §6 (input modes S_k, output modes T_k, spatial core on r_d here).
-    params = kh * kw * r[-1] + sum(r[k] * out_modes[k] * in_modes[k] * r[k + 1] for k in range(3))
+    params = kh * kw * r[-1] + sum(r[k] * out_modes[k] * in_modes[k] * r[k + 1] for k in range(d))
     assert fact.num_params() == params == sum(f.numel() for f in fs)
-    per_position = 12 * kh * kw * r[-1] + sum(
-        math.prod(in_modes[:k]) * math.prod(out_modes[k + 1:]) * in_modes[k] * r[k + 1] * r[k] * out_modes[k]
-        for k in range(3))
-    assert fact.macs(5, 7) == per_position * 35
+    contraction = [math.prod(in_modes[:k]) * math.prod(out_modes[k + 1:]) * in_modes[k] * r[k + 1] * r[k]
+                   * out_modes[k] for k in range(d)]
+    garipov = cin * kh * kw * r[-1] + sum(contraction)
+    # The op runs G_d and K as one conv S_d -> r_{d-1}*T_d where that costs no more.
+    one_conv = cin * r[-2] * out_modes[-1] * kh * kw + sum(contraction[:-1])
+    assert formats.get("tt").layout([f.shape for f in fs]).merged == merged == (one_conv <= garipov)
+    assert fact.macs(5, 7) == min(garipov, one_conv) * 35
 
 
-def test_stage_macs_match_the_flop_counter_at_stride_2():
-    fs = [f.float() for f in _train(_gen(4), (4, 2, 2), (2, 2, 3), (2, 3, 2), 3, 3)]
+@pytest.mark.parametrize("ranks", [(2, 2, 5), (3, 3, 3)], ids=["merged", "unmerged"])
+def test_stage_macs_match_the_flop_counter_at_stride_2(ranks):
+    fs = [f.float() for f in _train(_gen(4), (4, 2, 2), (2, 2, 3), ranks, 3, 3)]
     fact = hsvkernels.Factorization("tt", fs, (16, 12, 3, 3))
     x = torch.randn(2, 12, 15, 13)
     with FlopCounterMode(display=False) as counter:
@@ -94,6 +106,28 @@ def test_stage_macs_match_the_flop_counter_at_stride_2():
     with FlopCounterMode(display=False) as counter_ref:
         hsvkernels.reference.conv2d(x, fact, None, 2, 1)
     assert counter_ref.get_total_flops() == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("out_modes,in_modes,ranks", [((3, 2), (2, 2), (2, 5)), ((3, 2), (2, 2), (3, 3)),
+                                                      ((5,), (3,), (4,)), ((16,), (3,), (2,))])
+def test_gradients_of_both_stage_forms(out_modes, in_modes, ranks):
+    lay = formats.get("tt").layout(tt.factor_shapes((math.prod(out_modes), math.prod(in_modes), 3, 3),
+                                                    out_modes, in_modes, ranks))
+    assert lay.merged == (ranks in ((2, 5), (4,)))
+    # The merged form splits its weight gradient over G_d and K in the chain engine.
+    fs = [f.requires_grad_() for f in _train(_gen(16), out_modes, in_modes, ranks, 3, 3)]
+    x = _randn(_gen(17), 2, math.prod(in_modes), 6, 5).requires_grad_()
+
+    def fn(x, *factors):
+        return torch.ops.hsv.conv2d(x, list(factors), None, [2, 1], [1, 1], [1, 2], 1, "tt")
+
+    assert torch.autograd.gradcheck(fn, (x, *fs), eps=1e-6, atol=1e-7)
+    y = fn(x, *fs)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, [x, *fs], g)
+    dense = F.conv2d(x, formats.get("tt").to_dense(fs), None, (2, 1), 1, (1, 2))
+    for a, b in zip(ours, torch.autograd.grad(dense, [x, *fs], g)):
+        assert (a - b).abs().max().item() < 1e-10
 
 
 # TT-SVD ---------------------------------------------------------------------------------

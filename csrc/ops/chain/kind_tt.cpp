@@ -7,12 +7,22 @@
 // stage k = d..1: view (N*S_1..S_{k-1}, S_k*r_k, T_{k+1}..T_d*Ho, Wo), 1x1 conv with G_k
 //          as (r_{k-1}*T_k, S_k*r_k, 1, 1); the finished output modes ride in the rows
 // output view (N, T, Ho, Wo)
+// Where it costs no more MACs, stage 0 and stage d run as one conv (tt_merges_last_core).
 #include "conv_chain.h"
 
 namespace hsv {
 namespace {
 
 #define TT_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "hsv::conv2d(kind='tt'): ", __VA_ARGS__)
+
+// Whether the op runs G_d and K as one kh x kw conv S_d -> r_{d-1}*T_d instead of the
+// 1 -> r_d conv on every input channel plus a 1x1 contraction: when that costs no more
+// MACs (per input channel and position: r_{d-1}*T_d*k^2 against r_d*k^2 + r_d*r_{d-1}*T_d).
+// A conv with one input channel runs far below a real conv's speed, and the merged form
+// never materialises the r_d-times-the-input intermediate. Mirrored in formats/tt.py.
+bool tt_merges_last_core(int64_t r_before, int64_t t_last, int64_t r_last, int64_t k2) {
+  return r_before * t_last * k2 <= r_last * k2 + r_last * r_before * t_last;
+}
 
 const char* kLayout = "[G_1 (1, T_1, S_1, r_1), ..., G_d (r_{d-1}, T_d, S_d, r_d), K (r_d, kh, kw)]";
 
@@ -60,10 +70,21 @@ Plan build_tt_plan(const at::Tensor& input, at::TensorList factors, const ConvPa
   Plan plan;
   plan.out_channels = cout;
   plan.out_shape = {n, cout, ho, wo};
-  // Every input channel is a batch entry of the spatial conv, all with the same weights.
-  plan.stages.push_back(Stage{d, {ranks[d], 1, kh, kw}, {n * cin, 1, h, w}, conv});
-  int64_t s_before = cin, t_after = 1;
-  for (int64_t k = d - 1; k >= 0; --k) {
+  const int64_t s_last = in_modes[d - 1], t_last = out_modes[d - 1];
+  int64_t s_before = cin / s_last, t_after = t_last;
+  if (tt_merges_last_core(ranks[d - 1], t_last, ranks[d], kh * kw)) {
+    // One kh x kw conv S_d -> r_{d-1}*T_d with weight G_d @ K on the view (N*S_<d, S_d, H, W).
+    Stage merged{d - 1, {ranks[d - 1] * t_last, s_last, kh, kw}, {n * s_before, s_last, h, w}, conv};
+    merged.right_factor = d;
+    merged.inner = ranks[d];
+    plan.stages.push_back(merged);
+  } else {
+    // Every input channel is a batch entry of the spatial conv, all with the same weights.
+    plan.stages.push_back(Stage{d, {ranks[d], 1, kh, kw}, {n * cin, 1, h, w}, conv});
+    plan.stages.push_back(Stage{d - 1, {ranks[d - 1] * t_last, s_last * ranks[d], 1, 1},
+                                {n * s_before, s_last * ranks[d], ho, wo}, pointwise});
+  }
+  for (int64_t k = d - 2; k >= 0; --k) {
     s_before /= in_modes[k];
     plan.stages.push_back(Stage{k,
                                 {ranks[k] * out_modes[k], in_modes[k] * ranks[k + 1], 1, 1},
