@@ -29,6 +29,8 @@ Where it costs no more MACs (merges_last_core), stage 0 and stage d run as one
 kh x kw conv S_d -> r_{d-1}*T_d on the view (N*S_<d, S_d, H, W), with the weight
 G_d @ K computed per call: a conv with one input channel runs far below a real
 conv's speed, and the merged form never holds the r_d-times-the-input intermediate.
+The C++ op runs the 1x1 contractions as batched matmuls over the view's batch (oneDNN's
+1x1 conv was 10-25x slower on these few-channel, many-row views); this reference runs convs.
 Every factor is its conv weight by a pure reshape. A d = 1 train,
 [G_1 (1, Cout, Cin, r), K (r, kh, kw)], is a rank-r split of the (Cout*Cin) x (kh*kw)
 matrix: a kh x kw conv 1 -> r on every input channel, then one 1x1 Cin*r -> Cout.
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Format, KernelShape
+
 
 def merges_last_core(r_before, t_last, r_last, k2):
     """Whether G_d and K run as one conv: per input channel and position that costs

@@ -34,6 +34,10 @@ struct Stage {
   // where that is cheaper than two stages; the backward pass splits the weight gradient.
   int64_t right_factor = -1;           // -1: the weight is factors[factor] alone
   int64_t inner = 0;
+  // Optional: run a 1x1, stride-1, unpadded stage as one batched matmul per batch entry of
+  // in_view instead of a conv. oneDNN's 1x1 conv ran 10-25x slower than the matmul on the
+  // long, narrow views of kind "tt" (few channels, many rows).
+  bool gemm = false;
 };
 
 struct Plan {

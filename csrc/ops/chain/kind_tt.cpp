@@ -8,6 +8,7 @@
 //          as (r_{k-1}*T_k, S_k*r_k, 1, 1); the finished output modes ride in the rows
 // output view (N, T, Ho, Wo)
 // Where it costs no more MACs, stage 0 and stage d run as one conv (tt_merges_last_core).
+// The 1x1 contractions run as batched matmuls (Stage::gemm).
 #include "conv_chain.h"
 
 namespace hsv {
@@ -81,15 +82,18 @@ Plan build_tt_plan(const at::Tensor& input, at::TensorList factors, const ConvPa
   } else {
     // Every input channel is a batch entry of the spatial conv, all with the same weights.
     plan.stages.push_back(Stage{d, {ranks[d], 1, kh, kw}, {n * cin, 1, h, w}, conv});
-    plan.stages.push_back(Stage{d - 1, {ranks[d - 1] * t_last, s_last * ranks[d], 1, 1},
-                                {n * s_before, s_last * ranks[d], ho, wo}, pointwise});
+    Stage last{d - 1, {ranks[d - 1] * t_last, s_last * ranks[d], 1, 1}, {n * s_before, s_last * ranks[d], ho, wo},
+               pointwise};
+    last.gemm = true;
+    plan.stages.push_back(last);
   }
   for (int64_t k = d - 2; k >= 0; --k) {
     s_before /= in_modes[k];
-    plan.stages.push_back(Stage{k,
-                                {ranks[k] * out_modes[k], in_modes[k] * ranks[k + 1], 1, 1},
-                                {n * s_before, in_modes[k] * ranks[k + 1], t_after * ho, wo},
-                                pointwise});
+    // A GEMM per batch entry of the view: few channels, many rows, where oneDNN's 1x1 conv is slow.
+    Stage contraction{k, {ranks[k] * out_modes[k], in_modes[k] * ranks[k + 1], 1, 1},
+                      {n * s_before, in_modes[k] * ranks[k + 1], t_after * ho, wo}, pointwise};
+    contraction.gemm = true;
+    plan.stages.push_back(contraction);
     t_after *= out_modes[k];
   }
   return plan;
