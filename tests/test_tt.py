@@ -277,6 +277,7 @@ def test_candidates_have_exact_costs_and_errors():
     ({"rank": (2, 2.0, 2)}, TypeError, "r_2 must be an int"),
     ({"rank": (9, 2, 2)}, ValueError, r"r_1 must be in \[1, 8\]"),
     ({"rank": (2, 2, 10)}, ValueError, r"r_3 must be in \[1, 9\]"),
+    ({"rank": (1, 32, 9)}, ValueError, r"r_2 must be in \[1, 4\] .* r_1 = 1"),  # r_1*T_2*S_2 = 4 rows
     ({"rank": "evbmf"}, ValueError, "int or a tuple"),
 ])
 def test_bad_decompose_arguments(kwargs, error, match):

@@ -152,12 +152,16 @@ def check_rank(rank, shape, out_modes, in_modes):
     if not isinstance(rank, (tuple, list)) or len(rank) != d:
         raise TypeError("tt rank must be an int or a tuple (r_1, ..., r_%d) of %d ints for modes out %s / in %s, "
                         "got %r" % (d, d, out_modes, in_modes, rank))
+    prev = 1
     for k, (r, bound) in enumerate(zip(rank, bounds)):
         if isinstance(r, bool) or not isinstance(r, int):
             raise TypeError("tt rank r_%d must be an int, got %r" % (k + 1, r))
+        # The step-k SVD has r_{k-1}*T_k*S_k rows, so a small r_{k-1} bounds r_k too.
+        bound = min(bound, prev * out_modes[k] * in_modes[k])
         if not 1 <= r <= bound:
-            raise ValueError("tt rank r_%d must be in [1, %d] for shape %s with modes out %s / in %s, got %d"
-                             % (k + 1, bound, shape, out_modes, in_modes, r))
+            raise ValueError("tt rank r_%d must be in [1, %d] for shape %s with modes out %s / in %s and r_%d = %d, "
+                             "got %d" % (k + 1, bound, shape, out_modes, in_modes, k, prev, r))
+        prev = r
     return tuple(rank)
 
 
