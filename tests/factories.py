@@ -97,6 +97,23 @@ def _kcp_full(weight):
     return hsvkernels.decompose(weight, "kcp", rank=kcp.bounds(weight.shape, split), split=split)
 
 
+def _tt_random(shape, dtype=torch.float64, device="cpu"):
+    from hsvkernels.decompose import tt
+    out_modes, in_modes = tt.channel_modes(shape)
+    ranks = tuple(min(3, b) for b in tt.rank_bounds(shape, out_modes, in_modes))
+    shapes = tt.factor_shapes(shape, out_modes, in_modes, ranks)
+    # Each G_k contracts (S_k, r_k) and K the kernel window: dense entries of about 1/sqrt(Cin*kh*kw).
+    factors = [_randn(*s, dtype=dtype, device=device, fan_in=s[2] * s[3]) for s in shapes[:-1]]
+    factors.append(_randn(*shapes[-1], dtype=dtype, device=device, fan_in=shape[2] * shape[3]))
+    return Factorization("tt", factors, shape)
+
+
+def _tt_full(weight):
+    from hsvkernels.decompose import tt
+    shape = tuple(weight.shape)
+    return hsvkernels.decompose(weight, "tt", rank=max(tt.rank_bounds(shape, *tt.channel_modes(shape))))
+
+
 CASES = {
     "svd": KindCase(_svd_random, _svd_full),
     "tucker2": KindCase(_tucker2_random, _full("tucker2")),
@@ -105,6 +122,7 @@ CASES = {
     "tt_tucker": KindCase(_separable_random("tt_tucker"), _full("tt_tucker")),
     "hsv": KindCase(hsv_case.random_factors, hsv_case.full_rank),
     "kcp": KindCase(_kcp_random, _kcp_full),
+    "tt": KindCase(_tt_random, _tt_full),
 }
 
 KINDS = sorted(k for k in CASES if k in hsvkernels.FORMATS)

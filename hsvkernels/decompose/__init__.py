@@ -9,11 +9,13 @@ from . import hsv as _hsv
 from . import ht2 as _ht2
 from . import kcp as _kcp
 from . import svd as _svd
+from . import tt as _tt
 from . import tt_tucker as _tt_tucker
 from . import tucker2 as _tucker2
 
 METHODS = {"svd": _svd.decompose, "hsv": _hsv.decompose, "kcp": _kcp.decompose, "tucker2": _tucker2.decompose,
-           "cp": _cp.decompose, "ht2": _ht2.decompose, "tt_tucker": _tt_tucker.decompose}
+           "cp": _cp.decompose, "ht2": _ht2.decompose, "tt_tucker": _tt_tucker.decompose,
+           "tt": _tt.decompose}
 
 
 def check_weight(weight):

@@ -11,10 +11,11 @@ from .hsv import HSV
 from .ht2 import HT2
 from .kcp import KCP
 from .svd import SVD
+from .tt import TT
 from .tt_tucker import TTTucker
 from .tucker2 import Tucker2
 
-FORMATS = {f.kind: f for f in (SVD(), HSV(), KCP(), Tucker2(), CP(), HT2(), TTTucker())}
+FORMATS = {f.kind: f for f in (SVD(), HSV(), KCP(), Tucker2(), CP(), HT2(), TTTucker(), TT())}
 
 
 def get(kind):

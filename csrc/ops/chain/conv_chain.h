@@ -28,6 +28,16 @@ struct Stage {
   std::vector<int64_t> weight_shape;   // the factor viewed as a conv weight
   std::vector<int64_t> in_view;        // the running activation viewed as this before the conv
   ConvParams conv;
+  // Optional: the conv weight is the product of two factors, factors[factor] viewed as
+  // (m, inner) times factors[right_factor] viewed as (inner, n), reshaped to weight_shape.
+  // It lets a kind run two factors as one conv (computing the small product per call)
+  // where that is cheaper than two stages; the backward pass splits the weight gradient.
+  int64_t right_factor = -1;           // -1: the weight is factors[factor] alone
+  int64_t inner = 0;
+  // Optional: run a 1x1, stride-1, unpadded stage as one batched matmul per batch entry of
+  // in_view instead of a conv. oneDNN's 1x1 conv ran 10-25x slower than the matmul on the
+  // long, narrow views of kind "tt" (few channels, many rows).
+  bool gemm = false;
 };
 
 struct Plan {
