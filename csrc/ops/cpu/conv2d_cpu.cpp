@@ -1,13 +1,15 @@
 // CPU kernels of the hsv ops. The forward op picks its implementation from
 // HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
 // (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
-// (kind "svd", float32) and the composite chain otherwise; "auto" does the same
-// as "fused" for now (the cost model that may prefer the chain comes later).
+// (kinds "svd" and "hsv", float32) and the composite chain otherwise; "auto"
+// does the same as "fused" for now (the cost model that may prefer the chain
+// comes later).
 // The backward op is always the composite chain.
 #include <torch/library.h>
 
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
+#include "hsv_fused.h"
 #include "isa.h"
 #include "svd_fused.h"
 
@@ -26,6 +28,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
   if (cpu::svd_fused_supports(input, k)) {
     return cpu::svd_fused_forward(input, factors, bias, plan, cpu::select_microkernel());
+  }
+  if (cpu::hsv_fused_supports(input, k) && groups == 1) {
+    return cpu::hsv_fused_forward(input, factors, bias, plan, cpu::select_microkernel());
   }
   return chain_forward(input, factors, bias, plan);
 }

@@ -1,0 +1,368 @@
+// Fused forward of kind "hsv" (layout in hsvkernels/formats/hsv.py):
+//   W[t1*T2 + t2, s1*S2 + s2] = sum_p A[t1, s1, p] * B[p, t2, s2]   (B a kh x kw conv)
+// The composite chain runs B as one conv over the batch-folded view
+// (N*S1, S2, H, W) and A as a GEMM after it, each a full pass over memory.
+// Here the output pixels of the whole batch, in (N, Ho, Wo) order, are cut into
+// tiles of P consecutive pixels (a tile may span images), and per tile:
+//   for each input-channel group s1:
+//     Y_s1 (pix x P*T2) = im2col(x[:, s1*S2 : (s1+1)*S2])[tile] @ B^T
+//       implicit im2col as in svd_fused.cpp: one row pointer per pixel and
+//       tap, the input read in place through its channel stride; B's rows are
+//       packed in (t2, p) order, so for each t2 the P values of a pixel are
+//       contiguous. (Level 2: conv with B1, then a GEMM with B2.)
+//     With S1 > 1, Y_s1 is copied into Y (pix x T2 x S1*P) so that each
+//     (t2, pixel) has its whole contraction axis (s1, p) contiguous.
+//   for each t2:
+//     Z[:, t2, :] (pix x T1) = bias + Y[:, t2, :] @ A^T       (K = S1*P)
+//       (level 2: through A1 then A2)
+//   the tile Z is written to the output (channel t1*T2 + t2) once, NCHW or
+//   NHWC.
+// All intermediates are per-thread buffers of P rows (L1/L2 sized); threads
+// take whole tiles (at::parallel_for), and tiles shrink when there are too few
+// of them for the threads (small images at batch 1). Factors are packed into
+// NR-wide microkernel panels once and cached against the factor tensors (pack.h).
+#include "hsv_fused.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "pack.h"
+
+namespace hsv {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxTilePixels = 128;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
+
+// One GEMM stage of the chain: N columns, packed B panels, its microkernel.
+struct Gemm {
+  const Microkernel* uk = nullptr;
+  int64_t n = 0, n_pad = 0, k = 0;
+  at::Tensor packed;  // keeps the panels alive
+  const float* b = nullptr;
+};
+
+Gemm make_gemm(const Microkernel& uk, const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps,
+               const std::vector<int64_t>* row_map, const char* role) {
+  Gemm g;
+  g.uk = &microkernel_for_width(uk, rows);
+  g.n = rows;
+  g.n_pad = round_up(rows, g.uk->nr);
+  g.k = cin * taps;
+  const std::string layout = std::string("hsv.") + role + ":" + g.uk->isa + ":nr" + std::to_string(g.uk->nr);
+  g.packed = packed_cached(w, layout, [&] { return pack_panels(w, rows, cin, taps, g.uk->nr, row_map); });
+  g.b = g.packed.data_ptr<float>();
+  return g;
+}
+
+struct Problem {
+  int64_t mr;
+  int64_t S1, S2, T1, T2, P, n1, s1p;
+  bool split_b, split_a;
+  Gemm conv;   // the kh x kw conv on one channel group: B (N = P*T2) or B1 (N = q1)
+  Gemm b2;     // level 2: Q @ B2^T -> Y_s1 (N = P*T2)
+  Gemm a;      // A (N = T1) or A1 (N = q2), K = S1*P
+  Gemm a2;     // level 2: R @ A2^T (N = T1)
+  int64_t h, w, kw, taps, kc, hw, wo, pixels, p_tile, cout;
+  ConvParams cv;
+  const float* x;
+  int64_t sn, sc, sh, sw;  // input strides (elements): image, channel, row, column
+  const float* bias_t;     // [T2][t1_pad]: bias[t1*T2 + t2], zeros without bias
+  int64_t t1_pad;          // row length of the last GEMM's output per t2
+  const float* zeros;      // kc floats: a padding row when sc == 1
+  float* out;
+  bool out_nhwc;
+};
+
+// A tile: first pixel (over the batch), pixel count, and per pixel the
+// input image's offset and the receptive field's top-left corner.
+struct Tile {
+  int64_t g0 = 0, np = 0;
+  std::vector<int64_t> xoff, iy0, ix0;
+
+  void set(const Problem& pb, int64_t item) {
+    g0 = item * pb.p_tile;
+    np = std::min(pb.p_tile, pb.pixels - g0);
+    xoff.resize(pb.p_tile);
+    iy0.resize(pb.p_tile);
+    ix0.resize(pb.p_tile);
+    for (int64_t p = 0; p < pb.p_tile; ++p) {
+      if (p < np) {
+        const int64_t img = (g0 + p) / pb.hw, q = (g0 + p) % pb.hw;
+        xoff[p] = img * pb.sn;
+        iy0[p] = (q / pb.wo) * pb.cv.stride[0] - pb.cv.padding[0];
+        ix0[p] = (q % pb.wo) * pb.cv.stride[1] - pb.cv.padding[1];
+      } else {  // past the batch end: a far-away origin, so every tap reads zeros
+        xoff[p] = 0;
+        iy0[p] = -(int64_t(1) << 40);
+        ix0[p] = 0;
+      }
+    }
+  }
+};
+
+// c (rows x g.n_pad, ld ldc) = init + a (rows x g.k, ld lda) @ B for the
+// tile's row blocks; init is a row of g.n_pad floats or null (zeros).
+void tile_gemm(const Problem& pb, const Tile& t, const Gemm& g, const float* a, int64_t lda, float* c, int64_t ldc,
+               const float* init) {
+  const float* rows[64];
+  const int64_t nr = g.uk->nr;
+  for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
+    const float* bp = g.b + jb * g.k * nr;
+    for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+      for (int64_t i = 0; i < pb.mr; ++i) rows[i] = a + (ib + i) * lda;
+      g.uk->fn(g.k, rows, 1, bp, c + ib * ldc + jb * nr, ldc, false, init ? init + jb * nr : nullptr);
+    }
+  }
+}
+
+// c (rows x conv.n_pad) = im2col(x[:, c_base : c_base + S2])[tile] @ conv's B.
+// K is walked tap by tap and in Cin chunks of kc, so the chunk's slice of B
+// (kc x NR) stays in L1 across all the tile's row blocks.
+void tile_conv(const Problem& pb, const Tile& t, int64_t c_base, float* c, float* gather) {
+  const Gemm& g = pb.conv;
+  const int64_t nr = g.uk->nr;
+  const float* rows[64];
+  const float* xg = pb.x + c_base * pb.sc;
+  for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
+    for (int64_t tap = 0; tap < pb.taps; ++tap) {
+      const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
+      for (int64_t c0 = 0; c0 < pb.S2; c0 += pb.kc) {
+        const int64_t klen = std::min(pb.kc, pb.S2 - c0);
+        const float* bslice = g.b + (jb * g.k + tap * pb.S2 + c0) * nr;
+        const bool acc = tap > 0 || c0 > 0;
+        for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+          bool padded = false;
+          for (int64_t i = 0; i < pb.mr; ++i) {
+            const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
+            const bool inside = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w;
+            rows[i] = inside ? xg + t.xoff[ib + i] + iy * pb.sh + ix * pb.sw + c0 * pb.sc : nullptr;
+            padded |= !inside;
+          }
+          float* cb = c + ib * g.n_pad + jb * nr;
+          if (!padded || pb.sc == 1) {
+            for (int64_t i = 0; i < pb.mr; ++i) rows[i] = rows[i] ? rows[i] : pb.zeros;
+            g.uk->fn(klen, rows, pb.sc, bslice, cb, g.n_pad, acc, nullptr);
+            continue;
+          }
+          // Strided channels (e.g. NCHW) next to the padding: one zero vector
+          // cannot stand in for a strided row, so gather this block's rows.
+          for (int64_t i = 0; i < pb.mr; ++i) {
+            float* gr = gather + i * pb.kc;
+            for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * pb.sc] : 0.0f;
+            rows[i] = gr;
+          }
+          g.uk->fn(klen, rows, 1, bslice, cb, g.n_pad, acc, nullptr);
+        }
+      }
+    }
+  }
+}
+
+// Per-thread buffers, each p_tile rows.
+struct Buffers {
+  std::vector<float> q, ys, yall, r, z, gather;
+  Buffers(const Problem& pb) {
+    const auto n = [&](int64_t cols) { return static_cast<size_t>(pb.p_tile * cols); };
+    if (pb.split_b) q.resize(n(pb.conv.n_pad));
+    ys.resize(n(pb.split_b ? pb.b2.n_pad : pb.conv.n_pad));
+    if (pb.S1 > 1) yall.resize(n(pb.T2 * pb.s1p));
+    if (pb.split_a) r.resize(n(pb.a.n_pad));
+    z.resize(n(pb.T2 * pb.t1_pad));
+    gather.resize(static_cast<size_t>(pb.mr * pb.kc));
+  }
+};
+
+// Z of the tile -> output channels t1*T2 + t2, written once.
+void write_tile(const Problem& pb, const Tile& t, const float* z) {
+  const int64_t ldz = pb.T2 * pb.t1_pad;
+  if (pb.out_nhwc) {
+    for (int64_t i = 0; i < t.np; ++i) {
+      float* dst = pb.out + (t.g0 + i) * pb.cout;
+      const float* zi = z + i * ldz;
+      if (pb.T2 == 1) {
+        std::memcpy(dst, zi, sizeof(float) * pb.cout);
+        continue;
+      }
+      for (int64_t t2 = 0; t2 < pb.T2; ++t2)
+        for (int64_t t1 = 0; t1 < pb.T1; ++t1) dst[t1 * pb.T2 + t2] = zi[t2 * pb.t1_pad + t1];
+    }
+    return;
+  }
+  int64_t base[kMaxTilePixels + 64];  // (p_tile < 128 + MR) per pixel: its image's channel 0 plane, plus the pixel
+  for (int64_t i = 0; i < t.np; ++i) {
+    const int64_t g = t.g0 + i;
+    base[i] = (g / pb.hw) * pb.cout * pb.hw + g % pb.hw;
+  }
+  for (int64_t t1 = 0; t1 < pb.T1; ++t1)
+    for (int64_t t2 = 0; t2 < pb.T2; ++t2) {
+      float* plane = pb.out + (t1 * pb.T2 + t2) * pb.hw;
+      const float* zc = z + t2 * pb.t1_pad + t1;
+      for (int64_t i = 0; i < t.np; ++i) plane[base[i]] = zc[i * ldz];
+    }
+}
+
+void run_tile(const Problem& pb, const Tile& t, Buffers& buf) {
+  const int64_t ld_ys = pb.split_b ? pb.b2.n_pad : pb.conv.n_pad;
+  for (int64_t s1 = 0; s1 < pb.S1; ++s1) {
+    if (pb.split_b) {
+      tile_conv(pb, t, s1 * pb.S2, buf.q.data(), buf.gather.data());
+      tile_gemm(pb, t, pb.b2, buf.q.data(), pb.conv.n_pad, buf.ys.data(), ld_ys, nullptr);
+    } else {
+      tile_conv(pb, t, s1 * pb.S2, buf.ys.data(), buf.gather.data());
+    }
+    if (pb.S1 > 1) {  // Y[pix][t2][s1*P + p] = Y_s1[pix][t2*P + p]
+      const int64_t ld_y = pb.T2 * pb.s1p;
+      for (int64_t i = 0; i < t.np; ++i)
+        for (int64_t t2 = 0; t2 < pb.T2; ++t2)
+          std::memcpy(buf.yall.data() + i * ld_y + t2 * pb.s1p + s1 * pb.P, buf.ys.data() + i * ld_ys + t2 * pb.P,
+                      sizeof(float) * pb.P);
+    }
+  }
+  // Rows of the contraction (s1, p) for one t2: in Y, or straight in Y_s1 when S1 = 1.
+  const float* y = pb.S1 > 1 ? buf.yall.data() : buf.ys.data();
+  const int64_t ld_y = pb.S1 > 1 ? pb.T2 * pb.s1p : ld_ys;
+  const int64_t t2_step = pb.S1 > 1 ? pb.s1p : pb.P;
+  const int64_t ldz = pb.T2 * pb.t1_pad;
+  for (int64_t t2 = 0; t2 < pb.T2; ++t2) {
+    float* zt = buf.z.data() + t2 * pb.t1_pad;
+    const float* init = pb.bias_t + t2 * pb.t1_pad;
+    if (pb.split_a) {
+      tile_gemm(pb, t, pb.a, y + t2 * t2_step, ld_y, buf.r.data(), pb.a.n_pad, nullptr);
+      tile_gemm(pb, t, pb.a2, buf.r.data(), pb.a.n_pad, zt, ldz, init);
+    } else {
+      tile_gemm(pb, t, pb.a, y + t2 * t2_step, ld_y, zt, ldz, init);
+    }
+  }
+  write_tile(pb, t, buf.z.data());
+}
+
+// Packed rows (t2, p) of a (P, T2, ...) factor: row t2*P + p reads row p*T2 + t2.
+std::vector<int64_t> t2_major_rows(int64_t P, int64_t T2) {
+  std::vector<int64_t> map(static_cast<size_t>(P * T2));
+  for (int64_t t2 = 0; t2 < T2; ++t2)
+    for (int64_t p = 0; p < P; ++p) map[t2 * P + p] = p * T2 + t2;
+  return map;
+}
+
+}  // namespace
+
+bool hsv_fused_supports(const at::Tensor& input, const std::string& kind) {
+  return kind == "hsv" && input.scalar_type() == at::kFloat && input.device().is_cpu();
+}
+
+at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+                             const Plan& plan, const Microkernel& uk) {
+  const int64_t n = input.size(0);
+  const at::MemoryFormat out_format = output_memory_format(input);
+  at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
+  if (n == 0) return out;
+  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
+              "hsv::conv2d: inconsistent CPU microkernel table (MR)");
+  for (const auto& f : factors)
+    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='hsv'): the fused CPU kernel needs float32 ",
+                      "factors like the input, got ", f.scalar_type());
+
+  Problem pb;
+  pb.mr = uk.mr;
+  const int64_t nf = static_cast<int64_t>(factors.size());
+  pb.split_b = factors[0].dim() == 4;
+  const int64_t a_at = pb.split_b ? 2 : 1;
+  pb.split_a = nf - a_at == 2;
+  int64_t kh;
+  if (pb.split_b) {
+    const at::Tensor &B1 = factors[0], &B2 = factors[1];
+    pb.S2 = B1.size(1), kh = B1.size(2), pb.kw = B1.size(3);
+    pb.P = B2.size(0), pb.T2 = B2.size(1);
+  } else {
+    const at::Tensor& B = factors[0];
+    pb.P = B.size(0), pb.T2 = B.size(1), pb.S2 = B.size(2), kh = B.size(3), pb.kw = B.size(4);
+  }
+  const at::Tensor& A = factors[a_at];
+  pb.S1 = A.size(1);
+  pb.T1 = pb.split_a ? factors[a_at + 1].size(0) : A.size(0);
+  pb.taps = kh * pb.kw;
+  pb.n1 = pb.P * pb.T2;
+  pb.s1p = pb.S1 * pb.P;
+  pb.cout = pb.T1 * pb.T2;
+
+  const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);
+  if (pb.split_b) {
+    const int64_t q1 = factors[0].size(0);
+    pb.conv = make_gemm(uk, factors[0], q1, pb.S2, pb.taps, nullptr, "B1");
+    pb.b2 = make_gemm(uk, factors[1], pb.n1, q1, 1, &rows_t2p, "B2");
+  } else {
+    pb.conv = make_gemm(uk, factors[0], pb.n1, pb.S2, pb.taps, &rows_t2p, "B");
+  }
+  if (pb.split_a) {
+    pb.a = make_gemm(uk, A, A.size(0), pb.s1p, 1, nullptr, "A1");
+    pb.a2 = make_gemm(uk, factors[a_at + 1], pb.T1, A.size(0), 1, nullptr, "A2");
+    pb.t1_pad = pb.a2.n_pad;
+  } else {
+    pb.a = make_gemm(uk, A, pb.T1, pb.s1p, 1, nullptr, "A");
+    pb.t1_pad = pb.a.n_pad;
+  }
+
+  pb.h = input.size(2);
+  pb.w = input.size(3);
+  pb.wo = plan.out_shape[3];
+  pb.hw = plan.out_shape[2] * pb.wo;
+  pb.cv = plan.stages[0].conv;
+  pb.out_nhwc = out_format == at::MemoryFormat::ChannelsLast;
+  pb.out = out.data_ptr<float>();
+
+  // The input is read in place when its channels are unit-stride (NHWC), or
+  // when each input value is read only a few times (taps x conv panels <= 9;
+  // the measured break-even of svd_fused.cpp); else copied to NHWC once.
+  const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
+  const at::Tensor x =
+      (input.stride(1) == 1 || reloads <= 9) ? input : input.contiguous(at::MemoryFormat::ChannelsLast);
+  pb.x = x.data_ptr<float>();
+  pb.sn = x.stride(0);
+  pb.sc = x.stride(1);
+  pb.sh = x.stride(2);
+  pb.sw = x.stride(3);
+
+  std::vector<float> bias_t(static_cast<size_t>(pb.T2 * pb.t1_pad), 0.0f);
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bias_c = bias->contiguous();
+    const float* bsrc = bias_c.data_ptr<float>();
+    for (int64_t t1 = 0; t1 < pb.T1; ++t1)
+      for (int64_t t2 = 0; t2 < pb.T2; ++t2) bias_t[t2 * pb.t1_pad + t1] = bsrc[t1 * pb.T2 + t2];
+  }
+  pb.bias_t = bias_t.data();
+
+  // Cin chunk of the conv GEMM: about 24 KB of packed B per chunk (L1 is
+  // 32-48 KB), split evenly so no chunk is a short remainder.
+  const int64_t kc_max = std::max<int64_t>(1, 6144 / pb.conv.uk->nr);
+  pb.kc = div_up(pb.S2, div_up(pb.S2, kc_max));
+  const std::vector<float> zeros(static_cast<size_t>(pb.kc), 0.0f);
+  pb.zeros = zeros.data();
+
+  // Tiles of up to 128 pixels; smaller when that would leave a thread with
+  // fewer than two (the factors are small, so extra tiles cost little).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  pb.pixels = n * pb.hw;
+  const int64_t want_tiles = threads == 1 ? 1 : 2 * threads;
+  pb.p_tile = round_up(std::min(kMaxTilePixels, div_up(pb.pixels, want_tiles)), pb.mr);  // whole MR blocks
+  const int64_t tiles = div_up(pb.pixels, pb.p_tile);
+
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    Buffers buf(pb);
+    Tile t;
+    for (int64_t item = begin; item < end; ++item) {
+      t.set(pb, item);
+      run_tile(pb, t, buf);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace hsv
