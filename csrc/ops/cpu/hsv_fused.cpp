@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "pack.h"
@@ -69,6 +70,11 @@ struct Problem {
   Gemm b2;     // level 2: Q @ B2^T -> Y_s1 (N = P*T2)
   Gemm a;      // A (N = T1) or A1 (N = q2), K = S1*P
   Gemm a2;     // level 2: R @ A2^T (N = T1)
+  // NCHW output: the last GEMM runs transposed, out^T block (T1 rows x pixels)
+  // = Wf (T1 x kf) @ Yin^T, so each result row is a run of one output plane.
+  const Microkernel* ukt;  // the ISA's wide kernel (NR over pixels)
+  const float* wf;         // A as (T1, S1*P) or A2 (T1, q2), row-major
+  int64_t kf;              // its K
   int64_t h, w, kw, taps, kc, hw, wo, pixels, p_tile, cout;
   ConvParams cv;
   const float* x;
@@ -167,45 +173,85 @@ void tile_conv(const Problem& pb, const Tile& t, int64_t c_base, float* c, float
 
 // Per-thread buffers, each p_tile rows.
 struct Buffers {
-  std::vector<float> q, ys, yall, r, z, gather;
+  std::vector<float> q, ys, yall, r, z, gather, yt, block, zero_row;
   Buffers(const Problem& pb) {
     const auto n = [&](int64_t cols) { return static_cast<size_t>(pb.p_tile * cols); };
     if (pb.split_b) q.resize(n(pb.conv.n_pad));
     ys.resize(n(pb.split_b ? pb.b2.n_pad : pb.conv.n_pad));
     if (pb.S1 > 1) yall.resize(n(pb.T2 * pb.s1p));
     if (pb.split_a) r.resize(n(pb.a.n_pad));
-    z.resize(n(pb.T2 * pb.t1_pad));
     gather.resize(static_cast<size_t>(pb.mr * pb.kc));
+    if (pb.out_nhwc) {
+      z.resize(n(pb.T2 * pb.t1_pad));
+    } else {
+      yt.resize(static_cast<size_t>(round_up(pb.p_tile, pb.ukt->nr) * pb.kf));
+      block.resize(static_cast<size_t>(pb.ukt->mr * pb.ukt->nr));
+      zero_row.resize(static_cast<size_t>(pb.kf), 0.0f);
+    }
   }
 };
 
-// Z of the tile -> output channels t1*T2 + t2, written once.
-void write_tile(const Problem& pb, const Tile& t, const float* z) {
+// NHWC output: the tile Z [pix][t2][t1] -> channels t1*T2 + t2, written once.
+void write_tile_nhwc(const Problem& pb, const Tile& t, const float* z) {
   const int64_t ldz = pb.T2 * pb.t1_pad;
-  if (pb.out_nhwc) {
-    for (int64_t i = 0; i < t.np; ++i) {
-      float* dst = pb.out + (t.g0 + i) * pb.cout;
-      const float* zi = z + i * ldz;
-      if (pb.T2 == 1) {
-        std::memcpy(dst, zi, sizeof(float) * pb.cout);
-        continue;
-      }
-      for (int64_t t2 = 0; t2 < pb.T2; ++t2)
-        for (int64_t t1 = 0; t1 < pb.T1; ++t1) dst[t1 * pb.T2 + t2] = zi[t2 * pb.t1_pad + t1];
-    }
-    return;
-  }
-  int64_t base[kMaxTilePixels + 64];  // (p_tile < 128 + MR) per pixel: its image's channel 0 plane, plus the pixel
   for (int64_t i = 0; i < t.np; ++i) {
-    const int64_t g = t.g0 + i;
-    base[i] = (g / pb.hw) * pb.cout * pb.hw + g % pb.hw;
-  }
-  for (int64_t t1 = 0; t1 < pb.T1; ++t1)
-    for (int64_t t2 = 0; t2 < pb.T2; ++t2) {
-      float* plane = pb.out + (t1 * pb.T2 + t2) * pb.hw;
-      const float* zc = z + t2 * pb.t1_pad + t1;
-      for (int64_t i = 0; i < t.np; ++i) plane[base[i]] = zc[i * ldz];
+    float* dst = pb.out + (t.g0 + i) * pb.cout;
+    const float* zi = z + i * ldz;
+    if (pb.T2 == 1) {
+      std::memcpy(dst, zi, sizeof(float) * pb.cout);
+      continue;
     }
+    for (int64_t t2 = 0; t2 < pb.T2; ++t2)
+      for (int64_t t1 = 0; t1 < pb.T1; ++t1) dst[t1 * pb.T2 + t2] = zi[t2 * pb.t1_pad + t1];
+  }
+}
+
+// NCHW output, one t2: out[:, t1*T2 + t2, pixels] = bias + Wf @ Yin^T, where
+// Yin row i (ld floats apart) holds pixel i's kf inputs. Yin is transposed
+// into NR-pixel panels (kf x NR; Yin is a few times narrower than the output)
+// so the microkernel's rows are output channels and its columns pixels: each
+// MR x NR result block is MR runs of output planes, copied out as runs
+// (split where the tile crosses an image) with the bias added. Writing the
+// output as pixel-major blocks instead would need a scalar transpose of the
+// whole output, which measured slower than the GEMMs for a 1x1 256->1024 layer.
+void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, int64_t t2, Buffers& buf) {
+  const Microkernel& uk = *pb.ukt;
+  const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf;
+  const int64_t panels = div_up(t.np, nr);
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    float* dst = buf.yt.data() + pn * kf * nr;
+    for (int64_t j = 0; j < nr; ++j) {
+      const int64_t i = pn * nr + j;
+      if (i < t.np) {
+        const float* src = yin + i * ld;
+        for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = src[k];
+      } else {
+        for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = 0.0f;
+      }
+    }
+  }
+  const float* rows[64];
+  const float* bias = pb.bias_t + t2 * pb.t1_pad;
+  float* block = buf.block.data();
+  for (int64_t c0 = 0; c0 < pb.T1; c0 += mr) {
+    const int64_t nrows = std::min(mr, pb.T1 - c0);
+    for (int64_t i = 0; i < mr; ++i) rows[i] = i < nrows ? pb.wf + (c0 + i) * kf : buf.zero_row.data();
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      uk.fn(kf, rows, 1, buf.yt.data() + pn * kf * nr, block, nr, false, nullptr);
+      const int64_t j0 = pn * nr, j1 = std::min(t.np, j0 + nr);
+      for (int64_t j = j0; j < j1;) {  // runs of pixels within one image
+        const int64_t g = t.g0 + j, img = g / pb.hw, q = g % pb.hw;
+        const int64_t len = std::min(j1 - j, pb.hw - q);
+        for (int64_t i = 0; i < nrows; ++i) {
+          float* o = pb.out + (img * pb.cout + (c0 + i) * pb.T2 + t2) * pb.hw + q;
+          const float* b = block + i * nr + (j - j0);
+          const float bi = bias[c0 + i];
+          for (int64_t r = 0; r < len; ++r) o[r] = b[r] + bi;
+        }
+        j += len;
+      }
+    }
+  }
 }
 
 void run_tile(const Problem& pb, const Tile& t, Buffers& buf) {
@@ -229,18 +275,24 @@ void run_tile(const Problem& pb, const Tile& t, Buffers& buf) {
   const float* y = pb.S1 > 1 ? buf.yall.data() : buf.ys.data();
   const int64_t ld_y = pb.S1 > 1 ? pb.T2 * pb.s1p : ld_ys;
   const int64_t t2_step = pb.S1 > 1 ? pb.s1p : pb.P;
+  // NHWC with T2 = 1 and whole row blocks: the last GEMM writes the output rows in place.
+  const bool direct = pb.out_nhwc && pb.T2 == 1 && pb.t1_pad == pb.T1 && t.np % pb.mr == 0;
+  float* z = direct ? pb.out + t.g0 * pb.cout : buf.z.data();
   const int64_t ldz = pb.T2 * pb.t1_pad;
   for (int64_t t2 = 0; t2 < pb.T2; ++t2) {
-    float* zt = buf.z.data() + t2 * pb.t1_pad;
-    const float* init = pb.bias_t + t2 * pb.t1_pad;
+    const float* yt2 = y + t2 * t2_step;
     if (pb.split_a) {
-      tile_gemm(pb, t, pb.a, y + t2 * t2_step, ld_y, buf.r.data(), pb.a.n_pad, nullptr);
-      tile_gemm(pb, t, pb.a2, buf.r.data(), pb.a.n_pad, zt, ldz, init);
-    } else {
-      tile_gemm(pb, t, pb.a, y + t2 * t2_step, ld_y, zt, ldz, init);
+      tile_gemm(pb, t, pb.a, yt2, ld_y, buf.r.data(), pb.a.n_pad, nullptr);
+      yt2 = buf.r.data();
     }
+    const int64_t ld_in = pb.split_a ? pb.a.n_pad : ld_y;
+    if (!pb.out_nhwc) {
+      final_nchw(pb, t, yt2, ld_in, t2, buf);
+      continue;
+    }
+    tile_gemm(pb, t, pb.split_a ? pb.a2 : pb.a, yt2, ld_in, z + t2 * pb.t1_pad, ldz, pb.bias_t + t2 * pb.t1_pad);
   }
-  write_tile(pb, t, buf.z.data());
+  if (pb.out_nhwc && !direct) write_tile_nhwc(pb, t, buf.z.data());
 }
 
 // Packed rows (t2, p) of a (P, T2, ...) factor: row t2*P + p reads row p*T2 + t2.
@@ -309,6 +361,12 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
     pb.t1_pad = pb.a.n_pad;
   }
 
+  // NCHW output: the last GEMM transposed (see final_nchw).
+  pb.ukt = &uk;
+  const at::Tensor wf = (pb.split_a ? factors[a_at + 1] : A).contiguous();
+  pb.wf = wf.data_ptr<float>();
+  pb.kf = pb.split_a ? factors[a_at + 1].size(1) : pb.s1p;
+
   pb.h = input.size(2);
   pb.w = input.size(3);
   pb.wo = plan.out_shape[3];
@@ -350,7 +408,9 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   pb.pixels = n * pb.hw;
   const int64_t want_tiles = threads == 1 ? 1 : 2 * threads;
-  pb.p_tile = round_up(std::min(kMaxTilePixels, div_up(pb.pixels, want_tiles)), pb.mr);  // whole MR blocks
+  // Whole MR row blocks; for NCHW output also whole NR pixel panels of the transposed last GEMM.
+  const int64_t unit = pb.out_nhwc ? pb.mr : std::lcm(pb.mr, pb.ukt->nr);
+  pb.p_tile = round_up(std::min(kMaxTilePixels, div_up(pb.pixels, want_tiles)), unit);
   const int64_t tiles = div_up(pb.pixels, pb.p_tile);
 
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
