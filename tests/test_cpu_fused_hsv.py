@@ -181,3 +181,15 @@ def test_fused_hsv_vs_composite_random_shapes(spec):
         yf = torch.ops.hsv.conv2d(x, *args)
     assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
     assert _rel_err(yf, yc) <= TOL32
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("sizes", [(16, 1, 2, 12, 5), (8, 3, 2, 4, 6)], ids=["S1=1", "S1=3"])
+def test_auto_matches_dense_on_both_sides_of_its_rule(sizes, layout):
+    # auto picks fused or composite per call (NHWC and S1 or the pixel count);
+    # whichever it picks must give the same answer.
+    T1, S1, T2, S2, P = sizes
+    fact = _factors(T1, S1, T2, S2, P, 3, 3)
+    with cpu_env("auto"):
+        for n, h in ((1, 9), (2, 50)):   # 81 and 5000 output pixels: both sides of the pixel threshold
+            _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)

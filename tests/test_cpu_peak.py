@@ -23,16 +23,22 @@ def test_peak_and_microkernel_rates_are_sane(isa):
     assert math.isfinite(uk) and uk > 0.0
     # Best-of-chunks rates on a shared machine: allow generous slack, but a
     # microkernel far above the FMA peak would mean one of them miscounts FLOPs.
+    # A short peak run can be disturbed in every chunk: re-measure before failing.
+    if uk >= 1.5 * peak:
+        peak = max(peak, hsvkernels._C.fma_peak_gflops(isa, 0.5))
     assert uk < 1.5 * peak
     if isa != "scalar":
         narrow = hsvkernels._C.microkernel_gflops(isa, 64, 0.05, narrow=True)
+        if narrow >= 1.5 * peak:
+            peak = max(peak, hsvkernels._C.fma_peak_gflops(isa, 0.5))
         assert 0.0 < narrow < 1.5 * peak
 
 
 def test_wider_isa_has_higher_peak():
     if "avx512" not in ISAS:
         pytest.skip("needs AVX-512")
-    assert hsvkernels._C.fma_peak_gflops("avx512", 0.1) > 1.2 * hsvkernels._C.fma_peak_gflops("scalar", 0.1)
+    # 16 fp32 lanes against 1: far more than any load on a shared machine can hide.
+    assert hsvkernels._C.fma_peak_gflops("avx512", 0.2) > 1.2 * hsvkernels._C.fma_peak_gflops("scalar", 0.1)
 
 
 def test_bad_arguments_error_clearly():

@@ -2,8 +2,7 @@
 // HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
 // (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
 // (kinds "svd" and "hsv", float32) and the composite chain otherwise; "auto"
-// does the same as "fused" for now (the cost model that may prefer the chain
-// comes later).
+// runs a fused kernel only where prefer_fused says it measured faster.
 // The backward op is always the composite chain.
 #include <torch/library.h>
 
@@ -16,6 +15,26 @@
 namespace hsv {
 namespace {
 
+// HSV_CPU_IMPL=auto: whether the fused kernel beat the composite chain on
+// similar layers (single thread, ResNet 3x3/1x1 layers at batch 1 and 8, see
+// bench/results/cpu-fused-hsv-*.md). Both fused kernels read NCHW inputs with
+// strided loads and lose to oneDNN there (x1.1-1.4 at batch 8), so NCHW stays
+// composite. On channels_last inputs fused hsv was 0.45-0.7 of composite up to
+// a few thousand output pixels, about even beyond (0.94-1.07) and clearly
+// worse at 64 channels x 56x56 x batch 8 (x1.6); with S1 > 1 input groups the
+// composite chain runs a small-channel conv on a batch-folded view and fused
+// won (0.55-0.92 at batch 8). Fused svd won on channels_last only at batch 1
+// with 512-4096 output pixels (bench/results/cpu-fused-svd-quick-2threads.md).
+bool prefer_fused(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind) {
+  if (input.stride(1) != 1 || input.size(1) == 1) return false;  // NCHW (or ambiguous single-channel) input
+  const int64_t pixels = plan.out_shape[0] * plan.out_shape[2] * plan.out_shape[3];
+  if (kind == "hsv") {
+    const int64_t s1 = factors[factors[0].dim() == 4 ? 2 : 1].size(1);
+    return s1 > 1 || pixels <= 4096;
+  }
+  return plan.out_shape[0] == 1 && pixels >= 512 && pixels <= 4096;
+}
+
 at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       c10::string_view kind) {
@@ -26,6 +45,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
   const std::string k(kind);
   // make_plan validates every argument, so errors match the composite path.
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
+  if (impl == cpu::Impl::Auto && !prefer_fused(input, factors, plan, k)) {
+    return conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind);
+  }
   if (cpu::svd_fused_supports(input, k)) {
     return cpu::svd_fused_forward(input, factors, bias, plan, cpu::select_microkernel());
   }
