@@ -193,3 +193,16 @@ def test_auto_matches_dense_on_both_sides_of_its_rule(sizes, layout):
     with cpu_env("auto"):
         for n, h in ((1, 9), (2, 50)):   # 81 and 5000 output pixels: both sides of the pixel threshold
             _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_fused_hsv_staged_nchw_patches(layout, isa):
+    # NCHW input with a wide conv GEMM (P*T2 = 40, 3x3: conv N x taps >= 256)
+    # is staged per tile into NHWC patches: tiles spanning several small
+    # images, images taller than a tile, padding, dilation, 1 and 2 threads.
+    fact = _factors(12, 2, 4, 10, 10, 3, 3)
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            for n, h, w, padding, dilation in ((5, 5, 6, 1, 1), (2, 23, 9, 2, 2), (1, 4, 30, 0, 1)):
+                _check_against_dense((n, 20, 48, h, w, 3, 3, 1, padding, dilation), layout, fact=fact)

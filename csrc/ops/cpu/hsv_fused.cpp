@@ -75,7 +75,8 @@ struct Problem {
   const Microkernel* ukt;  // the ISA's wide kernel (NR over pixels)
   const float* wf;         // A as (T1, S1*P) or A2 (T1, q2), row-major
   int64_t kf;              // its K
-  int64_t h, w, kw, taps, kc, hw, wo, pixels, p_tile, cout;
+  int64_t h, w, kh, kw, taps, kc, hw, wo, pixels, p_tile, cout;
+  bool stage;  // strided-channel input: staged per tile into an NHWC patch (stage_patch)
   ConvParams cv;
   const float* x;
   int64_t sn, sc, sh, sw;  // input strides (elements): image, channel, row, column
@@ -131,11 +132,20 @@ void tile_gemm(const Problem& pb, const Tile& t, const Gemm& g, const float* a, 
 // c (rows x conv.n_pad) = im2col(x[:, c_base : c_base + S2])[tile] @ conv's B.
 // K is walked tap by tap and in Cin chunks of kc, so the chunk's slice of B
 // (kc x NR) stays in L1 across all the tile's row blocks.
-void tile_conv(const Problem& pb, const Tile& t, int64_t c_base, float* c, float* gather) {
+// Where tile_conv reads one channel group: channel c of pixel (iy, ix) of the
+// tile's pixel i is at x + xoff[i] + iy * sh + ix * sw + c * sc.
+struct Source {
+  const float* x;
+  int64_t sc, sh, sw;
+  const int64_t* xoff;
+};
+
+void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
   const Gemm& g = pb.conv;
   const int64_t nr = g.uk->nr;
   const float* rows[64];
-  const float* xg = pb.x + c_base * pb.sc;
+  const float* xg = src.x;
+  const int64_t sc = src.sc;
   for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
     for (int64_t tap = 0; tap < pb.taps; ++tap) {
       const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
@@ -148,20 +158,20 @@ void tile_conv(const Problem& pb, const Tile& t, int64_t c_base, float* c, float
           for (int64_t i = 0; i < pb.mr; ++i) {
             const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
             const bool inside = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w;
-            rows[i] = inside ? xg + t.xoff[ib + i] + iy * pb.sh + ix * pb.sw + c0 * pb.sc : nullptr;
+            rows[i] = inside ? xg + src.xoff[ib + i] + iy * src.sh + ix * src.sw + c0 * sc : nullptr;
             padded |= !inside;
           }
           float* cb = c + ib * g.n_pad + jb * nr;
-          if (!padded || pb.sc == 1) {
+          if (!padded || sc == 1) {
             for (int64_t i = 0; i < pb.mr; ++i) rows[i] = rows[i] ? rows[i] : pb.zeros;
-            g.uk->fn(klen, rows, pb.sc, bslice, cb, g.n_pad, acc, nullptr);
+            g.uk->fn(klen, rows, sc, bslice, cb, g.n_pad, acc, nullptr);
             continue;
           }
           // Strided channels (e.g. NCHW) next to the padding: one zero vector
           // cannot stand in for a strided row, so gather this block's rows.
           for (int64_t i = 0; i < pb.mr; ++i) {
             float* gr = gather + i * pb.kc;
-            for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * pb.sc] : 0.0f;
+            for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * sc] : 0.0f;
             rows[i] = gr;
           }
           g.uk->fn(klen, rows, 1, bslice, cb, g.n_pad, acc, nullptr);
@@ -171,9 +181,62 @@ void tile_conv(const Problem& pb, const Tile& t, int64_t c_base, float* c, float
   }
 }
 
+// Strided-channel (e.g. NCHW) input: copies the input rows the tile reads, of
+// channel group s1, into an NHWC patch (per image the tile touches: its input
+// rows x W x S2), and returns the patch as the tile's Source. The patch is a
+// few hundred KB at most (L2), so this costs one pass over the tile's input,
+// where reading NCHW in place makes each microkernel row step a strided load
+// and converting the whole input to NHWC up front is a full round trip
+// through memory (measured slower than either on 56x56 layers).
+Source stage_patch(const Problem& pb, const Tile& t, int64_t s1, std::vector<float>& patch,
+                   std::vector<int64_t>& poff) {
+  const int64_t span = (pb.kh - 1) * pb.cv.dilation[0] + 1;
+  const int64_t row_len = pb.w * pb.S2;
+  struct Seg { int64_t img, iy_lo, rows, off; };
+  std::vector<Seg> segs;
+  int64_t total = 0;
+  for (int64_t i = 0; i < t.np;) {  // one segment per image in the tile
+    const int64_t g = t.g0 + i, img = g / pb.hw;
+    const int64_t last = std::min(t.np, (img + 1) * pb.hw - t.g0) - 1;  // tile index of the image's last pixel
+    const int64_t oy_a = (g % pb.hw) / pb.wo, oy_b = ((t.g0 + last) % pb.hw) / pb.wo;
+    const int64_t lo = std::max<int64_t>(0, oy_a * pb.cv.stride[0] - pb.cv.padding[0]);
+    const int64_t hi = std::min(pb.h, oy_b * pb.cv.stride[0] - pb.cv.padding[0] + span);
+    segs.push_back(Seg{img, lo, std::max<int64_t>(0, hi - lo), total});
+    total += segs.back().rows * row_len;
+    i = last + 1;
+  }
+  if (static_cast<int64_t>(patch.size()) < total) patch.resize(static_cast<size_t>(total));
+  poff.resize(pb.p_tile);
+  size_t si = 0;
+  for (int64_t i = 0; i < pb.p_tile; ++i) {
+    if (i >= t.np) {
+      poff[i] = 0;  // past the batch end: its far-away origin never reads
+      continue;
+    }
+    while ((t.g0 + i) / pb.hw != segs[si].img) ++si;
+    poff[i] = segs[si].off - segs[si].iy_lo * row_len;
+  }
+  constexpr int64_t kCb = 16;  // channels per pass: 16 read streams, 64-byte writes
+  for (const Seg& sg : segs) {
+    const float* src = pb.x + sg.img * pb.sn + s1 * pb.S2 * pb.sc + sg.iy_lo * pb.sh;
+    float* dst = patch.data() + sg.off;
+    for (int64_t r = 0; r < sg.rows; ++r)
+      for (int64_t c0 = 0; c0 < pb.S2; c0 += kCb) {
+        const int64_t c1 = std::min(pb.S2, c0 + kCb);
+        for (int64_t ix = 0; ix < pb.w; ++ix) {
+          const float* sp = src + r * pb.sh + ix * pb.sw;
+          float* dp = dst + (r * pb.w + ix) * pb.S2;
+          for (int64_t c = c0; c < c1; ++c) dp[c] = sp[c * pb.sc];
+        }
+      }
+  }
+  return Source{patch.data(), 1, row_len, pb.S2, poff.data()};
+}
+
 // Per-thread buffers, each p_tile rows.
 struct Buffers {
-  std::vector<float> q, ys, yall, r, z, gather, yt, block, zero_row;
+  std::vector<float> q, ys, yall, r, z, gather, yt, block, zero_row, patch;
+  std::vector<int64_t> poff;
   Buffers(const Problem& pb) {
     const auto n = [&](int64_t cols) { return static_cast<size_t>(pb.p_tile * cols); };
     if (pb.split_b) q.resize(n(pb.conv.n_pad));
@@ -257,11 +320,13 @@ void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, 
 void run_tile(const Problem& pb, const Tile& t, Buffers& buf) {
   const int64_t ld_ys = pb.split_b ? pb.b2.n_pad : pb.conv.n_pad;
   for (int64_t s1 = 0; s1 < pb.S1; ++s1) {
+    const Source src = pb.stage ? stage_patch(pb, t, s1, buf.patch, buf.poff)
+                                : Source{pb.x + s1 * pb.S2 * pb.sc, pb.sc, pb.sh, pb.sw, t.xoff.data()};
     if (pb.split_b) {
-      tile_conv(pb, t, s1 * pb.S2, buf.q.data(), buf.gather.data());
+      tile_conv(pb, t, src, buf.q.data(), buf.gather.data());
       tile_gemm(pb, t, pb.b2, buf.q.data(), pb.conv.n_pad, buf.ys.data(), ld_ys, nullptr);
     } else {
-      tile_conv(pb, t, s1 * pb.S2, buf.ys.data(), buf.gather.data());
+      tile_conv(pb, t, src, buf.ys.data(), buf.gather.data());
     }
     if (pb.S1 > 1) {  // Y[pix][t2][s1*P + p] = Y_s1[pix][t2*P + p]
       const int64_t ld_y = pb.T2 * pb.s1p;
@@ -327,7 +392,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.split_b = factors[0].dim() == 4;
   const int64_t a_at = pb.split_b ? 2 : 1;
   pb.split_a = nf - a_at == 2;
-  int64_t kh;
+  int64_t& kh = pb.kh;
   if (pb.split_b) {
     const at::Tensor &B1 = factors[0], &B2 = factors[1];
     pb.S2 = B1.size(1), kh = B1.size(2), pb.kw = B1.size(3);
@@ -375,12 +440,20 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.out_nhwc = out_format == at::MemoryFormat::ChannelsLast;
   pb.out = out.data_ptr<float>();
 
-  // The input is read in place when its channels are unit-stride (NHWC), or
-  // when each input value is read only a few times (taps x conv panels <= 9;
-  // the measured break-even of svd_fused.cpp); else copied to NHWC once.
+  // Input with unit-stride channels (NHWC) is read in place. Other layouts:
+  // staged per tile into an NHWC patch (stage_patch) when each staged value
+  // feeds enough FMAs (conv N x taps / stride area >= 256); else read in place
+  // when each value is read only a few times (taps x conv panels <= 9), else
+  // copied to NHWC once. Measured on ResNet layers at batch 1 and 8, 1 thread:
+  // staging won at 128@28 and S1 > 1 splits (x0.83-0.92), lost at 64@56 (N =
+  // 16), stride 2 and 1x1 (x1.05-1.15), and was even with the whole copy at
+  // 256@14 and 512@7.
+  const bool strided = input.stride(1) != 1;
   const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
+  const int64_t fma_per_staged = pb.conv.n_pad * pb.taps / (pb.cv.stride[0] * pb.cv.stride[1]);
+  pb.stage = strided && fma_per_staged >= 256;
   const at::Tensor x =
-      (input.stride(1) == 1 || reloads <= 9) ? input : input.contiguous(at::MemoryFormat::ChannelsLast);
+      (strided && !pb.stage && reloads > 9) ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
   pb.x = x.data_ptr<float>();
   pb.sn = x.stride(0);
   pb.sc = x.stride(1);
