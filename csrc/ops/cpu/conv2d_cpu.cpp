@@ -1,7 +1,7 @@
 // CPU kernels of the hsv ops. The forward op picks its implementation from
 // HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
 // (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
-// (kinds "svd" and "hsv", float32) and the composite chain otherwise; "auto"
+// (kinds "svd" and "hsv", float32: hsv_fused.cpp) and the composite chain otherwise; "auto"
 // runs a fused kernel only where prefer_fused says it measured faster.
 // The backward op is always the composite chain.
 #include <torch/library.h>
@@ -10,7 +10,6 @@
 #include "../conv2d_composite.h"
 #include "hsv_fused.h"
 #include "isa.h"
-#include "svd_fused.h"
 
 namespace hsv {
 namespace {
@@ -23,16 +22,12 @@ namespace {
 // a few thousand output pixels, about even beyond (0.94-1.07) and clearly
 // worse at 64 channels x 56x56 x batch 8 (x1.6); with S1 > 1 input groups the
 // composite chain runs a small-channel conv on a batch-folded view and fused
-// won (0.55-0.92 at batch 8). Fused svd won on channels_last only at batch 1
-// with 512-4096 output pixels (bench/results/cpu-fused-svd-quick-2threads.md).
+// won (0.55-0.92 at batch 8). Kind "svd" runs the same kernel as hsv with S1 = 1.
 bool prefer_fused(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind) {
   if (input.stride(1) != 1 || input.size(1) == 1) return false;  // NCHW (or ambiguous single-channel) input
   const int64_t pixels = plan.out_shape[0] * plan.out_shape[2] * plan.out_shape[3];
-  if (kind == "hsv") {
-    const int64_t s1 = factors[factors[0].dim() == 4 ? 2 : 1].size(1);
-    return s1 > 1 || pixels <= 4096;
-  }
-  return plan.out_shape[0] == 1 && pixels >= 512 && pixels <= 4096;
+  const int64_t s1 = kind == "hsv" ? factors[factors[0].dim() == 4 ? 2 : 1].size(1) : 1;
+  return s1 > 1 || pixels <= 4096;
 }
 
 at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
@@ -48,11 +43,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
   if (impl == cpu::Impl::Auto && !prefer_fused(input, factors, plan, k)) {
     return conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind);
   }
-  if (cpu::svd_fused_supports(input, k)) {
-    return cpu::svd_fused_forward(input, factors, bias, plan, cpu::select_microkernel());
-  }
   if (cpu::hsv_fused_supports(input, k) && groups == 1) {
-    return cpu::hsv_fused_forward(input, factors, bias, plan, cpu::select_microkernel());
+    return cpu::hsv_fused_forward(input, factors, bias, plan, cpu::select_microkernel(), k);
   }
   return chain_forward(input, factors, bias, plan);
 }

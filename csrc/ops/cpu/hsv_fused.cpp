@@ -6,7 +6,7 @@
 // tiles of P consecutive pixels (a tile may span images), and per tile:
 //   for each input-channel group s1:
 //     Y_s1 (pix x P*T2) = im2col(x[:, s1*S2 : (s1+1)*S2])[tile] @ B^T
-//       implicit im2col as in svd_fused.cpp: one row pointer per pixel and
+//       implicit im2col: one row pointer per pixel and
 //       tap, the input read in place through its channel stride; B's rows are
 //       packed in (t2, p) order, so for each t2 the P values of a pixel are
 //       contiguous. (Level 2: conv with B1, then a GEMM with B2.)
@@ -371,11 +371,11 @@ std::vector<int64_t> t2_major_rows(int64_t P, int64_t T2) {
 }  // namespace
 
 bool hsv_fused_supports(const at::Tensor& input, const std::string& kind) {
-  return kind == "hsv" && input.scalar_type() == at::kFloat && input.device().is_cpu();
+  return (kind == "hsv" || kind == "svd") && input.scalar_type() == at::kFloat && input.device().is_cpu();
 }
 
 at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                             const Plan& plan, const Microkernel& uk) {
+                             const Plan& plan, const Microkernel& uk, const std::string& kind) {
   const int64_t n = input.size(0);
   const at::MemoryFormat out_format = output_memory_format(input);
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
@@ -383,17 +383,23 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
               "hsv::conv2d: inconsistent CPU microkernel table (MR)");
   for (const auto& f : factors)
-    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='hsv'): the fused CPU kernel needs float32 ",
+    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='", kind, "'): the fused CPU kernel needs float32 ",
                       "factors like the input, got ", f.scalar_type());
 
   Problem pb;
   pb.mr = uk.mr;
   const int64_t nf = static_cast<int64_t>(factors.size());
-  pb.split_b = factors[0].dim() == 4;
+  // Kind "svd" [V (r, Cin, kh, kw), U (Cout, r)] is level-1 hsv with S1 = T2 = 1,
+  // P = r: V and U already have B's and A's memory layout.
+  const bool svd = kind == "svd";
+  pb.split_b = !svd && factors[0].dim() == 4;
   const int64_t a_at = pb.split_b ? 2 : 1;
-  pb.split_a = nf - a_at == 2;
+  pb.split_a = !svd && nf - a_at == 2;
   int64_t& kh = pb.kh;
-  if (pb.split_b) {
+  if (svd) {
+    const at::Tensor& V = factors[0];
+    pb.P = V.size(0), pb.T2 = 1, pb.S2 = V.size(1), kh = V.size(2), pb.kw = V.size(3);
+  } else if (pb.split_b) {
     const at::Tensor &B1 = factors[0], &B2 = factors[1];
     pb.S2 = B1.size(1), kh = B1.size(2), pb.kw = B1.size(3);
     pb.P = B2.size(0), pb.T2 = B2.size(1);
@@ -402,7 +408,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
     pb.P = B.size(0), pb.T2 = B.size(1), pb.S2 = B.size(2), kh = B.size(3), pb.kw = B.size(4);
   }
   const at::Tensor& A = factors[a_at];
-  pb.S1 = A.size(1);
+  pb.S1 = svd ? 1 : A.size(1);
   pb.T1 = pb.split_a ? factors[a_at + 1].size(0) : A.size(0);
   pb.taps = kh * pb.kw;
   pb.n1 = pb.P * pb.T2;
