@@ -1,8 +1,9 @@
 // CPU kernels of the hsv ops. The forward op picks its implementation from
 // HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
 // (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
-// (kinds "svd" and "hsv", float32: hsv_fused.cpp) and the composite chain otherwise; "auto"
-// runs a fused kernel only where prefer_fused says it measured faster.
+// (kinds "svd" and "hsv", float32: hsv_fused.cpp) and the composite chain
+// otherwise; "auto" runs the fused kernel only where prefer_fused says it
+// measured faster.
 // The backward op is always the composite chain.
 #include <torch/library.h>
 

@@ -1,4 +1,5 @@
-// Fused forward of kind "hsv" (layout in hsvkernels/formats/hsv.py):
+// Fused forward of kind "hsv" (layout in hsvkernels/formats/hsv.py), and of
+// kind "svd" as hsv with S1 = T2 = 1:
 //   W[t1*T2 + t2, s1*S2 + s2] = sum_p A[t1, s1, p] * B[p, t2, s2]   (B a kh x kw conv)
 // The composite chain runs B as one conv over the batch-folded view
 // (N*S1, S2, H, W) and A as a GEMM after it, each a full pass over memory.
@@ -6,17 +7,19 @@
 // tiles of P consecutive pixels (a tile may span images), and per tile:
 //   for each input-channel group s1:
 //     Y_s1 (pix x P*T2) = im2col(x[:, s1*S2 : (s1+1)*S2])[tile] @ B^T
-//       implicit im2col: one row pointer per pixel and
-//       tap, the input read in place through its channel stride; B's rows are
-//       packed in (t2, p) order, so for each t2 the P values of a pixel are
-//       contiguous. (Level 2: conv with B1, then a GEMM with B2.)
+//       implicit im2col: one row pointer per pixel and tap into NHWC input
+//       (or, for NCHW, a per-tile NHWC patch or strided reads: see the input
+//       rule in hsv_fused_forward); B's rows are packed in (t2, p) order, so
+//       for each t2 the P values of a pixel are contiguous. (Level 2: conv
+//       with B1, then a GEMM with B2.)
 //     With S1 > 1, Y_s1 is copied into Y (pix x T2 x S1*P) so that each
 //     (t2, pixel) has its whole contraction axis (s1, p) contiguous.
 //   for each t2:
-//     Z[:, t2, :] (pix x T1) = bias + Y[:, t2, :] @ A^T       (K = S1*P)
-//       (level 2: through A1 then A2)
-//   the tile Z is written to the output (channel t1*T2 + t2) once, NCHW or
-//   NHWC.
+//     NHWC output: Z[:, t2, :] (pix x T1) = bias + Y[:, t2, :] @ A^T (K = S1*P;
+//       level 2 through A1 then A2), then Z goes to channels t1*T2 + t2 (in
+//       place when T2 = 1);
+//     NCHW output: the last GEMM transposed, (T1 x pix) = A @ Y[:, t2, :]^T,
+//       so result rows are runs of output planes (final_nchw).
 // All intermediates are per-thread buffers of P rows (L1/L2 sized); threads
 // take whole tiles (at::parallel_for), and tiles shrink when there are too few
 // of them for the threads (small images at batch 1). Factors are packed into
@@ -383,8 +386,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
               "hsv::conv2d: inconsistent CPU microkernel table (MR)");
   for (const auto& f : factors)
-    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='", kind, "'): the fused CPU kernel needs float32 ",
-                      "factors like the input, got ", f.scalar_type());
+    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='", kind,
+                      "'): the fused CPU kernel needs float32 factors like the input, got ", f.scalar_type());
 
   Problem pb;
   pb.mr = uk.mr;
