@@ -60,6 +60,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     env = timing.environment("cpu")
     head = timing.describe_environment(env)
+    if hasattr(os, "getloadavg"):  # other processes on the machine (timings are only steady near 0)
+        head.append("load average before the run (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
     isa = os.environ.get("HSV_CPU_ISA") or (peak.runnable_isas() or ["scalar"])[0]
     core_peak = peak.fma_peaks(args.peak_seconds)[isa]
     head.append("fused ISA %s; measured single-core fp32 FMA peak %.1f GFLOP/s x %d threads = %.1f GFLOP/s"

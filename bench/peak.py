@@ -55,6 +55,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     env = timing.environment("cpu")
     head = timing.describe_environment(env)
+    if hasattr(os, "getloadavg"):  # other processes on the machine (timings are only steady near 0)
+        head.append("load average before the run (1/5/15 min): %.2f %.2f %.2f" % os.getloadavg())
     for line in head:
         print(line)
     peaks, rows = measure(args.seconds, [int(k) for k in args.k.split(",")])
