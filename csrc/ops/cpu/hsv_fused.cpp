@@ -30,7 +30,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <numeric>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define HSV_HAVE_MMAP 1
+#endif
 #include <vector>
 
 #include "pack.h"
@@ -43,6 +49,34 @@ constexpr int64_t kMaxTilePixels = 128;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
+
+// A read-only all-zero buffer of at least n floats, or null where unsupported.
+// It stands in for a padding row of a strided-channel (NCHW) input, read at
+// k * channel stride like a real row, so the microkernel needs no gathered
+// copy next to the padding. An anonymous mapping that is only read maps every
+// page to the OS's shared zero page: no memory, and its few lines stay cached.
+// Grows by doubling; superseded mappings stay mapped (another thread may still
+// read them), which costs address space only.
+const float* zero_span(int64_t n) {
+#ifdef HSV_HAVE_MMAP
+  static std::mutex mutex;
+  static void* base = nullptr;
+  static size_t bytes = 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  const size_t need = static_cast<size_t>(n) * sizeof(float);
+  if (need <= bytes) return static_cast<const float*>(base);
+  size_t len = std::max<size_t>(bytes * 2, size_t(1) << 20);
+  while (len < need) len *= 2;
+  void* p = mmap(nullptr, len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  base = p;
+  bytes = len;
+  return static_cast<const float*>(base);
+#else
+  (void)n;
+  return nullptr;
+#endif
+}
 
 // One GEMM stage of the chain: N columns, packed B panels, its microkernel.
 struct Gemm {
@@ -86,6 +120,7 @@ struct Problem {
   const float* bias_t;     // [T2][t1_pad]: bias[t1*T2 + t2], zeros without bias
   int64_t t1_pad;          // row length of the last GEMM's output per t2
   const float* zeros;      // kc floats: a padding row when sc == 1
+  const float* zeros_strided;  // kc * sc floats (zero_span): a padding row when sc != 1, or null
   float* out;
   bool out_nhwc;
 };
@@ -165,13 +200,14 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
             padded |= !inside;
           }
           float* cb = c + ib * g.n_pad + jb * nr;
-          if (!padded || sc == 1) {
-            for (int64_t i = 0; i < pb.mr; ++i) rows[i] = rows[i] ? rows[i] : pb.zeros;
+          const float* zero_row = sc == 1 ? pb.zeros : pb.zeros_strided;
+          if (!padded || zero_row != nullptr) {
+            for (int64_t i = 0; i < pb.mr; ++i) rows[i] = rows[i] ? rows[i] : zero_row;
             g.uk->fn(klen, rows, sc, bslice, cb, g.n_pad, acc, nullptr);
             continue;
           }
-          // Strided channels (e.g. NCHW) next to the padding: one zero vector
-          // cannot stand in for a strided row, so gather this block's rows.
+          // Strided channels next to the padding and no zero_span: one zero
+          // vector cannot stand in for a strided row, so gather this block's rows.
           for (int64_t i = 0; i < pb.mr; ++i) {
             float* gr = gather + i * pb.kc;
             for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * sc] : 0.0f;
@@ -484,6 +520,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.kc = div_up(pb.S2, div_up(pb.S2, kc_max));
   const std::vector<float> zeros(static_cast<size_t>(pb.kc), 0.0f);
   pb.zeros = zeros.data();
+  pb.zeros_strided = (pb.sc != 1 && !pb.stage) ? zero_span(pb.kc * pb.sc) : nullptr;
 
   // Tiles of up to 128 pixels; smaller when that would leave a thread with
   // fewer than two (the factors are small, so extra tiles cost little).
