@@ -41,6 +41,13 @@ py::dict build_info() {
   info["cpu_avx2"] = hsv::cpu::microkernel_avx2() != nullptr;
   info["cpu_avx512"] = hsv::cpu::microkernel_avx512() != nullptr;
   info["cpu_isa"] = hsv::cpu::best_isa();
+  // Whether at::parallel_for in this extension's kernels can use more than one
+  // thread: with an OpenMP torch it needs the extension built with -fopenmp.
+#ifdef _OPENMP
+  info["cpu_openmp"] = true;
+#else
+  info["cpu_openmp"] = false;
+#endif
   info["cpu_kernels"] = "composite";
   info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv"};
   info["cuda_kernels"] = "composite";

@@ -4,8 +4,10 @@ Only sanity here (positive, finite, ordered ISAs, clear errors): the numbers
 themselves are machine- and load-dependent and go to bench/results/.
 """
 import math
+import sys
 
 import pytest
+import torch
 
 import hsvkernels
 
@@ -48,3 +50,10 @@ def test_bad_arguments_error_clearly():
         hsvkernels._C.microkernel_gflops("scalar", 0, 0.01)
     with pytest.raises(ValueError, match="no narrow variant"):
         hsvkernels._C.microkernel_gflops("scalar", 8, 0.01, narrow=True)
+
+
+def test_fused_kernels_can_use_threads():
+    # at::parallel_for is inline OpenMP code under an OpenMP torch: an extension
+    # built without -fopenmp runs every fused kernel on one thread, silently.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        assert INFO["cpu_openmp"] is True
