@@ -68,6 +68,9 @@ def main(argv=None):
                 % (isa, core_peak, args.threads, core_peak * args.threads))
     head.append("reps %d per path, interleaved; medians; dense = F.conv2d (oneDNN where torch picks it) on the "
                 "reconstructed weight" % args.reps)
+    if args.threads > 1:
+        head.append("threads > 1: the process-CPU (cpu) columns also count OpenMP threads spin-waiting; "
+                    "read the wall columns")
     for line in head:
         print(line)
     cols = ("layer", "split (T1,S1,T2,S2) P", "N", "layout", "fused ms", "comp ms", "dense ms", "f/comp", "f/dense",
