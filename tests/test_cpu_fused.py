@@ -1,4 +1,4 @@
-"""The fused CPU forward of kind "svd" (HSV_CPU_IMPL=fused) under every ISA path this CPU runs.
+"""The fused CPU forward of kind "svd" (HSV_CPU_IMPL=fused; the hsv kernel with S1 = T2 = 1) under every ISA path.
 
 Ground truth is F.conv2d in float64 on the dense weight rebuilt from the same
 factors; hypothesis-drawn shapes compare fused against the composite chain.
