@@ -526,13 +526,17 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // contiguous ranges), each a whole number of MR row blocks. (Whole NR panels
   // for the transposed NCHW last GEMM, lcm(MR, NR) = 96 pixels, made tiles of
   // 192 and left one of two threads idle a third of the time at 512@7 batch 8.)
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Small problems run on the calling thread: waking the OpenMP team costs
+  // microseconds (far more when the cores are oversubscribed), more than a
+  // convolution of under ~2^20 MACs takes (about 10 us on one core).
   pb.pixels = n * pb.hw;
+  const int64_t macs = pb.pixels * pb.S1 * pb.conv.n_pad * pb.conv.k;
+  const int64_t threads = macs < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t tiles_wanted = threads * std::max<int64_t>(1, div_up(pb.pixels, threads * kMaxTilePixels));
   pb.p_tile = round_up(div_up(pb.pixels, tiles_wanted), pb.mr);
   const int64_t tiles = div_up(pb.pixels, pb.p_tile);
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, threads == 1 ? tiles : 1, [&](int64_t begin, int64_t end) {
     Buffers buf(pb);
     Tile t;
     for (int64_t item = begin; item < end; ++item) {

@@ -17,7 +17,9 @@ at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t t
   const int64_t panels = (rows + nr - 1) / nr, K = cin * taps;
   at::Tensor packed = at::empty({panels * K * nr}, at::kFloat);
   float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  // In parallel only when there is enough to copy (a few hundred KB) to pay for waking the threads.
+  const int64_t grain = panels * K * nr < (int64_t(1) << 16) ? panels : 1;
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     std::vector<const float*> row(static_cast<size_t>(nr));
     for (int64_t p = begin; p < end; ++p) {
       float* pd = dst + p * K * nr;
