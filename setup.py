@@ -79,6 +79,15 @@ def _extension():
 
     define_macros = [("HSV_TORCH_VERSION", '"%s"' % torch.__version__)]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    link_flags = []
+    # at::parallel_for (the fused CPU kernels' threads) is inline header code built on
+    # "#pragma omp parallel" when torch uses OpenMP: without -fopenmp it silently runs on
+    # one thread. torch is loaded first and already holds libgomp.so.1, so the extension
+    # shares its OpenMP runtime.
+    openmp = torch.backends.openmp.is_available() and sys.platform.startswith("linux")
+    if openmp:
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     with_cuda = _want_cuda()
     if with_cuda:
         # Without a GPU to ask, build for a list that covers A100 and H100.
@@ -88,9 +97,12 @@ def _extension():
         define_macros += [("WITH_CUDA", None), ("HSV_CUDA_VERSION", '"%s"' % torch.version.cuda),
                           ("HSV_CUDA_ARCHS", '"%s"' % archs)]
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        if openmp:  # the same inline ATen code must not be compiled two ways in one library
+            nvcc_flags += ["-Xcompiler", "-fopenmp"]
         return CUDAExtension("hsvkernels._C", sources + cuda_sources, define_macros=define_macros,
-                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
-    return CppExtension("hsvkernels._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
+    return CppExtension("hsvkernels._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
 
 
 setup(

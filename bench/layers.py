@@ -7,8 +7,15 @@ ratios are comparable even on a noisy machine. See bench/README.md.
     python bench/layers.py --quick
     python bench/layers.py --device cuda --dtype bfloat16 --channels-last --batch 1,32,128
     python bench/layers.py --device cuda --methods svd --impls composite,fused
+    python bench/layers.py --fused --methods hsv,svd --channels-min 128 --batch 1,8,32 --threads 1
+
+On CPU, --fused adds the hand-written fused kernels as a fourth path (the op
+with HSV_CPU_IMPL=fused; "op" is then pinned to HSV_CPU_IMPL=composite), with
+fused/dense, fused/op (= fused/composite) and achieved GFLOP/s as a share of
+this machine's measured FMA peak (bench/peak.py, single core x threads).
 """
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -62,6 +69,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: layers %s unless selected otherwise, short timing" % ",".join(QUICK_TAGS))
+    p.add_argument("--fused", action="store_true",
+                   help="CPU: also time the fused kernels (HSV_CPU_IMPL=fused) against the composite op")
+    p.add_argument("--peak-seconds", type=float, default=1.0,
+                   help="with --fused: seconds spent measuring the FMA peak (bench/peak.py)")
     p.add_argument("--out", help="output path without extension (default bench/results/layers-<device>-<date>)")
     suite.add_filter_args(p)
     args = p.parse_args(argv)
@@ -264,9 +275,15 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             row["params_ratio"] = row["params_dense"] / row["params_fact"]
             row["macs_ratio"] = row["macs_dense"] / row["macs_fact"]
 
-            def op_call(factors=factors, kind=kind):
-                return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
-                                            kw["groups"], kind)
+            def op_call(factors=factors, kind=kind, impl="composite" if args.fused else None):
+                with cpu_impl(impl):
+                    return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
+                                                kw["groups"], kind)
+
+            def fused(factors=factors, kind=kind):
+                with cpu_impl("fused"):
+                    return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
+                                                kw["groups"], kind)
 
             # with --impls every op callable sets the variable: "op" back to the environment's own value
             op = with_env(op_call, impl_var, env_impl) if args.impls else op_call
@@ -281,6 +298,8 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                     expected = exact_output(x, f, kw)
                     y_op, y_ref = op(), ref()
                     errors = {"op": normalized_error(y_op, expected), "reference": normalized_error(y_ref, expected)}
+                    if args.fused:
+                        errors["fused"] = normalized_error(fused(), expected)
                     row["out_channels_last"] = bool(y_op.is_contiguous(memory_format=torch.channels_last)
                                                     and not y_op.is_contiguous())
                     row["backends"] = {"dense": conv_backend(x, w_dense, **kw),
@@ -305,6 +324,8 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
             fns["reference:" + method] = ref
             for impl, fn in impl_ops.items():
                 fns["impl:%s:%s" % (impl, method)] = fn
+            if args.fused:
+                fns["fused:" + method] = fused
         with torch.inference_mode():
             if args.graph and device.type == "cuda":
                 fns = {name: graphed(fn) for name, fn in fns.items()}
@@ -312,7 +333,7 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                                             min_blocks=args.min_blocks)
         for method, row in per_method.items():
             row["time"] = {"dense": times["dense"], "op": times.get("op:" + method),
-                           "reference": times.get("reference:" + method)}
+                           "reference": times.get("reference:" + method), "fused": times.get("fused:" + method)}
             t_dense = times["dense"]["median"]
             t_op = (times.get("op:" + method) or {}).get("median")
             t_ref = (times.get("reference:" + method) or {}).get("median")
@@ -327,8 +348,32 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                        gflops_dense=2 * shape.dense_macs(batch) / t_dense / 1e9,
                        gflops_op=2 * row["macs_fact"] / t_op / 1e9 if t_op else None,
                        gflops_ref=2 * row["macs_fact"] / t_ref / 1e9 if t_ref else None)
-            print_row(row)
+            if args.fused:
+                t_fused = (times.get("fused:" + method) or {}).get("median")
+                row.update(ratio_fused_dense=ratio(t_fused, t_dense), ratio_fused_op=ratio(t_fused, t_op),
+                           gflops_fused=2 * row["macs_fact"] / t_fused / 1e9 if t_fused else None)
+                if args.peak_gflops:
+                    row["peak_share_dense"] = row["gflops_dense"] / args.peak_gflops
+                    row["peak_share_fused"] = ratio(row["gflops_fused"], args.peak_gflops)
+            print_row(row, args.fused)
     return rows
+
+
+@contextlib.contextmanager
+def cpu_impl(impl):
+    """HSV_CPU_IMPL set to impl for the duration (None: leave it alone); the op reads it on every call."""
+    if impl is None:
+        yield
+        return
+    saved = os.environ.get("HSV_CPU_IMPL")
+    os.environ["HSV_CPU_IMPL"] = impl
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["HSV_CPU_IMPL"]
+        else:
+            os.environ["HSV_CPU_IMPL"] = saved
 
 
 # Output -----------------------------------------------------------------------------------
@@ -371,7 +416,32 @@ COLUMNS = ("layer", "N", "method", "kind", "ranks", "params x", "MACs x", "dense
 _WIDTHS = (30, 4, 9, 9, 9, 8, 7, 10, 10, 10, 8, 9, 7, 13, 10, 11, 0)
 
 
-def row_cells(row):
+FUSED_COLUMNS = ("fused", "fused/dense", "fused/op", "GFLOP/s fused", "%peak dense", "%peak fused")
+_FUSED_WIDTHS = (10, 11, 8, 13, 11, 11)
+
+
+def columns(fused):
+    """Column names and widths; with --fused the fused columns go before the note."""
+    if not fused:
+        return COLUMNS, _WIDTHS
+    return COLUMNS[:-1] + FUSED_COLUMNS + COLUMNS[-1:], _WIDTHS[:-1] + _FUSED_WIDTHS + _WIDTHS[-1:]
+
+
+def fused_cells(row):
+    t = (row.get("time") or {}).get("fused") or {}
+    pct = (lambda v: "-" if v is None else "%.0f%%" % (100 * v))
+    return [fmt_time(t.get("median")), fmt(row.get("ratio_fused_dense")), fmt(row.get("ratio_fused_op")),
+            fmt(row.get("gflops_fused"), "%.1f"), pct(row.get("peak_share_dense")), pct(row.get("peak_share_fused"))]
+
+
+def row_cells(row, fused=False):
+    cells = _base_cells(row)
+    if fused:
+        cells = cells[:-1] + fused_cells(row) + cells[-1:]
+    return cells
+
+
+def _base_cells(row):
     t = row.get("time") or {}
     med = {k: (t.get(k) or {}).get("median") for k in ("dense", "op", "reference")}
     if row["status"] != "ok":
@@ -397,12 +467,14 @@ def impl_note(row):
     return ", ".join(parts)
 
 
-def print_header():
-    print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, _WIDTHS)).rstrip(), flush=True)
+def print_header(fused=False):
+    cols, widths = columns(fused)
+    print(" ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(), flush=True)
 
 
-def print_row(row):
-    print(" ".join(c.ljust(w) for c, w in zip(row_cells(row), _WIDTHS)).rstrip(), flush=True)
+def print_row(row, fused=False):
+    _, widths = columns(fused)
+    print(" ".join(c.ljust(w) for c, w in zip(row_cells(row, fused), widths)).rstrip(), flush=True)
 
 
 def geomean(values):
@@ -426,6 +498,9 @@ def summarize(rows):
                     s["geomean_%s_dense" % impl] = geomean(r["ratio_impls_dense"][impl] for r in ok)
                 if len(impls) >= 2:
                     s["geomean_%s_%s" % (impls[-1], impls[0])] = geomean(r.get("ratio_impl_last_first") for r in ok)
+                if any(r.get("ratio_fused_dense") is not None for r in ok):
+                    s["geomean_fused_dense"] = geomean(r.get("ratio_fused_dense") for r in ok)
+                    s["geomean_fused_op"] = geomean(r.get("ratio_fused_op") for r in ok)
                 out.append(s)
     return out
 
@@ -440,17 +515,29 @@ def markdown(result):
                                                        settings["rounds"], settings["min_blocks"],
                                                        ", CUDA-graph replays" if settings.get("graph") else ""),
               "Times are medians per call; ratios < 1 mean the first is faster. See bench/README.md.", ""]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
+    fused = settings.get("fused", False)
+    if fused:
+        lines += ["Fused: op is the composite chain (HSV_CPU_IMPL=composite), fused the hand-written kernels "
+                  "(HSV_CPU_IMPL=fused, ISA %s). Peak: %s GFLOP/s = measured single-core FMA peak %s GFLOP/s x %d "
+                  "threads (bench/peak.py); %%peak uses dense MACs for dense and factorized MACs for fused."
+                  % (settings.get("fused_isa"), fmt(settings.get("peak_gflops"), "%.1f"),
+                     fmt(settings.get("core_peak_gflops"), "%.1f"), env["threads"]), ""]
+    backends = sorted({(r.get("backends") or {}).get("dense") for r in result["rows"]} - {None})
+    lines += ["Dense F.conv2d backend(s) (torch._C._select_conv_backend): %s; torch.backends.mkldnn available=%s "
+              "enabled=%s." % (", ".join(backends) or "-", env["mkldnn_available"], env["mkldnn_enabled"]), ""]
+    cols, _ = columns(fused)
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
     for row in result["rows"]:
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in row_cells(row)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row_cells(row, fused)) + " |")
     if result["summary"]:
         lines += ["", "Geometric means over the layers that ran:", "",
-                  "| method | N | layers | op/dense | ref/dense | op/ref |", "|---|---|---|---|---|---|"]
+                  "| method | N | layers | op/dense | ref/dense | op/ref | fused/dense | fused/op |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in result["summary"]:
-            lines.append("| %s | %d | %d | %s | %s | %s |" % (s["method"], s["batch"], s["layers"],
-                                                           fmt(s["geomean_op_dense"]), fmt(s["geomean_ref_dense"]),
-                                                           fmt(s["geomean_op_ref"])))
+            lines.append("| %s | %d | %d | %s | %s | %s | %s | %s |" % (
+                s["method"], s["batch"], s["layers"], fmt(s["geomean_op_dense"]), fmt(s["geomean_ref_dense"]),
+                fmt(s["geomean_op_ref"]), fmt(s.get("geomean_fused_dense")), fmt(s.get("geomean_fused_op"))))
     return "\n".join(lines) + "\n"
 
 
@@ -483,6 +570,20 @@ def main(argv=None):
         raise SystemExit("layers.py: unknown method(s) %s; hsvkernels.METHODS has %s"
                          % (unknown, sorted(hsvkernels.METHODS)))
     layers = select_layers(args)
+    args.peak_gflops = args.core_peak_gflops = args.fused_isa = None
+    if args.fused:
+        if device.type != "cpu":
+            raise SystemExit("layers.py: --fused times the CPU kernels; use --device cpu")
+        if args.impls:  # both would set HSV_CPU_IMPL around the same calls
+            raise SystemExit("layers.py: give --fused or --impls on CPU, not both")
+        from bench import peak
+        isas = peak.runnable_isas()
+        if isas:
+            args.fused_isa = os.environ.get("HSV_CPU_ISA") or isas[0]
+            args.core_peak_gflops = peak.fma_peaks(args.peak_seconds)[args.fused_isa]
+            args.peak_gflops = args.core_peak_gflops * torch.get_num_threads()
+            print("measured fp32 FMA peak (%s): %.1f GFLOP/s per core x %d threads = %.1f GFLOP/s"
+                  % (args.fused_isa, args.core_peak_gflops, torch.get_num_threads(), args.peak_gflops))
     env = timing.environment(args.device)
     for line in timing.describe_environment(env):
         print(line)
@@ -490,7 +591,7 @@ def main(argv=None):
           ">= %d blocks%s" % (device, args.dtype, args.channels_last, args.batch, ",".join(methods), len(layers),
                               args.min_run_time, args.rounds, args.min_blocks,
                               "  CUDA-graph replays" if args.graph and device.type == "cuda" else ""), flush=True)
-    print_header()
+    print_header(args.fused)
     rows = []
     for i, shape in enumerate(layers):
         rows.extend(bench_layer(shape, args, device, dtype, methods, i))

@@ -7,6 +7,10 @@ init (no downloads); latency does not depend on the weights' values.
 
     python bench/models.py --models resnet18,resnet50,vgg16 --methods svd,hsv --batch 1,8 \
         --out bench/results/models-cpu
+
+--cpu-impl composite,fused times the converted model once per CPU
+implementation of the op (HSV_CPU_IMPL, read by the op on every call), each
+against a fresh dense timing in the same interleaved pair.
 """
 import argparse
 import copy
@@ -24,6 +28,12 @@ from bench import timing  # noqa: E402
 from hsvkernels import benchmark, convert, models  # noqa: E402
 
 
+def to_format(model, fmt):
+    """The model with its 4-D tensors in memory format fmt; others (e.g. 5-D hsv factors) as they are.
+    (Module.to(memory_format=channels_last) refuses 5-D parameters.)"""
+    return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,resnet50,vgg16")
@@ -35,14 +45,24 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--cpu-impl", default="composite",
+                    help="comma list of HSV_CPU_IMPL values to time the converted model under (composite,fused,auto)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     env = timing.environment("cpu")
+    head = timing.describe_environment(env)
+    for line in head:
+        print(line)
+    impls = [i for i in args.cpu_impl.split(",") if i]
+    bad = [i for i in impls if i not in ("composite", "fused", "auto")]
+    if bad:
+        raise SystemExit("models.py: --cpu-impl %s: each must be composite, fused or auto" % bad)
     rows = []
-    print("threads %d, fp32, %s, ratio %g, macs_ratio %g" % (torch.get_num_threads(), fmt, args.ratio, args.macs_ratio))
+    print("threads %d, fp32, %s, ratio %g, macs_ratio %g, cpu impls %s"
+          % (torch.get_num_threads(), fmt, args.ratio, args.macs_ratio, ",".join(impls)))
     for name in args.models.split(","):
         torch.manual_seed(0)
         dense = models.build("torchvision:" + name).eval()
@@ -57,27 +77,38 @@ def main(argv=None):
             params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
             for n in [int(b) for b in args.batch.split(",")]:
                 x = torch.randn(n, 3, args.input_size, args.input_size).contiguous(memory_format=fmt)
-                t = benchmark.time_pair(dense.to(memory_format=fmt), compressed.to(memory_format=fmt), x,
-                                        min_run_time=args.min_run_time)
-                row = dict(model=name, method=method, options=options, batch=n, model_params_x=params,
-                           conv_macs_x=report.totals()["macs_before"] / report.totals()["macs_after"], **t)
-                rows.append(row)
-                print("%-9s %-5s N=%-3d dense %9.2f ms  compressed %9.2f ms  ratio %.3f  (params %.2fx, conv MACs %.2fx)"
-                      % (name, method, n, 1e3 * t["dense_s"], 1e3 * t["compressed_s"], t["ratio"], params,
-                         row["conv_macs_x"]), flush=True)
+                for impl in impls:
+                    saved = os.environ.get("HSV_CPU_IMPL")
+                    os.environ["HSV_CPU_IMPL"] = impl
+                    try:
+                        t = benchmark.time_pair(to_format(dense, fmt), to_format(compressed, fmt), x,
+                                                min_run_time=args.min_run_time)
+                    finally:
+                        if saved is None:
+                            os.environ.pop("HSV_CPU_IMPL", None)
+                        else:
+                            os.environ["HSV_CPU_IMPL"] = saved
+                    row = dict(model=name, method=method, options=options, batch=n, cpu_impl=impl,
+                               model_params_x=params,
+                               conv_macs_x=report.totals()["macs_before"] / report.totals()["macs_after"], **t)
+                    rows.append(row)
+                    print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
+                          "(params %.2fx, conv MACs %.2fx)"
+                          % (name, method, n, impl, 1e3 * t["dense_s"], 1e3 * t["compressed_s"], t["ratio"], params,
+                             row["conv_macs_x"]), flush=True)
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
-            f.write("End to end, fp32, %d threads, %s, input %d. Command: `%s`\n\n"
+            f.write("End to end, fp32, %d threads, %s, input %d. Command: `%s`\n\n```\n%s\n```\n\n"
                     % (torch.get_num_threads(), "channels_last" if args.channels_last else "NCHW", args.input_size,
-                       " ".join(sys.argv)))
-            f.write("| model | method | batch | dense ms | compressed ms | compressed / dense | model params x | "
-                    "conv MACs x |\n|---|---|---|---|---|---|---|---|\n")
+                       " ".join(sys.argv), "\n".join(head)))
+            f.write("| model | method | batch | HSV_CPU_IMPL | dense ms | compressed ms | compressed / dense | "
+                    "model params x | conv MACs x |\n|---|---|---|---|---|---|---|---|---|\n")
             for r in rows:
-                f.write("| %s | %s | %d | %.2f | %.2f | %.3f | %.2f | %.2f |\n" % (
-                    r["model"], r["method"], r["batch"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"], r["ratio"],
-                    r["model_params_x"], r["conv_macs_x"]))
+                f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f | %.2f | %.2f |\n" % (
+                    r["model"], r["method"], r["batch"], r["cpu_impl"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"],
+                    r["ratio"], r["model_params_x"], r["conv_macs_x"]))
     return 0
 
 

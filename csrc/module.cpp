@@ -1,5 +1,6 @@
 // hsvkernels._C: loading it registers the hsv ops (static TORCH_LIBRARY blocks);
-// the pybind11 functions here only report how the extension was built.
+// the pybind11 functions here report how the extension was built and
+// measure this CPU's FMA peak and microkernel speed.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -8,6 +9,8 @@
 #ifdef WITH_CUDA
 #include "ops/cuda/cuda_impl.h"
 #endif
+#include "ops/cpu/pack.h"
+#include "ops/cpu/peak.h"
 
 #ifndef HSV_TORCH_VERSION
 #define HSV_TORCH_VERSION "unknown"
@@ -41,8 +44,15 @@ py::dict build_info() {
   info["cpu_avx2"] = hsv::cpu::microkernel_avx2() != nullptr;
   info["cpu_avx512"] = hsv::cpu::microkernel_avx512() != nullptr;
   info["cpu_isa"] = hsv::cpu::best_isa();
+  // Whether at::parallel_for in this extension's kernels can use more than one
+  // thread: with an OpenMP torch it needs the extension built with -fopenmp.
+#ifdef _OPENMP
+  info["cpu_openmp"] = true;
+#else
+  info["cpu_openmp"] = false;
+#endif
   info["cpu_kernels"] = "composite";
-  info["cpu_fused_kinds"] = std::vector<std::string>{"svd"};
+  info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv"};
   // cuda_kernels: what HSV_CUDA_IMPL selects by default; cuda_fused_kinds: the
   // kinds HSV_CUDA_IMPL=fused runs fused (where dtype and shape allow).
   info["cuda_kernels"] = "composite";
@@ -67,4 +77,15 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
+  // Both release the GIL: they only spin on the calling thread.
+  m.def("fma_peak_gflops", &hsv::cpu::fma_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.5,
+        py::call_guard<py::gil_scoped_release>(),
+        "Single-core fp32 FMA peak (GFLOP/s) for isa 'avx512', 'avx2' or 'scalar': best chunk of a ~seconds run");
+  m.def("microkernel_gflops", &hsv::cpu::microkernel_gflops, py::arg("isa"), py::arg("k") = 128,
+        py::arg("seconds") = 0.5, py::arg("narrow") = false, py::call_guard<py::gil_scoped_release>(),
+        "GFLOP/s of the fused kernels' MR x NR microkernel (or its narrow variant) on L1-resident operands, K = k");
+  m.def("clear_packed_cache", &hsv::cpu::clear_packed_cache,
+        "Drops the fused CPU kernels' packed factors (needed only after writes that bypass the version counter, "
+        "e.g. through .data); returns how many there were");
+  m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");
 }

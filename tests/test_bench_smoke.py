@@ -74,3 +74,19 @@ def test_layers_fails_loudly_on_wrong_output(tmp_path, monkeypatch):
     monkeypatch.setattr(hsvkernels.reference, "conv2d", lambda *a, **k: real(*a, **k) * 1.01)
     with pytest.raises(RuntimeError, match="WRONG OUTPUT"):
         layers.main(TINY[:2] + FAST + ["--methods", "svd", "--out", str(tmp_path / "wrong")])
+
+
+@pytest.mark.skipif(not hsvkernels.build_info().get("extension"), reason="needs the native extension")
+def test_layers_fused_columns(tmp_path):
+    # --fused: a fourth timed path with its ratios and the measured peak behind %peak
+    out = tmp_path / "fused"
+    result = layers.main(TINY + FAST + ["--fused", "--methods", "hsv,svd", "--peak-seconds", "0.02",
+                                        "--out", str(out)])
+    assert result["settings"]["peak_gflops"] > 0
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {r["method"] for r in ok} == {"hsv", "svd"}
+    for r in ok:
+        assert r["time"]["fused"]["median"] > 0 and r["check"]["fused"] <= r["check"]["tolerance"]
+        assert r["ratio_fused_dense"] > 0 and r["ratio_fused_op"] > 0 and 0 < r["peak_share_fused"]
+    md = (tmp_path / "fused.md").read_text()
+    assert "fused/dense" in md and "%peak fused" in md and "Dense F.conv2d backend(s)" in md

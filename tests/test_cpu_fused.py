@@ -1,4 +1,4 @@
-"""The fused CPU forward of kind "svd" (HSV_CPU_IMPL=fused) under every ISA path this CPU runs.
+"""The fused CPU forward of kind "svd" (HSV_CPU_IMPL=fused; the hsv kernel with S1 = T2 = 1) under every ISA path.
 
 Ground truth is F.conv2d in float64 on the dense weight rebuilt from the same
 factors; hypothesis-drawn shapes compare fused against the composite chain.
@@ -119,7 +119,7 @@ def test_fused_panel_widths_without_bias(spec, isa):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("spec", [
     (4, 8, 20, 20, 19, 3, 3, 1, 1, 1),   # many 128-pixel tiles: whole tiles per thread
-    (1, 24, 36, 7, 7, 3, 3, 1, 1, 1),    # one tile: GEMMs split over r / Cout panels
+    (1, 24, 36, 7, 7, 3, 3, 1, 1, 1),    # 49 pixels: tiles shrink so every thread gets some
 ], ids=["tiles", "panels"])
 def test_fused_parallel_modes(spec, layout, isa):
     for threads in (1, 2, 3):

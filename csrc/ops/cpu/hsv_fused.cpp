@@ -1,0 +1,551 @@
+// Fused forward of kind "hsv" (layout in hsvkernels/formats/hsv.py), and of
+// kind "svd" as hsv with S1 = T2 = 1:
+//   W[t1*T2 + t2, s1*S2 + s2] = sum_p A[t1, s1, p] * B[p, t2, s2]   (B a kh x kw conv)
+// The composite chain runs B as one conv over the batch-folded view
+// (N*S1, S2, H, W) and A as a GEMM after it, each a full pass over memory.
+// Here the output pixels of the whole batch, in (N, Ho, Wo) order, are cut into
+// tiles of P consecutive pixels (a tile may span images), and per tile:
+//   for each input-channel group s1:
+//     Y_s1 (pix x P*T2) = im2col(x[:, s1*S2 : (s1+1)*S2])[tile] @ B^T
+//       implicit im2col: one row pointer per pixel and tap into NHWC input
+//       (or, for NCHW, a per-tile NHWC patch or strided reads: see the input
+//       rule in hsv_fused_forward); B's rows are packed in (t2, p) order, so
+//       for each t2 the P values of a pixel are contiguous. (Level 2: conv
+//       with B1, then a GEMM with B2.)
+//     With S1 > 1, Y_s1 is copied into Y (pix x T2 x S1*P) so that each
+//     (t2, pixel) has its whole contraction axis (s1, p) contiguous.
+//   for each t2:
+//     NHWC output: Z[:, t2, :] (pix x T1) = bias + Y[:, t2, :] @ A^T (K = S1*P;
+//       level 2 through A1 then A2), then Z goes to channels t1*T2 + t2 (in
+//       place when T2 = 1);
+//     NCHW output: the last GEMM transposed, (T1 x pix) = A @ Y[:, t2, :]^T,
+//       so result rows are runs of output planes (final_nchw).
+// All intermediates are per-thread buffers of P rows (L1/L2 sized); threads
+// take whole tiles (at::parallel_for), and tiles shrink when there are too few
+// of them for the threads (small images at batch 1). Factors are packed into
+// NR-wide microkernel panels once and cached against the factor tensors (pack.h).
+#include "hsv_fused.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define HSV_HAVE_MMAP 1
+#endif
+#include <vector>
+
+#include "pack.h"
+
+namespace hsv {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxTilePixels = 128;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
+
+// A read-only all-zero buffer of at least n floats, or null where unsupported.
+// It stands in for a padding row of a strided-channel (NCHW) input, read at
+// k * channel stride like a real row, so the microkernel needs no gathered
+// copy next to the padding. An anonymous mapping that is only read maps every
+// page to the OS's shared zero page: no memory, and its few lines stay cached.
+// Grows by doubling; superseded mappings stay mapped (another thread may still
+// read them), which costs address space only.
+const float* zero_span(int64_t n) {
+#ifdef HSV_HAVE_MMAP
+  static std::mutex mutex;
+  static void* base = nullptr;
+  static size_t bytes = 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  const size_t need = static_cast<size_t>(n) * sizeof(float);
+  if (need <= bytes) return static_cast<const float*>(base);
+  size_t len = std::max<size_t>(bytes * 2, size_t(1) << 20);
+  while (len < need) len *= 2;
+  void* p = mmap(nullptr, len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  base = p;
+  bytes = len;
+  return static_cast<const float*>(base);
+#else
+  (void)n;
+  return nullptr;
+#endif
+}
+
+// One GEMM stage of the chain: N columns, packed B panels, its microkernel.
+struct Gemm {
+  const Microkernel* uk = nullptr;
+  int64_t n = 0, n_pad = 0, k = 0;
+  at::Tensor packed;  // keeps the panels alive
+  const float* b = nullptr;
+};
+
+Gemm make_gemm(const Microkernel& uk, const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps,
+               const std::vector<int64_t>* row_map, const char* role) {
+  Gemm g;
+  g.uk = &microkernel_for_width(uk, rows);
+  g.n = rows;
+  g.n_pad = round_up(rows, g.uk->nr);
+  g.k = cin * taps;
+  const std::string layout = std::string("hsv.") + role + ":" + g.uk->isa + ":nr" + std::to_string(g.uk->nr);
+  g.packed = packed_cached(w, layout, [&] { return pack_panels(w, rows, cin, taps, g.uk->nr, row_map); });
+  g.b = g.packed.data_ptr<float>();
+  return g;
+}
+
+struct Problem {
+  int64_t mr;
+  int64_t S1, S2, T1, T2, P, n1, s1p;
+  bool split_b, split_a;
+  Gemm conv;   // the kh x kw conv on one channel group: B (N = P*T2) or B1 (N = q1)
+  Gemm b2;     // level 2: Q @ B2^T -> Y_s1 (N = P*T2)
+  Gemm a;      // A (N = T1) or A1 (N = q2), K = S1*P
+  Gemm a2;     // level 2: R @ A2^T (N = T1)
+  // NCHW output: the last GEMM runs transposed, out^T block (T1 rows x pixels)
+  // = Wf (T1 x kf) @ Yin^T, so each result row is a run of one output plane.
+  const Microkernel* ukt;  // the ISA's wide kernel (NR over pixels)
+  const float* wf;         // A as (T1, S1*P) or A2 (T1, q2), row-major
+  int64_t kf;              // its K
+  int64_t h, w, kh, kw, taps, kc, hw, wo, pixels, p_tile, cout;
+  bool stage;  // strided-channel input: staged per tile into an NHWC patch (stage_patch)
+  ConvParams cv;
+  const float* x;
+  int64_t sn, sc, sh, sw;  // input strides (elements): image, channel, row, column
+  const float* bias_t;     // [T2][t1_pad]: bias[t1*T2 + t2], zeros without bias
+  int64_t t1_pad;          // row length of the last GEMM's output per t2
+  const float* zeros;      // kc floats: a padding row when sc == 1
+  const float* zeros_strided;  // kc * sc floats (zero_span): a padding row when sc != 1, or null
+  float* out;
+  bool out_nhwc;
+};
+
+// A tile: first pixel (over the batch), pixel count, and per pixel the
+// input image's offset and the receptive field's top-left corner.
+struct Tile {
+  int64_t g0 = 0, np = 0;
+  std::vector<int64_t> xoff, iy0, ix0;
+
+  void set(const Problem& pb, int64_t item) {
+    g0 = item * pb.p_tile;
+    np = std::min(pb.p_tile, pb.pixels - g0);
+    xoff.resize(pb.p_tile);
+    iy0.resize(pb.p_tile);
+    ix0.resize(pb.p_tile);
+    for (int64_t p = 0; p < pb.p_tile; ++p) {
+      if (p < np) {
+        const int64_t img = (g0 + p) / pb.hw, q = (g0 + p) % pb.hw;
+        xoff[p] = img * pb.sn;
+        iy0[p] = (q / pb.wo) * pb.cv.stride[0] - pb.cv.padding[0];
+        ix0[p] = (q % pb.wo) * pb.cv.stride[1] - pb.cv.padding[1];
+      } else {  // past the batch end: a far-away origin, so every tap reads zeros
+        xoff[p] = 0;
+        iy0[p] = -(int64_t(1) << 40);
+        ix0[p] = 0;
+      }
+    }
+  }
+};
+
+// c (rows x g.n_pad, ld ldc) = init + a (rows x g.k, ld lda) @ B for the
+// tile's row blocks; init is a row of g.n_pad floats or null (zeros).
+void tile_gemm(const Problem& pb, const Tile& t, const Gemm& g, const float* a, int64_t lda, float* c, int64_t ldc,
+               const float* init) {
+  const float* rows[64];
+  const int64_t nr = g.uk->nr;
+  for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
+    const float* bp = g.b + jb * g.k * nr;
+    for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+      for (int64_t i = 0; i < pb.mr; ++i) rows[i] = a + (ib + i) * lda;
+      g.uk->fn(g.k, rows, 1, bp, c + ib * ldc + jb * nr, ldc, false, init ? init + jb * nr : nullptr);
+    }
+  }
+}
+
+// c (rows x conv.n_pad) = im2col(x[:, c_base : c_base + S2])[tile] @ conv's B.
+// K is walked tap by tap and in Cin chunks of kc, so the chunk's slice of B
+// (kc x NR) stays in L1 across all the tile's row blocks.
+// Where tile_conv reads one channel group: channel c of pixel (iy, ix) of the
+// tile's pixel i is at x + xoff[i] + iy * sh + ix * sw + c * sc.
+struct Source {
+  const float* x;
+  int64_t sc, sh, sw;
+  const int64_t* xoff;
+};
+
+void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
+  const Gemm& g = pb.conv;
+  const int64_t nr = g.uk->nr;
+  const float* rows[64];
+  const float* xg = src.x;
+  const int64_t sc = src.sc;
+  for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
+    for (int64_t tap = 0; tap < pb.taps; ++tap) {
+      const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
+      for (int64_t c0 = 0; c0 < pb.S2; c0 += pb.kc) {
+        const int64_t klen = std::min(pb.kc, pb.S2 - c0);
+        const float* bslice = g.b + (jb * g.k + tap * pb.S2 + c0) * nr;
+        const bool acc = tap > 0 || c0 > 0;
+        for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+          bool padded = false;
+          for (int64_t i = 0; i < pb.mr; ++i) {
+            const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
+            const bool inside = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w;
+            rows[i] = inside ? xg + src.xoff[ib + i] + iy * src.sh + ix * src.sw + c0 * sc : nullptr;
+            padded |= !inside;
+          }
+          float* cb = c + ib * g.n_pad + jb * nr;
+          const float* zero_row = sc == 1 ? pb.zeros : pb.zeros_strided;
+          if (!padded || zero_row != nullptr) {
+            for (int64_t i = 0; i < pb.mr; ++i) rows[i] = rows[i] ? rows[i] : zero_row;
+            g.uk->fn(klen, rows, sc, bslice, cb, g.n_pad, acc, nullptr);
+            continue;
+          }
+          // Strided channels next to the padding and no zero_span: one zero
+          // vector cannot stand in for a strided row, so gather this block's rows.
+          for (int64_t i = 0; i < pb.mr; ++i) {
+            float* gr = gather + i * pb.kc;
+            for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * sc] : 0.0f;
+            rows[i] = gr;
+          }
+          g.uk->fn(klen, rows, 1, bslice, cb, g.n_pad, acc, nullptr);
+        }
+      }
+    }
+  }
+}
+
+// Strided-channel (e.g. NCHW) input: copies the input rows the tile reads, of
+// channel group s1, into an NHWC patch (per image the tile touches: its input
+// rows x W x S2), and returns the patch as the tile's Source. The patch is a
+// few hundred KB at most (L2), so this costs one pass over the tile's input,
+// where reading NCHW in place makes each microkernel row step a strided load
+// and converting the whole input to NHWC up front is a full round trip
+// through memory (measured slower than either on 56x56 layers).
+Source stage_patch(const Problem& pb, const Tile& t, int64_t s1, std::vector<float>& patch,
+                   std::vector<int64_t>& poff) {
+  const int64_t span = (pb.kh - 1) * pb.cv.dilation[0] + 1;
+  const int64_t row_len = pb.w * pb.S2;
+  struct Seg { int64_t img, iy_lo, rows, off; };
+  std::vector<Seg> segs;
+  int64_t total = 0;
+  for (int64_t i = 0; i < t.np;) {  // one segment per image in the tile
+    const int64_t g = t.g0 + i, img = g / pb.hw;
+    const int64_t last = std::min(t.np, (img + 1) * pb.hw - t.g0) - 1;  // tile index of the image's last pixel
+    const int64_t oy_a = (g % pb.hw) / pb.wo, oy_b = ((t.g0 + last) % pb.hw) / pb.wo;
+    const int64_t lo = std::max<int64_t>(0, oy_a * pb.cv.stride[0] - pb.cv.padding[0]);
+    const int64_t hi = std::min(pb.h, oy_b * pb.cv.stride[0] - pb.cv.padding[0] + span);
+    segs.push_back(Seg{img, lo, std::max<int64_t>(0, hi - lo), total});
+    total += segs.back().rows * row_len;
+    i = last + 1;
+  }
+  if (static_cast<int64_t>(patch.size()) < total) patch.resize(static_cast<size_t>(total));
+  poff.resize(pb.p_tile);
+  size_t si = 0;
+  for (int64_t i = 0; i < pb.p_tile; ++i) {
+    if (i >= t.np) {
+      poff[i] = 0;  // past the batch end: its far-away origin never reads
+      continue;
+    }
+    while ((t.g0 + i) / pb.hw != segs[si].img) ++si;
+    poff[i] = segs[si].off - segs[si].iy_lo * row_len;
+  }
+  constexpr int64_t kCb = 16;  // channels per pass: 16 read streams, 64-byte writes
+  for (const Seg& sg : segs) {
+    const float* src = pb.x + sg.img * pb.sn + s1 * pb.S2 * pb.sc + sg.iy_lo * pb.sh;
+    float* dst = patch.data() + sg.off;
+    for (int64_t r = 0; r < sg.rows; ++r)
+      for (int64_t c0 = 0; c0 < pb.S2; c0 += kCb) {
+        const int64_t c1 = std::min(pb.S2, c0 + kCb);
+        for (int64_t ix = 0; ix < pb.w; ++ix) {
+          const float* sp = src + r * pb.sh + ix * pb.sw;
+          float* dp = dst + (r * pb.w + ix) * pb.S2;
+          for (int64_t c = c0; c < c1; ++c) dp[c] = sp[c * pb.sc];
+        }
+      }
+  }
+  return Source{patch.data(), 1, row_len, pb.S2, poff.data()};
+}
+
+// Per-thread buffers, each p_tile rows.
+struct Buffers {
+  std::vector<float> q, ys, yall, r, z, gather, yt, block, zero_row, patch;
+  std::vector<int64_t> poff;
+  Buffers(const Problem& pb) {
+    const auto n = [&](int64_t cols) { return static_cast<size_t>(pb.p_tile * cols); };
+    if (pb.split_b) q.resize(n(pb.conv.n_pad));
+    ys.resize(n(pb.split_b ? pb.b2.n_pad : pb.conv.n_pad));
+    if (pb.S1 > 1) yall.resize(n(pb.T2 * pb.s1p));
+    if (pb.split_a) r.resize(n(pb.a.n_pad));
+    gather.resize(static_cast<size_t>(pb.mr * pb.kc));
+    if (pb.out_nhwc) {
+      z.resize(n(pb.T2 * pb.t1_pad));
+    } else {
+      yt.resize(static_cast<size_t>(round_up(pb.p_tile, pb.ukt->nr) * pb.kf));
+      block.resize(static_cast<size_t>(pb.ukt->mr * pb.ukt->nr));
+      zero_row.resize(static_cast<size_t>(pb.kf), 0.0f);
+    }
+  }
+};
+
+// NHWC output: the tile Z [pix][t2][t1] -> channels t1*T2 + t2, written once.
+void write_tile_nhwc(const Problem& pb, const Tile& t, const float* z) {
+  const int64_t ldz = pb.T2 * pb.t1_pad;
+  for (int64_t i = 0; i < t.np; ++i) {
+    float* dst = pb.out + (t.g0 + i) * pb.cout;
+    const float* zi = z + i * ldz;
+    if (pb.T2 == 1) {
+      std::memcpy(dst, zi, sizeof(float) * pb.cout);
+      continue;
+    }
+    for (int64_t t2 = 0; t2 < pb.T2; ++t2)
+      for (int64_t t1 = 0; t1 < pb.T1; ++t1) dst[t1 * pb.T2 + t2] = zi[t2 * pb.t1_pad + t1];
+  }
+}
+
+// NCHW output, one t2: out[:, t1*T2 + t2, pixels] = bias + Wf @ Yin^T, where
+// Yin row i (ld floats apart) holds pixel i's kf inputs. Yin is transposed
+// into NR-pixel panels (kf x NR; Yin is a few times narrower than the output)
+// so the microkernel's rows are output channels and its columns pixels: each
+// MR x NR result block is MR runs of output planes, copied out as runs
+// (split where the tile crosses an image) with the bias added. Writing the
+// output as pixel-major blocks instead would need a scalar transpose of the
+// whole output, which measured slower than the GEMMs for a 1x1 256->1024 layer.
+void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, int64_t t2, Buffers& buf) {
+  const Microkernel& uk = *pb.ukt;
+  const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf;
+  const int64_t panels = div_up(t.np, nr);
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    float* dst = buf.yt.data() + pn * kf * nr;
+    for (int64_t j = 0; j < nr; ++j) {
+      const int64_t i = pn * nr + j;
+      if (i < t.np) {
+        const float* src = yin + i * ld;
+        for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = src[k];
+      } else {
+        for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = 0.0f;
+      }
+    }
+  }
+  const float* rows[64];
+  const float* bias = pb.bias_t + t2 * pb.t1_pad;
+  float* block = buf.block.data();
+  for (int64_t c0 = 0; c0 < pb.T1; c0 += mr) {
+    const int64_t nrows = std::min(mr, pb.T1 - c0);
+    for (int64_t i = 0; i < mr; ++i) rows[i] = i < nrows ? pb.wf + (c0 + i) * kf : buf.zero_row.data();
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      uk.fn(kf, rows, 1, buf.yt.data() + pn * kf * nr, block, nr, false, nullptr);
+      const int64_t j0 = pn * nr, j1 = std::min(t.np, j0 + nr);
+      for (int64_t j = j0; j < j1;) {  // runs of pixels within one image
+        const int64_t g = t.g0 + j, img = g / pb.hw, q = g % pb.hw;
+        const int64_t len = std::min(j1 - j, pb.hw - q);
+        for (int64_t i = 0; i < nrows; ++i) {
+          float* o = pb.out + (img * pb.cout + (c0 + i) * pb.T2 + t2) * pb.hw + q;
+          const float* b = block + i * nr + (j - j0);
+          const float bi = bias[c0 + i];
+          for (int64_t r = 0; r < len; ++r) o[r] = b[r] + bi;
+        }
+        j += len;
+      }
+    }
+  }
+}
+
+void run_tile(const Problem& pb, const Tile& t, Buffers& buf) {
+  const int64_t ld_ys = pb.split_b ? pb.b2.n_pad : pb.conv.n_pad;
+  for (int64_t s1 = 0; s1 < pb.S1; ++s1) {
+    const Source src = pb.stage ? stage_patch(pb, t, s1, buf.patch, buf.poff)
+                                : Source{pb.x + s1 * pb.S2 * pb.sc, pb.sc, pb.sh, pb.sw, t.xoff.data()};
+    if (pb.split_b) {
+      tile_conv(pb, t, src, buf.q.data(), buf.gather.data());
+      tile_gemm(pb, t, pb.b2, buf.q.data(), pb.conv.n_pad, buf.ys.data(), ld_ys, nullptr);
+    } else {
+      tile_conv(pb, t, src, buf.ys.data(), buf.gather.data());
+    }
+    if (pb.S1 > 1) {  // Y[pix][t2][s1*P + p] = Y_s1[pix][t2*P + p]
+      const int64_t ld_y = pb.T2 * pb.s1p;
+      for (int64_t i = 0; i < t.np; ++i)
+        for (int64_t t2 = 0; t2 < pb.T2; ++t2)
+          std::memcpy(buf.yall.data() + i * ld_y + t2 * pb.s1p + s1 * pb.P, buf.ys.data() + i * ld_ys + t2 * pb.P,
+                      sizeof(float) * pb.P);
+    }
+  }
+  // Rows of the contraction (s1, p) for one t2: in Y, or straight in Y_s1 when S1 = 1.
+  const float* y = pb.S1 > 1 ? buf.yall.data() : buf.ys.data();
+  const int64_t ld_y = pb.S1 > 1 ? pb.T2 * pb.s1p : ld_ys;
+  const int64_t t2_step = pb.S1 > 1 ? pb.s1p : pb.P;
+  // NHWC with T2 = 1 and whole row blocks: the last GEMM writes the output rows in place.
+  const bool direct = pb.out_nhwc && pb.T2 == 1 && pb.t1_pad == pb.T1 && t.np % pb.mr == 0;
+  float* z = direct ? pb.out + t.g0 * pb.cout : buf.z.data();
+  const int64_t ldz = pb.T2 * pb.t1_pad;
+  for (int64_t t2 = 0; t2 < pb.T2; ++t2) {
+    const float* yt2 = y + t2 * t2_step;
+    if (pb.split_a) {
+      tile_gemm(pb, t, pb.a, yt2, ld_y, buf.r.data(), pb.a.n_pad, nullptr);
+      yt2 = buf.r.data();
+    }
+    const int64_t ld_in = pb.split_a ? pb.a.n_pad : ld_y;
+    if (!pb.out_nhwc) {
+      final_nchw(pb, t, yt2, ld_in, t2, buf);
+      continue;
+    }
+    tile_gemm(pb, t, pb.split_a ? pb.a2 : pb.a, yt2, ld_in, z + t2 * pb.t1_pad, ldz, pb.bias_t + t2 * pb.t1_pad);
+  }
+  if (pb.out_nhwc && !direct) write_tile_nhwc(pb, t, buf.z.data());
+}
+
+// Packed rows (t2, p) of a (P, T2, ...) factor: row t2*P + p reads row p*T2 + t2.
+std::vector<int64_t> t2_major_rows(int64_t P, int64_t T2) {
+  std::vector<int64_t> map(static_cast<size_t>(P * T2));
+  for (int64_t t2 = 0; t2 < T2; ++t2)
+    for (int64_t p = 0; p < P; ++p) map[t2 * P + p] = p * T2 + t2;
+  return map;
+}
+
+}  // namespace
+
+bool hsv_fused_supports(const at::Tensor& input, const std::string& kind) {
+  return (kind == "hsv" || kind == "svd") && input.scalar_type() == at::kFloat && input.device().is_cpu();
+}
+
+at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+                             const Plan& plan, const Microkernel& uk, const std::string& kind) {
+  const int64_t n = input.size(0);
+  const at::MemoryFormat out_format = output_memory_format(input);
+  at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
+  if (n == 0) return out;
+  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
+              "hsv::conv2d: inconsistent CPU microkernel table (MR)");
+  for (const auto& f : factors)
+    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='", kind,
+                      "'): the fused CPU kernel needs float32 factors like the input, got ", f.scalar_type());
+
+  Problem pb;
+  pb.mr = uk.mr;
+  const int64_t nf = static_cast<int64_t>(factors.size());
+  // Kind "svd" [V (r, Cin, kh, kw), U (Cout, r)] is level-1 hsv with S1 = T2 = 1,
+  // P = r: V and U already have B's and A's memory layout.
+  const bool svd = kind == "svd";
+  pb.split_b = !svd && factors[0].dim() == 4;
+  const int64_t a_at = pb.split_b ? 2 : 1;
+  pb.split_a = !svd && nf - a_at == 2;
+  int64_t& kh = pb.kh;
+  if (svd) {
+    const at::Tensor& V = factors[0];
+    pb.P = V.size(0), pb.T2 = 1, pb.S2 = V.size(1), kh = V.size(2), pb.kw = V.size(3);
+  } else if (pb.split_b) {
+    const at::Tensor &B1 = factors[0], &B2 = factors[1];
+    pb.S2 = B1.size(1), kh = B1.size(2), pb.kw = B1.size(3);
+    pb.P = B2.size(0), pb.T2 = B2.size(1);
+  } else {
+    const at::Tensor& B = factors[0];
+    pb.P = B.size(0), pb.T2 = B.size(1), pb.S2 = B.size(2), kh = B.size(3), pb.kw = B.size(4);
+  }
+  const at::Tensor& A = factors[a_at];
+  pb.S1 = svd ? 1 : A.size(1);
+  pb.T1 = pb.split_a ? factors[a_at + 1].size(0) : A.size(0);
+  pb.taps = kh * pb.kw;
+  pb.n1 = pb.P * pb.T2;
+  pb.s1p = pb.S1 * pb.P;
+  pb.cout = pb.T1 * pb.T2;
+
+  const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);
+  if (pb.split_b) {
+    const int64_t q1 = factors[0].size(0);
+    pb.conv = make_gemm(uk, factors[0], q1, pb.S2, pb.taps, nullptr, "B1");
+    pb.b2 = make_gemm(uk, factors[1], pb.n1, q1, 1, &rows_t2p, "B2");
+  } else {
+    pb.conv = make_gemm(uk, factors[0], pb.n1, pb.S2, pb.taps, &rows_t2p, "B");
+  }
+  if (pb.split_a) {
+    pb.a = make_gemm(uk, A, A.size(0), pb.s1p, 1, nullptr, "A1");
+    pb.a2 = make_gemm(uk, factors[a_at + 1], pb.T1, A.size(0), 1, nullptr, "A2");
+    pb.t1_pad = pb.a2.n_pad;
+  } else {
+    pb.a = make_gemm(uk, A, pb.T1, pb.s1p, 1, nullptr, "A");
+    pb.t1_pad = pb.a.n_pad;
+  }
+
+  // NCHW output: the last GEMM transposed (see final_nchw).
+  pb.ukt = &uk;
+  const at::Tensor wf = (pb.split_a ? factors[a_at + 1] : A).contiguous();
+  pb.wf = wf.data_ptr<float>();
+  pb.kf = pb.split_a ? factors[a_at + 1].size(1) : pb.s1p;
+
+  pb.h = input.size(2);
+  pb.w = input.size(3);
+  pb.wo = plan.out_shape[3];
+  pb.hw = plan.out_shape[2] * pb.wo;
+  pb.cv = plan.stages[0].conv;
+  pb.out_nhwc = out_format == at::MemoryFormat::ChannelsLast;
+  pb.out = out.data_ptr<float>();
+
+  // Input with unit-stride channels (NHWC) is read in place. Other layouts:
+  // staged per tile into an NHWC patch (stage_patch) when each staged value
+  // feeds enough FMAs (conv N x taps / stride area >= 256); else read in place
+  // when each value is read only a few times (taps x conv panels <= 9), else
+  // copied to NHWC once. Measured on ResNet layers at batch 1 and 8, 1 thread:
+  // staging won at 128@28 and S1 > 1 splits (x0.83-0.92), lost at 64@56 (N =
+  // 16), stride 2 and 1x1 (x1.05-1.15), and was even with the whole copy at
+  // 256@14 and 512@7.
+  const bool strided = input.stride(1) != 1;
+  const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
+  const int64_t fma_per_staged = pb.conv.n_pad * pb.taps / (pb.cv.stride[0] * pb.cv.stride[1]);
+  pb.stage = strided && fma_per_staged >= 256;
+  const at::Tensor x =
+      (strided && !pb.stage && reloads > 9) ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
+  pb.x = x.data_ptr<float>();
+  pb.sn = x.stride(0);
+  pb.sc = x.stride(1);
+  pb.sh = x.stride(2);
+  pb.sw = x.stride(3);
+
+  std::vector<float> bias_t(static_cast<size_t>(pb.T2 * pb.t1_pad), 0.0f);
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bias_c = bias->contiguous();
+    const float* bsrc = bias_c.data_ptr<float>();
+    for (int64_t t1 = 0; t1 < pb.T1; ++t1)
+      for (int64_t t2 = 0; t2 < pb.T2; ++t2) bias_t[t2 * pb.t1_pad + t1] = bsrc[t1 * pb.T2 + t2];
+  }
+  pb.bias_t = bias_t.data();
+
+  // Cin chunk of the conv GEMM: about 24 KB of packed B per chunk (L1 is
+  // 32-48 KB), split evenly so no chunk is a short remainder.
+  const int64_t kc_max = std::max<int64_t>(1, 6144 / pb.conv.uk->nr);
+  pb.kc = div_up(pb.S2, div_up(pb.S2, kc_max));
+  const std::vector<float> zeros(static_cast<size_t>(pb.kc), 0.0f);
+  pb.zeros = zeros.data();
+  pb.zeros_strided = (pb.sc != 1 && !pb.stage) ? zero_span(pb.kc * pb.sc) : nullptr;
+
+  // Tiles of at most about 128 pixels, as many as a multiple of the thread
+  // count so every thread gets the same number (at::parallel_for hands out
+  // contiguous ranges), each a whole number of MR row blocks. (Whole NR panels
+  // for the transposed NCHW last GEMM, lcm(MR, NR) = 96 pixels, made tiles of
+  // 192 and left one of two threads idle a third of the time at 512@7 batch 8.)
+  // Small problems run on the calling thread: waking the OpenMP team costs
+  // microseconds (far more when the cores are oversubscribed), more than a
+  // convolution of under ~2^20 MACs takes (about 10 us on one core).
+  pb.pixels = n * pb.hw;
+  const int64_t macs = pb.pixels * pb.S1 * pb.conv.n_pad * pb.conv.k;
+  const int64_t threads = macs < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tiles_wanted = threads * std::max<int64_t>(1, div_up(pb.pixels, threads * kMaxTilePixels));
+  pb.p_tile = round_up(div_up(pb.pixels, tiles_wanted), pb.mr);
+  const int64_t tiles = div_up(pb.pixels, pb.p_tile);
+
+  at::parallel_for(0, tiles, threads == 1 ? tiles : 1, [&](int64_t begin, int64_t end) {
+    Buffers buf(pb);
+    Tile t;
+    for (int64_t item = begin; item < end; ++item) {
+      t.set(pb, item);
+      run_tile(pb, t, buf);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace hsv

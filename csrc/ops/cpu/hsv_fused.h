@@ -1,0 +1,24 @@
+// Fused CPU forward of kinds "hsv" (levels 1 and 2) and "svd" (hsv with
+// S1 = T2 = 1): every stage of the chain runs on one tile of output pixels
+// while the tile's intermediates stay in cache, and the output tile is
+// written once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../chain/conv_chain.h"
+#include "ukernel.h"
+
+namespace hsv {
+namespace cpu {
+
+// Whether hsv_fused_forward handles these arguments (kinds "hsv" and "svd",
+// float32 only for now).
+bool hsv_fused_supports(const at::Tensor& input, const std::string& kind);
+
+// plan must come from make_plan (arguments already validated).
+at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+                             const Plan& plan, const Microkernel& uk, const std::string& kind);
+
+}  // namespace cpu
+}  // namespace hsv

@@ -1,0 +1,116 @@
+#include "pack.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <list>
+#include <mutex>
+
+namespace hsv {
+namespace cpu {
+
+at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps, int64_t nr,
+                       const std::vector<int64_t>* row_map) {
+  const at::Tensor wc = w.contiguous();
+  const float* src = wc.data_ptr<float>();
+  const int64_t panels = (rows + nr - 1) / nr, K = cin * taps;
+  at::Tensor packed = at::empty({panels * K * nr}, at::kFloat);
+  float* dst = packed.data_ptr<float>();
+  // In parallel only when there is enough to copy (a few hundred KB) to pay for waking the threads.
+  const int64_t grain = panels * K * nr < (int64_t(1) << 16) ? panels : 1;
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> row(static_cast<size_t>(nr));
+    for (int64_t p = begin; p < end; ++p) {
+      float* pd = dst + p * K * nr;
+      const int64_t valid = std::min(nr, rows - p * nr);
+      for (int64_t j = 0; j < valid; ++j) {
+        const int64_t r = p * nr + j;
+        row[j] = src + (row_map ? (*row_map)[r] : r) * K;
+      }
+      // Blocks of 16 channels, so the source lines being gathered (nr rows x
+      // 16 channels x taps) stay in L1 while every tap is written out.
+      for (int64_t c0 = 0; c0 < cin; c0 += 16) {
+        const int64_t c1 = std::min(cin, c0 + 16);
+        for (int64_t tap = 0; tap < taps; ++tap)
+          for (int64_t c = c0; c < c1; ++c) {
+            float* d = pd + (tap * cin + c) * nr;
+            for (int64_t j = 0; j < valid; ++j) d[j] = row[j][c * taps + tap];
+            for (int64_t j = valid; j < nr; ++j) d[j] = 0.0f;
+          }
+      }
+    }
+  });
+  return packed;
+}
+
+namespace {
+
+struct Entry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+  const c10::TensorImpl* impl;
+  std::string layout;
+  uint32_t version;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  at::Tensor packed;
+};
+
+// A factorized layer has 2-4 factors and a model tens of layers; past this
+// many entries the least recently used go.
+constexpr size_t kMaxEntries = 512;
+
+std::mutex g_mutex;
+std::list<Entry> g_entries;  // most recently used first
+
+bool same_state(const Entry& e, const at::Tensor& w, uint32_t version) {
+  return e.version == version && e.data == w.data_ptr() && e.sizes == w.sizes().vec() &&
+         e.strides == w.strides().vec();
+}
+
+}  // namespace
+
+at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make) {
+  if (w.is_inference()) return make();
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  const c10::TensorImpl* impl = w.unsafeGetTensorImpl();
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (auto it = g_entries.begin(); it != g_entries.end();) {
+      if (it->owner.expired()) {  // its tensor is gone (and impl may be reused)
+        it = g_entries.erase(it);
+        continue;
+      }
+      if (it->impl == impl && it->layout == layout) {
+        if (same_state(*it, w, version)) {
+          g_entries.splice(g_entries.begin(), g_entries, it);
+          return g_entries.front().packed;
+        }
+        it = g_entries.erase(it);  // stale: w changed since it was packed
+        continue;
+      }
+      ++it;
+    }
+  }
+  at::Tensor packed = make();  // outside the lock: packing may run in parallel
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_entries.push_front(Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
+                             impl, layout, version, w.data_ptr(), w.sizes().vec(), w.strides().vec(), packed});
+  while (g_entries.size() > kMaxEntries) g_entries.pop_back();
+  return packed;
+}
+
+int64_t clear_packed_cache() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int64_t n = static_cast<int64_t>(g_entries.size());
+  g_entries.clear();
+  return n;
+}
+
+int64_t packed_cache_size() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return static_cast<int64_t>(g_entries.size());
+}
+
+}  // namespace cpu
+}  // namespace hsv

@@ -1,0 +1,40 @@
+// Packing factor matrices into the microkernels' B-panel layout, and a cache
+// of packed factors so a layer packs its (static) factors once, not per call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace hsv {
+namespace cpu {
+
+// Packs w, read as (rows, cin, taps) row-major, into panels of nr rows,
+// transposed for the microkernel and with K ordered (tap, cin) to match
+// NHWC row reads:
+//   panel[p][tap * cin + c][j] = w[src(p*nr + j)][c][tap], zero rows past `rows`,
+// where src(j) = row_map[j] when row_map is given (a row permutation), else j.
+// A matrix (rows, K) is the case taps = 1.
+at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps, int64_t nr,
+                       const std::vector<int64_t>* row_map = nullptr);
+
+// The packed form of w that `make` computes, cached against w: a later call
+// with the same tensor (same TensorImpl, still alive), unchanged since (same
+// version counter, data pointer, sizes and strides) and the same `layout`
+// string (which must name everything the packing depends on: sizes, NR, row
+// order) returns the cached tensor. Inference tensors have no version counter
+// and are packed on every call. Writes that bypass the version counter (e.g.
+// through `w.data` in Python) are not seen: call clear_packed_cache() after them.
+at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make);
+
+// Drops every cached packed factor. Returns how many there were.
+int64_t clear_packed_cache();
+
+// How many packed factors the cache holds (entries whose tensor is gone are
+// dropped lazily, so this may count a few of them).
+int64_t packed_cache_size();
+
+}  // namespace cpu
+}  // namespace hsv

@@ -1,0 +1,24 @@
+// Microbenchmarks that put the fused kernels' speed in context: the core's
+// fp32 FMA peak, and what one register-blocked microkernel reaches on
+// L1-resident operands. Both run on the calling thread only.
+#pragma once
+
+#include <string>
+
+namespace hsv {
+namespace cpu {
+
+// Single-core fp32 FMA throughput in GFLOP/s (2 FLOP per lane per FMA) for
+// isa = "avx512" | "avx2" | "scalar": enough independent accumulator chains to
+// hide FMA latency on two FMA ports, no loads. Runs about `seconds` and returns
+// the best of its timed chunks (the least disturbed by other processes).
+double fma_peak_gflops(const std::string& isa, double seconds);
+
+// GFLOP/s of the fused kernels' microkernel for isa (the wide MR x NR one, or
+// its narrow variant) on one MR x K by K x NR product, repeated with the C
+// block accumulated in place: A rows (unit stride), packed B and C all stay in
+// L1 for K up to a few hundred. Best of its timed chunks, as above.
+double microkernel_gflops(const std::string& isa, int64_t k, double seconds, bool narrow);
+
+}  // namespace cpu
+}  // namespace hsv

@@ -1,0 +1,208 @@
+"""The fused CPU forward of kind "hsv" (HSV_CPU_IMPL=fused), levels 1 and 2, under every ISA path this CPU runs.
+
+Ground truth is F.conv2d in float64 on the dense weight rebuilt from the same
+factors; hypothesis-drawn shapes, splits and levels compare fused against the
+composite chain. Also: the packed-factor cache sees in-place factor updates.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hsv_case import LAYOUTS, random_factors
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_cpu_fused import ISAS, TOL32, _expected_format, _make_input, _rel_err, cpu_env
+from test_op import SHAPES
+
+import hsvkernels
+from hsvkernels import Factorization
+
+INFO = hsvkernels.build_info()
+pytestmark = pytest.mark.skipif(not INFO.get("extension"), reason="needs the native extension")
+
+
+def _check_against_dense(spec, layout="contiguous", level="level1", rank=3, with_bias=True, fact=None):
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
+    if fact is None:
+        fact = random_factors((cout, cin, kh, kw), dtype=torch.float64, layout=level, rank=rank)
+    x = _make_input(n, cin, h, w, layout)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
+    y = hsvkernels.conv2d(x, fact.to(torch.float32), None if bias is None else bias.float(), stride, padding, dilation)
+    assert y.dtype == torch.float32 and y.shape == truth.shape
+    assert y.is_contiguous(memory_format=_expected_format(x))
+    assert _rel_err(y, truth) <= TOL32
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("spec", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
+def test_fused_hsv_matches_dense(spec, isa, threads):
+    with cpu_env("fused", isa, threads):
+        _check_against_dense(spec)
+
+
+LAYOUT_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[7], SHAPES[8], SHAPES[10], SHAPES[11]]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channels_last_noncontiguous"])
+@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=["3x3", "stride2", "7x7s2", "1x1", "batch0", "mixed"])
+def test_fused_hsv_layouts(spec, layout, isa, threads):
+    with cpu_env("fused", isa, threads):
+        _check_against_dense(spec, layout)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("level", [k for k in LAYOUTS if k != "level1"])
+@pytest.mark.parametrize("spec", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
+def test_fused_hsv_level2(spec, level, isa):
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            _check_against_dense(spec, "contiguous", level)
+            _check_against_dense(spec, "channels_last", level, with_bias=False)
+
+
+def _factors(T1, S1, T2, S2, P, kh, kw, q1=None, q2=None):
+    def rnd(*size, fan):
+        return torch.randn(*size, dtype=torch.float64) / fan ** 0.5
+    fs = [rnd(P, T2, S2, kh, kw, fan=S2 * kh * kw)] if q1 is None else [
+        rnd(q1, S2, kh, kw, fan=S2 * kh * kw), rnd(P, T2, q1, fan=q1)]
+    fs += [rnd(T1, S1, P, fan=S1 * P)] if q2 is None else [rnd(q2, S1, P, fan=S1 * P), rnd(T1, q2, fan=q2)]
+    return Factorization("hsv", fs, (T1 * T2, S1 * S2, kh, kw))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("sizes", [
+    (35, 1, 2, 40, 20, None, None),   # P*T2 = 40, T1 = 35: narrow/edge panels, SVD-like S1 = 1
+    (32, 3, 3, 16, 11, None, None),   # S1 = 3: the (s1, p) contraction gathered across groups
+    (70, 2, 1, 24, 33, 40, 50),       # level 2 with q1, q2 past one panel
+    (8, 4, 5, 6, 7, None, 9),         # T2 = 5 interleaved output channels
+], ids=["svd-like", "groups", "level2", "t2"])
+def test_fused_hsv_panel_widths(sizes, isa):
+    # Factor widths past several NR panels, pixel counts that are no multiple of
+    # the tile, batch 1 and 3, NCHW and NHWC, 1 to 3 threads.
+    T1, S1, T2, S2, P, q1, q2 = sizes
+    fact = _factors(T1, S1, T2, S2, P, 3, 3, q1, q2)
+    for threads in (1, 2, 3):
+        with cpu_env("fused", isa, threads):
+            for n, h, w, stride in ((1, 13, 11, 1), (3, 12, 17, 2)):
+                spec = (n, S1 * S2, T1 * T2, h, w, 3, 3, stride, 1, 1)
+                _check_against_dense(spec, "contiguous", fact=fact)
+                _check_against_dense(spec, "channels_last", fact=fact, with_bias=False)
+
+
+def test_fused_hsv_repacks_after_inplace_factor_update():
+    fact = _factors(16, 2, 2, 8, 5, 3, 3)
+    factors = [f.float().clone() for f in fact.factors]
+    x = torch.randn(2, 16, 9, 9)
+    args = ([1, 1], [1, 1], [1, 1], 1, "hsv")
+    with cpu_env("fused"):
+        y1 = torch.ops.hsv.conv2d(x, factors, None, *args)
+        assert hsvkernels._C.packed_cache_size() >= 2
+        assert torch.equal(torch.ops.hsv.conv2d(x, factors, None, *args), y1)  # cached packs, same result
+        with torch.no_grad():
+            factors[0].mul_(2.0)  # bumps the version counter
+            factors[1][0].neg_()  # an in-place write through a view bumps it too
+        y2 = torch.ops.hsv.conv2d(x, factors, None, *args)
+    with cpu_env("composite"):
+        ref = torch.ops.hsv.conv2d(x, factors, None, *args)
+    assert _rel_err(y2, ref) <= TOL32 and _rel_err(y2, y1) > 0.1
+    assert hsvkernels._C.clear_packed_cache() >= 2
+    assert hsvkernels._C.packed_cache_size() == 0
+
+
+def test_fused_hsv_inference_mode_factors():
+    fact = _factors(12, 2, 2, 6, 4, 3, 3)
+    with torch.inference_mode():
+        factors = [f.float() for f in fact.factors]  # inference tensors: no version counter
+        x = torch.randn(1, 12, 7, 8)
+        with cpu_env("fused"):
+            y = torch.ops.hsv.conv2d(x, factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")
+        with cpu_env("composite"):
+            ref = torch.ops.hsv.conv2d(x, factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")
+    assert _rel_err(y, ref) <= TOL32
+
+
+def test_fused_hsv_autograd_stays_composite():
+    fact = _factors(6, 2, 2, 4, 3, 3, 3, q1=5)
+    x = torch.randn(2, 8, 7, 6, requires_grad=True)
+    factors = [f.float().requires_grad_() for f in fact.factors]
+    with cpu_env("fused"):
+        y = torch.ops.hsv.conv2d(x, factors, None, [2, 2], [1, 1], [1, 1], 1, "hsv")
+        y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    f2 = [f.detach().clone().requires_grad_() for f in factors]
+    with cpu_env("composite"):
+        y2 = torch.ops.hsv.conv2d(x2, f2, None, [2, 2], [1, 1], [1, 1], 1, "hsv")
+        y2.square().sum().backward()
+    assert _rel_err(y, y2) <= TOL32 and _rel_err(x.grad, x2.grad) <= 1e-4
+    for a, b in zip(factors, f2):
+        assert _rel_err(a.grad, b.grad) <= 1e-4
+
+
+def _divisor(draw, n):
+    return draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+
+
+@st.composite
+def hsv_specs(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 12))
+    n = draw(st.integers(0, 3))
+    cin, cout = draw(st.integers(1, 24)), draw(st.integers(1, 48))
+    S1, T2 = _divisor(draw, cin), _divisor(draw, cout)
+    P = draw(st.integers(1, 20))
+    q1 = draw(st.one_of(st.none(), st.integers(1, 20)))
+    q2 = draw(st.one_of(st.none(), st.integers(1, 20)))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))
+    isa = draw(st.sampled_from(ISAS))
+    threads = draw(st.sampled_from([1, 2]))
+    with_bias = draw(st.booleans())
+    return (n, cout // T2, S1, T2, cin // S1, P, q1, q2, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, isa,
+            threads, with_bias)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hsv_specs())
+def test_fused_hsv_vs_composite_random_shapes(spec):
+    n, T1, S1, T2, S2, P, q1, q2, h, w, kh, kw, stride, padding, dilation, layout, isa, threads, with_bias = spec
+    factors = [f.float() for f in _factors(T1, S1, T2, S2, P, kh, kw, q1, q2).factors]
+    x = _make_input(n, S1 * S2, h, w, layout)
+    bias = torch.randn(T1 * T2) if with_bias else None
+    args = (factors, bias, list(stride), list(padding), list(dilation), 1, "hsv")
+    with cpu_env("composite"):
+        yc = torch.ops.hsv.conv2d(x, *args)
+    with cpu_env("fused", isa, threads):
+        yf = torch.ops.hsv.conv2d(x, *args)
+    assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
+    assert _rel_err(yf, yc) <= TOL32
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("sizes", [(16, 1, 2, 12, 5), (8, 3, 2, 4, 6)], ids=["S1=1", "S1=3"])
+def test_auto_matches_dense_on_both_sides_of_its_rule(sizes, layout):
+    # auto picks fused or composite per call (NHWC and S1 or the pixel count);
+    # whichever it picks must give the same answer.
+    T1, S1, T2, S2, P = sizes
+    fact = _factors(T1, S1, T2, S2, P, 3, 3)
+    with cpu_env("auto"):
+        for n, h in ((1, 9), (2, 50)):   # 81 and 5000 output pixels: both sides of the pixel threshold
+            _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_fused_hsv_staged_nchw_patches(layout, isa):
+    # NCHW input with a wide conv GEMM (P*T2 = 40, 3x3: conv N x taps >= 256)
+    # is staged per tile into NHWC patches: tiles spanning several small
+    # images, images taller than a tile, padding, dilation, 1 and 2 threads.
+    fact = _factors(12, 2, 4, 10, 10, 3, 3)
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            for n, h, w, padding, dilation in ((5, 5, 6, 1, 1), (2, 23, 9, 2, 2), (1, 4, 30, 0, 1)):
+                _check_against_dense((n, 20, 48, h, w, 3, 3, 1, padding, dilation), layout, fact=fact)
