@@ -63,7 +63,9 @@ def random_weight(shape, gen):
     return w.uniform_(-bound, bound, generator=gen)
 
 
-def factorize(method, weight, ratio, stride):
+def factorize(method, weight, ratio, stride, cp_iters=None):
+    if method == "cp" and cp_iters is not None:  # CP-ALS at R ~ 1000 costs minutes per layer at the default 500 sweeps
+        return hsvkernels.decompose(weight, method, ratio=ratio, iters=cp_iters)
     if method == "hsv-h":  # the library's own search over 2-level and level-2 layouts
         return hsvkernels.decompose(weight, "hsv", ratio=ratio, level2="auto")
     if method == "kcp":  # its first stages run at the input resolution: its MAC guard needs the stride
@@ -79,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="batch for the latency ratio (0: no timing)")
     ap.add_argument("--min-run-time", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cp-iters", type=int, default=None, help="CP-ALS sweeps for method cp (default: the library's)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
     args = ap.parse_args(argv)
     if args.threads:
@@ -102,7 +105,7 @@ def main(argv=None):
                     dense_params += n * s.dense_params
                     dense_macs += n * s.dense_macs()
                     try:
-                        fact = factorize(method, w, ratio, s.stride)
+                        fact = factorize(method, w, ratio, s.stride, args.cp_iters)
                     except ValueError:
                         dense_layers.append(s.name)
                         params += n * s.dense_params
