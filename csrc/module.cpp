@@ -9,6 +9,7 @@
 #ifdef WITH_CUDA
 #include "ops/cuda/cuda_impl.h"
 #endif
+#include "ops/cpu/auto_select.h"
 #include "ops/cpu/pack.h"
 #include "ops/cpu/peak.h"
 
@@ -87,5 +88,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("clear_packed_cache", &hsv::cpu::clear_packed_cache,
         "Drops the fused CPU kernels' packed factors (needed only after writes that bypass the version counter, "
         "e.g. through .data); returns how many there were");
+  m.def("cpu_auto_choices", &hsv::cpu::auto_choices,
+        "HSV_CPU_IMPL=auto: the path ('fused' or 'composite') timed faster for each layer configuration so far");
+  m.def("clear_cpu_auto_choices", &hsv::cpu::clear_auto_choices,
+        "Forgets HSV_CPU_IMPL=auto's timed choices (the next call of each configuration times again)");
   m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");
 }

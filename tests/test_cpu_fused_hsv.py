@@ -185,14 +185,24 @@ def test_fused_hsv_vs_composite_random_shapes(spec):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("sizes", [(16, 1, 2, 12, 5), (8, 3, 2, 4, 6)], ids=["S1=1", "S1=3"])
-def test_auto_matches_dense_on_both_sides_of_its_rule(sizes, layout):
-    # auto picks fused or composite per call (NHWC and S1 or the pixel count);
-    # whichever it picks must give the same answer.
+def test_auto_times_once_per_configuration_and_matches_dense(sizes, layout):
+    # auto times fused against composite on the first call of each configuration
+    # and reuses the choice; whichever it keeps must give the right answer.
+    from hsvkernels import _C
     T1, S1, T2, S2, P = sizes
     fact = _factors(T1, S1, T2, S2, P, 3, 3)
+    _C.clear_cpu_auto_choices()
     with cpu_env("auto"):
-        for n, h in ((1, 9), (2, 50)):   # 81 and 5000 output pixels: both sides of the pixel threshold
+        for n, h in ((1, 9), (2, 50)):
             _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)
+        choices = _C.cpu_auto_choices()
+        assert len(choices) == 2 and set(choices.values()) <= {"fused", "composite"}
+        assert all(key.startswith("hsv ") for key in choices)
+        # The same configurations again: decided already, nothing new is timed.
+        for n, h in ((1, 9), (2, 50)):
+            _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)
+        assert _C.cpu_auto_choices() == choices
+    assert _C.clear_cpu_auto_choices() == 2 and _C.cpu_auto_choices() == {}
 
 
 @pytest.mark.parametrize("isa", ISAS)
