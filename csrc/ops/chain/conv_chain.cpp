@@ -48,6 +48,15 @@ int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t paddin
   return out;
 }
 
+Plan plan_for_output(const at::Tensor& input, int64_t out_channels, int64_t kh, int64_t kw, const ConvParams& conv) {
+  const int64_t ho = conv_out_size(input.size(2), kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
+  const int64_t wo = conv_out_size(input.size(3), kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
+  Plan plan;
+  plan.out_channels = out_channels;
+  plan.out_shape = {input.size(0), out_channels, ho, wo};
+  return plan;
+}
+
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return (input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous())
              ? at::MemoryFormat::ChannelsLast

@@ -60,6 +60,13 @@ Plan make_plan(const at::Tensor& input, at::TensorList factors, const c10::optio
                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                const std::string& kind);
 
+// The conv parameters of a pointwise stage: 1x1, stride 1, no padding, one group.
+inline const ConvParams kPointwise{{1, 1}, {0, 0}, {1, 1}, 1};
+
+// A Plan without stages whose output is (N, out_channels, Ho, Wo) for a kh x kw
+// conv of input under conv (Ho, Wo from conv_out_size, with its errors).
+Plan plan_for_output(const at::Tensor& input, int64_t out_channels, int64_t kh, int64_t kw, const ConvParams& conv);
+
 // Output size of one conv dimension, with a clear error when it is not positive.
 int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
                       const char* dim_name);

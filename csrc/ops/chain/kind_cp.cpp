@@ -30,18 +30,14 @@ Plan build_cp_plan(const at::Tensor& input, at::TensorList factors, const ConvPa
   TORCH_CHECK_VALUE(input.size(1) == cin, "hsv::conv2d(kind='cp'): input has ", input.size(1),
                     " channels but factors[0] (A_S) expects Cin = ", cin);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
-  const int64_t ho = conv_out_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-  const int64_t wo = conv_out_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-  const ConvParams pointwise{{1, 1}, {0, 0}, {1, 1}, 1};
+  Plan plan = plan_for_output(input, cout, kh, kw, conv);
+  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
   const ConvParams vertical{{conv.stride[0], 1}, {conv.padding[0], 0}, {conv.dilation[0], 1}, r};
   const ConvParams horizontal{{1, conv.stride[1]}, {0, conv.padding[1]}, {1, conv.dilation[1]}, r};
-  Plan plan;
-  plan.out_channels = cout;
-  plan.out_shape = {n, cout, ho, wo};
-  plan.stages.push_back(Stage{0, {r, cin, 1, 1}, input.sizes().vec(), pointwise});
+  plan.stages.push_back(Stage{0, {r, cin, 1, 1}, input.sizes().vec(), kPointwise});
   plan.stages.push_back(Stage{1, {r, 1, kh, 1}, {n, r, h, w}, vertical});
   plan.stages.push_back(Stage{2, {r, 1, 1, kw}, {n, r, ho, w}, horizontal});
-  plan.stages.push_back(Stage{3, {cout, r, 1, 1}, {n, r, ho, wo}, pointwise});
+  plan.stages.push_back(Stage{3, {cout, r, 1, 1}, {n, r, ho, wo}, kPointwise});
   return plan;
 }
 

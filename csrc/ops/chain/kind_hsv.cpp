@@ -73,27 +73,23 @@ Plan build_hsv_plan(const at::Tensor& input, at::TensorList factors, const ConvP
             S1, " * ", S2, " = ", cin);
 
   const int64_t n = input.size(0);
-  const int64_t ho = conv_out_size(input.size(2), kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-  const int64_t wo = conv_out_size(input.size(3), kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-  const ConvParams pointwise{{1, 1}, {0, 0}, {1, 1}, 1};
-  Plan plan;
-  plan.out_channels = T1 * T2;
-  plan.out_shape = {n, T1 * T2, ho, wo};
+  Plan plan = plan_for_output(input, T1 * T2, kh, kw, conv);
+  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
   // Stage 1 runs the S1 input-channel groups as batch entries, all with the same weights.
   const std::vector<int64_t> folded = {n * S1, S2, input.size(2), input.size(3)};
   if (split_b) {
     plan.stages.push_back(Stage{0, {q1, S2, kh, kw}, folded, conv});
-    plan.stages.push_back(Stage{1, {P * T2, q1, 1, 1}, {n * S1, q1, ho, wo}, pointwise});
+    plan.stages.push_back(Stage{1, {P * T2, q1, 1, 1}, {n * S1, q1, ho, wo}, kPointwise});
   } else {
     plan.stages.push_back(Stage{0, {P * T2, S2, kh, kw}, folded, conv});
   }
   // Stage 2 contracts (s1, p) with t2 moved into the spatial rows: a GEMM per image.
   const std::vector<int64_t> gemm_view = {n, S1 * P, T2 * ho, wo};
   if (split_a) {
-    plan.stages.push_back(Stage{a_at, {q2, S1 * P, 1, 1}, gemm_view, pointwise});
-    plan.stages.push_back(Stage{a_at + 1, {T1, q2, 1, 1}, {n, q2, T2 * ho, wo}, pointwise});
+    plan.stages.push_back(Stage{a_at, {q2, S1 * P, 1, 1}, gemm_view, kPointwise});
+    plan.stages.push_back(Stage{a_at + 1, {T1, q2, 1, 1}, {n, q2, T2 * ho, wo}, kPointwise});
   } else {
-    plan.stages.push_back(Stage{a_at, {T1, S1 * P, 1, 1}, gemm_view, pointwise});
+    plan.stages.push_back(Stage{a_at, {T1, S1 * P, 1, 1}, gemm_view, kPointwise});
   }
   return plan;
 }

@@ -42,18 +42,14 @@ PlanBuilder separable_builder(const std::string& kind) {
     TORCH_CHECK_VALUE(input.size(1) == cin, who, "input has ", input.size(1),
                       " channels but factors[0] (U1) expects Cin = ", cin);
     const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
-    const int64_t ho = conv_out_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-    const int64_t wo = conv_out_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-    const ConvParams pointwise{{1, 1}, {0, 0}, {1, 1}, 1};
+    Plan plan = plan_for_output(input, cout, kh, kw, conv);
+    const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
     const ConvParams vertical{{conv.stride[0], 1}, {conv.padding[0], 0}, {conv.dilation[0], 1}, 1};
     const ConvParams horizontal{{1, conv.stride[1]}, {0, conv.padding[1]}, {1, conv.dilation[1]}, 1};
-    Plan plan;
-    plan.out_channels = cout;
-    plan.out_shape = {n, cout, ho, wo};
-    plan.stages.push_back(Stage{0, {r1, cin, 1, 1}, input.sizes().vec(), pointwise});
+    plan.stages.push_back(Stage{0, {r1, cin, 1, 1}, input.sizes().vec(), kPointwise});
     plan.stages.push_back(Stage{1, {r13, r1, kh, 1}, {n, r1, h, w}, vertical});
     plan.stages.push_back(Stage{2, {r3, r13, 1, kw}, {n, r13, ho, w}, horizontal});
-    plan.stages.push_back(Stage{3, {cout, r3, 1, 1}, {n, r3, ho, wo}, pointwise});
+    plan.stages.push_back(Stage{3, {cout, r3, 1, 1}, {n, r3, ho, wo}, kPointwise});
     return plan;
   };
 }

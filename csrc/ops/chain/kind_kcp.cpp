@@ -63,24 +63,20 @@ Plan build_kcp_plan(const at::Tensor& input, at::TensorList factors, const ConvP
   KCP_CHECK(input.size(1) == s1 * s2, "input has ", input.size(1), " channels but the factors expect Cin = S1*S2 = ",
             s1, "*", s2, " = ", s1 * s2);
   const int64_t b = input.size(0), h = input.size(2), w = input.size(3);
-  const int64_t ho = conv_out_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-  const int64_t wo = conv_out_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-  const ConvParams one{{1, 1}, {0, 0}, {1, 1}, 1};
+  Plan plan = plan_for_output(input, cout, kh, kw, conv);
+  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
   auto grouped = [](int64_t g) { return ConvParams{{1, 1}, {0, 0}, {1, 1}, g}; };
-  Plan plan;
-  plan.out_channels = cout;
-  plan.out_shape = {b, cout, ho, wo};
-  plan.stages.push_back(Stage{0, {q * n, s1, 1, 1}, {b, s1, s2 * h, w}, one});
+  plan.stages.push_back(Stage{0, {q * n, s1, 1, 1}, {b, s1, s2 * h, w}, kPointwise});
   plan.stages.push_back(Stage{1, {n * r, s2, 1, 1}, {b * q, n * s2, h, w}, grouped(n)});
   plan.stages.push_back(Stage{2, {n * r, 1, kh, 1}, {b * q, n * r, h, w},
                               ConvParams{{conv.stride[0], 1}, {conv.padding[0], 0}, {conv.dilation[0], 1}, n * r}});
   plan.stages.push_back(Stage{3, {n * r, 1, 1, kw}, {b * q, n * r, ho, w},
                               ConvParams{{1, conv.stride[1]}, {0, conv.padding[1]}, {1, conv.dilation[1]}, n * r}});
   if (merged) {
-    plan.stages.push_back(Stage{4, {cout, q * n * r, 1, 1}, {b, q * n * r, ho, wo}, one});
+    plan.stages.push_back(Stage{4, {cout, q * n * r, 1, 1}, {b, q * n * r, ho, wo}, kPointwise});
   } else {
     plan.stages.push_back(Stage{4, {n * t2, r, 1, 1}, {b * q, n * r, ho, wo}, grouped(n)});
-    plan.stages.push_back(Stage{5, {cout / t2, q * n, 1, 1}, {b, q * n, t2 * ho, wo}, one});
+    plan.stages.push_back(Stage{5, {cout / t2, q * n, 1, 1}, {b, q * n, t2 * ho, wo}, kPointwise});
   }
   return plan;
 }

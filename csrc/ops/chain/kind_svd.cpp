@@ -25,13 +25,10 @@ Plan build_svd_plan(const at::Tensor& input, at::TensorList factors, const ConvP
   TORCH_CHECK_VALUE(input.size(1) == cin, "hsv::conv2d(kind='svd'): input has ", input.size(1),
                     " channels but factors[0] (V) expects Cin = ", cin);
   const int64_t n = input.size(0), cout = U.size(0);
-  const int64_t ho = conv_out_size(input.size(2), kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-  const int64_t wo = conv_out_size(input.size(3), kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-  Plan plan;
-  plan.out_channels = cout;
-  plan.out_shape = {n, cout, ho, wo};
+  Plan plan = plan_for_output(input, cout, kh, kw, conv);
+  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
   plan.stages.push_back(Stage{0, {r, cin, kh, kw}, input.sizes().vec(), conv});
-  plan.stages.push_back(Stage{1, {cout, r, 1, 1}, {n, r, ho, wo}, ConvParams{{1, 1}, {0, 0}, {1, 1}, 1}});
+  plan.stages.push_back(Stage{1, {cout, r, 1, 1}, {n, r, ho, wo}, kPointwise});
   return plan;
 }
 

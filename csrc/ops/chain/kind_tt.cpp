@@ -65,12 +65,8 @@ Plan build_tt_plan(const at::Tensor& input, at::TensorList factors, const ConvPa
            " (the product of their S_k)");
   const int64_t kh = K.size(1), kw = K.size(2);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
-  const int64_t ho = conv_out_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-  const int64_t wo = conv_out_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-  const ConvParams pointwise{{1, 1}, {0, 0}, {1, 1}, 1};
-  Plan plan;
-  plan.out_channels = cout;
-  plan.out_shape = {n, cout, ho, wo};
+  Plan plan = plan_for_output(input, cout, kh, kw, conv);
+  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
   const int64_t s_last = in_modes[d - 1], t_last = out_modes[d - 1];
   int64_t s_before = cin / s_last, t_after = t_last;
   if (tt_merges_last_core(ranks[d - 1], t_last, ranks[d], kh * kw)) {
@@ -83,7 +79,7 @@ Plan build_tt_plan(const at::Tensor& input, at::TensorList factors, const ConvPa
     // Every input channel is a batch entry of the spatial conv, all with the same weights.
     plan.stages.push_back(Stage{d, {ranks[d], 1, kh, kw}, {n * cin, 1, h, w}, conv});
     Stage last{d - 1, {ranks[d - 1] * t_last, s_last * ranks[d], 1, 1}, {n * s_before, s_last * ranks[d], ho, wo},
-               pointwise};
+               kPointwise};
     last.gemm = true;
     plan.stages.push_back(last);
   }
@@ -91,7 +87,7 @@ Plan build_tt_plan(const at::Tensor& input, at::TensorList factors, const ConvPa
     s_before /= in_modes[k];
     // A GEMM per batch entry of the view: few channels, many rows, where oneDNN's 1x1 conv is slow.
     Stage contraction{k, {ranks[k] * out_modes[k], in_modes[k] * ranks[k + 1], 1, 1},
-                      {n * s_before, in_modes[k] * ranks[k + 1], t_after * ho, wo}, pointwise};
+                      {n * s_before, in_modes[k] * ranks[k + 1], t_after * ho, wo}, kPointwise};
     contraction.gemm = true;
     plan.stages.push_back(contraction);
     t_after *= out_modes[k];

@@ -35,15 +35,11 @@ Plan build_tucker2_plan(const at::Tensor& input, at::TensorList factors, const C
   TORCH_CHECK_VALUE(input.size(1) == cin, "hsv::conv2d(kind='tucker2'): input has ", input.size(1),
                     " channels but factors[0] (U_S) expects Cin = ", cin);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
-  const int64_t ho = conv_out_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], "height");
-  const int64_t wo = conv_out_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1], "width");
-  const ConvParams pointwise{{1, 1}, {0, 0}, {1, 1}, 1};
-  Plan plan;
-  plan.out_channels = cout;
-  plan.out_shape = {n, cout, ho, wo};
-  plan.stages.push_back(Stage{0, {rs, cin, 1, 1}, input.sizes().vec(), pointwise});
+  Plan plan = plan_for_output(input, cout, kh, kw, conv);
+  const int64_t ho = plan.out_shape[2], wo = plan.out_shape[3];
+  plan.stages.push_back(Stage{0, {rs, cin, 1, 1}, input.sizes().vec(), kPointwise});
   plan.stages.push_back(Stage{1, {rt, rs, kh, kw}, {n, rs, h, w}, conv});
-  plan.stages.push_back(Stage{2, {cout, rt, 1, 1}, {n, rt, ho, wo}, pointwise});
+  plan.stages.push_back(Stage{2, {cout, rt, 1, 1}, {n, rt, ho, wo}, kPointwise});
   return plan;
 }
 
