@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import hsv_case
 
@@ -126,3 +127,13 @@ CASES = {
 }
 
 KINDS = sorted(k for k in CASES if k in hsvkernels.FORMATS)
+
+
+def assert_flops_match_macs(fact, x, stride, padding):
+    """torch.utils.flop_counter on the op, and on the reference path, counts 2 FLOPs per MAC of fact.macs."""
+    with FlopCounterMode(display=False) as counter:
+        y = hsvkernels.conv2d(x, fact, None, stride, padding)
+    assert counter.get_total_flops() == 2 * x.shape[0] * fact.macs(y.shape[2], y.shape[3], x.shape[2], x.shape[3])
+    with FlopCounterMode(display=False) as counter_ref:
+        hsvkernels.reference.conv2d(x, fact, None, stride, padding)
+    assert counter_ref.get_total_flops() == counter.get_total_flops()

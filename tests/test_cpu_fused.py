@@ -68,9 +68,11 @@ def _expected_format(x):
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _check_against_dense(spec, layout, with_bias=True):
+def _check_against_dense(spec, layout, with_bias=True, fact=None):
+    """The op on float32 against F.conv2d in float64 on fact's dense weight (a random svd one by default)."""
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
-    fact = CASES["svd"].random((cout, cin, kh, kw), dtype=torch.float64)
+    if fact is None:
+        fact = CASES["svd"].random((cout, cin, kh, kw), dtype=torch.float64)
     x = _make_input(n, cin, h, w, layout)
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
     truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)

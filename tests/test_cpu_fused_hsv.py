@@ -6,11 +6,11 @@ composite chain. Also: the packed-factor cache sees in-place factor updates.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from hsv_case import LAYOUTS, random_factors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cpu_fused import ISAS, TOL32, _expected_format, _make_input, _rel_err, cpu_env
+from test_cpu_fused import _check_against_dense as check_fact_against_dense
 from test_op import SHAPES
 
 import hsvkernels
@@ -21,16 +21,10 @@ pytestmark = pytest.mark.skipif(not INFO.get("extension"), reason="needs the nat
 
 
 def _check_against_dense(spec, layout="contiguous", level="level1", rank=3, with_bias=True, fact=None):
-    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
     if fact is None:
+        n, cin, cout, h, w, kh, kw = spec[:7]
         fact = random_factors((cout, cin, kh, kw), dtype=torch.float64, layout=level, rank=rank)
-    x = _make_input(n, cin, h, w, layout)
-    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
-    truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
-    y = hsvkernels.conv2d(x, fact.to(torch.float32), None if bias is None else bias.float(), stride, padding, dilation)
-    assert y.dtype == torch.float32 and y.shape == truth.shape
-    assert y.is_contiguous(memory_format=_expected_format(x))
-    assert _rel_err(y, truth) <= TOL32
+    check_fact_against_dense(spec, layout, with_bias, fact)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
