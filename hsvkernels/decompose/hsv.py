@@ -259,12 +259,17 @@ MILDER = (1.25, 1.5, 2.0, 3.0)  # how much looser the level-1 targets are before
 
 
 def choose_hierarchical(weight, ratio, macs_ratio, splits):
-    """(split, P, level2, rel_err_sq) with the least measured error among 2-level and level-2 layouts."""
+    """(split, P, level2, rel_err_sq, factors) with the least error among 2-level and level-2 layouts.
+
+    factors are the float64 factors when they were built to measure the error, else None
+    (the 2-level form's error comes from its singular values alone).
+    """
     shape = tuple(weight.shape)
-    tried, tails = {}, {}
+    w = weight.to(torch.float64)
+    tried, tails = {}, {}  # (split, P, level2) -> (rel_err_sq, factors or None)
     plain = choose(weight, None, ratio, macs_ratio, splits, automatic=True, tails=tails)
     if plain is not None:
-        tried[(plain[0], plain[1], (None, None))] = plain[2]
+        tried[(plain[0], plain[1], (None, None))] = (plain[2], None)
     bases = set()
     for m in MILDER:
         # Loosen the level-1 targets, the MAC one below 1 too (level 2 must then win the MACs back).
@@ -276,13 +281,13 @@ def choose_hierarchical(weight, ratio, macs_ratio, splits):
         for which in ("q1", "q2", "both"):
             level2 = _largest_level2(shape, split, p, which, ratio, macs_ratio)
             if level2 is not None and (split, p, level2) not in tried:
-                w_hat = Factorization("hsv", factors_for(weight, split, p, level2), shape).to_dense()
-                w = weight.to(torch.float64)
-                tried[(split, p, level2)] = ((w - w_hat).norm() / w.norm().clamp_min(1e-300)).item() ** 2
+                factors = factors_for(weight, split, p, level2)
+                w_hat = Factorization("hsv", factors, shape).to_dense()
+                tried[(split, p, level2)] = (((w - w_hat).norm() / w.norm().clamp_min(1e-300)).item() ** 2, factors)
     if not tried:
         return None
-    (split, p, level2), err = min(tried.items(), key=lambda kv: kv[1])
-    return split, p, level2, err
+    (split, p, level2), (err, factors) = min(tried.items(), key=lambda kv: kv[1][0])
+    return split, p, level2, err, factors
 
 
 def decompose(weight, *, rank=None, ratio=None, macs_ratio=None, split=None, level2=None):
@@ -348,9 +353,10 @@ def _decompose_hierarchical(weight, ratio, macs_ratio, split):
     if picked is None:
         raise ValueError("hsv: ratio=%s, macs_ratio=%s is out of reach for shape %s, with or without level-2 "
                          "ranks" % (ratio, macs_ratio, shape))
-    chosen, p, level2, err = picked
-    fact = Factorization("hsv", [f.to(weight.dtype).contiguous() for f in factors_for(weight, chosen, p, level2)],
-                         shape)
+    chosen, p, level2, err, factors = picked
+    if factors is None:
+        factors = factors_for(weight, chosen, p, level2)
+    fact = Factorization("hsv", [f.to(weight.dtype).contiguous() for f in factors], shape)
     q = None if level2 == (None, None) else level2
     fact.meta.update({"split": chosen, "rank": p, "level2": q, "energy": 1.0 - err,
                       "svd_layout": chosen[1] == 1 and chosen[2] == 1})
