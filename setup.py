@@ -88,6 +88,13 @@ def _extension():
     if openmp:
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+    if sys.platform.startswith("linux"):
+        # Keep the symbols of any static archive the toolchain links in (some g++ builds
+        # link libstdc++.a) local to the extension. Exported, they mixed with the shared
+        # libstdc++ that torch loads: formatting an integer into an error message then
+        # crashed (locale facet ids from one copy, facets from the other), so every
+        # argument error became a segfault. No effect where libstdc++ is shared.
+        link_flags.append("-Wl,--exclude-libs,ALL")
     with_cuda = _want_cuda()
     if with_cuda:
         # Without a GPU to ask, build for a list that covers A100 and H100.
