@@ -112,8 +112,13 @@ def check_fused(impl, fact, x, bias, stride, padding, dilation, expect_fused=Tru
         assert ran == 0, "the fused kernel ran where it should have fallen back"
     assert y.shape == truth.shape and y.dtype == dtype and y.device.type == "cuda"
     assert y.is_contiguous(memory_format=expected_format(x))
-    assert rel_err(y, truth) <= TOL[dtype]
-    assert rel_err(y, y_comp.double()) <= TOL[dtype]
+    # Where cancellation leaves the result small against its terms (a single
+    # output element, say) half-precision rounding of the operands alone exceeds
+    # TOL; there the fused kernel must be no worse than twice the composite
+    # chain, which rounds the same operands.
+    err_comp = rel_err(y_comp, truth)
+    assert rel_err(y, truth) <= max(TOL[dtype], 2 * err_comp)
+    assert rel_err(y, y_comp.double()) <= max(TOL[dtype], 3 * err_comp)
     return y
 
 

@@ -485,7 +485,9 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   splits = (k_steps + p.steps_per_split - 1) / p.steps_per_split;  // no empty split
   at::Tensor partial;
   if (splits > 1) {
-    partial = at::zeros(plan.out_shape, out.options().dtype(at::kFloat).memory_format(output_memory_format(input)));
+    // empty_like keeps out's strides (at::zeros would drop the memory format and
+    // give an NCHW buffer for a channels_last output).
+    partial = at::empty_like(out, out.options().dtype(at::kFloat)).zero_();
     TORCH_CHECK(partial.strides() == out.strides(), "hsv::conv2d: fused kernel: split-K buffer layout mismatch");
     p.partial = partial.data_ptr<float>();
   }
