@@ -6,15 +6,19 @@
 # and the whole stays inside HSV_SESSION_BUDGET seconds (default 560), so it
 # fits one 10-minute device call; parts that no longer fit are skipped and say so.
 #
-#   bash bench/gpu_session.sh                       # build info test sanitize bench
-#   bash bench/gpu_session.sh build info test sanitize
-#   bash bench/gpu_session.sh build bench
+#   bash bench/gpu_session.sh build info test sanitize   # call 1 (~4 min on an H100)
+#   bash bench/gpu_session.sh build bench                # call 2 (~8 min): per layer
+#   bash bench/gpu_session.sh build models               # call 3 (~4 min): end to end
+#   bash bench/gpu_session.sh build models-measured      # call 4: end to end, dense where measured faster
+#
+# (All parts at once do not fit one 10-minute call: the layer benchmark alone
+# took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
 #
 # Run from anywhere; it works in the repository root. Logs and results go to
 # $OUT (default /tmp/hsv-gpu-session), at most 8 files: session.log (steps,
 # timings, environment, the final table of step results), build.log (with
 # ptxas' register/shared-memory report of every kernel), tests.log,
-# sanitizer.log and bench-<dtype>.{json,md}. Needs no network.
+# sanitizer.log, bench-<dtype>.{json,md} and models-bf16.{json,md}. Needs no network.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -27,7 +31,7 @@ LOG=$OUT/session.log
 RESULTS=()
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build info test sanitize bench)
+[ ${#parts[@]} -eq 0 ] && parts=(build info test sanitize)
 want() {
   local p
   for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done
@@ -94,8 +98,10 @@ if want test; then
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
   # the whole CUDA matrix with the default (composite), plus the fused tests (which set HSV_CUDA_IMPL themselves)
+  # plus the linkage and argument-error tests: this machine's toolchain once made every error message a segfault
   step "tests composite" 200 "$OUT/tests.log" env HSV_CUDA_IMPL=composite \
-    "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py tests/test_cuda_fused.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py tests/test_cuda_fused.py \
+    tests/test_linkage.py tests/test_errors.py
   # the foundation CUDA matrix again with the fused kernels selected
   step "tests fused" 120 "$OUT/tests.log" env HSV_CUDA_IMPL=fused \
     "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py
@@ -118,15 +124,29 @@ if want bench; then
   # docs/performance.md section 3.3 at ratio=4, macs_ratio=4.
   common=(--device cuda --methods svd,tucker2 --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 1,32,128 --impls composite,fused
     --min-run-time 0.2 --rounds 3 --min-blocks 5)
-  step "bench bf16 channels_last" 170 "$OUT/session.log" \
+  step "bench bf16 channels_last" 250 "$OUT/session.log" \
     "$PY" bench/layers.py "${common[@]}" --dtype bfloat16 --channels-last --out "$OUT/bench-bf16"
   # fp32 with TF32 on for cuDNN and cuBLAS alike (the fused fp32 path is TF32)
-  step "bench fp32 tf32-on" 170 "$OUT/session.log" \
-    "$PY" bench/layers.py "${common[@]}" --dtype float32 --tf32 on --out "$OUT/bench-fp32"
+  step "bench fp32 tf32-on" 160 "$OUT/session.log" \
+    "$PY" bench/layers.py "${common[@]}" --batch 32 --dtype float32 --tf32 on --out "$OUT/bench-fp32"
   # batch 1, bf16 channels_last, CUDA-graph replays (no launch overhead); printed only, to stay at 8 files
-  step "bench bf16 batch-1 graphed" 90 "$OUT/session.log" \
+  step "bench bf16 batch-1 graphed" 80 "$OUT/session.log" \
     "$PY" bench/layers.py "${common[@]}" --batch 1 --graph --dtype bfloat16 --channels-last \
     --out /tmp/hsv-bench-bf16-graph
+fi
+
+if want models; then
+  # end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last
+  step "models bf16 channels_last" 300 "$OUT/session.log" \
+    "$PY" bench/models.py --device cuda --dtype bfloat16 --channels-last --models resnet18,resnet50,vgg16 \
+    --methods hsv --batch 1,32 --cuda-impl composite,fused --min-run-time 1 --out "$OUT/models-bf16"
+fi
+
+if want models-measured; then
+  # the same with convert_(measure=True): each layer timed on the GPU, kept dense where factorized is slower
+  step "models bf16 measured" 300 "$OUT/session.log" \
+    "$PY" bench/models.py --device cuda --dtype bfloat16 --channels-last --models resnet18,resnet50,vgg16 \
+    --methods hsv --batch 32 --measure --min-run-time 1 --out "$OUT/models-bf16-measured"
 fi
 
 {

@@ -10,7 +10,12 @@ init (no downloads); latency does not depend on the weights' values.
 
 --cpu-impl composite,fused times the converted model once per CPU
 implementation of the op (HSV_CPU_IMPL, read by the op on every call), each
-against a fresh dense timing in the same interleaved pair.
+against a fresh dense timing in the same interleaved pair. On a GPU
+(--device cuda, cuDNN autotuning on, TF32 as --tf32 says) --cuda-impl does the
+same with HSV_CUDA_IMPL, and --dtype picks fp32, fp16 or bf16:
+
+    python bench/models.py --device cuda --dtype bfloat16 --channels-last --batch 1,32 \
+        --cuda-impl composite,fused --out bench/results/models-cuda-bf16
 """
 import argparse
 import copy
@@ -47,22 +52,41 @@ def main(argv=None):
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--cpu-impl", default="composite",
                     help="comma list of HSV_CPU_IMPL values to time the converted model under (composite,fused,auto)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--cuda-impl", default="composite",
+                    help="comma list of HSV_CUDA_IMPL values to time the converted model under (composite,fused)")
+    ap.add_argument("--measure", action="store_true",
+                    help="convert with measure=True: each layer timed dense vs factorized on the device, the faster kept")
+    ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
     args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("models.py: --device cuda but torch sees no CUDA device")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    dtype = getattr(torch, args.dtype)
+    if not cuda and dtype != torch.float32:
+        raise SystemExit("models.py: --dtype %s is for --device cuda; the CPU runs fp32" % args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    env = timing.environment("cpu")
+    env = timing.environment(args.device)
     head = timing.describe_environment(env)
     for line in head:
         print(line)
-    impls = [i for i in args.cpu_impl.split(",") if i]
-    bad = [i for i in impls if i not in ("composite", "fused", "auto")]
+    impl_var, impl_arg, allowed = (("HSV_CUDA_IMPL", args.cuda_impl, ("composite", "fused")) if cuda else
+                                   ("HSV_CPU_IMPL", args.cpu_impl, ("composite", "fused", "auto")))
+    impls = [i for i in impl_arg.split(",") if i]
+    bad = [i for i in impls if i not in allowed]
     if bad:
-        raise SystemExit("models.py: --cpu-impl %s: each must be composite, fused or auto" % bad)
+        raise SystemExit("models.py: %s values %s: each must be one of %s" % (impl_var, bad, allowed))
     rows = []
-    print("threads %d, fp32, %s, ratio %g, macs_ratio %g, cpu impls %s"
-          % (torch.get_num_threads(), fmt, args.ratio, args.macs_ratio, ",".join(impls)))
+    print("%s, threads %d, %s, %s, ratio %g, macs_ratio %g, %s %s"
+          % (args.device, torch.get_num_threads(), args.dtype, fmt, args.ratio, args.macs_ratio, impl_var,
+             ",".join(impls)))
     for name in args.models.split(","):
         torch.manual_seed(0)
         dense = models.build("torchvision:" + name).eval()
@@ -72,23 +96,33 @@ def main(argv=None):
             if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
                 options["macs_ratio"] = args.macs_ratio
             compressed = copy.deepcopy(dense)
+            if args.measure:  # layers timed where they will run: on the device, in its dtype and layout
+                compressed = to_format(compressed.to(args.device, dtype), fmt)
+                example = example.to(args.device, dtype).contiguous(memory_format=fmt)
             report = convert.convert_(compressed, method, example_input=example, progress=False, decompose_threads=1,
-                                      **options)
+                                      measure=args.measure, **options)
+            factorized = len(report.factorized)
             params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
+            on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
+            print("%s %s: %d convs factorized%s" % (name, method, factorized,
+                                                    ", the rest kept dense (measured slower or not eligible)"
+                                                    if args.measure else ""), flush=True)
             for n in [int(b) for b in args.batch.split(",")]:
-                x = torch.randn(n, 3, args.input_size, args.input_size).contiguous(memory_format=fmt)
+                x = torch.randn(n, 3, args.input_size, args.input_size, device=args.device,
+                                dtype=dtype).contiguous(memory_format=fmt)
                 for impl in impls:
-                    saved = os.environ.get("HSV_CPU_IMPL")
-                    os.environ["HSV_CPU_IMPL"] = impl
+                    saved = os.environ.get(impl_var)
+                    os.environ[impl_var] = impl
                     try:
-                        t = benchmark.time_pair(to_format(dense, fmt), to_format(compressed, fmt), x,
-                                                min_run_time=args.min_run_time)
+                        t = benchmark.time_pair(*on_device, x, min_run_time=args.min_run_time)
                     finally:
                         if saved is None:
-                            os.environ.pop("HSV_CPU_IMPL", None)
+                            os.environ.pop(impl_var, None)
                         else:
-                            os.environ["HSV_CPU_IMPL"] = saved
-                    row = dict(model=name, method=method, options=options, batch=n, cpu_impl=impl,
+                            os.environ[impl_var] = saved
+                    row = dict(model=name, method=method, options=options, measure=args.measure, factorized=factorized,
+                               batch=n, device=args.device,
+                               dtype=args.dtype, impl_var=impl_var, impl=impl,
                                model_params_x=params,
                                conv_macs_x=report.totals()["macs_before"] / report.totals()["macs_after"], **t)
                     rows.append(row)
@@ -100,15 +134,17 @@ def main(argv=None):
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
-            f.write("End to end, fp32, %d threads, %s, input %d. Command: `%s`\n\n```\n%s\n```\n\n"
-                    % (torch.get_num_threads(), "channels_last" if args.channels_last else "NCHW", args.input_size,
-                       " ".join(sys.argv), "\n".join(head)))
-            f.write("| model | method | batch | HSV_CPU_IMPL | dense ms | compressed ms | compressed / dense | "
-                    "model params x | conv MACs x |\n|---|---|---|---|---|---|---|---|---|\n")
+            f.write("End to end, %s, %s, %d threads, %s, input %d. Command: `%s`\n\n```\n%s\n```\n\n"
+                    % (args.device, args.dtype, torch.get_num_threads(),
+                       "channels_last" if args.channels_last else "NCHW", args.input_size, " ".join(sys.argv),
+                       "\n".join(head)))
+            f.write("| model | method | batch | " + impl_var + " | dense ms | compressed ms | compressed / dense | "
+                    "model params x | conv MACs x | convs factorized |\n|---|---|---|---|---|---|---|---|---|---|\n")
             for r in rows:
-                f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f | %.2f | %.2f |\n" % (
-                    r["model"], r["method"], r["batch"], r["cpu_impl"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"],
-                    r["ratio"], r["model_params_x"], r["conv_macs_x"]))
+                f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f | %.2f | %.2f | %d%s |\n" % (
+                    r["model"], r["method"], r["batch"], r["impl"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"],
+                    r["ratio"], r["model_params_x"], r["conv_macs_x"], r["factorized"],
+                    " (measured)" if r["measure"] else ""))
     return 0
 
 
