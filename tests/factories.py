@@ -137,3 +137,18 @@ def assert_flops_match_macs(fact, x, stride, padding):
     with FlopCounterMode(display=False) as counter_ref:
         hsvkernels.reference.conv2d(x, fact, None, stride, padding)
     assert counter_ref.get_total_flops() == counter.get_total_flops()
+
+
+def draw_conv_geometry(draw, *, kernel=4, stride=3, padding=2, size=12, batch=3):
+    """A hypothesis draw of one valid conv geometry: (n, h, w, kh, kw, stride, padding, dilation),
+    the input at least as large as the dilated kernel after padding; the arguments bound each draw."""
+    from hypothesis import strategies as st
+
+    kh, kw = draw(st.integers(1, kernel)), draw(st.integers(1, kernel))
+    sh, sw = draw(st.integers(1, stride)), draw(st.integers(1, stride))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, padding)), draw(st.integers(0, padding))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), size))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), size))
+    n = draw(st.integers(0, batch))
+    return n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw)

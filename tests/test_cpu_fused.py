@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import CASES
+from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_op import SHAPES
@@ -203,13 +203,7 @@ def test_fused_argument_errors_match_composite():
 
 @st.composite
 def conv_specs(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
-    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 12))
-    n = draw(st.integers(0, 3))
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw)
     cin, cout, r = draw(st.integers(1, 20)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))
     isa = draw(st.sampled_from(ISAS))

@@ -6,6 +6,7 @@ composite chain. Also: the packed-factor cache sees in-place factor updates.
 """
 import pytest
 import torch
+from factories import draw_conv_geometry
 from hsv_case import LAYOUTS, random_factors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -141,13 +142,7 @@ def _divisor(draw, n):
 
 @st.composite
 def hsv_specs(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
-    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 12))
-    n = draw(st.integers(0, 3))
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw)
     cin, cout = draw(st.integers(1, 24)), draw(st.integers(1, 48))
     S1, T2 = _divisor(draw, cin), _divisor(draw, cout)
     P = draw(st.integers(1, 20))

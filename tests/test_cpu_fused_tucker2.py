@@ -8,7 +8,7 @@ fused kernel fills.
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import CASES
+from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cpu_fused import ISAS, TOL32, _expected_format, _make_input, _rel_err, cpu_env
@@ -102,13 +102,7 @@ def test_fused_tucker2_argument_errors_match_composite():
 
 @st.composite
 def tucker2_specs(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
-    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 12))
-    n = draw(st.integers(0, 3))
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw)
     cin, cout = draw(st.integers(1, 20)), draw(st.integers(1, 40))
     rs, rt = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from factories import CASES, KINDS
+from factories import CASES, KINDS, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_op import SHAPES
@@ -291,13 +291,7 @@ def test_other_kinds_fall_back_to_composite(kind, impl):
 
 @st.composite
 def conv_specs(draw):
-    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
-    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 40))
-    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 40))
-    n = draw(st.integers(0, 4))
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=5, padding=3, size=40, batch=4)
     cin, cout, r = draw(st.integers(1, 72)), draw(st.integers(1, 150)), draw(st.integers(1, 128))
     layout = draw(st.sampled_from(LAYOUTS))
     dtype = draw(st.sampled_from(DTYPES))
@@ -319,13 +313,7 @@ def test_fused_vs_composite_random_shapes(impl, spec):
 @st.composite
 def tucker2_specs(draw):
     # ranges whose halo and ranks always fit the kernel's shared memory (so it must run)
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 30))
-    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 30))
-    n = draw(st.integers(0, 3))
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=3, stride=2, size=30)
     cin, cout = draw(st.integers(1, 72)), draw(st.integers(1, 150))
     rs, rt = draw(st.integers(1, 48)), draw(st.integers(1, 48))
     layout = draw(st.sampled_from(LAYOUTS))
