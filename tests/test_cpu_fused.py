@@ -68,6 +68,17 @@ def _expected_format(x):
     return torch.channels_last if cl else torch.contiguous_format
 
 
+def assert_fused_matches_composite(x, args, isa, threads):
+    """torch.ops.hsv.conv2d(x, *args) on the fused path (isa, threads) equals the composite chain,
+    in shape, memory format and value."""
+    with cpu_env("composite"):
+        yc = torch.ops.hsv.conv2d(x, *args)
+    with cpu_env("fused", isa, threads):
+        yf = torch.ops.hsv.conv2d(x, *args)
+    assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
+    assert _rel_err(yf, yc) <= TOL32
+
+
 def _check_against_dense(spec, layout, with_bias=True, fact=None):
     """The op on float32 against F.conv2d in float64 on fact's dense weight (a random svd one by default)."""
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
@@ -221,9 +232,4 @@ def test_fused_vs_composite_random_shapes(spec):
     x = _make_input(n, cin, h, w, layout)
     bias = torch.randn(cout) if with_bias else None
     args = ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd")
-    with cpu_env("composite"):
-        yc = torch.ops.hsv.conv2d(x, *args)
-    with cpu_env("fused", isa, threads):
-        yf = torch.ops.hsv.conv2d(x, *args)
-    assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
-    assert _rel_err(yf, yc) <= TOL32
+    assert_fused_matches_composite(x, args, isa, threads)

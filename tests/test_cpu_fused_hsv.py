@@ -10,7 +10,7 @@ from factories import draw_conv_geometry
 from hsv_case import LAYOUTS, random_factors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_fused import ISAS, TOL32, _expected_format, _make_input, _rel_err, cpu_env
+from test_cpu_fused import ISAS, TOL32, _make_input, _rel_err, assert_fused_matches_composite, cpu_env
 from test_cpu_fused import _check_against_dense as check_fact_against_dense
 from test_op import SHAPES
 
@@ -164,12 +164,7 @@ def test_fused_hsv_vs_composite_random_shapes(spec):
     x = _make_input(n, S1 * S2, h, w, layout)
     bias = torch.randn(T1 * T2) if with_bias else None
     args = (factors, bias, list(stride), list(padding), list(dilation), 1, "hsv")
-    with cpu_env("composite"):
-        yc = torch.ops.hsv.conv2d(x, *args)
-    with cpu_env("fused", isa, threads):
-        yf = torch.ops.hsv.conv2d(x, *args)
-    assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
-    assert _rel_err(yf, yc) <= TOL32
+    assert_fused_matches_composite(x, args, isa, threads)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

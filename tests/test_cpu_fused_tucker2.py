@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_fused import ISAS, TOL32, _expected_format, _make_input, _rel_err, cpu_env
+from test_cpu_fused import (ISAS, TOL32, _expected_format, _make_input, _rel_err, assert_fused_matches_composite,
+                             cpu_env)
 from test_op import SHAPES
 
 import hsvkernels
@@ -119,9 +120,4 @@ def test_fused_tucker2_vs_composite_random_shapes(spec):
     x = _make_input(n, cin, h, w, layout)
     args = (factors, torch.randn(cout) if with_bias else None, list(stride), list(padding), list(dilation), 1,
             "tucker2")
-    with cpu_env("composite"):
-        yc = torch.ops.hsv.conv2d(x, *args)
-    with cpu_env("fused", isa, threads):
-        yf = torch.ops.hsv.conv2d(x, *args)
-    assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
-    assert _rel_err(yf, yc) <= TOL32
+    assert_fused_matches_composite(x, args, isa, threads)
