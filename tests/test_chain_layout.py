@@ -3,14 +3,16 @@
 Reshaping a batch-1 channels_last tensor to its own shape gives its size-1 batch dim
 a new stride, after which the conv backend no longer sees channels_last and copies
 the whole activation to NCHW before every stage (10x slower on a 1x1 tucker2 layer).
-The chain therefore reshapes only where a stage's view really differs. This test
-counts the copies the op makes: only weights (kernel-sized) may be copied.
+The chain therefore reshapes only where a stage's view really differs, and so does
+the pure-PyTorch reference chain. These tests count the copies made: only weights
+(kernel-sized) may be copied.
 """
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hsvkernels
+import hsvkernels.reference
 
 pytestmark = pytest.mark.skipif(not hsvkernels.build_info().get("extension"), reason="needs the native extension")
 
@@ -36,3 +38,16 @@ def test_channels_last_activation_is_never_copied(kind, k, batch, monkeypatch):
     y, copies = activation_copies(x, fact, k // 2)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert copies == [], "the chain copied activations %s" % copies
+
+
+@pytest.mark.parametrize("kind, options", [("svd", {}), ("hsv", {"split": (48, 1, 1, 32)}), ("tucker2", {})])
+def test_reference_path_keeps_batch1_channels_last(kind, options):
+    # the pure-PyTorch chain (the oracle and the no-extension fallback) had the same habit
+    torch.manual_seed(0)
+    fact = hsvkernels.decompose(torch.randn(48, 32, 3, 3), kind, ratio=2, **options)
+    x = torch.randn(1, 32, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = hsvkernels.reference.conv2d(x, fact, None, 1, 1)
+    copies = [e.input_shapes[0] for e in prof.events() if e.name == "aten::copy_"]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert [s for s in copies if len(s) == 4 and s[2:] == [12, 12]] == [], copies

@@ -50,6 +50,14 @@ class Format:
         return sum(math.prod(s) for s in shapes)
 
 
+def as_shape(x, *shape):
+    """x viewed as shape; x itself when it already has it. reshape() gives the size-1
+    dims of its result fresh strides, and a batch-1 channels_last activation reshaped
+    to its own shape no longer looks channels_last to the conv backend, which then
+    copies it to NCHW first (the same fix as as_shape in csrc/ops/chain/conv_chain.cpp)."""
+    return x if tuple(x.shape) == shape else x.reshape(shape)
+
+
 def memory_format_of_output(input):
     """The op returns channels_last when its input is channels_last (and not also NCHW-contiguous)."""
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import Format, KernelShape
+from .base import Format, KernelShape, as_shape
 
 LAYOUTS = ("[B (P, T2, S2, kh, kw), A (T1, S1, P)], [B1 (q1, S2, kh, kw), B2 (P, T2, q1), A (T1, S1, P)], "
            "[B (P, T2, S2, kh, kw), A1 (q2, S1, P), A2 (T1, q2)] or "
@@ -126,7 +126,7 @@ class HSV(Format):
     def chain(self, x, factors, stride, padding, dilation):
         lay = self.layout([f.shape for f in factors])
         n, _, h, w = x.shape
-        z = x.reshape(n * lay.S1, lay.S2, h, w)
+        z = as_shape(x, n * lay.S1, lay.S2, h, w)
         if lay.q1 is None:
             z = F.conv2d(z, factors[0].reshape(lay.P * lay.T2, lay.S2, lay.kh, lay.kw), None, stride, padding,
                          dilation)
@@ -134,13 +134,13 @@ class HSV(Format):
             z = F.conv2d(z, factors[0], None, stride, padding, dilation)
             z = F.conv2d(z, factors[1].reshape(lay.P * lay.T2, lay.q1, 1, 1))
         ho, wo = z.shape[2], z.shape[3]
-        z = z.reshape(n, lay.S1 * lay.P, lay.T2 * ho, wo)
+        z = as_shape(z, n, lay.S1 * lay.P, lay.T2 * ho, wo)
         if lay.q2 is None:
             z = F.conv2d(z, factors[lay.a_index].reshape(lay.T1, lay.S1 * lay.P, 1, 1))
         else:
             z = F.conv2d(z, factors[lay.a_index].reshape(lay.q2, lay.S1 * lay.P, 1, 1))
             z = F.conv2d(z, factors[lay.a_index + 1][:, :, None, None])
-        return z.reshape(n, lay.T1 * lay.T2, ho, wo)
+        return as_shape(z, n, lay.T1 * lay.T2, ho, wo)
 
     def stage_macs(self, shapes, in_hw, out_hw):
         lay = self.layout(shapes)

@@ -32,7 +32,7 @@ so Cin = S1*S2); T1, T2 from bt and at (merged: only Cout is needed).
 import torch
 import torch.nn.functional as F
 
-from .base import Format, KernelShape
+from .base import Format, KernelShape, as_shape
 
 NAMES = ("bs (Q, N, S1)", "as (N, R, S2)", "ah (N, R, kh)", "aw (N, R, kw)", "at (N, T2, R)", "bt (T1, Q, N)")
 MERGED_NAMES = NAMES[:4] + ("M (Cout, Q, N, R)",)
@@ -121,12 +121,12 @@ class KCP(Format):
         ho, wo = z.shape[2], z.shape[3]
         if len(factors) == 5:
             m = factors[4]
-            return F.conv2d(z.reshape(b, q * n * r, ho, wo), m.reshape(m.shape[0], q * n * r, 1, 1))
+            return F.conv2d(as_shape(z, b, q * n * r, ho, wo), m.reshape(m.shape[0], q * n * r, 1, 1))
         at, bt = factors[4], factors[5]
         t2, t1 = at.shape[1], bt.shape[0]
         z = F.conv2d(z, at.reshape(n * t2, r, 1, 1), groups=n)
-        z = F.conv2d(z.reshape(b, q * n, t2 * ho, wo), bt.reshape(t1, q * n, 1, 1))
-        return z.reshape(b, t1 * t2, ho, wo)
+        z = F.conv2d(as_shape(z, b, q * n, t2 * ho, wo), bt.reshape(t1, q * n, 1, 1))
+        return as_shape(z, b, t1 * t2, ho, wo)
 
     def stage_macs(self, shapes, in_hw, out_hw):
         d = dims([tuple(s) for s in shapes])

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Format, KernelShape
+from .base import Format, KernelShape, as_shape
 
 
 def merges_last_core(r_before, t_last, r_last, k2):
@@ -128,7 +128,7 @@ class TT(Format):
             g = factors[d - 1].reshape(-1, r_last, 1)
             weight = (g * k_core.reshape(1, r_last, -1)).sum(1)
             weight = weight.reshape(lay.ranks[-2] * lay.out_modes[-1], s_last, lay.kh, lay.kw)
-            z = F.conv2d(x.reshape(n * cin // s_last, s_last, h, w), weight, None, stride, padding, dilation)
+            z = F.conv2d(as_shape(x, n * cin // s_last, s_last, h, w), weight, None, stride, padding, dilation)
             contractions = range(d - 2, -1, -1)
         else:
             z = F.conv2d(x.reshape(n * cin, 1, h, w), k_core[:, None], None, stride, padding, dilation)
@@ -139,7 +139,7 @@ class TT(Format):
             r_in, r_out = lay.ranks[k + 1], lay.ranks[k]
             z = z.reshape(n * s_before, lay.in_modes[k] * r_in, t_after * ho, wo)
             z = F.conv2d(z, factors[k].reshape(r_out * lay.out_modes[k], lay.in_modes[k] * r_in, 1, 1))
-        return z.reshape(n, math.prod(lay.out_modes), ho, wo)
+        return as_shape(z, n, math.prod(lay.out_modes), ho, wo)
 
     def stage_macs(self, shapes, in_hw, out_hw):
         lay = self.layout(shapes)
