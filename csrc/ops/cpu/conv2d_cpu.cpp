@@ -2,8 +2,9 @@
 // HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
 // (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
 // (kinds "svd" and "hsv", float32: hsv_fused.cpp; "tucker2" as a 1x1 pass plus
-// that kernel: tucker2_two_pass.cpp) and the composite chain otherwise; "auto" times both on the first call of each layer configuration
-// and keeps the faster (auto_select.h).
+// that kernel: tucker2_two_pass.cpp) and the composite chain otherwise; "auto"
+// times both on the first call of each layer configuration and keeps the faster
+// (auto_select.h).
 // The backward op is always the composite chain.
 #include <torch/library.h>
 

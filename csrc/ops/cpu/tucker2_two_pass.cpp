@@ -22,11 +22,7 @@ bool tucker2_two_pass_supports(const at::Tensor& input, const std::string& kind)
 at::Tensor tucker2_two_pass_forward(const at::Tensor& input, at::TensorList factors,
                                     const c10::optional<at::Tensor>& bias, const Plan& plan, const Microkernel& uk) {
   TORCH_CHECK(plan.stages.size() == 3, "hsv::conv2d(kind='tucker2'): expected a three-stage plan");
-  const at::Tensor& us = factors[0];
-  for (const auto& f : factors)
-    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat,
-                      "hsv::conv2d(kind='tucker2'): the fused CPU kernel needs float32 factors like the input, got ",
-                      f.scalar_type());
+  const at::Tensor& us = factors[0];  // make_plan checked: every factor float32 like the input
   // The op's output layout follows the input's; pass 2's follows its own input, so
   // pass 1's output is put in the input's (a no-op unless oneDNN chose otherwise).
   const at::MemoryFormat fmt = output_memory_format(input);
@@ -34,8 +30,7 @@ at::Tensor tucker2_two_pass_forward(const at::Tensor& input, at::TensorList fact
   const ConvParams& cv = plan.stages[1].conv;
   const std::vector<at::Tensor> rest{factors[1], factors[2]};
   const Plan second = make_plan(mid, rest, bias, cv.stride, cv.padding, cv.dilation, 1, "svd");
-  at::Tensor out = hsv_fused_forward(mid, rest, bias, second, uk, "svd");
-  return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
+  return hsv_fused_forward(mid, rest, bias, second, uk, "svd").contiguous(fmt);
 }
 
 }  // namespace cpu
