@@ -101,13 +101,15 @@ def test_fused_matches_dense(spec, isa, threads):
         _check_against_dense(spec, "contiguous")
 
 
+# the foundation shapes the layout tests run (every layout x ISA x threads), and their ids
 LAYOUT_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[7], SHAPES[8], SHAPES[10], SHAPES[11]]
+LAYOUT_IDS = ["3x3", "stride2", "7x7s2", "1x1", "batch0", "mixed"]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channels_last_noncontiguous"])
-@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=["3x3", "stride2", "7x7s2", "1x1", "batch0", "mixed"])
+@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=LAYOUT_IDS)
 def test_fused_layouts(spec, layout, isa, threads):
     with cpu_env("fused", isa, threads):
         _check_against_dense(spec, layout)

@@ -10,7 +10,8 @@ from factories import draw_conv_geometry
 from hsv_case import LAYOUTS, random_factors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_fused import ISAS, TOL32, _make_input, _rel_err, assert_fused_matches_composite, cpu_env
+from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _make_input, _rel_err,
+                             assert_fused_matches_composite, cpu_env)
 from test_cpu_fused import _check_against_dense as check_fact_against_dense
 from test_op import SHAPES
 
@@ -36,13 +37,10 @@ def test_fused_hsv_matches_dense(spec, isa, threads):
         _check_against_dense(spec)
 
 
-LAYOUT_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[7], SHAPES[8], SHAPES[10], SHAPES[11]]
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channels_last_noncontiguous"])
-@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=["3x3", "stride2", "7x7s2", "1x1", "batch0", "mixed"])
+@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=LAYOUT_IDS)
 def test_fused_hsv_layouts(spec, layout, isa, threads):
     with cpu_env("fused", isa, threads):
         _check_against_dense(spec, layout)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_fused import (ISAS, TOL32, _expected_format, _make_input, _rel_err, assert_fused_matches_composite,
-                             cpu_env)
+from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _expected_format, _make_input, _rel_err,
+                             assert_fused_matches_composite, cpu_env)
 from test_op import SHAPES
 
 import hsvkernels
@@ -54,8 +54,7 @@ def test_fused_tucker2_matches_dense(spec, isa, threads):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channels_last_noncontiguous"])
-@pytest.mark.parametrize("spec", [SHAPES[0], SHAPES[1], SHAPES[7], SHAPES[8], SHAPES[10], SHAPES[11]],
-                         ids=["3x3", "stride2", "7x7s2", "1x1", "batch0", "mixed"])
+@pytest.mark.parametrize("spec", LAYOUT_SHAPES, ids=LAYOUT_IDS)
 def test_fused_tucker2_layouts(spec, layout, isa):
     for threads in (1, 2):
         _check(spec, layout, isa, threads, with_bias=threads == 1)
