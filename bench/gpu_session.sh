@@ -135,18 +135,17 @@ if want bench; then
     --out /tmp/hsv-bench-bf16-graph
 fi
 
+# end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last
+models=(bench/models.py --device cuda --dtype bfloat16 --channels-last --models resnet18,resnet50,vgg16 --methods hsv
+  --min-run-time 1)
 if want models; then
-  # end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last
   step "models bf16 channels_last" 300 "$OUT/session.log" \
-    "$PY" bench/models.py --device cuda --dtype bfloat16 --channels-last --models resnet18,resnet50,vgg16 \
-    --methods hsv --batch 1,32 --cuda-impl composite,fused --min-run-time 1 --out "$OUT/models-bf16"
+    "$PY" "${models[@]}" --batch 1,32 --cuda-impl composite,fused --out "$OUT/models-bf16"
 fi
-
 if want models-measured; then
-  # the same with convert_(measure=True): each layer timed on the GPU, kept dense where factorized is slower
+  # convert_(measure=True): each layer timed on the GPU, kept dense where factorized is slower
   step "models bf16 measured" 300 "$OUT/session.log" \
-    "$PY" bench/models.py --device cuda --dtype bfloat16 --channels-last --models resnet18,resnet50,vgg16 \
-    --methods hsv --batch 32 --measure --min-run-time 1 --out "$OUT/models-bf16-measured"
+    "$PY" "${models[@]}" --batch 32 --measure --out "$OUT/models-bf16-measured"
 fi
 
 {
