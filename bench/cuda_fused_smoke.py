@@ -29,6 +29,9 @@ SVD_CASES = [
     (1, 64, 96, 128, 7, 9, 3, 3, 1, 1, 1),      # the rank limit
     (3, 6, 10, 4, 6, 5, 2, 3, (2, 1), (0, 1), (1, 2)),  # non-square kernel, mixed stride/dilation
     (2, 16, 8, 8, 9, 9, 1, 1, 2, 0, 1),         # 1x1 stride 2
+    # Cin % 32 == 0, Cout % 8 == 0: the channels_last fast path for fp16/bf16
+    (2, 64, 72, 24, 9, 7, 3, 3, 1, 1, 1),       # rank 24 -> 32, two Cout chunks
+    (1, 32, 16, 100, 6, 5, 3, 2, (2, 1), (1, 0), (1, 2)),  # rank 100 -> 128, split-K, mixed geometry
 ]
 
 

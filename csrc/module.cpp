@@ -78,6 +78,13 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
+  m.def("cuda_nhwc_launch_count", []() -> int64_t {
+#ifdef WITH_CUDA
+    return hsv::cuda::nhwc_launch_count();
+#else
+    return 0;
+#endif
+  }, "How many of those took the two-stage kernel's channels_last fast path");
   // Both release the GIL: they only spin on the calling thread.
   m.def("fma_peak_gflops", &hsv::cpu::fma_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.5,
         py::call_guard<py::gil_scoped_release>(),

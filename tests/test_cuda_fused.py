@@ -36,6 +36,11 @@ def launches():
     return _C.cuda_fused_launch_count()
 
 
+def nhwc_launches():
+    from hsvkernels._extension import _C
+    return _C.cuda_nhwc_launch_count()
+
+
 @pytest.fixture
 def impl(monkeypatch):
     """impl("fused") / impl("composite"): the CUDA forward the next calls take (read per call)."""
@@ -175,6 +180,123 @@ def test_fused_split_k(spec, dtype, splits, impl, monkeypatch):
         for layout in ("contiguous", "channels_last"):
             x = make_input(n, cin, h, w, layout, dtype)
             check_fused(impl, fact, x, bias, stride, padding, dilation)
+
+
+# The channels_last fast path (two_stage_nhwc.cu): fp16/bf16, Cin % 32 == 0,
+# Cout % 8 == 0, a channels_last output; rank padded to 16, 32, 64 or 128.
+NHWC_SPECS = [
+    # (N, Cin, Cout, r, H, W, kh, kw, stride, padding, dilation)
+    (2, 64, 64, 14, 14, 14, 3, 3, 1, 1, 1),       # rank 14 -> 16, one rank tile
+    (3, 32, 40, 24, 9, 11, 3, 3, 2, 1, 1),        # rank 24 -> 32, stride 2, Cout 40 (part of a 64 chunk)
+    (1, 128, 128, 56, 7, 7, 3, 3, 1, 1, 1),       # rank 56 -> 64 at batch 1 (split-K by the model)
+    (2, 64, 136, 112, 10, 9, 3, 3, 1, 1, 1),      # rank 112 -> 128, Cout 136: three chunks
+    (1, 96, 200, 48, 5, 6, 1, 1, 1, 0, 1),        # 1x1
+    (2, 32, 16, 33, 12, 12, 3, 2, (2, 1), (2, 0), (3, 2)),  # non-square kernel, mixed stride/padding/dilation
+    (20, 32, 64, 16, 30, 30, 3, 3, 1, 1, 1),      # 18000 pixels: two pixel tiles per warp on a 132-SM GPU
+    (3, 32, 8, 1, 5, 4, 5, 5, 1, 2, 1),           # rank 1, a 5x5 kernel larger than the image
+]
+NHWC_IDS = ["r16", "r32_s2", "r64_b1", "r128", "1x1", "mixed", "mf2", "rank1_5x5"]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", NHWC_SPECS, ids=NHWC_IDS)
+def test_fused_nhwc_path(spec, dtype, with_bias, impl):
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    x = make_input(n, cin, h, w, "channels_last", dtype)
+    before = nhwc_launches()
+    check_fused(impl, fact, x, bias, stride, padding, dilation)
+    assert nhwc_launches() - before == 1, "the channels_last fast path did not run"
+
+
+@pytest.mark.parametrize("splits", ["1", "2", "5", "1000"])
+@pytest.mark.parametrize("spec", [NHWC_SPECS[2], NHWC_SPECS[3], NHWC_SPECS[5]], ids=["r64_b1", "r128", "mixed"])
+def test_fused_nhwc_split_k(spec, splits, impl, monkeypatch):
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    for bias in (torch.randn(cout, dtype=torch.float64), None):
+        before = nhwc_launches()
+        check_fused(impl, fact, make_input(n, cin, h, w, "channels_last", torch.bfloat16), bias, stride, padding,
+                    dilation)
+        assert nhwc_launches() - before == 1
+
+
+def test_fused_nhwc_not_taken_where_it_does_not_apply(impl):
+    # Cin % 32 != 0, Cout % 8 != 0, NCHW input, a channels_last view whose output is NCHW, fp32:
+    # the general fused kernel runs instead, and is right.
+    cases = [((2, 48, 64, 16), "channels_last", torch.bfloat16), ((2, 64, 60, 16), "channels_last", torch.bfloat16),
+             ((2, 64, 64, 16), "contiguous", torch.bfloat16),
+             ((2, 64, 64, 16), "channels_last_noncontiguous", torch.float16),
+             ((2, 64, 64, 16), "channels_last", torch.float32)]
+    for (n, cin, cout, r), layout, dtype in cases:
+        fact = svd_factors(r, cin, cout, 3, 3)
+        before = nhwc_launches()
+        check_fused(impl, fact, make_input(n, cin, 9, 9, layout, dtype), None, 1, 1, 1)
+        assert nhwc_launches() == before, (cin, cout, layout, dtype)
+
+
+def test_fused_packed_factors_follow_in_place_updates(impl):
+    # The packed factors are cached per factor tensor and version: an in-place
+    # update (an optimizer step) must be seen by the next call, on both paths.
+    for layout, cin in (("channels_last", 64), ("contiguous", 40)):
+        fact = svd_factors(24, cin, 48, 3, 3, dtype=torch.float64)
+        fd = fact.to("cuda", torch.bfloat16)
+        bias = torch.randn(48, device="cuda", dtype=torch.bfloat16)
+        x = make_input(2, cin, 10, 10, layout, torch.bfloat16)
+        impl("fused")
+        y1 = hsvkernels.conv2d(x, fd, bias, 1, 1)
+        with torch.no_grad():
+            fd.factors[0].mul_(-2.0)
+            fd.factors[1].add_(0.5)
+            bias.mul_(3.0)
+        y2 = hsvkernels.conv2d(x, fd, bias, 1, 1)
+        impl("composite")
+        y_comp = hsvkernels.conv2d(x, fd, bias, 1, 1)
+        assert rel_err(y2, y_comp.double()) <= TOL[torch.bfloat16]
+        assert rel_err(y1, y_comp.double()) > 0.5   # the update changed the answer, so y2 used it
+
+
+def test_fused_first_call_inside_graph_capture(impl):
+    # Factors first seen during a capture are packed by kernels that run only
+    # when the graph replays: they must not be cached for eager calls.
+    impl("fused")
+    fact = svd_factors(24, 64, 48, 3, 3, dtype=torch.float64).to("cuda", torch.bfloat16)
+    x = make_input(2, 64, 10, 10, "channels_last", torch.bfloat16)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = hsvkernels.conv2d(x, fact, None, 1, 1)
+    y_eager = hsvkernels.conv2d(x, fact, None, 1, 1)   # before any replay
+    g.replay()
+    impl("composite")
+    y_comp = hsvkernels.conv2d(x, fact, None, 1, 1)
+    torch.cuda.synchronize()
+    assert rel_err(y_eager, y_comp.double()) <= TOL[torch.bfloat16]
+    assert rel_err(static_y, y_comp.double()) <= TOL[torch.bfloat16]
+
+
+@st.composite
+def nhwc_specs(draw):
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=5, padding=3, size=30, batch=4)
+    cin, cout, r = 32 * draw(st.integers(1, 4)), 8 * draw(st.integers(1, 30)), draw(st.integers(1, 128))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
+    return n, cin, cout, r, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), dtype, draw(st.booleans())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(nhwc_specs())
+def test_fused_nhwc_vs_composite_random_shapes(impl, spec):
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, dtype, with_bias = spec
+    fact = svd_factors(r, cin, cout, kh, kw)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    before = nhwc_launches()
+    check_fused(impl, fact, make_input(n, cin, h, w, "channels_last", dtype), bias, stride, padding, dilation)
+    if n > 0:
+        assert nhwc_launches() - before == 1
 
 
 def test_bad_split_k_value_errors(impl, monkeypatch):

@@ -61,7 +61,10 @@ struct Entry {
 constexpr size_t kMaxEntries = 512;
 
 std::mutex g_mutex;
-std::list<Entry> g_entries;  // most recently used first
+// Most recently used first. Never destroyed: entries may hold CUDA tensors
+// (the fused CUDA kernels cache through here too), and freeing those from a
+// static destructor at exit, after CUDA has shut down, aborts the process.
+std::list<Entry>& g_entries = *new std::list<Entry>();
 
 bool same_state(const Entry& e, const at::Tensor& w, uint32_t version) {
   return e.version == version && e.data == w.data_ptr() && e.sizes == w.sizes().vec() &&

@@ -20,7 +20,8 @@ namespace cpu {
 at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps, int64_t nr,
                        const std::vector<int64_t>* row_map = nullptr);
 
-// The packed form of w that `make` computes, cached against w: a later call
+// The packed form of w that `make` computes, cached against w (CPU or CUDA
+// tensors: the fused CUDA kernels cache their packed factors here too): a later call
 // with the same tensor (same TensorImpl, still alive), unchanged since (same
 // version counter, data pointer, sizes and strides) and the same `layout`
 // string (which must name everything the packing depends on: sizes, NR, row

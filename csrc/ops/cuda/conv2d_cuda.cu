@@ -23,6 +23,7 @@ namespace cuda {
 namespace {
 
 std::atomic<int64_t> launches{0};
+std::atomic<int64_t> nhwc_launches{0};
 
 }  // namespace
 
@@ -53,6 +54,10 @@ int64_t split_k_from_env() {
 int64_t fused_launch_count() { return launches.load(); }
 
 void count_fused_launch() { launches.fetch_add(1); }
+
+int64_t nhwc_launch_count() { return nhwc_launches.load(); }
+
+void count_nhwc_launch() { nhwc_launches.fetch_add(1); }
 
 std::vector<std::string> fused_kinds() { return {"svd", "hsv", "tucker2"}; }
 

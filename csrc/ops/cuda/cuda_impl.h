@@ -29,6 +29,11 @@ int64_t split_k_from_env();
 int64_t fused_launch_count();
 void count_fused_launch();
 
+// How many of those launches took the two-stage kernel's channels_last fast
+// path (two_stage_nhwc.h): tests use it to know which kernel they checked.
+int64_t nhwc_launch_count();
+void count_nhwc_launch();
+
 // The kinds that have a fused CUDA kernel.
 std::vector<std::string> fused_kinds();
 

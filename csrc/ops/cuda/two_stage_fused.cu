@@ -20,16 +20,23 @@
 // adds U @ T_s into a zeroed fp32 buffer laid out like the output; the host adds
 // the bias and converts. HSV_CUDA_SPLIT_K forces a split count (tests).
 // Vp = V permuted to (r, kh, kw, Cin) and zero-padded to (rp, k_pad); Up = U
-// zero-padded to (cout_pad, rp): padding the factors (small) once per call
-// leaves predicates only on the gathered input and on the output.
+// zero-padded to (cout_pad, rp): padding the factors (small, and cached per
+// factor version, see packed_factors) leaves predicates only on the gathered
+// input and on the output.
 // Tensor cores through WMMA: fp16/bf16 operands m16n16k16, fp32 operands as
 // TF32 m16n16k8; fp32 accumulation in both.
-// TODO (after GPU verification): cache Vp/Up per factor version; tune the
-// split-K model and the tile sizes per shape on measurements; wgmma on sm_90a.
+// fp16/bf16 channels_last inputs with Cin % 32 == 0 and Cout % 8 == 0 take the
+// NHWC kernel instead (two_stage_nhwc.cu): 16-byte cp.async gathers, a 4-deep
+// pipeline, no per-element division. This one is the general path.
+// Next (from an Nsight Compute profile of the NHWC kernel, H100, 2026-11-22):
+// WMMA fragment loads cost far more instructions than ldmatrix + mma.sync, and
+// small grids leave SMs nearly empty (9.5% achieved occupancy on a 98-tile layer).
 #include "two_stage_fused.h"
 
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -37,11 +44,17 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <exception>
+#include <functional>
+#include <thread>
+#include <vector>
 #include <limits>
 #include <initializer_list>
 #include <type_traits>
 
+#include "../cpu/pack.h"
 #include "cuda_impl.h"
+#include "two_stage_nhwc.h"
 #include "wmma_tiles.cuh"
 
 namespace hsv {
@@ -327,17 +340,6 @@ void launch(const Params& p, dim3 grid, int smem, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Split-K (batch 1, small images): when the pixel tiles alone leave SMs idle,
-// split stage 1's K into as many parts as fill them, but keep each part's K at
-// least the padded Cout, so the stage 2 that every part repeats (on its
-// partial T, summed into an fp32 buffer) costs no more than its stage 1.
-int64_t auto_splits(int64_t blocks, int64_t k_pad, int64_t cout_pad, int64_t sms) {
-  if (blocks >= sms) return 1;
-  const int64_t by_work = std::max<int64_t>(1, k_pad / std::max<int64_t>(cout_pad, 4 * kTileK));
-  const int64_t to_fill = (sms + blocks - 1) / blocks;
-  return std::min(by_work, to_fill);
-}
-
 // The kernel's V (r, Cin, kh, kw) and U (Cout, r) for a kind, as sizes (for
 // the checks) or as tensors (for the run); unsupported says why not, if not.
 struct TwoStageShape {
@@ -383,6 +385,78 @@ std::pair<at::Tensor, at::Tensor> two_stage_factors(at::TensorList factors, cons
   return {V, U};
 }
 
+// The kernels' operands: Vp (rp, k_pad), V's rows with K ordered (tap,
+// channel); Up (cout_pad, rp); the bias in fp32. Fresh zero-filled buffers, so
+// rows are 16-byte aligned for cp.async whatever the factors' storage offsets.
+struct PackedFactors {
+  at::Tensor vp, up, bias_f;
+};
+
+// A zero-filled buffer that no CUDA graph owns. While cudagraph trees
+// (torch.compile mode="reduce-overhead") warm up or record, torch routes every
+// allocation of the calling thread to the graph's private pool, which must then
+// hold no tensor that outlives the graph, as a cached packed factor does. So
+// the buffer is allocated by a short-lived thread of its own, and recorded on
+// the current stream, which fills and reads it. Only on a cache miss.
+at::Tensor persistent_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const c10::DeviceIndex device = options.device().index();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device);
+  const std::vector<int64_t> shape = sizes.vec();
+  at::Tensor t;
+  std::exception_ptr error;
+  std::thread([&] {
+    try {
+      const c10::cuda::CUDAGuard guard(device);
+      t = at::empty(shape, options);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }).join();
+  if (error) std::rethrow_exception(error);
+  c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), current);
+  return t.zero_();
+}
+
+// Packing costs 4 to 6 small kernels and allocations per call (10 to 30 us at
+// batch 1), so each packed operand is cached against the factor it comes from
+// (cpu::packed_cached: same tensor, unchanged version). Not while a CUDA graph
+// is being captured: a buffer made then holds its values only once the graph
+// replays, so a later eager call must not find it in the cache.
+PackedFactors packed_factors(at::TensorList factors, const c10::optional<at::Tensor>& bias, const std::string& kind,
+                             int64_t rp, int64_t k_pad, int64_t cout_pad) {
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  auto cached = [&](const at::Tensor& key, const std::string& layout, const std::function<at::Tensor()>& make) {
+    return capturing ? make() : cpu::packed_cached(key, layout, make);
+  };
+  auto zeros = [&](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return capturing ? at::zeros(sizes, options) : persistent_zeros(sizes, options);
+  };
+  const std::string tag = "cuda-two-stage:" + kind + ":rp=" + std::to_string(rp) + ":";
+  PackedFactors out;
+  out.vp = cached(factors[0], tag + "vp:k=" + std::to_string(k_pad), [&] {
+    const at::Tensor V = two_stage_factors(factors, kind).first;
+    const int64_t r = V.size(0), k = V.size(1) * V.size(2) * V.size(3);
+    at::Tensor vp = zeros({rp, k_pad}, V.options());
+    vp.narrow(0, 0, r).narrow(1, 0, k).copy_(V.permute({0, 2, 3, 1}).reshape({r, k}));
+    return vp;
+  });
+  // Up depends on factors[1] and, for hsv, on T2 = B.size(1): in the layout string.
+  out.up = cached(factors[1], tag + "up:cout=" + std::to_string(cout_pad) + ":t2=" +
+                                  std::to_string(kind == "hsv" ? factors[0].size(1) : 1),
+                  [&] {
+                    const at::Tensor U = two_stage_factors(factors, kind).second;
+                    at::Tensor upad = zeros({cout_pad, rp}, U.options());
+                    upad.narrow(0, 0, U.size(0)).narrow(1, 0, U.size(1)).copy_(U);
+                    return upad;
+                  });
+  if (bias.has_value() && bias->defined()) {
+    out.bias_f = cached(*bias, "cuda-bias-f32", [&] {
+      return zeros({bias->numel()}, bias->options().dtype(at::kFloat)).copy_(*bias);
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
 bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
@@ -421,24 +495,27 @@ bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const P
 at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                              const Plan& plan, const std::string& kind) {
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(output_memory_format(input)));
   const int64_t n = input.size(0);
-  if (n == 0) return out;
+  if (n == 0) return at::empty(plan.out_shape, input.options().memory_format(output_memory_format(input)));
 
-  const auto [V, U] = two_stage_factors(factors, kind);
-  const int64_t r = V.size(0), cin = V.size(1), kh = V.size(2), kw = V.size(3), cout = U.size(0);
-  TORCH_CHECK(cout == plan.out_channels && U.size(1) == r, "hsv::conv2d: fused kernel: inconsistent factors");
-  const int64_t k = kh * kw * cin, k_pad = round_up(k, kTileK), rp = round_up(r, 16);
+  const TwoStageShape shape = two_stage_shape(factors, kind);
+  const int64_t r = shape.r, cin = shape.cin, kh = shape.kh, kw = shape.kw, cout = shape.cout;
+  TORCH_CHECK(cout == plan.out_channels, "hsv::conv2d: fused kernel: inconsistent factors");
+  const bool nhwc = nhwc_supports(input, cin, r, cout);
+  const int64_t k = kh * kw * cin, k_pad = round_up(k, kTileK);
+  const int64_t rp = nhwc ? nhwc_padded_rank(r) : round_up(r, 16);
   const int64_t cout_pad = round_up(cout, kTileN);
-  // Vp (rp, k_pad): rows of V with K ordered (tap, channel); Up (cout_pad, rp).
-  // Fresh zero-filled buffers, so their rows are 16-byte aligned for cp.async
-  // whatever the factors' storage offsets.
-  at::Tensor vp = at::zeros({rp, k_pad}, V.options());
-  vp.narrow(0, 0, r).narrow(1, 0, k).copy_(V.permute({0, 2, 3, 1}).reshape({r, k}));
-  at::Tensor upad = at::zeros({cout_pad, rp}, U.options());
-  upad.narrow(0, 0, cout).narrow(1, 0, r).copy_(U);
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
+  const PackedFactors packed = packed_factors(factors, bias, kind, rp, k_pad, cout_pad);
+  if (nhwc) {
+    at::Tensor y = nhwc_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
+    count_fused_launch();
+    count_nhwc_launch();
+    return y;
+  }
+  const at::Tensor& vp = packed.vp;
+  const at::Tensor& upad = packed.up;
+  const at::Tensor& bias_f = packed.bias_f;
+  at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(output_memory_format(input)));
 
   const ConvParams& cv = plan.stages[0].conv;
   Params p{};
@@ -479,7 +556,7 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
               blocks, ")");
   const int64_t k_steps = k_pad / kTileK;
   const int64_t forced = split_k_from_env();
-  int64_t splits = forced > 0 ? forced : auto_splits(blocks, k_pad, cout_pad, device_info(input.device().index()).sms);
+  int64_t splits = forced > 0 ? forced : auto_splits(blocks, k_pad, cout_pad, device_info(input.device().index()).sms, kTileK);
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, k_steps, 65535}));
   p.steps_per_split = static_cast<int>((k_steps + splits - 1) / splits);
   splits = (k_steps + p.steps_per_split - 1) / p.steps_per_split;  // no empty split

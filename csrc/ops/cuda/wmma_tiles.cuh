@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -69,6 +70,25 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 // Waits for all of this thread's cp.async copies (commit + wait_group 0).
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// 16 bytes when `full`, else 16 zero bytes (src-size 0: nothing is read, so
+// src only has to be a valid address): padding taps and pixels past the end.
+// Through L1 (.ca, not .cg): an implicit-im2col gather reads each input line
+// once per kernel tap, and neighbouring taps of a tile hit the same lines.
+__device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gmem_src, bool full) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int bytes = full ? 16 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(bytes) : "memory");
+}
+
+// Closes this thread's current group of cp.async copies.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most `Pending` of this thread's committed groups are still in flight.
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+}
+
 // Copies rows x cols elements (row stride src_ld in global memory, dst_ld in
 // shared memory) in 16-byte pieces; cols * sizeof(S), both strides and both
 // base addresses are multiples of 16 bytes.
@@ -102,6 +122,18 @@ __device__ __forceinline__ void round_to_tf32(Frag& f) {
 }
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Split-K (batch 1, small images): when the pixel tiles alone leave SMs idle,
+// split the first GEMM's K into as many parts as fill them, but keep each
+// part's K at least the padded Cout, so the second GEMM that every part
+// repeats (on its partial intermediate, summed into an fp32 buffer) costs no
+// more than its first. k_step: the kernel's K per step.
+inline int64_t auto_splits(int64_t blocks, int64_t k_pad, int64_t cout_pad, int64_t sms, int64_t k_step) {
+  if (blocks >= sms) return 1;
+  const int64_t by_work = std::max<int64_t>(1, k_pad / std::max<int64_t>(cout_pad, 4 * k_step));
+  const int64_t to_fill = (sms + blocks - 1) / blocks;
+  return std::min(by_work, to_fill);
+}
 
 // What the fused kernels' checks need to know of a device, read once per device.
 // (Through the runtime, not ATen/cuda/CUDAContext.h, whose cuSPARSE/cuBLAS
