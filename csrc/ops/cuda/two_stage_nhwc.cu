@@ -366,24 +366,9 @@ at::Tensor nhwc_forward(const at::Tensor& input, const at::Tensor& vp, const at:
   TORCH_CHECK(vp.size(1) == k && up.size(1) == rp && up.size(0) % kCoChunk == 0 && vp.is_contiguous() &&
                   up.is_contiguous(),
               "hsv::conv2d: NHWC kernel: packed factors of the wrong shape");
-  const ConvParams& cv = plan.stages[0].conv;
   NhwcParams p{};
   p.x = input.data_ptr();
-  p.sn = input.stride(0);
-  p.sh = input.stride(2);
-  p.sw = input.stride(3);
-  p.h = static_cast<int>(input.size(2));
-  p.w = static_cast<int>(input.size(3));
-  p.cin = static_cast<int>(cin);
-  p.kw = static_cast<int>(kw);
-  p.stride_h = static_cast<int>(cv.stride[0]);
-  p.stride_w = static_cast<int>(cv.stride[1]);
-  p.pad_h = static_cast<int>(cv.padding[0]);
-  p.pad_w = static_cast<int>(cv.padding[1]);
-  p.dil_h = static_cast<int>(cv.dilation[0]);
-  p.dil_w = static_cast<int>(cv.dilation[1]);
-  p.ho = static_cast<int>(plan.out_shape[2]);
-  p.wo = static_cast<int>(plan.out_shape[3]);
+  tiles::set_conv_geometry(p, input, plan, plan.stages[0].conv, kw);
   p.pixels = n * plan.out_shape[2] * plan.out_shape[3];
   p.k = static_cast<int>(k);
   p.cout = static_cast<int>(cout);

@@ -16,6 +16,8 @@
 #include <set>
 #include <utility>
 
+#include "../chain/conv_chain.h"
+
 namespace hsv {
 namespace cuda {
 namespace tiles {
@@ -133,6 +135,29 @@ inline int64_t auto_splits(int64_t blocks, int64_t k_pad, int64_t cout_pad, int6
   const int64_t by_work = std::max<int64_t>(1, k_pad / std::max<int64_t>(cout_pad, 4 * k_step));
   const int64_t to_fill = (sms + blocks - 1) / blocks;
   return std::min(by_work, to_fill);
+}
+
+// Fills the input and conv geometry fields that every fused kernel's Params
+// has (same names in each), as 32-bit ints: the kernels' support checks keep
+// per-image sizes in that range. cv: the plan stage of the spatial conv (the
+// first for svd/hsv, the core for tucker2; the 1x1 stages keep the size).
+template <typename P>
+void set_conv_geometry(P& p, const at::Tensor& input, const Plan& plan, const ConvParams& cv, int64_t kw) {
+  p.sn = input.stride(0);
+  p.sh = input.stride(2);
+  p.sw = input.stride(3);
+  p.h = static_cast<int>(input.size(2));
+  p.w = static_cast<int>(input.size(3));
+  p.cin = static_cast<int>(input.size(1));
+  p.kw = static_cast<int>(kw);
+  p.stride_h = static_cast<int>(cv.stride[0]);
+  p.stride_w = static_cast<int>(cv.stride[1]);
+  p.pad_h = static_cast<int>(cv.padding[0]);
+  p.pad_w = static_cast<int>(cv.padding[1]);
+  p.dil_h = static_cast<int>(cv.dilation[0]);
+  p.dil_w = static_cast<int>(cv.dilation[1]);
+  p.ho = static_cast<int>(plan.out_shape[2]);
+  p.wo = static_cast<int>(plan.out_shape[3]);
 }
 
 // What the fused kernels' checks need to know of a device, read once per device.
