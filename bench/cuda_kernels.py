@@ -70,7 +70,9 @@ def main(argv=None):
         w = torch.randn(shape.weight_shape, dtype=torch.float32)
         x = torch.randn(args.batch, shape.cin, shape.h, shape.w, device="cuda", dtype=dtype).to(memory_format=fmt)
         wd = w.to("cuda", dtype).to(memory_format=fmt)
-        paths = {"dense": lambda: F.conv2d(x, wd, None, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])}
+        # name -> (HSV_CUDA_IMPL to set before timing, or None; the call)
+        paths = {"dense": (None, lambda: F.conv2d(x, wd, None, kw["stride"], kw["padding"], kw["dilation"],
+                                                  kw["groups"]))}
         for method in args.methods.split(","):
             try:
                 fact = hsvkernels.decompose(w, method, ratio=args.ratio, macs_ratio=args.macs_ratio)
@@ -79,14 +81,15 @@ def main(argv=None):
                 continue
             factors = [f.to("cuda", dtype) for f in fact.factors]
             for impl in ("composite", "fused"):
-                def call(factors=factors, kind=fact.kind, impl=impl):
-                    os.environ["HSV_CUDA_IMPL"] = impl
+                def call(factors=factors, kind=fact.kind):
                     return torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"], kw["dilation"],
                                                 kw["groups"], kind)
-                paths["%s %s (%s)" % (impl, method, "x".join(str(tuple(f.shape)) for f in factors))] = call
+                paths["%s %s (%s)" % (impl, method, "x".join(str(tuple(f.shape)) for f in factors))] = (impl, call)
         print("\n== %s %s" % (shape.name, shape.describe()))
         with torch.inference_mode():
-            for name, fn in paths.items():
+            for name, (impl, fn) in paths.items():
+                if impl is not None:   # set once, outside the timed calls (the op reads it per call)
+                    os.environ["HSV_CUDA_IMPL"] = impl
                 kernels, wall = kernel_times(fn, args.calls)
                 print("  %-70s wall %8.1f us  kernels %8.1f us" % (name[:70], wall, sum(kernels.values())))
                 for k, t in sorted(kernels.items(), key=lambda kv: -kv[1]):
