@@ -21,6 +21,13 @@ namespace cpu {
 using MicrokernelFn = void (*)(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
                                int64_t ldc, bool accumulate, const float* init);
 
+// Per-channel weighted sums of `taps` rows over npix pixels (a depthwise
+// conv's inner loop, with channels as the vector axis):
+//   y[p*ys + c] = sum_{t < taps, x[t] != nullptr} w[t][c] * x[t][p*xs + c]      p < npix, c < C
+// A null row is a padding tap and is skipped; with none left y is zero.
+using DepthwiseFn = void (*)(int64_t C, int64_t npix, int64_t taps, const float* const* x, int64_t xs,
+                             const float* const* w, float* y, int64_t ys);
+
 struct Microkernel {
   const char* isa;  // "avx512", "avx2" or "scalar"
   int mr;
@@ -29,6 +36,8 @@ struct Microkernel {
   // Same ISA and MR, half the NR: for GEMMs whose N (the rank, or Cout) would
   // be mostly padding in NR-wide panels. nullptr when there is none.
   const Microkernel* narrow;
+  // The same ISA's depthwise row kernel (see DepthwiseFn).
+  DepthwiseFn depthwise;
 };
 
 // The kernel for a GEMM with n output columns: uk, or its narrow variant when

@@ -79,11 +79,33 @@ __attribute__((target("avx2,fma"))) void kernel_narrow(int64_t K, const float* c
   for (int i = 0; i < kMR; ++i) _mm256_storeu_ps(c + i * ldc, _mm256_add_ps(acc0[i], acc1[i]));
 }
 
+// Depthwise rows (DepthwiseFn): 8 channels per vector, a scalar tail.
+__attribute__((target("avx2,fma"))) void depthwise(int64_t C, int64_t npix, int64_t taps, const float* const* x,
+                                                   int64_t xs, const float* const* w, float* y, int64_t ys) {
+  for (int64_t p = 0; p < npix; ++p) {
+    int64_t c = 0;
+    for (; c + kW <= C; c += kW) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t t = 0; t < taps; ++t) {
+        if (x[t] == nullptr) continue;
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w[t] + c), _mm256_loadu_ps(x[t] + p * xs + c), acc);
+      }
+      _mm256_storeu_ps(y + p * ys + c, acc);
+    }
+    for (; c < C; ++c) {
+      float acc = 0.0f;
+      for (int64_t t = 0; t < taps; ++t)
+        if (x[t] != nullptr) acc += w[t][c] * x[t][p * xs + c];
+      y[p * ys + c] = acc;
+    }
+  }
+}
+
 }  // namespace
 
 const Microkernel* microkernel_avx2() {
-  static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr};
-  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<2>, &narrow};
+  static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise};
+  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise};
   return &wide;
 }
 

@@ -83,11 +83,27 @@ __attribute__((target("avx512f"))) void kernel_narrow(int64_t K, const float* co
   for (int i = 0; i < kMR; ++i) _mm512_storeu_ps(c + i * ldc, _mm512_add_ps(acc0[i], acc1[i]));
 }
 
+// Depthwise rows (DepthwiseFn): 16 channels per vector, the tail masked.
+__attribute__((target("avx512f"))) void depthwise(int64_t C, int64_t npix, int64_t taps, const float* const* x,
+                                                  int64_t xs, const float* const* w, float* y, int64_t ys) {
+  for (int64_t p = 0; p < npix; ++p) {
+    for (int64_t c = 0; c < C; c += kW) {
+      const __mmask16 m = C - c >= kW ? __mmask16(0xffff) : __mmask16((1u << (C - c)) - 1);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t t = 0; t < taps; ++t) {
+        if (x[t] == nullptr) continue;
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w[t] + c), _mm512_maskz_loadu_ps(m, x[t] + p * xs + c), acc);
+      }
+      _mm512_mask_storeu_ps(y + p * ys + c, m, acc);
+    }
+  }
+}
+
 }  // namespace
 
 const Microkernel* microkernel_avx512() {
-  static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr};
-  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<2>, &narrow};
+  static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise};
+  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise};
   return &wide;
 }
 

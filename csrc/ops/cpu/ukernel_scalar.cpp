@@ -28,10 +28,23 @@ void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float*
     for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
 }
 
+void depthwise(int64_t C, int64_t npix, int64_t taps, const float* const* x, int64_t xs, const float* const* w,
+               float* y, int64_t ys) {
+  for (int64_t p = 0; p < npix; ++p) {
+    float* yp = y + p * ys;
+    for (int64_t c = 0; c < C; ++c) yp[c] = 0.0f;
+    for (int64_t t = 0; t < taps; ++t) {
+      if (x[t] == nullptr) continue;
+      const float* xp = x[t] + p * xs;
+      for (int64_t c = 0; c < C; ++c) yp[c] += w[t][c] * xp[c];
+    }
+  }
+}
+
 }  // namespace
 
 const Microkernel* microkernel_scalar() {
-  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr};
+  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise};
   return &k;
 }
 
