@@ -127,24 +127,37 @@ struct Problem {
   bool out_nhwc = false;
 };
 
-// Per-thread buffers.
+// Per-thread buffers, kept by each thread across calls and only ever grown:
+// allocating and zeroing them per call (several MB for 512-channel layers) cost
+// more than a batch-1 layer's GEMMs. Stale contents are harmless: every value a
+// real output depends on is written in this call before it is read; only the
+// spare rows of partial MR blocks read stale data, and they are never written out.
 struct Buffers {
   std::vector<float> xpk, z0, z1, z2, z3, z4, zt;
   std::vector<const float*> xs, ws;
-  int64_t gp;  // pixel rows of z3, z4 and zt: TH * Wo plus a spare row block
-  explicit Buffers(const Problem& pb) : gp(pb.TH * pb.Wo + pb.mr) {
-    const auto sz = [](int64_t rows, int64_t ld) { return static_cast<size_t>(rows * ld); };
-    xpk.resize(sz(pb.mr * pb.S1, pb.s2_pad));
-    z0.resize(sz(pb.mr, pb.ld0));
-    z1.resize(sz(pb.slots * pb.ncols + pb.mr, pb.ld1));
-    z2.resize(sz(pb.ncols, pb.ldc));
-    z3.resize(sz(gp, pb.ldc));
-    if (!pb.merged) z4.resize(sz(gp, pb.ld4));
-    zt.resize(sz(gp, pb.ldt));
-    xs.resize(static_cast<size_t>(std::max(pb.kh, pb.kw)));
-    ws.resize(xs.size());
+  int64_t gp = 0;  // pixel rows of z3, z4 and zt: TH * Wo plus a spare row block
+  void fit(const Problem& pb) {
+    gp = pb.TH * pb.Wo + pb.mr;
+    const auto grow = [](auto& v, int64_t rows, int64_t ld) {
+      if (v.size() < static_cast<size_t>(rows * ld)) v.resize(static_cast<size_t>(rows * ld));
+    };
+    grow(xpk, pb.mr * pb.S1, pb.s2_pad);
+    grow(z0, pb.mr, pb.ld0);
+    grow(z1, pb.slots * pb.ncols + pb.mr, pb.ld1);
+    grow(z2, pb.ncols, pb.ldc);
+    grow(z3, gp, pb.ldc);
+    grow(z4, gp, pb.ld4);
+    grow(zt, gp, pb.ldt);
+    grow(xs, std::max(pb.kh, pb.kw), 1);
+    grow(ws, std::max(pb.kh, pb.kw), 1);
   }
 };
+
+Buffers& thread_buffers(const Problem& pb) {
+  thread_local Buffers buf;
+  buf.fit(pb);
+  return buf;
+}
 
 // Stages 0 and 1: z1 for the needed input rows of ranks [r0, r1) of image b,
 // into the window whose first row has rank `base` (pixel u of the window is
@@ -448,16 +461,25 @@ at::Tensor kcp_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t threads = macs < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
   pb.bands = (n % threads == 0 || n >= 4 * threads) ? 1 : std::min(pb.Ho, div_up(2 * threads, n));
   const int64_t band_rows = div_up(pb.Ho, pb.bands);
-  // Output rows per group: about 96 pixels (8 MR blocks), fewer when the
-  // group's z3, z4 and zt would pass ~512 KB (wide middles; L2 is 1-2 MB).
+  // Output rows per group: up to about 96 pixels (8 MR blocks) while the
+  // group's z3, z4 and zt stay under ~1 MB (L2 is 1-2 MB), and among those the
+  // count whose last MR block is fullest: stage 4 and the merged GEMM run whole
+  // blocks, so 7 pixels (one 7x7 row) would waste 5 of 12 rows, 21 only 3.
   const int64_t px_bytes = sizeof(float) * (pb.ldc + pb.ld4 + pb.ldt);
-  pb.TH = std::clamp<int64_t>(div_up(96, pb.Wo), 1, band_rows);
-  while (pb.TH > 1 && pb.TH * pb.Wo * px_bytes > (int64_t(512) << 10)) --pb.TH;
+  const int64_t th_max = std::clamp<int64_t>(div_up(96, pb.Wo), 1, band_rows);
+  pb.TH = 1;
+  double best = 1e30;
+  for (int64_t th = 1; th <= th_max; ++th) {
+    const int64_t px = th * pb.Wo;
+    if (th > 1 && px * px_bytes > (int64_t(1) << 20)) break;
+    const double waste = static_cast<double>(round_up(px, pb.mr)) / static_cast<double>(px);
+    if (waste <= best + 1e-9) best = waste, pb.TH = th;
+  }
   pb.slots = std::min<int64_t>(static_cast<int64_t>(pb.rows.size()),
                                (pb.TH - 1) * pb.cv.stride[0] + (pb.kh - 1) * pb.cv.dilation[0] + 1);
   const int64_t items = n * pb.bands;
   at::parallel_for(0, items, threads == 1 ? items : 1, [&](int64_t begin, int64_t end) {
-    Buffers buf(pb);
+    Buffers& buf = thread_buffers(pb);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / pb.bands, band = item % pb.bands;
       const int64_t oy_a = band * band_rows, oy_b = std::min(pb.Ho, oy_a + band_rows);
