@@ -79,6 +79,24 @@ def assert_fused_matches_composite(x, args, isa, threads):
     assert _rel_err(yf, yc) <= TOL32
 
 
+def assert_impls_agree_in_autograd(x, factors, kind, stride, padding, dilation):
+    """Forward and backward of torch.ops.hsv.conv2d under HSV_CPU_IMPL composite, fused and auto agree
+    (the backward op is the composite chain under every setting)."""
+    results = []
+    for impl in ("composite", "fused", "auto"):
+        xi = x.detach().clone().requires_grad_()
+        fi = [f.detach().clone().requires_grad_() for f in factors]
+        with cpu_env(impl):
+            y = torch.ops.hsv.conv2d(xi, fi, None, stride, padding, dilation, 1, kind)
+            y.square().sum().backward()
+        results.append((y.detach(), xi.grad, [f.grad for f in fi]))
+    for y, gx, gf in results[1:]:
+        assert _rel_err(y, results[0][0]) <= TOL32
+        assert _rel_err(gx, results[0][1]) <= 1e-4
+        for a, b in zip(gf, results[0][2]):
+            assert _rel_err(a, b) <= 1e-4
+
+
 def _check_against_dense(spec, layout, with_bias=True, fact=None):
     """The op on float32 against F.conv2d in float64 on fact's dense weight (a random svd one by default)."""
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec

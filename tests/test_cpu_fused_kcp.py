@@ -13,7 +13,7 @@ from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _expected_format, _make_input, _rel_err,
-                            assert_fused_matches_composite, cpu_env)
+                            assert_fused_matches_composite, assert_impls_agree_in_autograd, cpu_env)
 from test_op import SHAPES
 
 import hsvkernels
@@ -130,20 +130,7 @@ def test_fused_kcp_follows_factor_updates():
 
 def test_fused_kcp_autograd_and_auto():
     fact = _kcp(12, 8, 3, 3, (3, 2), (3, 4, 2)).to(torch.float32)
-    x = torch.randn(2, 8, 9, 7, requires_grad=True)
-    grads = []
-    for impl in ("composite", "fused", "auto"):
-        xi = x.detach().clone().requires_grad_()
-        fi = [f.detach().clone().requires_grad_() for f in fact.factors]
-        with cpu_env(impl):
-            y = torch.ops.hsv.conv2d(xi, fi, None, [2, 1], [1, 1], [1, 1], 1, "kcp")
-            y.square().sum().backward()
-        grads.append((y.detach(), xi.grad, [f.grad for f in fi]))
-    for y, gx, gf in grads[1:]:
-        assert _rel_err(y, grads[0][0]) <= TOL32
-        assert _rel_err(gx, grads[0][1]) <= 1e-4
-        for a, b in zip(gf, grads[0][2]):
-            assert _rel_err(a, b) <= 1e-4
+    assert_impls_agree_in_autograd(torch.randn(2, 8, 9, 7), fact.factors, "kcp", [2, 1], [1, 1], [1, 1])
 
 
 def test_fused_kcp_argument_errors_match_composite():

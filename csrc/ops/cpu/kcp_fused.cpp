@@ -438,7 +438,8 @@ at::Tensor kcp_fused_forward(const at::Tensor& input, at::TensorList factors, co
       const int64_t step = pb.wb - pb.wa > 1 ? slot(pb.wa + 1, 0) - slot(pb.wa, 0) : 0;
       bool affine = step >= 0;
       for (int64_t j = 0; j < pb.kw && affine; ++j)
-        for (int64_t ox = pb.wa; ox < pb.wb && affine; ++ox) affine = slot(ox, j) == slot(pb.wa, j) + (ox - pb.wa) * step;
+        for (int64_t ox = pb.wa; ox < pb.wb && affine; ++ox)
+          affine = slot(ox, j) == slot(pb.wa, j) + (ox - pb.wa) * step;
       if (affine) {
         pb.wstep = step;
         for (int64_t j = 0; j < pb.kw; ++j) pb.wslot.push_back(slot(pb.wa, j));
