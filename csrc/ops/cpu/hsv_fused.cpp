@@ -77,35 +77,14 @@ const float* zero_span(int64_t n) {
 #endif
 }
 
-// One GEMM stage of the chain: N columns, packed B panels, its microkernel.
-struct Gemm {
-  const Microkernel* uk = nullptr;
-  int64_t n = 0, n_pad = 0, k = 0;
-  at::Tensor packed;  // keeps the panels alive
-  const float* b = nullptr;
-};
-
-Gemm make_gemm(const Microkernel& uk, const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps,
-               const std::vector<int64_t>* row_map, const char* role) {
-  Gemm g;
-  g.uk = &microkernel_for_width(uk, rows);
-  g.n = rows;
-  g.n_pad = round_up(rows, g.uk->nr);
-  g.k = cin * taps;
-  const std::string layout = std::string("hsv.") + role + ":" + g.uk->isa + ":nr" + std::to_string(g.uk->nr);
-  g.packed = packed_cached(w, layout, [&] { return pack_panels(w, rows, cin, taps, g.uk->nr, row_map); });
-  g.b = g.packed.data_ptr<float>();
-  return g;
-}
-
 struct Problem {
   int64_t mr;
   int64_t S1, S2, T1, T2, P, n1, s1p;
   bool split_b, split_a;
-  Gemm conv;   // the kh x kw conv on one channel group: B (N = P*T2) or B1 (N = q1)
-  Gemm b2;     // level 2: Q @ B2^T -> Y_s1 (N = P*T2)
-  Gemm a;      // A (N = T1) or A1 (N = q2), K = S1*P
-  Gemm a2;     // level 2: R @ A2^T (N = T1)
+  Panels conv;  // the kh x kw conv on one channel group: B (N = P*T2) or B1 (N = q1)
+  Panels b2;    // level 2: Q @ B2^T -> Y_s1 (N = P*T2)
+  Panels a;     // A (N = T1) or A1 (N = q2), K = S1*P
+  Panels a2;    // level 2: R @ A2^T (N = T1)
   // NCHW output: the last GEMM runs transposed, out^T block (T1 rows x pixels)
   // = Wf (T1 x kf) @ Yin^T, so each result row is a run of one output plane.
   const Microkernel* ukt;  // the ISA's wide kernel (NR over pixels)
@@ -153,7 +132,7 @@ struct Tile {
 
 // c (rows x g.n_pad, ld ldc) = init + a (rows x g.k, ld lda) @ B for the
 // tile's row blocks; init is a row of g.n_pad floats or null (zeros).
-void tile_gemm(const Problem& pb, const Tile& t, const Gemm& g, const float* a, int64_t lda, float* c, int64_t ldc,
+void tile_gemm(const Problem& pb, const Tile& t, const Panels& g, const float* a, int64_t lda, float* c, int64_t ldc,
                const float* init) {
   const float* rows[64];
   const int64_t nr = g.uk->nr;
@@ -178,7 +157,7 @@ struct Source {
 };
 
 void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
-  const Gemm& g = pb.conv;
+  const Panels& g = pb.conv;
   const int64_t nr = g.uk->nr;
   const float* rows[64];
   const float* xg = src.x;
@@ -456,17 +435,17 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);
   if (pb.split_b) {
     const int64_t q1 = factors[0].size(0);
-    pb.conv = make_gemm(uk, factors[0], q1, pb.S2, pb.taps, nullptr, "B1");
-    pb.b2 = make_gemm(uk, factors[1], pb.n1, q1, 1, &rows_t2p, "B2");
+    pb.conv = make_panels(uk, factors[0], "hsv.B1", q1, pb.S2, pb.taps);
+    pb.b2 = make_panels(uk, factors[1], "hsv.B2", pb.n1, q1, 1, &rows_t2p);
   } else {
-    pb.conv = make_gemm(uk, factors[0], pb.n1, pb.S2, pb.taps, &rows_t2p, "B");
+    pb.conv = make_panels(uk, factors[0], "hsv.B", pb.n1, pb.S2, pb.taps, &rows_t2p);
   }
   if (pb.split_a) {
-    pb.a = make_gemm(uk, A, A.size(0), pb.s1p, 1, nullptr, "A1");
-    pb.a2 = make_gemm(uk, factors[a_at + 1], pb.T1, A.size(0), 1, nullptr, "A2");
+    pb.a = make_panels(uk, A, "hsv.A1", A.size(0), pb.s1p);
+    pb.a2 = make_panels(uk, factors[a_at + 1], "hsv.A2", pb.T1, A.size(0));
     pb.t1_pad = pb.a2.n_pad;
   } else {
-    pb.a = make_gemm(uk, A, pb.T1, pb.s1p, 1, nullptr, "A");
+    pb.a = make_panels(uk, A, "hsv.A", pb.T1, pb.s1p);
     pb.t1_pad = pb.a.n_pad;
   }
 

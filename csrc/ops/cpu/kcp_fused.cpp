@@ -45,40 +45,6 @@ namespace {
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
-// The packed B operand of `groups` GEMMs of one shape: the factor read as
-// (groups, rows, K) row-major; group g's NR-wide panels start at
-// b + g * group_stride.
-struct Panels {
-  const Microkernel* uk = nullptr;
-  int64_t n = 0, n_pad = 0, k = 0, group_stride = 0;
-  at::Tensor packed;  // keeps the panels alive
-  const float* b = nullptr;
-  int64_t nr() const { return uk->nr; }
-  int64_t panels() const { return n_pad / uk->nr; }
-  const float* panel(int64_t g, int64_t jb) const { return b + g * group_stride + jb * k * uk->nr; }
-};
-
-Panels make_panels(const Microkernel& uk, const at::Tensor& w, int64_t groups, int64_t rows, int64_t k,
-                   const char* role) {
-  Panels p;
-  p.uk = &microkernel_for_width(uk, rows);
-  p.n = rows;
-  p.n_pad = round_up(rows, p.uk->nr);
-  p.k = k;
-  p.group_stride = p.n_pad * k;
-  const int64_t nr = p.uk->nr;
-  const std::string layout = std::string("kcp.") + role + ":" + p.uk->isa + ":nr" + std::to_string(nr);
-  p.packed = packed_cached(w, layout, [&] {
-    const at::Tensor wg = w.contiguous().view({groups, rows, k});
-    if (groups == 1) return pack_panels(wg[0], rows, k, 1, nr);
-    std::vector<at::Tensor> parts;
-    for (int64_t g = 0; g < groups; ++g) parts.push_back(pack_panels(wg[g], rows, k, 1, nr));
-    return at::cat(parts);
-  });
-  p.b = p.packed.data_ptr<float>();
-  return p;
-}
-
 // A depthwise factor f (N, R, taps) as `taps` rows of C1 = Q*N*R channel
 // weights: row t, channel (q*N + n)*R + r holds f[n][r][t].
 at::Tensor depthwise_rows(const at::Tensor& f, int64_t q, const char* role) {
@@ -370,16 +336,16 @@ at::Tensor kcp_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.s2_pad = round_up(pb.S2, pb.uk0->nr);
   const at::Tensor bs_c = bs.contiguous();
   pb.bs = bs_c.data_ptr<float>();
-  pb.g1 = make_panels(uk, as, pb.N, pb.R, pb.S2, "as");
+  pb.g1 = make_panels(uk, as, "kcp.as", pb.R, pb.S2, 1, nullptr, pb.N);
   at::Tensor bt_c;
   if (pb.merged) {
     pb.T2 = 1;
-    pb.gf = make_panels(uk, factors[4], 1, pb.cout, pb.C1, "M");
+    pb.gf = make_panels(uk, factors[4], "kcp.M", pb.cout, pb.C1);
     pb.nt1 = 1, pb.nt2 = pb.cout, pb.ld_t1 = 0, pb.ldt = pb.gf.n_pad;
   } else {
     pb.T2 = factors[4].size(1);
     pb.T1 = factors[5].size(0);
-    pb.g4 = make_panels(uk, factors[4], pb.N, pb.T2, pb.R, "at");
+    pb.g4 = make_panels(uk, factors[4], "kcp.at", pb.T2, pb.R, 1, nullptr, pb.N);
     bt_c = factors[5].contiguous();
     pb.bt = bt_c.data_ptr<float>();
     pb.nt1 = pb.T1, pb.nt2 = pb.T2, pb.ld_t1 = pb.g4.n_pad, pb.ldt = round_up(pb.T1, pb.mr) * pb.g4.n_pad;

@@ -44,6 +44,26 @@ at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t t
   return packed;
 }
 
+Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string& role, int64_t rows, int64_t cin,
+                   int64_t taps, const std::vector<int64_t>* row_map, int64_t groups) {
+  Panels p;
+  p.uk = &microkernel_for_width(uk, rows);
+  const int64_t nr = p.uk->nr;
+  p.n_pad = (rows + nr - 1) / nr * nr;
+  p.k = cin * taps;
+  p.group_stride = p.n_pad * p.k;
+  const std::string layout = role + ":" + p.uk->isa + ":nr" + std::to_string(nr);
+  p.packed = packed_cached(w, layout, [&] {
+    if (groups == 1) return pack_panels(w, rows, cin, taps, nr, row_map);
+    const at::Tensor wg = w.contiguous().view({groups, rows * p.k});
+    std::vector<at::Tensor> parts;
+    for (int64_t g = 0; g < groups; ++g) parts.push_back(pack_panels(wg[g], rows, cin, taps, nr, row_map));
+    return at::cat(parts);
+  });
+  p.b = p.packed.data_ptr<float>();
+  return p;
+}
+
 namespace {
 
 struct Entry {

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "ukernel.h"
+
 namespace hsv {
 namespace cpu {
 
@@ -19,6 +21,26 @@ namespace cpu {
 // A matrix (rows, K) is the case taps = 1.
 at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t taps, int64_t nr,
                        const std::vector<int64_t>* row_map = nullptr);
+
+// The packed B operand of one GEMM stage of a fused kernel, or of `groups`
+// GEMMs of one shape: N = rows columns padded to n_pad (whole panels of its
+// microkernel's NR), K = cin * taps; group g's panels start at b + g * group_stride.
+struct Panels {
+  const Microkernel* uk = nullptr;  // uk, or its narrow variant when that wastes less (microkernel_for_width)
+  int64_t n_pad = 0, k = 0, group_stride = 0;
+  at::Tensor packed;  // keeps the panels alive
+  const float* b = nullptr;
+  int64_t nr() const { return uk->nr; }
+  int64_t panels() const { return n_pad / uk->nr; }
+  const float* panel(int64_t g, int64_t jb) const { return b + g * group_stride + jb * k * uk->nr; }
+};
+
+// w read as (groups, rows, cin, taps) row-major, each group packed by
+// pack_panels (row_map applies within a group), cached against w (packed_cached)
+// under `role` plus the microkernel's ISA and NR; role names the factor's part
+// in its kernel (e.g. "hsv.B", "kcp.as").
+Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string& role, int64_t rows, int64_t cin,
+                   int64_t taps = 1, const std::vector<int64_t>* row_map = nullptr, int64_t groups = 1);
 
 // The packed form of w that `make` computes, cached against w (CPU or CUDA
 // tensors: the fused CUDA kernels cache their packed factors here too): a later call
