@@ -97,6 +97,23 @@ def assert_impls_agree_in_autograd(x, factors, kind, stride, padding, dilation):
             assert _rel_err(a, b) <= 1e-4
 
 
+def assert_errors_match_composite(factors, kind, cin):
+    """For a 3x3 layer with cin input channels and a Cout other than 7: a channel mismatch, a wrong bias
+    size and an input too small without padding raise the same ValueError under composite and fused."""
+    bad = [
+        (torch.randn(1, cin + 1, 5, 5), None),          # channel mismatch
+        (torch.randn(1, cin, 5, 5), torch.randn(7)),    # bias size
+        (torch.randn(1, cin, 2, 2), None),              # too small without padding
+    ]
+    for x, bias in bad:
+        msgs = []
+        for impl in ("composite", "fused"):
+            with cpu_env(impl), pytest.raises(ValueError) as exc:
+                torch.ops.hsv.conv2d(x, list(factors), bias, [1, 1], [0, 0], [1, 1], 1, kind)
+            msgs.append(str(exc.value).split("\n")[0])
+        assert msgs[0] == msgs[1]
+
+
 def _check_against_dense(spec, layout, with_bias=True, fact=None):
     """The op on float32 against F.conv2d in float64 on fact's dense weight (a random svd one by default)."""
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
@@ -218,18 +235,7 @@ def test_invalid_settings_error_clearly():
 
 def test_fused_argument_errors_match_composite():
     fact = CASES["svd"].random((6, 4, 3, 3), dtype=torch.float32)
-    bad = [
-        (torch.randn(1, 5, 5, 5), fact.factors, None),             # channel mismatch
-        (torch.randn(1, 4, 5, 5), fact.factors, torch.randn(7)),   # bias size
-        (torch.randn(1, 4, 2, 2), fact.factors, None),             # too small without padding
-    ]
-    for x, factors, bias in bad:
-        msgs = []
-        for impl in ("composite", "fused"):
-            with cpu_env(impl), pytest.raises(ValueError) as exc:
-                torch.ops.hsv.conv2d(x, list(factors), bias, [1, 1], [0, 0], [1, 1], 1, "svd")
-            msgs.append(str(exc.value).split("\n")[0])
-        assert msgs[0] == msgs[1]
+    assert_errors_match_composite(fact.factors, "svd", cin=4)
 
 
 @st.composite

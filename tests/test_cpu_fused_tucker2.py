@@ -12,7 +12,8 @@ from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _expected_format, _make_input, _rel_err,
-                             assert_fused_matches_composite, assert_impls_agree_in_autograd, cpu_env)
+                             assert_errors_match_composite, assert_fused_matches_composite,
+                             assert_impls_agree_in_autograd, cpu_env)
 from test_op import SHAPES
 
 import hsvkernels
@@ -77,14 +78,7 @@ def test_fused_tucker2_autograd_and_auto():
 
 def test_fused_tucker2_argument_errors_match_composite():
     fact = CASES["tucker2"].random((12, 8, 3, 3), dtype=torch.float32)
-    bad = [(torch.randn(1, 5, 5, 5), None), (torch.randn(1, 8, 5, 5), torch.randn(7)), (torch.randn(1, 8, 2, 2), None)]
-    for x, bias in bad:
-        msgs = []
-        for impl in ("composite", "fused"):
-            with cpu_env(impl), pytest.raises(ValueError) as exc:
-                torch.ops.hsv.conv2d(x, list(fact.factors), bias, [1, 1], [0, 0], [1, 1], 1, "tucker2")
-            msgs.append(str(exc.value).split("\n")[0])
-        assert msgs[0] == msgs[1]
+    assert_errors_match_composite(fact.factors, "tucker2", cin=8)
 
 
 @st.composite
