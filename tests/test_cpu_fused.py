@@ -177,6 +177,25 @@ def test_fused_parallel_modes(spec, layout, isa):
             _check_against_dense(spec, layout)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"])
+@pytest.mark.parametrize("spec", [
+    (2, 3, 16, 23, 21, 7, 7, 2, 3, 1),           # an RGB stem: kernel rows cross both borders
+    (1, 3, 8, 5, 4, 3, 7, 1, (1, 3), 1),         # W < kw: every kernel row is gathered
+    (3, 8, 12, 9, 10, 3, 5, 1, 2, (2, 1)),       # 8 channels (the largest such input), dilated rows
+    (2, 1, 5, 6, 7, 3, 3, (1, 2), 1, 1),          # one channel
+    (2, 9, 6, 8, 8, 3, 3, 1, 1, 1),              # 9 channels: the per-tap walk, for contrast
+    (2, 4, 6, 8, 9, 3, 3, 1, 1, (1, 2)),         # dilated columns: the per-tap walk
+], ids=["stem", "narrow-image", "8ch", "1ch", "9ch", "dilated-w"])
+def test_fused_few_input_channels(spec, layout, isa):
+    # Inputs with <= 8 channels walk K by kernel row (hsv_fused.cpp, tile_conv_rows)
+    # instead of by tap, reading NHWC rows in place or copying them in first.
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            _check_against_dense(spec, layout)
+            _check_against_dense(spec, layout, with_bias=False)
+
+
 def test_fused_matches_composite_shape_and_format():
     spec = SHAPES[0]
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec

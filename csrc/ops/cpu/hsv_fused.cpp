@@ -45,6 +45,8 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMaxTilePixels = 128;
+// Inputs with at most this many channels take tile_conv_rows (Problem::row_taps).
+constexpr int64_t kRowTapsMaxChannels = 8;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
@@ -92,6 +94,9 @@ struct Problem {
   int64_t kf;              // its K
   int64_t h, w, kh, kw, taps, kc, hw, wo, pixels, p_tile, cout;
   bool stage;  // strided-channel input: staged per tile into an NHWC patch (stage_patch)
+  // Few input channels (e.g. an RGB stem): per tap the GEMM's K would be S2
+  // (3), far too short for the microkernel; see tile_conv_rows.
+  bool row_taps;
   ConvParams cv;
   const float* x;
   int64_t sn, sc, sh, sw;  // input strides (elements): image, channel, row, column
@@ -156,7 +161,48 @@ struct Source {
   const int64_t* xoff;
 };
 
+// row_taps: per tap the GEMM's K would be S2 (3 for an RGB stem), too short
+// for the microkernel. The input is NHWC holding only the conv's channels
+// (S1 = 1), so a pixel's kernel row is kw * S2 contiguous floats, and K is
+// walked by kernel row (K = kw * S2 per call, B's (tap, c) order) instead of
+// by tap. A pixel whose kernel row crosses the left or right border gets that
+// row copied into `gather` (MR x kw * S2) with zeros outside. (Copying every
+// pixel's whole im2col row for one K = taps * S2 call measured no faster: the
+// copies cost what the saved accumulator reloads did.)
+void tile_conv_rows(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
+  const Panels& g = pb.conv;
+  const int64_t nr = g.uk->nr, krow = pb.kw * pb.S2;
+  const float* rows[64];
+  for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+    for (int64_t dy = 0; dy < pb.kh; ++dy) {
+      for (int64_t i = 0; i < pb.mr; ++i) {
+        const int64_t iy = t.iy0[ib + i] + dy * pb.cv.dilation[0], ix0 = t.ix0[ib + i];
+        if (iy < 0 || iy >= pb.h) {
+          rows[i] = pb.zeros;
+          continue;
+        }
+        const float* sp = src.x + src.xoff[ib + i] + iy * src.sh;
+        if (ix0 >= 0 && ix0 + pb.kw <= pb.w) {
+          rows[i] = sp + ix0 * src.sw;
+          continue;
+        }
+        float* gr = gather + i * krow;
+        for (int64_t dx = 0; dx < pb.kw; ++dx) {
+          const int64_t ix = ix0 + dx;
+          const bool in = ix >= 0 && ix < pb.w;
+          for (int64_t ch = 0; ch < pb.S2; ++ch) gr[dx * pb.S2 + ch] = in ? sp[ix * src.sw + ch] : 0.0f;
+        }
+        rows[i] = gr;
+      }
+      for (int64_t jb = 0; jb < g.n_pad / nr; ++jb)
+        g.uk->fn(krow, rows, 1, g.b + (jb * g.k + dy * krow) * nr, c + ib * g.n_pad + jb * nr, g.n_pad, dy > 0,
+                 nullptr);
+    }
+  }
+}
+
 void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
+  if (pb.row_taps) return tile_conv_rows(pb, t, src, c, gather);
   const Panels& g = pb.conv;
   const int64_t nr = g.uk->nr;
   const float* rows[64];
@@ -260,7 +306,7 @@ struct Buffers {
     ys.resize(n(pb.split_b ? pb.b2.n_pad : pb.conv.n_pad));
     if (pb.S1 > 1) yall.resize(n(pb.T2 * pb.s1p));
     if (pb.split_a) r.resize(n(pb.a.n_pad));
-    gather.resize(static_cast<size_t>(pb.mr * pb.kc));
+    gather.resize(static_cast<size_t>(pb.mr * (pb.row_taps ? pb.kw * pb.S2 : pb.kc)));
     if (pb.out_nhwc) {
       z.resize(n(pb.T2 * pb.t1_pad));
     } else {
@@ -471,12 +517,18 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // staging won at 128@28 and S1 > 1 splits (x0.83-0.92), lost at 64@56 (N =
   // 16), stride 2 and 1x1 (x1.05-1.15), and was even with the whole copy at
   // 256@14 and 512@7.
+  // row_taps (tile_conv_rows) reads NHWC rows holding only the conv's channels:
+  // other layouts are copied to that once (a stem's input is small). On
+  // ResNet-50's stem (3 -> 64, 7x7 stride 2, rank 11), batch 8, 2 threads, it
+  // took the layer from 13-15 ms to 4.5-5.5 (NHWC) and 6.9 (NCHW).
+  pb.row_taps = pb.S2 <= kRowTapsMaxChannels && pb.kw > 1 && pb.S1 == 1 && pb.cv.dilation[1] == 1;
+  const bool nhwc_rows = input.stride(1) == 1 && input.stride(3) == pb.S2;
   const bool strided = input.stride(1) != 1;
   const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
   const int64_t fma_per_staged = pb.conv.n_pad * pb.taps / (pb.cv.stride[0] * pb.cv.stride[1]);
-  pb.stage = strided && fma_per_staged >= 256;
-  const at::Tensor x =
-      (strided && !pb.stage && reloads > 9) ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
+  pb.stage = strided && !pb.row_taps && fma_per_staged >= 256;
+  const bool to_nhwc = pb.row_taps ? !nhwc_rows : (strided && !pb.stage && reloads > 9);
+  const at::Tensor x = to_nhwc ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
   pb.x = x.data_ptr<float>();
   pb.sn = x.stride(0);
   pb.sc = x.stride(1);
@@ -496,7 +548,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // 32-48 KB), split evenly so no chunk is a short remainder.
   const int64_t kc_max = std::max<int64_t>(1, 6144 / pb.conv.uk->nr);
   pb.kc = div_up(pb.S2, div_up(pb.S2, kc_max));
-  const std::vector<float> zeros(static_cast<size_t>(pb.kc), 0.0f);
+  // A padding row: kc floats, or a whole kernel row for tile_conv_rows.
+  const std::vector<float> zeros(static_cast<size_t>(std::max(pb.kc, pb.kw * pb.S2)), 0.0f);
   pb.zeros = zeros.data();
   pb.zeros_strided = (pb.sc != 1 && !pb.stage) ? zero_span(pb.kc * pb.sc) : nullptr;
 
