@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hsvkernels  # noqa: E402
 from bench import timing  # noqa: E402
 from hsvkernels import benchmark, convert, models  # noqa: E402
+from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 
 def to_format(model, fmt):
@@ -58,6 +59,9 @@ def main(argv=None):
                     help="comma list of HSV_CUDA_IMPL values to time the converted model under (composite,fused)")
     ap.add_argument("--measure", action="store_true",
                     help="convert with measure=True: each layer timed dense vs factorized on the device, the faster kept")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="fold BatchNorms into their convs in the dense model before converting (both models then run "
+                         "without BN passes)")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
     args = ap.parse_args(argv)
@@ -90,6 +94,7 @@ def main(argv=None):
     for name in args.models.split(","):
         torch.manual_seed(0)
         dense = models.build("torchvision:" + name).eval()
+        folds = len(fold_batch_norms_(dense)) if args.fold_bn else 0
         example = torch.randn(1, 3, args.input_size, args.input_size)
         for method in args.methods.split(","):
             options = {"ratio": args.ratio}
@@ -104,9 +109,11 @@ def main(argv=None):
             factorized = len(report.factorized)
             params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
-            print("%s %s: %d convs factorized%s" % (name, method, factorized,
-                                                    ", the rest kept dense (measured slower or not eligible)"
-                                                    if args.measure else ""), flush=True)
+            print("%s %s: %d convs factorized%s%s" % (name, method, factorized,
+                                                      ", the rest kept dense (measured slower or not eligible)"
+                                                      if args.measure else "",
+                                                      ", %d BatchNorms folded in both models" % folds
+                                                      if args.fold_bn else ""), flush=True)
             for n in [int(b) for b in args.batch.split(",")]:
                 x = torch.randn(n, 3, args.input_size, args.input_size, device=args.device,
                                 dtype=dtype).contiguous(memory_format=fmt)
@@ -121,6 +128,7 @@ def main(argv=None):
                         else:
                             os.environ[impl_var] = saved
                     row = dict(model=name, method=method, options=options, measure=args.measure, factorized=factorized,
+                               bn_folded=folds,
                                batch=n, device=args.device,
                                dtype=args.dtype, impl_var=impl_var, impl=impl,
                                model_params_x=params,
@@ -134,10 +142,11 @@ def main(argv=None):
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
-            f.write("End to end, %s, %s, %d threads, %s, input %d. Command: `%s`\n\n```\n%s\n```\n\n"
+            f.write("End to end, %s, %s, %d threads, %s, input %d%s. Command: `%s`\n\n```\n%s\n```\n\n"
                     % (args.device, args.dtype, torch.get_num_threads(),
-                       "channels_last" if args.channels_last else "NCHW", args.input_size, " ".join(sys.argv),
-                       "\n".join(head)))
+                       "channels_last" if args.channels_last else "NCHW", args.input_size,
+                       ", BatchNorms folded into the convs in both models" if args.fold_bn else "",
+                       " ".join(sys.argv), "\n".join(head)))
             f.write("| model | method | batch | " + impl_var + " | dense ms | compressed ms | compressed / dense | "
                     "model params x | conv MACs x | convs factorized |\n|---|---|---|---|---|---|---|---|---|---|\n")
             for r in rows:

@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 
 from ._progress import progress as progress_bar
 from .decompose import METHODS
-from .fold import FoldedBatchNorm, conv_bn_pairs, fold_into_conv_
+from .fold import fold_batch_norms_, replace_module as _replace
 from .nn import FactorizedConv2d
 from .ranks import DENSE as _PLAN_DENSE, select as _select
 from .report import DENSE, FACTORIZED, LayerRow, Report
@@ -299,24 +299,14 @@ def _allocate(method, convs, shapes, budget, progress):
 def _fold_batch_norms(model, eligible, report):
     """Folds each BN that exclusively follows an eligible conv; returns {conv: bn name}."""
     try:
-        pairs = conv_bn_pairs(model)
+        pairs = fold_batch_norms_(model, convs=eligible)
     except RuntimeError as exc:
         note = "fold_bn: %s; no BatchNorm was folded" % exc
         warnings.warn(note, stacklevel=3)
         report.notes.append(note)
         return {}
-    folded = {}
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if conv not in eligible:
-            continue
-        fold_into_conv_(conv, bn)
-        identity = FoldedBatchNorm(conv_name)
-        identity.train(bn.training)
-        _replace(model, bn, identity)
-        folded[conv] = bn_name
-    log.info("fold_bn: folded %d of %d conv -> BatchNorm2d pairs", len(folded), len(pairs))
-    return folded
+    log.info("fold_bn: folded %d conv -> BatchNorm2d pairs", len(pairs))
+    return {model.get_submodule(conv_name): bn_name for conv_name, bn_name in pairs}
 
 
 def _ineligible(conv, min_params):
@@ -433,14 +423,6 @@ def _probe(model, convs, example_input, keep_inputs, what="example_input"):
         for m, training in modes.items():
             m.training = training
     return shapes, inputs, output
-
-
-def _replace(model, old, new):
-    """Points every attribute that holds `old` (a module may be shared) at `new`."""
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, key, new)
 
 
 @contextlib.contextmanager

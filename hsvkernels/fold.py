@@ -86,6 +86,34 @@ def fold_into_conv_(conv, bn):
         conv.bias.copy_(new_bias.to(conv.bias.dtype))
 
 
+def replace_module(model, old, new):
+    """Points every attribute of model's modules that holds `old` (a module may be shared) at `new`."""
+    for parent in model.modules():
+        for key, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, key, new)
+
+
+def fold_batch_norms_(model, convs=None):
+    """Folds every BatchNorm2d that exclusively follows an nn.Conv2d (one of `convs` when given) into it, in place.
+
+    Each folded BN is replaced by a FoldedBatchNorm. Uses running statistics, so
+    the result equals the model in eval mode. Returns [(conv name, bn name)] of
+    the folds; raises RuntimeError (from conv_bn_pairs) when fx cannot trace the model.
+    """
+    folded = []
+    for conv_name, bn_name in conv_bn_pairs(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if convs is not None and conv not in convs:
+            continue
+        fold_into_conv_(conv, bn)
+        identity = FoldedBatchNorm(conv_name)
+        identity.train(bn.training)
+        replace_module(model, bn, identity)
+        folded.append((conv_name, bn_name))
+    return folded
+
+
 def folds_of(model):
     """[(bn name, conv name)] recorded by the FoldedBatchNorm modules of a model."""
     return [(name, m.into) for name, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]

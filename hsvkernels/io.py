@@ -19,7 +19,7 @@ from torch import nn
 
 from . import models
 from .factorization import Factorization
-from .fold import FoldedBatchNorm, folds_of
+from .fold import FoldedBatchNorm, folds_of, replace_module
 from .nn import FactorizedConv2d
 from .report import Report, _jsonable
 
@@ -190,8 +190,7 @@ def _refold(model, bn_name, conv_name):
                                  requires_grad=w.requires_grad)
     identity = FoldedBatchNorm(conv_name)
     identity.train(bn.training)
-    from .convert import _replace
-    _replace(model, bn, identity)
+    replace_module(model, bn, identity)
 
 
 def _rebuild_layer(model, layer, index):
@@ -230,8 +229,7 @@ def _rebuild_layer(model, layer, index):
     bias = torch.empty(conv.out_channels, dtype=dtype, device=device) if layer["bias"] else None
     new = FactorizedConv2d(fact, conv.stride, conv.padding, conv.dilation, bias, conv.padding_mode)
     new.train(conv.training)
-    from .convert import _replace
-    _replace(model, conv, new)
+    replace_module(model, conv, new)
 
 
 # Weights ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hsvkernels import FactorizedConv2d, convert_, io, revert_
-from hsvkernels.fold import FoldedBatchNorm, conv_bn_pairs, fold_into_conv_
+from hsvkernels.fold import FoldedBatchNorm, conv_bn_pairs, fold_batch_norms_, fold_into_conv_
 from hsvkernels.io import SaveFileError
 
 FAST = dict(progress=False, decompose_threads=1)
@@ -89,6 +89,24 @@ def test_fold_into_conv_is_exact(bias):
         fold_into_conv_(conv, bn)
         assert conv.bias is not None and conv.bias.dtype == torch.float64
         torch.testing.assert_close(conv(x), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("only", [None, ["conv_b"]])
+def test_fold_batch_norms_keeps_the_eval_model(only):
+    # The whole-model fold (bench/models.py --fold-bn folds a dense model with it) and its conv filter.
+    model = randomize_bn_(Net()).double().eval()
+    original = copy.deepcopy(model)
+    convs = None if only is None else {model.get_submodule(n) for n in only}
+    pairs = fold_batch_norms_(model, convs=convs)
+    assert pairs == ([("conv_a", "bn_a"), ("conv_b", "bn_b"), ("conv_f", "bn_f")] if only is None
+                     else [("conv_b", "bn_b")])
+    for conv_name, bn_name in pairs:
+        assert isinstance(model.get_submodule(bn_name), FoldedBatchNorm)
+        assert model.get_submodule(bn_name).into == conv_name
+    assert isinstance(model.bn_c, nn.BatchNorm2d) and isinstance(model.bn_d, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture(scope="module")
