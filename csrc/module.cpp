@@ -53,7 +53,8 @@ py::dict build_info() {
   info["cpu_openmp"] = false;
 #endif
   info["cpu_kernels"] = "composite";
-  info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv", "tucker2", "kcp"};  // tucker2: two passes
+  // tucker2, ht2 and tt_tucker: oneDNN convs for the first stages, the fused svd kernel for the rest
+  info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv", "tucker2", "kcp", "ht2", "tt_tucker"};
   // cuda_kernels: what HSV_CUDA_IMPL selects by default; cuda_fused_kinds: the
   // kinds HSV_CUDA_IMPL=fused runs fused (where dtype and shape allow).
   info["cuda_kernels"] = "composite";

@@ -2,7 +2,8 @@
 // HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
 // (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
 // (kinds "svd" and "hsv", float32: hsv_fused.cpp; "tucker2" as a 1x1 pass plus
-// that kernel: tucker2_two_pass.cpp; "kcp": kcp_fused.cpp) and the composite
+// that kernel: tucker2_two_pass.cpp; "ht2" and "tt_tucker" as two oneDNN convs
+// plus that kernel: separable_two_pass.cpp; "kcp": kcp_fused.cpp) and the composite
 // chain otherwise; "auto" times both on the first call of each layer
 // configuration and keeps the faster (auto_select.h).
 // The backward op is always the composite chain.
@@ -14,6 +15,7 @@
 #include "hsv_fused.h"
 #include "isa.h"
 #include "kcp_fused.h"
+#include "separable_two_pass.h"
 #include "tucker2_two_pass.h"
 
 namespace hsv {
@@ -31,13 +33,15 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
   const bool tucker2 = cpu::tucker2_two_pass_supports(input, k);
   const bool kcp = cpu::kcp_fused_supports(input, k);
-  if ((!tucker2 && !kcp && !cpu::hsv_fused_supports(input, k)) || groups != 1) {
+  const bool separable = cpu::separable_two_pass_supports(input, k);
+  if ((!tucker2 && !kcp && !separable && !cpu::hsv_fused_supports(input, k)) || groups != 1) {
     return chain_forward(input, factors, bias, plan);
   }
   const cpu::Microkernel& uk = cpu::select_microkernel();
   auto fused = [&] {
     if (tucker2) return cpu::tucker2_two_pass_forward(input, factors, bias, plan, uk);
     if (kcp) return cpu::kcp_fused_forward(input, factors, bias, plan, uk);
+    if (separable) return cpu::separable_two_pass_forward(input, factors, bias, plan, uk);
     return cpu::hsv_fused_forward(input, factors, bias, plan, uk, k);
   };
   if (impl == cpu::Impl::Fused || input.numel() == 0) {

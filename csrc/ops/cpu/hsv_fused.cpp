@@ -479,9 +479,10 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t a_at = pb.split_b ? 2 : 1;
   pb.split_a = !svd && nf - a_at == 2;
   int64_t& kh = pb.kh;
-  if (svd) {
+  if (svd) {  // V is (r, Cin, kh, kw), or (r, Cin, kw) for a 1 x kw conv (separable_two_pass.cpp)
     const at::Tensor& V = factors[0];
-    pb.P = V.size(0), pb.T2 = 1, pb.S2 = V.size(1), kh = V.size(2), pb.kw = V.size(3);
+    pb.P = V.size(0), pb.T2 = 1, pb.S2 = V.size(1);
+    kh = V.dim() == 3 ? 1 : V.size(2), pb.kw = V.size(V.dim() - 1);
   } else if (pb.split_b) {
     const at::Tensor &B1 = factors[0], &B2 = factors[1];
     pb.S2 = B1.size(1), kh = B1.size(2), pb.kw = B1.size(3);
