@@ -52,7 +52,7 @@ py::dict build_info() {
 #else
   info["cpu_openmp"] = false;
 #endif
-  info["cpu_kernels"] = "composite";
+  info["cpu_kernels"] = "fused";
   // tucker2, ht2 and tt_tucker: oneDNN convs for the first stages, the fused svd kernel for the rest
   info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv", "tucker2", "kcp", "ht2", "tt_tucker"};
   // cuda_kernels: what HSV_CUDA_IMPL selects by default; cuda_fused_kinds: the

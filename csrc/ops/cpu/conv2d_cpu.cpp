@@ -1,11 +1,13 @@
 // CPU kernels of the hsv ops. The forward op picks its implementation from
-// HSV_CPU_IMPL (see isa.h): "composite" (default) is the unfused ATen chain
-// (oneDNN convs); "fused" runs the hand-written fused kernel where one exists
+// HSV_CPU_IMPL (see isa.h): "fused" (default) runs the hand-written fused kernel where one exists
 // (kinds "svd" and "hsv", float32: hsv_fused.cpp; "tucker2" as a 1x1 pass plus
 // that kernel: tucker2_two_pass.cpp; "ht2" and "tt_tucker" as two oneDNN convs
 // plus that kernel: separable_two_pass.cpp; "kcp": kcp_fused.cpp) and the composite
-// chain otherwise; "auto" times both on the first call of each layer
-// configuration and keeps the faster (auto_select.h).
+// chain otherwise; "composite" is the unfused ATen chain (oneDNN convs), the
+// baseline; "auto" times both on the first call of each layer configuration and
+// keeps the faster (auto_select.h). Fused is the default: end to end it measured
+// faster than composite in all but one model run (that one a 2% tie), though not
+// on every layer (bench/results/cpu-fused-notes.md).
 // The backward op is always the composite chain.
 #include <torch/library.h>
 

@@ -24,8 +24,8 @@ const Microkernel* compiled(const std::string& isa) {
 
 Impl impl_from_env() {
   const std::string v = env("HSV_CPU_IMPL");
-  if (v.empty() || v == "composite") return Impl::Composite;
-  if (v == "fused") return Impl::Fused;
+  if (v == "composite") return Impl::Composite;
+  if (v.empty() || v == "fused") return Impl::Fused;
   if (v == "auto") return Impl::Auto;
   TORCH_CHECK_VALUE(false, "hsv::conv2d: HSV_CPU_IMPL='", v, "' is not one of 'composite', 'fused', 'auto'");
 }

@@ -12,7 +12,7 @@ namespace cpu {
 
 enum class Impl { Composite, Fused, Auto };
 
-// HSV_CPU_IMPL = composite (default) | fused | auto. Throws on other values.
+// HSV_CPU_IMPL = fused (default) | composite | auto. Throws on other values.
 Impl impl_from_env();
 
 // Whether this CPU (and OS) can run the ISA: "avx512", "avx2" or "scalar".
