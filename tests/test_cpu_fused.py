@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from test_op import SHAPES
 
 import hsvkernels
+from hsvkernels import _extension
 
 INFO = hsvkernels.build_info()
 pytestmark = pytest.mark.skipif(not INFO.get("extension"), reason="needs the native extension")
@@ -112,6 +113,43 @@ def assert_errors_match_composite(factors, kind, cin):
                 torch.ops.hsv.conv2d(x, list(factors), bias, [1, 1], [0, 0], [1, 1], 1, kind)
             msgs.append(str(exc.value).split("\n")[0])
         assert msgs[0] == msgs[1]
+
+
+def packed_after(fn):
+    """fn()'s result and the packed-factor cache's size after it, counted from empty. Only the fused
+    kernels pack factors, so a non-zero size says one ran."""
+    _extension._C.clear_packed_cache()
+    out = fn()
+    return out, _extension._C.packed_cache_size()
+
+
+def check_kind_against_dense(kind, spec, layout, isa, threads, with_bias, packed_factors):
+    """A random `kind` factorization through hsvkernels.conv2d on the fused path against F.conv2d in float64
+    on its dense weight; with a non-empty batch, the fused kernel must have packed `packed_factors` factors."""
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
+    fact = CASES[kind].random((cout, cin, kh, kw), dtype=torch.float64)
+    x = _make_input(n, cin, h, w, layout)
+    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
+    truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
+    with cpu_env("fused", isa, threads):
+        y, packed = packed_after(lambda: hsvkernels.conv2d(x, fact.to(torch.float32),
+                                                          None if bias is None else bias.float(), stride, padding,
+                                                          dilation))
+    assert y.dtype == torch.float32 and y.shape == truth.shape
+    assert y.is_contiguous(memory_format=_expected_format(x))
+    if n > 0:
+        assert packed == packed_factors, "the fused kernel did not run (it alone packs factors)"
+    assert _rel_err(y, truth) <= TOL32
+
+
+def assert_composite_does_not_pack(kind):
+    """The other side of packed_after's "fused ran" signal: the composite chain packs nothing."""
+    n, cin, cout, h, w, kh, kw, stride, padding, dilation = SHAPES[0]
+    fact = CASES[kind].random((cout, cin, kh, kw), dtype=torch.float32)
+    with cpu_env("composite"):
+        _, packed = packed_after(lambda: hsvkernels.conv2d(torch.randn(n, cin, h, w), fact, None, stride, padding,
+                                                           dilation))
+    assert packed == 0
 
 
 def _check_against_dense(spec, layout, with_bias=True, fact=None):

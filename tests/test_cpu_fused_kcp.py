@@ -13,12 +13,11 @@ from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _expected_format, _make_input, _rel_err,
-                            assert_errors_match_composite, assert_fused_matches_composite,
-                            assert_impls_agree_in_autograd, cpu_env)
+                            assert_composite_does_not_pack, assert_errors_match_composite,
+                            assert_fused_matches_composite, assert_impls_agree_in_autograd, cpu_env, packed_after)
 from test_op import SHAPES
 
 import hsvkernels
-from hsvkernels import _extension
 from hsvkernels.formats.kcp import KCP
 
 INFO = hsvkernels.build_info()
@@ -31,19 +30,14 @@ def _random(spec, merged):
     return CASES["kcp"].random((cout, cin, kh, kw), dtype=torch.float64, merged=merged)
 
 
-def _run(x, factors, bias, stride, padding, dilation):
-    _extension._C.clear_packed_cache()
-    y = hsvkernels.conv2d(x, factors, bias, stride, padding, dilation)
-    return y, _extension._C.packed_cache_size()
-
-
 def _check(spec, layout, merged=False, with_bias=True, fact=None):
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
     fact = fact if fact is not None else _random(spec, merged)
     x = _make_input(n, cin, h, w, layout)
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
     truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
-    y, packed = _run(x, fact.to(torch.float32), None if bias is None else bias.float(), stride, padding, dilation)
+    y, packed = packed_after(lambda: hsvkernels.conv2d(x, fact.to(torch.float32), None if bias is None else bias.float(),
+                                                       stride, padding, dilation))
     assert y.dtype == torch.float32 and y.shape == truth.shape
     assert y.is_contiguous(memory_format=_expected_format(x))
     if n > 0:
@@ -107,11 +101,7 @@ def test_fused_kcp_panels_and_threads(case, merged, isa):
 
 
 def test_composite_does_not_pack():
-    n, cin, cout, h, w, kh, kw, stride, padding, dilation = SHAPES[0]
-    fact = CASES["kcp"].random((cout, cin, kh, kw), dtype=torch.float32)
-    with cpu_env("composite"):
-        _, packed = _run(torch.randn(n, cin, h, w), fact, None, stride, padding, dilation)
-    assert packed == 0
+    assert_composite_does_not_pack("kcp")
 
 
 def test_fused_kcp_follows_factor_updates():

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _expected_format, _make_input, _rel_err,
-                             assert_errors_match_composite, assert_fused_matches_composite,
-                             assert_impls_agree_in_autograd, cpu_env)
+from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _make_input, _rel_err,
+                             assert_composite_does_not_pack, assert_errors_match_composite,
+                             assert_fused_matches_composite, assert_impls_agree_in_autograd, check_kind_against_dense,
+                             cpu_env)
 from test_op import SHAPES
 
 import hsvkernels
@@ -25,27 +26,8 @@ pytestmark = pytest.mark.skipif(not INFO.get("extension"), reason="needs the nat
 KINDS = ["ht2", "tt_tucker"]
 
 
-def _packed_after(fn):
-    _extension._C.clear_packed_cache()
-    out = fn()
-    return out, _extension._C.packed_cache_size()
-
-
 def _check(kind, spec, layout, isa, threads, with_bias=True):
-    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
-    fact = CASES[kind].random((cout, cin, kh, kw), dtype=torch.float64)
-    x = _make_input(n, cin, h, w, layout)
-    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
-    truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
-    f32 = fact.to(torch.float32)
-    with cpu_env("fused", isa, threads):
-        y, packed = _packed_after(lambda: hsvkernels.conv2d(x, f32, None if bias is None else bias.float(), stride,
-                                                           padding, dilation))
-    assert y.dtype == torch.float32 and y.shape == truth.shape
-    assert y.is_contiguous(memory_format=_expected_format(x))
-    if n > 0:
-        assert packed == 2, "the fused kernel did not run (G2 and U3 are packed only there)"
-    assert _rel_err(y, truth) <= TOL32
+    check_kind_against_dense(kind, spec, layout, isa, threads, with_bias, packed_factors=2)  # G2 and U3
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -85,13 +67,7 @@ def test_packed_g2_is_reused_across_calls(kind):
 
 
 def test_composite_does_not_pack():
-    # the other side of the "fused ran" signal used above
-    n, cin, cout, h, w, kh, kw, stride, padding, dilation = SHAPES[0]
-    fact = CASES["ht2"].random((cout, cin, kh, kw), dtype=torch.float32)
-    with cpu_env("composite"):
-        _, packed = _packed_after(lambda: hsvkernels.conv2d(torch.randn(n, cin, h, w), fact, None, stride, padding,
-                                                            dilation))
-    assert packed == 0
+    assert_composite_does_not_pack("ht2")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,43 +7,22 @@ fused kernel fills.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, TOL32, _expected_format, _make_input, _rel_err,
+from test_cpu_fused import (ISAS, LAYOUT_IDS, LAYOUT_SHAPES, _make_input, assert_composite_does_not_pack,
                              assert_errors_match_composite, assert_fused_matches_composite,
-                             assert_impls_agree_in_autograd, cpu_env)
+                             assert_impls_agree_in_autograd, check_kind_against_dense)
 from test_op import SHAPES
 
 import hsvkernels
-from hsvkernels import _extension
 
 INFO = hsvkernels.build_info()
 pytestmark = pytest.mark.skipif(not INFO.get("extension"), reason="needs the native extension")
 
 
-def _packed_after(fn):
-    _extension._C.clear_packed_cache()
-    out = fn()
-    return out, _extension._C.packed_cache_size()
-
-
 def _check(spec, layout, isa, threads, with_bias=True):
-    n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec
-    fact = CASES["tucker2"].random((cout, cin, kh, kw), dtype=torch.float64)
-    x = _make_input(n, cin, h, w, layout)
-    bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
-    truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
-    with cpu_env("fused", isa, threads):
-        y, packed = _packed_after(lambda: hsvkernels.conv2d(x, fact.to(torch.float32),
-                                                           None if bias is None else bias.float(), stride,
-                                                           padding, dilation))
-    assert y.dtype == torch.float32 and y.shape == truth.shape
-    assert y.is_contiguous(memory_format=_expected_format(x))
-    if n > 0:
-        assert packed == 2, "the fused kernel did not run (core and U_T are packed only there)"
-    assert _rel_err(y, truth) <= TOL32
+    check_kind_against_dense("tucker2", spec, layout, isa, threads, with_bias, packed_factors=2)  # core and U_T
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -62,13 +41,7 @@ def test_fused_tucker2_layouts(spec, layout, isa):
 
 
 def test_composite_does_not_pack():
-    # the other side of the "fused ran" signal used above
-    n, cin, cout, h, w, kh, kw, stride, padding, dilation = SHAPES[0]
-    fact = CASES["tucker2"].random((cout, cin, kh, kw), dtype=torch.float32)
-    with cpu_env("composite"):
-        _, packed = _packed_after(lambda: hsvkernels.conv2d(torch.randn(n, cin, h, w), fact, None, stride, padding,
-                                                            dilation))
-    assert packed == 0
+    assert_composite_does_not_pack("tucker2")
 
 
 def test_fused_tucker2_autograd_and_auto():
