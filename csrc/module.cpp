@@ -12,6 +12,7 @@
 #include "ops/cpu/auto_select.h"
 #include "ops/cpu/pack.h"
 #include "ops/cpu/peak.h"
+#include "ops/cpu/pointwise_nchw.h"
 
 #ifndef HSV_TORCH_VERSION
 #define HSV_TORCH_VERSION "unknown"
@@ -79,6 +80,8 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
+  m.def("cpu_pointwise_nchw_runs", &hsv::cpu::pointwise_nchw_runs,
+        "How many times the fused CPU path ran a 1x1 layer on NCHW input with pixels as the vector axis");
   m.def("cuda_nhwc_launch_count", []() -> int64_t {
 #ifdef WITH_CUDA
     return hsv::cuda::nhwc_launch_count();

@@ -123,6 +123,11 @@ def packed_after(fn):
     return out, _extension._C.packed_cache_size()
 
 
+def pointwise_runs():
+    """How often the fused path ran a 1x1 NCHW layer as pixels-as-vectors GEMMs (which packs nothing)."""
+    return _extension._C.cpu_pointwise_nchw_runs()
+
+
 def check_kind_against_dense(kind, spec, layout, isa, threads, with_bias, packed_factors):
     """A random `kind` factorization through hsvkernels.conv2d on the fused path against F.conv2d in float64
     on its dense weight; with a non-empty batch, the fused kernel must have packed `packed_factors` factors."""
@@ -132,13 +137,15 @@ def check_kind_against_dense(kind, spec, layout, isa, threads, with_bias, packed
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
     truth = F.conv2d(x.double(), fact.to_dense(), bias, stride, padding, dilation)
     with cpu_env("fused", isa, threads):
+        before = pointwise_runs()
         y, packed = packed_after(lambda: hsvkernels.conv2d(x, fact.to(torch.float32),
                                                           None if bias is None else bias.float(), stride, padding,
                                                           dilation))
+        pointwise = pointwise_runs() > before
     assert y.dtype == torch.float32 and y.shape == truth.shape
     assert y.is_contiguous(memory_format=_expected_format(x))
-    if n > 0:
-        assert packed == packed_factors, "the fused kernel did not run (it alone packs factors)"
+    if n > 0:  # the last stages ran fused: packed by the general kernel, or as 1x1 NCHW GEMMs
+        assert (packed == packed_factors) != pointwise, "the fused kernel did not run (it alone packs factors)"
     assert _rel_err(y, truth) <= TOL32
 
 
@@ -232,6 +239,55 @@ def test_fused_few_input_channels(spec, layout, isa):
         with cpu_env("fused", isa, threads):
             _check_against_dense(spec, layout)
             _check_against_dense(spec, layout, with_bias=False)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "batch_slice"])
+@pytest.mark.parametrize("dims", [
+    (3, 17, 29, 13, 7, 9),     # Cout and r no multiple of MR, 63 pixels: a partial panel per image
+    (1, 40, 70, 24, 33, 35),   # 1155 pixels at batch 1: several tiles, split over the threads
+    (2, 5, 12, 3, 1, 1),       # one pixel per image
+    (0, 8, 8, 4, 5, 5),        # batch 0
+], ids=["edges", "tiles", "1px", "batch0"])
+def test_fused_pointwise_nchw(dims, layout, isa):
+    # 1x1 layers on NCHW input run as two GEMMs with pixels as the vector axis
+    # (pointwise_nchw.cpp), for kind svd and for hsv in its SVD layout.
+    n, cin, cout, r, h, w = dims
+    x = torch.randn(n, cin, h, w)
+    if layout == "channel_slice":
+        x = torch.randn(n, 2 * cin, h, w)[:, ::2]
+    elif layout == "batch_slice":
+        x = torch.randn(n + 1, cin, h, w)[1:]
+    v, u = torch.randn(r, cin, 1, 1, dtype=torch.float64), torch.randn(cout, r, dtype=torch.float64)
+    bias = torch.randn(cout, dtype=torch.float64)
+    truth = F.conv2d(x.double(), (u @ v.flatten(1)).view(cout, cin, 1, 1), bias)
+    for kind, factors in (("svd", [v, u]), ("hsv", [v.view(r, 1, cin, 1, 1), u.view(cout, 1, r)])):
+        for threads in (1, 2):
+            for b in (bias, None):
+                with cpu_env("fused", isa, threads):
+                    before = pointwise_runs()
+                    y = torch.ops.hsv.conv2d(x, [f.float() for f in factors], None if b is None else b.float(),
+                                             [1, 1], [0, 0], [1, 1], 1, kind)
+                    ran = pointwise_runs() > before
+                assert ran == (n > 0 and x.stride(1) != 1)  # one-pixel planes: channels are unit-stride
+                assert y.shape == truth.shape and y.is_contiguous()
+                expected = truth if b is not None else truth - bias.view(1, -1, 1, 1)
+                assert _rel_err(y, expected) <= TOL32
+
+
+def test_fused_pointwise_nchw_only_where_it_applies():
+    v, u = torch.randn(6, 8, 1, 1), torch.randn(10, 6)
+    cases = [(torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last), [1, 1], [0, 0]),
+             (torch.randn(2, 8, 9, 9), [2, 2], [0, 0]),
+             (torch.randn(2, 8, 9, 9), [1, 1], [1, 1]),
+             (torch.randn(2, 8, 9, 18)[..., ::2], [1, 1], [0, 0])]
+    for x, stride, padding in cases:
+        with cpu_env("fused"):
+            before = pointwise_runs()
+            y = torch.ops.hsv.conv2d(x, [v, u], None, stride, padding, [1, 1], 1, "svd")
+            assert pointwise_runs() == before
+        truth = F.conv2d(x.double(), (u.double() @ v.double().flatten(1)).view(10, 8, 1, 1), None, stride, padding)
+        assert _rel_err(y, truth) <= TOL32
 
 
 def test_fused_matches_composite_shape_and_format():

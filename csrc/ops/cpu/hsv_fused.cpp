@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "pack.h"
+#include "pointwise_nchw.h"
 
 namespace hsv {
 namespace cpu {
@@ -461,8 +462,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
                              const Plan& plan, const Microkernel& uk, const std::string& kind) {
   const int64_t n = input.size(0);
   const at::MemoryFormat out_format = output_memory_format(input);
-  at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
-  if (n == 0) return out;
+  if (n == 0) return at::empty(plan.out_shape, input.options().memory_format(out_format));
   TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
               "hsv::conv2d: inconsistent CPU microkernel table (MR)");
   for (const auto& f : factors)
@@ -498,6 +498,15 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.n1 = pb.P * pb.T2;
   pb.s1p = pb.S1 * pb.P;
   pb.cout = pb.T1 * pb.T2;
+
+  // A 1x1 layer in the SVD layout on NCHW input: two GEMMs with pixels as the
+  // vector axis (pointwise_nchw.cpp) instead of strided channel reads here.
+  const ConvParams& cv0 = plan.stages[0].conv;
+  if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a && out_format == at::MemoryFormat::Contiguous &&
+      pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding)) {
+    return pointwise_nchw_forward(input, factors[0].reshape({pb.P, pb.S2}).contiguous(),
+                                  A.reshape({pb.T1, pb.P}).contiguous(), bias, uk);
+  }
 
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);
   if (pb.split_b) {
@@ -546,6 +555,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.hw = plan.out_shape[2] * pb.wo;
   pb.cv = plan.stages[0].conv;
   pb.out_nhwc = out_format == at::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(out_format));
   pb.out = out.data_ptr<float>();
 
   // Input with unit-stride channels (NHWC) is read in place. Other layouts:
