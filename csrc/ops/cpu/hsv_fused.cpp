@@ -38,6 +38,7 @@
 #endif
 #include <vector>
 
+#include "kernel_util.h"
 #include "pack.h"
 #include "pointwise_nchw.h"
 
@@ -55,8 +56,6 @@ constexpr int64_t kMaxTilePixelsNchwOut = 512;
 // Inputs with at most this many channels take tile_conv_rows (Problem::row_taps).
 constexpr int64_t kRowTapsMaxChannels = 8;
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
 // A read-only all-zero buffer of at least n floats, or null where unsupported.
 // It stands in for a padding row of a strided-channel (NCHW) input, read at
@@ -97,11 +96,8 @@ struct Problem {
   // NCHW output: the last GEMM runs transposed, out^T block (T1 rows x pixels)
   // = Wf (T1 x kf) @ Yin^T, so each result row is a run of one output plane.
   const Microkernel* ukt;  // the ISA's wide kernel (NR over pixels)
-  const float* wf;         // per t2: A as (T1, S1*P) or A2 (T1, q2), row-major, each row
-                           // followed by bias[t1*T2 + t2] when there is a bias
+  const float* wf;         // A as (T1, S1*P) or A2 (T1, q2), row-major
   int64_t kf;              // its K
-  int64_t kf_bias;         // its row length: kf, or kf + 1 with the bias column
-  int64_t wf_t2_stride;    // between t2's copies: T1 * (kf + 1) with a bias, else 0 (one shared A)
   int64_t h, w, kh, kw, taps, kc, hw, wo, pixels, p_tile, cout;
   bool stage;  // strided-channel input: staged per tile into an NHWC patch (stage_patch)
   // Few input channels (e.g. an RGB stem): per tap the GEMM's K would be S2
@@ -320,9 +316,9 @@ struct Buffers {
     if (pb.out_nhwc) {
       z.resize(n(pb.T2 * pb.t1_pad));
     } else {
-      yt.resize(static_cast<size_t>(round_up(pb.p_tile, pb.ukt->nr) * pb.kf_bias));
+      yt.resize(static_cast<size_t>(round_up(pb.p_tile, pb.ukt->nr) * pb.kf));
       block.resize(static_cast<size_t>(pb.ukt->mr * pb.ukt->nr));
-      zero_row.resize(static_cast<size_t>(pb.kf_bias), 0.0f);
+      zero_row.resize(static_cast<size_t>(pb.kf), 0.0f);
     }
   }
 };
@@ -346,21 +342,20 @@ void write_tile_nhwc(const Problem& pb, const Tile& t, const float* z) {
 // Yin row i (ld floats apart) holds pixel i's kf inputs. Yin is transposed
 // into NR-pixel panels (kf x NR; Yin is a few times narrower than the output)
 // so the microkernel's rows are output channels and its columns pixels: each
-// MR x NR result block is MR runs of output planes. With a bias, each panel
-// gets a row of ones and Wf a bias column (Problem::wf, K = kf + 1), so a block
-// of MR whole rows and NR pixels of one image is written straight into the
-// output; edge blocks go through a scratch block, copied out as runs (split
-// where the tile crosses an image). Writing the output as pixel-major blocks
+// MR x NR result block is MR runs of output planes. A block of MR whole rows
+// and NR pixels of one image is written straight into the output; edge blocks
+// go through a scratch block, copied out as runs (split where the tile crosses
+// an image); the bias is added to the rows just written. Writing the output as pixel-major blocks
 // instead would need a scalar transpose of the whole output, which measured
 // slower than the GEMMs for a 1x1 256->1024 layer; copying every block out
 // (before the direct writes) made a 1x1 64->256 layer at 56x56 1.5-2x slower
 // than the composite chain, whose K = 12 GEMM writes its output in place.
 void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, int64_t t2, Buffers& buf) {
   const Microkernel& uk = *pb.ukt;
-  const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf, kw = pb.kf_bias;
+  const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf;
   const int64_t panels = div_up(t.np, nr);
   for (int64_t pn = 0; pn < panels; ++pn) {
-    float* dst = buf.yt.data() + pn * kw * nr;
+    float* dst = buf.yt.data() + pn * kf * nr;
     for (int64_t j = 0; j < nr; ++j) {
       const int64_t i = pn * nr + j;
       if (i < t.np) {
@@ -370,25 +365,26 @@ void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, 
         for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = 0.0f;
       }
     }
-    if (kw > kf) std::fill(dst + kf * nr, dst + (kf + 1) * nr, 1.0f);
   }
   const float* rows[64];
-  const float* wf = pb.wf + t2 * pb.wf_t2_stride;
+  const float* bias = pb.bias_t + t2 * pb.t1_pad;
   float* block = buf.block.data();
   const int64_t ldo = pb.T2 * pb.hw;  // between output channels c and c + T2
   for (int64_t c0 = 0; c0 < pb.T1; c0 += mr) {
     const int64_t nrows = std::min(mr, pb.T1 - c0);
-    for (int64_t i = 0; i < mr; ++i) rows[i] = i < nrows ? wf + (c0 + i) * kw : buf.zero_row.data();
+    for (int64_t i = 0; i < mr; ++i) rows[i] = i < nrows ? pb.wf + (c0 + i) * kf : buf.zero_row.data();
     for (int64_t pn = 0; pn < panels; ++pn) {
-      const float* panel = buf.yt.data() + pn * kw * nr;
+      const float* panel = buf.yt.data() + pn * kf * nr;
       const int64_t j0 = pn * nr, j1 = std::min(t.np, j0 + nr);
       const int64_t g = t.g0 + j0, img = g / pb.hw, q = g % pb.hw;
       float* o = pb.out + (img * pb.cout + c0 * pb.T2 + t2) * pb.hw + q;
       if (nrows == mr && j1 - j0 == nr && q + nr <= pb.hw) {
-        uk.fn(kw, rows, 1, panel, o, ldo, false, nullptr);
+        uk.fn(kf, rows, 1, panel, o, ldo, false, nullptr);
+        add_row_bias(o, ldo, nrows, nr, bias + c0);
         continue;
       }
-      uk.fn(kw, rows, 1, panel, block, nr, false, nullptr);
+      uk.fn(kf, rows, 1, panel, block, nr, false, nullptr);
+      add_row_bias(block, nr, nrows, nr, bias + c0);
       for (int64_t j = j0; j < j1;) {  // runs of pixels within one image
         const int64_t gj = t.g0 + j, im = gj / pb.hw, qj = gj % pb.hw;
         const int64_t len = std::min(j1 - j, pb.hw - qj);
@@ -528,26 +524,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // NCHW output: the last GEMM transposed (see final_nchw).
   pb.ukt = &uk;
   const at::Tensor wf = (pb.split_a ? factors[a_at + 1] : A).contiguous();
-  pb.kf = pb.split_a ? factors[a_at + 1].size(1) : pb.s1p;
-  const bool has_bias = bias.has_value() && bias->defined();
-  std::vector<float> wf_bias;
   pb.wf = wf.data_ptr<float>();
-  pb.kf_bias = pb.kf;
-  pb.wf_t2_stride = 0;
-  if (has_bias && out_format != at::MemoryFormat::ChannelsLast) {  // [t2][t1][kf + 1]: A's row, then the bias
-    const at::Tensor bias_c = bias->contiguous();
-    const float* bsrc = bias_c.data_ptr<float>();
-    pb.kf_bias = pb.kf + 1;
-    pb.wf_t2_stride = pb.T1 * pb.kf_bias;
-    wf_bias.resize(static_cast<size_t>(pb.T2 * pb.wf_t2_stride));
-    for (int64_t t2 = 0; t2 < pb.T2; ++t2)
-      for (int64_t t1 = 0; t1 < pb.T1; ++t1) {
-        float* row = wf_bias.data() + t2 * pb.wf_t2_stride + t1 * pb.kf_bias;
-        std::memcpy(row, pb.wf + t1 * pb.kf, sizeof(float) * pb.kf);
-        row[pb.kf] = bsrc[t1 * pb.T2 + t2];
-      }
-    pb.wf = wf_bias.data();
-  }
+  pb.kf = pb.split_a ? factors[a_at + 1].size(1) : pb.s1p;
 
   pb.h = input.size(2);
   pb.w = input.size(3);
@@ -607,12 +585,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // contiguous ranges), each a whole number of MR row blocks. (Whole NR panels
   // for the transposed NCHW last GEMM, lcm(MR, NR) = 96 pixels, made tiles of
   // 192 and left one of two threads idle a third of the time at 512@7 batch 8.)
-  // Small problems run on the calling thread: waking the OpenMP team costs
-  // microseconds (far more when the cores are oversubscribed), more than a
-  // convolution of under ~2^20 MACs takes (about 10 us on one core).
   pb.pixels = n * pb.hw;
-  const int64_t macs = pb.pixels * pb.S1 * pb.conv.n_pad * pb.conv.k;
-  const int64_t threads = macs < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = fused_threads(pb.pixels * pb.S1 * pb.conv.n_pad * pb.conv.k);
   const int64_t max_tile = pb.out_nhwc ? kMaxTilePixels : kMaxTilePixelsNchwOut;
   const int64_t tiles_wanted = threads * std::max<int64_t>(1, div_up(pb.pixels, threads * max_tile));
   pb.p_tile = round_up(div_up(pb.pixels, tiles_wanted), pb.mr);

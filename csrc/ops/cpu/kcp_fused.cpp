@@ -36,14 +36,13 @@
 #include <string>
 #include <vector>
 
+#include "kernel_util.h"
 #include "pack.h"
 
 namespace hsv {
 namespace cpu {
 namespace {
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
 // A depthwise factor f (N, R, taps) as `taps` rows of C1 = Q*N*R channel
 // weights: row t, channel (q*N + n)*R + r holds f[n][r][t].
@@ -425,7 +424,7 @@ at::Tensor kcp_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t macs = n * (static_cast<int64_t>(pb.rows.size()) * pb.ncols * pb.QN * pb.S2 * (pb.S1 + pb.R) +
                             pb.Ho * pb.Wo * (pb.C1 * (pb.kh + pb.kw) + pb.cout * (pb.merged ? pb.C1 : pb.QN) +
                                              (pb.merged ? 0 : pb.QN * pb.T2 * pb.R)));
-  const int64_t threads = macs < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = fused_threads(macs);
   pb.bands = (n % threads == 0 || n >= 4 * threads) ? 1 : std::min(pb.Ho, div_up(2 * threads, n));
   const int64_t band_rows = div_up(pb.Ho, pb.bands);
   // Output rows per group: up to about 96 pixels (8 MR blocks) while the

@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernel_util.h"
+
 namespace hsv {
 namespace cpu {
 namespace {
@@ -28,7 +30,6 @@ constexpr int64_t kTile = 512;  // pixels per tile: a long run per output plane 
 
 std::atomic<int64_t> g_runs{0};
 
-int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
 }  // namespace
 
@@ -61,9 +62,9 @@ at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, 
 
   // Tiles of whole NR panels of one image, at most kTile pixels, and at least
   // as many as threads (an image is cut finer at batch 1). Small problems run
-  // on the calling thread (hsv_fused.cpp's reason).
+  // on the calling thread (fused_threads).
   const int64_t macs = n * hw * r * (cin + cout);
-  const int64_t threads = macs < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = fused_threads(macs);
   const int64_t per_image = std::max(div_up(hw, kTile), div_up(threads, n));
   const int64_t tile = std::max(nr, div_up(div_up(hw, per_image), nr) * nr);
   const int64_t tiles_per_image = div_up(hw, tile);
@@ -105,12 +106,7 @@ at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, 
           if (!direct)
             for (int64_t i = 0; i < nrows; ++i)
               std::memcpy(dst + i * hw, block.data() + i * nr, sizeof(float) * len);
-          if (b != nullptr)  // per output channel, on the rows just written (still in L1)
-            for (int64_t i = 0; i < nrows; ++i) {
-              float* row = dst + i * hw;
-              const float bi = b[c0 + i];
-              for (int64_t j = 0; j < len; ++j) row[j] += bi;
-            }
+          if (b != nullptr) add_row_bias(dst, hw, nrows, len, b + c0);
         }
       }
     }
