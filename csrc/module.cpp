@@ -3,6 +3,7 @@
 // measure this CPU's FMA peak and microkernel speed.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/extension.h>
 
 #include "ops/chain/conv_chain.h"
 #include "ops/cpu/isa.h"
@@ -10,6 +11,7 @@
 #include "ops/cuda/cuda_impl.h"
 #endif
 #include "ops/cpu/auto_select.h"
+#include "ops/cpu/channels_last_copy.h"
 #include "ops/cpu/pack.h"
 #include "ops/cpu/peak.h"
 #include "ops/cpu/pointwise_nchw.h"
@@ -103,5 +105,7 @@ PYBIND11_MODULE(_C, m) {
         "HSV_CPU_IMPL=auto: the path ('fused' or 'composite') timed faster for each layer configuration so far");
   m.def("clear_cpu_auto_choices", &hsv::cpu::clear_auto_choices,
         "Forgets HSV_CPU_IMPL=auto's timed choices (the next call of each configuration times again)");
+  m.def("cpu_to_channels_last", &hsv::cpu::to_channels_last_selected, py::arg("x"),
+        "The fused CPU kernels' NCHW -> NHWC copy with the HSV_CPU_ISA microkernel's transpose (for tests)");
   m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");
 }

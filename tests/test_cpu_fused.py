@@ -290,6 +290,26 @@ def test_fused_pointwise_nchw_only_where_it_applies():
         assert _rel_err(y, truth) <= TOL32
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_to_channels_last_copy(isa):
+    """The kernels' NCHW -> NHWC copy (register transposes, edge blocks masked or
+    scalar) equals ATen's, for channel and pixel counts around the 16 / 8 blocks,
+    batch- and channel-sliced inputs, and 1 and 2 threads."""
+    cases = []
+    for c in (1, 3, 7, 8, 9, 15, 16, 17, 33):
+        for h, w in ((1, 1), (3, 5), (4, 4), (5, 7), (2, 17)):
+            x = torch.randn(3, c + 2, h, w)
+            cases += [x[:, :c], x[1:, 1:c + 1], x[:2, :c].clone()]
+    cases.append(torch.randn(2, 64, 64, 64))  # enough floats for the thread split
+    cases.append(torch.randn(0, 5, 3, 3))
+    for threads in (1, 2):
+        with cpu_env(isa=isa, threads=threads):
+            for x in cases:
+                y = _extension._C.cpu_to_channels_last(x)
+                assert y.is_contiguous(memory_format=torch.channels_last), (isa, x.shape)
+                assert torch.equal(y, x), (isa, threads, x.shape, x.stride())
+
+
 def test_fused_matches_composite_shape_and_format():
     spec = SHAPES[0]
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec

@@ -38,6 +38,7 @@
 #endif
 #include <vector>
 
+#include "channels_last_copy.h"
 #include "kernel_util.h"
 #include "pack.h"
 #include "pointwise_nchw.h"
@@ -285,19 +286,19 @@ Source stage_patch(const Problem& pb, const Tile& t, int64_t s1, std::vector<flo
     while ((t.g0 + i) / pb.hw != segs[si].img) ++si;
     poff[i] = segs[si].off - segs[si].iy_lo * row_len;
   }
-  constexpr int64_t kCb = 16;  // channels per pass: 16 read streams, 64-byte writes
+  const ToPixelMajorFn copy = pb.conv.uk->to_pixel_major;
   for (const Seg& sg : segs) {
     const float* src = pb.x + sg.img * pb.sn + s1 * pb.S2 * pb.sc + sg.iy_lo * pb.sh;
     float* dst = patch.data() + sg.off;
-    for (int64_t r = 0; r < sg.rows; ++r)
-      for (int64_t c0 = 0; c0 < pb.S2; c0 += kCb) {
-        const int64_t c1 = std::min(pb.S2, c0 + kCb);
-        for (int64_t ix = 0; ix < pb.w; ++ix) {
-          const float* sp = src + r * pb.sh + ix * pb.sw;
-          float* dp = dst + (r * pb.w + ix) * pb.S2;
-          for (int64_t c = c0; c < c1; ++c) dp[c] = sp[c * pb.sc];
-        }
-      }
+    if (pb.sw == 1 && pb.sh == pb.w) {  // the segment's rows are one run of each plane
+      copy(pb.S2, sg.rows * pb.w, src, pb.sc, dst, pb.S2);
+    } else if (pb.sw == 1) {
+      for (int64_t r = 0; r < sg.rows; ++r) copy(pb.S2, pb.w, src + r * pb.sh, pb.sc, dst + r * row_len, pb.S2);
+    } else {
+      for (int64_t r = 0; r < sg.rows; ++r)
+        for (int64_t ix = 0; ix < pb.w; ++ix)
+          for (int64_t c = 0; c < pb.S2; ++c) dst[(r * pb.w + ix) * pb.S2 + c] = src[r * pb.sh + ix * pb.sw + c * pb.sc];
+    }
   }
   return Source{patch.data(), 1, row_len, pb.S2, poff.data()};
 }
@@ -538,12 +539,15 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
 
   // Input with unit-stride channels (NHWC) is read in place. Other layouts:
   // staged per tile into an NHWC patch (stage_patch) when each staged value
-  // feeds enough FMAs (conv N x taps / stride area >= 256); else read in place
-  // when each value is read only a few times (taps x conv panels <= 9), else
-  // copied to NHWC once. Measured on ResNet layers at batch 1 and 8, 1 thread:
+  // feeds enough FMAs (conv N x taps / stride area >= 256) or the conv has
+  // taps at stride 1; else read in place when each value is read only a few
+  // times (taps x conv panels <= 9), else copied to NHWC once. Measured on
+  // ResNet layers at batch 1 and 8, 1 thread, with the scalar staging copy:
   // staging won at 128@28 and S1 > 1 splits (x0.83-0.92), lost at 64@56 (N =
   // 16), stride 2 and 1x1 (x1.05-1.15), and was even with the whole copy at
-  // 256@14 and 512@7.
+  // 256@14 and 512@7. With the register-transpose copy (to_pixel_major) it
+  // won at 64@56 too (batch 8: x0.90-0.92, batch 1: x0.95-0.97), and tied or
+  // lost (x1.00-1.04) at stride 2.
   // row_taps (tile_conv_rows) reads NHWC rows holding only the conv's channels:
   // other layouts are copied to that once (a stem's input is small). On
   // ResNet-50's stem (3 -> 64, 7x7 stride 2, rank 11), batch 8, 2 threads, it
@@ -553,9 +557,10 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const bool strided = input.stride(1) != 1;
   const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
   const int64_t fma_per_staged = pb.conv.n_pad * pb.taps / (pb.cv.stride[0] * pb.cv.stride[1]);
-  pb.stage = strided && !pb.row_taps && fma_per_staged >= 256;
+  const bool unit_stride = pb.cv.stride[0] == 1 && pb.cv.stride[1] == 1;
+  pb.stage = strided && !pb.row_taps && (fma_per_staged >= 256 || (pb.taps > 1 && unit_stride));
   const bool to_nhwc = pb.row_taps ? !nhwc_rows : (strided && !pb.stage && reloads > 9);
-  const at::Tensor x = to_nhwc ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
+  const at::Tensor x = to_nhwc ? to_channels_last(input, uk) : input;
   pb.x = x.data_ptr<float>();
   pb.sn = x.stride(0);
   pb.sc = x.stride(1);

@@ -101,11 +101,54 @@ __attribute__((target("avx2,fma"))) void depthwise(int64_t C, int64_t npix, int6
   }
 }
 
+// r[i] (lane j) -> r[j] (lane i): unpack pairs of rows (ps, then pd), which
+// leaves u[g][m] holding, in 128-bit lane l, column 4l + m of rows 4g..4g+3;
+// then one 128-bit lane permute per output row.
+__attribute__((target("avx2,fma"))) inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 u[2][4];
+  for (int g = 0; g < 2; ++g) {
+    const __m256d a = _mm256_castps_pd(t[4 * g]), b = _mm256_castps_pd(t[4 * g + 2]);
+    const __m256d c = _mm256_castps_pd(t[4 * g + 1]), d = _mm256_castps_pd(t[4 * g + 3]);
+    u[g][0] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, b));
+    u[g][1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, b));
+    u[g][2] = _mm256_castpd_ps(_mm256_unpacklo_pd(c, d));
+    u[g][3] = _mm256_castpd_ps(_mm256_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {
+    r[m] = _mm256_permute2f128_ps(u[0][m], u[1][m], 0x20);
+    r[4 + m] = _mm256_permute2f128_ps(u[0][m], u[1][m], 0x31);
+  }
+}
+
+// ToPixelMajorFn: whole 8 x 8 blocks in registers; the channel and pixel
+// tails (no masked stores narrower than a vector here) take the scalar copy.
+__attribute__((target("avx2,fma"))) void to_pixel_major(int64_t C, int64_t npix, const float* src, int64_t src_cs,
+                                                       float* dst, int64_t dst_ps) {
+  const int64_t c_full = C / kW * kW, p_full = npix / kW * kW;
+  for (int64_t c0 = 0; c0 < c_full; c0 += kW) {
+    for (int64_t p0 = 0; p0 < p_full; p0 += kW) {
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (c0 + i) * src_cs + p0);
+      transpose8(r);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (p0 + j) * dst_ps + c0, r[j]);
+    }
+  }
+  if (p_full < npix) to_pixel_major_scalar(c_full, npix - p_full, src + p_full, src_cs, dst + p_full * dst_ps, dst_ps);
+  if (c_full < C) to_pixel_major_scalar(C - c_full, npix, src + c_full * src_cs, src_cs, dst + c_full, dst_ps);
+}
+
 }  // namespace
 
 const Microkernel* microkernel_avx2() {
-  static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise};
-  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise};
+  static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
+  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise, &to_pixel_major};
   return &wide;
 }
 

@@ -9,6 +9,8 @@
 // run-time ISA check.
 #include "ukernel.h"
 
+#include <algorithm>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -99,11 +101,61 @@ __attribute__((target("avx512f"))) void depthwise(int64_t C, int64_t npix, int64
   }
 }
 
+// r[i] (lane j) -> r[j] (lane i): unpack pairs of rows (ps, then pd), which
+// leaves u[g][m] holding, in 128-bit lane l, column 4l + m of rows 4g..4g+3;
+// then two rounds of 128-bit lane shuffles gather column 4l + m's four lanes.
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m512 u[4][4];  // [row group g][column m within a lane]
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[g][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[g][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[0][m], u[1][m], 0x44), x1 = _mm512_shuffle_f32x4(u[0][m], u[1][m], 0xEE);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[2][m], u[3][m], 0x44), y1 = _mm512_shuffle_f32x4(u[2][m], u[3][m], 0xEE);
+    r[m] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    r[4 + m] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    r[8 + m] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+
+// ToPixelMajorFn: 16 channels x 16 pixels per block; channel and pixel tails
+// through masked loads and stores, so there is no scalar edge.
+__attribute__((target("avx512f"))) void to_pixel_major(int64_t C, int64_t npix, const float* src, int64_t src_cs,
+                                                       float* dst, int64_t dst_ps) {
+  for (int64_t c0 = 0; c0 < C; c0 += kW) {
+    const int64_t cn = std::min<int64_t>(kW, C - c0);
+    const __mmask16 cm = cn == kW ? __mmask16(0xffff) : __mmask16((1u << cn) - 1);
+    for (int64_t p0 = 0; p0 < npix; p0 += kW) {
+      const int64_t pn = std::min<int64_t>(kW, npix - p0);
+      const __mmask16 pm = pn == kW ? __mmask16(0xffff) : __mmask16((1u << pn) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < cn ? _mm512_maskz_loadu_ps(pm, src + (c0 + i) * src_cs + p0) : _mm512_setzero_ps();
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j)
+        if (j < pn) _mm512_mask_storeu_ps(dst + (p0 + j) * dst_ps + c0, cm, r[j]);
+    }
+  }
+}
+
 }  // namespace
 
 const Microkernel* microkernel_avx512() {
-  static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise};
-  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise};
+  static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
+  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise, &to_pixel_major};
   return &wide;
 }
 

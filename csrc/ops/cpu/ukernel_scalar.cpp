@@ -43,8 +43,17 @@ void depthwise(int64_t C, int64_t npix, int64_t taps, const float* const* x, int
 
 }  // namespace
 
+void to_pixel_major_scalar(int64_t C, int64_t npix, const float* src, int64_t src_cs, float* dst, int64_t dst_ps) {
+  constexpr int64_t kCb = 16;  // channels per pass: 16 read streams, 64-byte writes
+  for (int64_t c0 = 0; c0 < C; c0 += kCb) {
+    const int64_t c1 = c0 + kCb < C ? c0 + kCb : C;
+    for (int64_t p = 0; p < npix; ++p)
+      for (int64_t c = c0; c < c1; ++c) dst[p * dst_ps + c] = src[c * src_cs + p];
+  }
+}
+
 const Microkernel* microkernel_scalar() {
-  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise};
+  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise, &to_pixel_major_scalar};
   return &k;
 }
 
