@@ -355,6 +355,7 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                 if args.peak_gflops:
                     row["peak_share_dense"] = row["gflops_dense"] / args.peak_gflops
                     row["peak_share_fused"] = ratio(row["gflops_fused"], args.peak_gflops)
+                    row["peak_share_op"] = ratio(row["gflops_op"], args.peak_gflops)
             print_row(row, args.fused)
     return rows
 
@@ -416,8 +417,8 @@ COLUMNS = ("layer", "N", "method", "kind", "ranks", "params x", "MACs x", "dense
 _WIDTHS = (30, 4, 9, 9, 9, 8, 7, 10, 10, 10, 8, 9, 7, 13, 10, 11, 0)
 
 
-FUSED_COLUMNS = ("fused", "fused/dense", "fused/op", "GFLOP/s fused", "%peak dense", "%peak fused")
-_FUSED_WIDTHS = (10, 11, 8, 13, 11, 11)
+FUSED_COLUMNS = ("fused", "fused/dense", "fused/op", "GFLOP/s fused", "%peak dense", "%peak op", "%peak fused")
+_FUSED_WIDTHS = (10, 11, 8, 13, 11, 8, 11)
 
 
 def columns(fused):
@@ -431,7 +432,8 @@ def fused_cells(row):
     t = (row.get("time") or {}).get("fused") or {}
     pct = (lambda v: "-" if v is None else "%.0f%%" % (100 * v))
     return [fmt_time(t.get("median")), fmt(row.get("ratio_fused_dense")), fmt(row.get("ratio_fused_op")),
-            fmt(row.get("gflops_fused"), "%.1f"), pct(row.get("peak_share_dense")), pct(row.get("peak_share_fused"))]
+            fmt(row.get("gflops_fused"), "%.1f"), pct(row.get("peak_share_dense")), pct(row.get("peak_share_op")),
+            pct(row.get("peak_share_fused"))]
 
 
 def row_cells(row, fused=False):
@@ -519,7 +521,8 @@ def markdown(result):
     if fused:
         lines += ["Fused: op is the composite chain (HSV_CPU_IMPL=composite), fused the hand-written kernels "
                   "(HSV_CPU_IMPL=fused, ISA %s). Peak: %s GFLOP/s = measured single-core FMA peak %s GFLOP/s x %d "
-                  "threads (bench/peak.py); %%peak uses dense MACs for dense and factorized MACs for fused."
+                  "threads (bench/peak.py); %%peak uses dense MACs for dense and factorized MACs for op and fused "
+                  "(so fused/op <= x needs %%peak fused >= %%peak op / x)."
                   % (settings.get("fused_isa"), fmt(settings.get("peak_gflops"), "%.1f"),
                      fmt(settings.get("core_peak_gflops"), "%.1f"), env["threads"]), ""]
     backends = sorted({(r.get("backends") or {}).get("dense") for r in result["rows"]} - {None})

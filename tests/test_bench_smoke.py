@@ -88,5 +88,7 @@ def test_layers_fused_columns(tmp_path):
     for r in ok:
         assert r["time"]["fused"]["median"] > 0 and r["check"]["fused"] <= r["check"]["tolerance"]
         assert r["ratio_fused_dense"] > 0 and r["ratio_fused_op"] > 0 and 0 < r["peak_share_fused"]
+        # the composite's share of peak bounds what fused/op can reach: the same MACs, so the two ratios agree
+        assert r["peak_share_op"] == pytest.approx(r["peak_share_fused"] * r["ratio_fused_op"], rel=1e-9)
     md = (tmp_path / "fused.md").read_text()
-    assert "fused/dense" in md and "%peak fused" in md and "Dense F.conv2d backend(s)" in md
+    assert "fused/dense" in md and "%peak fused" in md and "%peak op" in md and "Dense F.conv2d backend(s)" in md
