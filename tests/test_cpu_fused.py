@@ -310,6 +310,14 @@ def test_to_channels_last_copy(isa):
                 assert torch.equal(y, x), (isa, threads, x.shape, x.stride())
 
 
+def test_to_channels_last_copy_rejects_bad_input():
+    with pytest.raises(ValueError, match="expected a 4-D"):
+        _extension._C.cpu_to_channels_last(torch.randn(3, 4, 5))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="expected a CPU tensor"):
+            _extension._C.cpu_to_channels_last(torch.randn(1, 2, 3, 3, device="cuda"))
+
+
 def test_fused_matches_composite_shape_and_format():
     spec = SHAPES[0]
     n, cin, cout, h, w, kh, kw, stride, padding, dilation = spec

@@ -10,6 +10,7 @@ namespace cpu {
 
 at::Tensor to_channels_last(const at::Tensor& x, const Microkernel& uk) {
   TORCH_CHECK_VALUE(x.dim() == 4, "to_channels_last: expected a 4-D (N, C, H, W) tensor, got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "to_channels_last: expected a CPU tensor, got one on ", x.device());
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
   const bool planes = x.scalar_type() == at::kFloat && (w == 1 || x.stride(3) == 1) && (h == 1 || x.stride(2) == w);
   if (!planes || x.numel() == 0) return x.contiguous(at::MemoryFormat::ChannelsLast);

@@ -294,10 +294,17 @@ Source stage_patch(const Problem& pb, const Tile& t, int64_t s1, std::vector<flo
       copy(pb.S2, sg.rows * pb.w, src, pb.sc, dst, pb.S2);
     } else if (pb.sw == 1) {
       for (int64_t r = 0; r < sg.rows; ++r) copy(pb.S2, pb.w, src + r * pb.sh, pb.sc, dst + r * row_len, pb.S2);
-    } else {
+    } else {  // strided pixels too (e.g. a sliced width): 16 channels per pass, 16 read streams
+      constexpr int64_t kCb = 16;
       for (int64_t r = 0; r < sg.rows; ++r)
-        for (int64_t ix = 0; ix < pb.w; ++ix)
-          for (int64_t c = 0; c < pb.S2; ++c) dst[(r * pb.w + ix) * pb.S2 + c] = src[r * pb.sh + ix * pb.sw + c * pb.sc];
+        for (int64_t c0 = 0; c0 < pb.S2; c0 += kCb) {
+          const int64_t c1 = std::min(pb.S2, c0 + kCb);
+          for (int64_t ix = 0; ix < pb.w; ++ix) {
+            const float* sp = src + r * pb.sh + ix * pb.sw;
+            float* dp = dst + (r * pb.w + ix) * pb.S2;
+            for (int64_t c = c0; c < c1; ++c) dp[c] = sp[c * pb.sc];
+          }
+        }
     }
   }
   return Source{patch.data(), 1, row_len, pb.S2, poff.data()};
