@@ -90,6 +90,25 @@ def main():
             x = make_x(2, 12, 9, 10, dtype, channels_last)
             worst = max(worst, check("hsv", [b, a], (10, 12, 3, 3), x, None, 1, 1, 1))
             calls += 2
+    # both channels_last kernels (HSV_CUDA_NHWC), each whole and split over K
+    # (the mma kernel's split sums its partials through a cluster's shared memory)
+    kernels = ("mma", "wmma") if torch.cuda.get_device_capability()[0] >= 9 else ("wmma",)
+    mma_before = _C.cuda_mma_launch_count()
+    for kernel in kernels:
+        for splits in ("1", "3"):
+            os.environ["HSV_CUDA_NHWC"], os.environ["HSV_CUDA_SPLIT_K"] = kernel, splits
+            for n, cin, cout, r, h, w, kh, kw, stride, padding, dilation in SVD_CASES[-2:]:
+                opts = dict(device="cuda", dtype=torch.bfloat16)
+                v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
+                u = torch.randn(cout, r, **opts) / r ** 0.5
+                x = make_x(n, cin, h, w, torch.bfloat16, True)
+                worst = max(worst, check("svd", [v, u], (cout, cin, kh, kw), x, torch.randn(cout, **opts), stride,
+                                         padding, dilation))
+                calls += 1
+    os.environ.pop("HSV_CUDA_NHWC")
+    os.environ.pop("HSV_CUDA_SPLIT_K")
+    if "mma" in kernels and _C.cuda_mma_launch_count() - mma_before < 4:
+        raise SystemExit("the mma kernel did not run where HSV_CUDA_NHWC=mma asked for it")
     print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g)" % (calls, worst))
 
 

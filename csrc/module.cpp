@@ -9,6 +9,7 @@
 #include "ops/cpu/isa.h"
 #ifdef WITH_CUDA
 #include "ops/cuda/cuda_impl.h"
+#include "ops/cuda/two_stage_mma.h"
 #endif
 #include "ops/cpu/auto_select.h"
 #include "ops/cpu/channels_last_copy.h"
@@ -91,6 +92,20 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "How many of those took the two-stage kernel's channels_last fast path");
+  m.def("cuda_mma_launch_count", []() -> int64_t {
+#ifdef WITH_CUDA
+    return hsv::cuda::mma_launch_count();
+#else
+    return 0;
+#endif
+  }, "How many of those ran the Hopper mma.sync kernel (sm_90) rather than the WMMA one");
+  m.def("cuda_mma_last_config", []() -> std::vector<int64_t> {
+#ifdef WITH_CUDA
+    return hsv::cuda::mma_last_config();
+#else
+    return {};
+#endif
+  }, "The last mma-kernel launch's (pixel fragments per warp, cluster CTAs splitting K, pixel tiles, K step)");
   // Both release the GIL: they only spin on the calling thread.
   m.def("fma_peak_gflops", &hsv::cpu::fma_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.5,
         py::call_guard<py::gil_scoped_release>(),

@@ -41,6 +41,32 @@ def nhwc_launches():
     return _C.cuda_nhwc_launch_count()
 
 
+def mma_launches():
+    from hsvkernels._extension import _C
+    return _C.cuda_mma_launch_count()
+
+
+def is_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.fixture(params=["mma", "wmma"])
+def nhwc_kernel(request, monkeypatch):
+    """Which channels_last kernel runs (HSV_CUDA_NHWC); yields a checker that the
+    launch counters moved as that kernel predicts for `calls` launches."""
+    kernel = request.param
+    if kernel == "mma" and not is_hopper():
+        pytest.skip("the mma.sync kernel needs compute capability 9.0 (thread-block clusters)")
+    monkeypatch.setenv("HSV_CUDA_NHWC", kernel)
+    start = (nhwc_launches(), mma_launches())
+
+    def check(calls=1):
+        nhwc, mma = nhwc_launches() - start[0], mma_launches() - start[1]
+        assert nhwc == calls, "the channels_last fast path did not run"
+        assert mma == (calls if kernel == "mma" else 0), "HSV_CUDA_NHWC=%s ran the other kernel" % kernel
+    return check
+
+
 @pytest.fixture
 def impl(monkeypatch):
     """impl("fused") / impl("composite"): the CUDA forward the next calls take (read per call)."""
@@ -201,27 +227,70 @@ NHWC_IDS = ["r16", "r32_s2", "r64_b1", "r128", "1x1", "mixed", "mf2", "rank1_5x5
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("spec", NHWC_SPECS, ids=NHWC_IDS)
-def test_fused_nhwc_path(spec, dtype, with_bias, impl):
+def test_fused_nhwc_path(spec, dtype, with_bias, impl, nhwc_kernel):
     n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
     fact = svd_factors(r, cin, cout, kh, kw)
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
     x = make_input(n, cin, h, w, "channels_last", dtype)
-    before = nhwc_launches()
     check_fused(impl, fact, x, bias, stride, padding, dilation)
-    assert nhwc_launches() - before == 1, "the channels_last fast path did not run"
+    nhwc_kernel()
 
 
-@pytest.mark.parametrize("splits", ["1", "2", "5", "1000"])
+@pytest.mark.parametrize("splits", ["1", "2", "3", "5", "8", "1000"])
 @pytest.mark.parametrize("spec", [NHWC_SPECS[2], NHWC_SPECS[3], NHWC_SPECS[5]], ids=["r64_b1", "r128", "mixed"])
-def test_fused_nhwc_split_k(spec, splits, impl, monkeypatch):
+def test_fused_nhwc_split_k(spec, splits, impl, monkeypatch, nhwc_kernel):
+    # the mma kernel splits K over a cluster of at most 8 CTAs (1000 -> 8, or fewer where K is short)
     monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
     n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = spec
     fact = svd_factors(r, cin, cout, kh, kw)
     for bias in (torch.randn(cout, dtype=torch.float64), None):
-        before = nhwc_launches()
         check_fused(impl, fact, make_input(n, cin, h, w, "channels_last", torch.bfloat16), bias, stride, padding,
                     dilation)
-        assert nhwc_launches() - before == 1
+    nhwc_kernel(2)
+
+
+# Every (padded rank, pixel fragments per warp, K step) the mma kernel
+# instantiates, each alone and split over a cluster, on a shape with a partial
+# last tile, padding taps, a partial last 64-channel chunk and more chunks than
+# CTAs; Cin 96 cannot take 64-channel K steps and must fall back to 32.
+@pytest.mark.parametrize("splits", ["1", "3", "8"])
+@pytest.mark.parametrize("ks", ["32", "64"])
+@pytest.mark.parametrize("mi", ["1", "2"])
+@pytest.mark.parametrize("rank,cin", [(9, 64), (32, 64), (50, 96), (128, 64)])
+def test_fused_mma_tiles(rank, cin, mi, ks, splits, impl, monkeypatch):
+    if not is_hopper():
+        pytest.skip("the mma.sync kernel needs compute capability 9.0 (thread-block clusters)")
+    monkeypatch.setenv("HSV_CUDA_NHWC", "mma")
+    monkeypatch.setenv("HSV_CUDA_MMA_MI", mi)
+    monkeypatch.setenv("HSV_CUDA_MMA_KSTEP", ks)
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    fact = svd_factors(rank, cin, 200, 3, 3)
+    bias = torch.randn(200, dtype=torch.float64)
+    x = make_input(3, cin, 13, 11, "channels_last", torch.bfloat16)
+    before = mma_launches()
+    check_fused(impl, fact, x, bias, 1, 1, 1)
+    assert mma_launches() - before == 1
+    # the forced settings took effect: the K step where Cin allows it, the
+    # split to a cluster of <= 8 CTAs that each get K steps
+    from hsvkernels._extension import _C
+    want_ks = int(ks) if cin % int(ks) == 0 else 32
+    k_steps = 9 * cin // want_ks
+    per = -(-k_steps // min(int(splits), 8))
+    tiles = -(-3 * 13 * 11 // (64 * int(mi)))
+    assert list(_C.cuda_mma_last_config()) == [int(mi), -(-k_steps // per), tiles, want_ks]
+
+
+def test_bad_nhwc_kernel_values_error(impl, monkeypatch):
+    impl("fused")
+    fact = svd_factors(16, 32, 32, 3, 3, dtype=torch.bfloat16).to("cuda")
+    x = make_input(1, 32, 6, 6, "channels_last", torch.bfloat16)
+    # HSV_CUDA_MMA_* are read by the mma kernel's launcher, which runs on Hopper only
+    mma_only = (("HSV_CUDA_MMA_MI", "4"), ("HSV_CUDA_MMA_KSTEP", "16")) if is_hopper() else ()
+    for name, bad in (("HSV_CUDA_NHWC", "cutlass"),) + mma_only:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match="%s='%s'" % (name, bad)):
+            hsvkernels.conv2d(x, fact, None, 1, 1)
+        monkeypatch.delenv(name)
 
 
 def test_fused_nhwc_not_taken_where_it_does_not_apply(impl):
@@ -290,13 +359,15 @@ def nhwc_specs(draw):
                                                                    HealthCheck.function_scoped_fixture])
 @given(nhwc_specs())
 def test_fused_nhwc_vs_composite_random_shapes(impl, spec):
+    # the default kernel choice (mma on Hopper, WMMA before) and the default tile and split model
     n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, dtype, with_bias = spec
     fact = svd_factors(r, cin, cout, kh, kw)
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
-    before = nhwc_launches()
+    before, before_mma = nhwc_launches(), mma_launches()
     check_fused(impl, fact, make_input(n, cin, h, w, "channels_last", dtype), bias, stride, padding, dilation)
     if n > 0:
         assert nhwc_launches() - before == 1
+        assert mma_launches() - before_mma == (1 if is_hopper() else 0)
 
 
 def test_bad_split_k_value_errors(impl, monkeypatch):
@@ -514,13 +585,16 @@ def test_fused_on_side_stream_and_in_cuda_graph(impl):
     torch.testing.assert_close(static_y, hsvkernels.conv2d(x2, fact, None, 1, 1))
 
 
-def test_fused_under_compile_reduce_overhead(impl):
+@pytest.mark.parametrize("cin", [16, 64], ids=["general", "nhwc"])
+def test_fused_under_compile_reduce_overhead(impl, cin):
     impl("fused")
     torch._dynamo.reset()
-    conv = torch.nn.Conv2d(16, 32, 3, padding=1).cuda()
+    conv = torch.nn.Conv2d(cin, 32, 3, padding=1).cuda()
     layer = hsvkernels.FactorizedConv2d.from_conv(conv, method="svd", ratio=4).to(torch.bfloat16)
     compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
-    x = torch.randn(4, 16, 14, 14, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, cin, 14, 14, device="cuda", dtype=torch.bfloat16)
+    if cin % 32 == 0:
+        x = x.contiguous(memory_format=torch.channels_last)
     before = launches()
     for _ in range(3):
         y = compiled(x)

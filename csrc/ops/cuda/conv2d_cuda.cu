@@ -24,6 +24,7 @@ namespace {
 
 std::atomic<int64_t> launches{0};
 std::atomic<int64_t> nhwc_launches{0};
+std::atomic<int64_t> mma_launches{0};
 
 }  // namespace
 
@@ -58,6 +59,10 @@ void count_fused_launch() { launches.fetch_add(1); }
 int64_t nhwc_launch_count() { return nhwc_launches.load(); }
 
 void count_nhwc_launch() { nhwc_launches.fetch_add(1); }
+
+int64_t mma_launch_count() { return mma_launches.load(); }
+
+void count_mma_launch() { mma_launches.fetch_add(1); }
 
 std::vector<std::string> fused_kinds() { return {"svd", "hsv", "tucker2"}; }
 

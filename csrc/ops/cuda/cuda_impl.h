@@ -34,6 +34,11 @@ void count_fused_launch();
 int64_t nhwc_launch_count();
 void count_nhwc_launch();
 
+// How many of those ran the Hopper mma.sync kernel (two_stage_mma.h) rather
+// than the WMMA one.
+int64_t mma_launch_count();
+void count_mma_launch();
+
 // The kinds that have a fused CUDA kernel.
 std::vector<std::string> fused_kinds();
 

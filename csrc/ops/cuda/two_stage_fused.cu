@@ -25,12 +25,11 @@
 // input and on the output.
 // Tensor cores through WMMA: fp16/bf16 operands m16n16k16, fp32 operands as
 // TF32 m16n16k8; fp32 accumulation in both.
-// fp16/bf16 channels_last inputs with Cin % 32 == 0 and Cout % 8 == 0 take the
-// NHWC kernel instead (two_stage_nhwc.cu): 16-byte cp.async gathers, a 4-deep
-// pipeline, no per-element division. This one is the general path.
-// Next (from an Nsight Compute profile of the NHWC kernel, H100, 2026-11-22):
-// WMMA fragment loads cost far more instructions than ldmatrix + mma.sync, and
-// small grids leave SMs nearly empty (9.5% achieved occupancy on a 98-tile layer).
+// fp16/bf16 channels_last inputs with Cin % 32 == 0 and Cout % 8 == 0 take a
+// channels_last kernel instead: on compute capability 9.0 the mma.sync one
+// (two_stage_mma.cu: ldmatrix, the intermediate in registers, split-K in a
+// cluster), before that the WMMA one (two_stage_nhwc.cu: 16-byte cp.async
+// gathers, a 4-deep pipeline). This one is the general path.
 #include "two_stage_fused.h"
 
 #include <ATen/Context.h>
@@ -54,6 +53,7 @@
 
 #include "../cpu/pack.h"
 #include "cuda_impl.h"
+#include "two_stage_mma.h"
 #include "two_stage_nhwc.h"
 #include "wmma_tiles.cuh"
 
@@ -506,6 +506,13 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t rp = nhwc ? nhwc_padded_rank(r) : round_up(r, 16);
   const int64_t cout_pad = round_up(cout, kTileN);
   const PackedFactors packed = packed_factors(factors, bias, kind, rp, k_pad, cout_pad);
+  if (nhwc && mma_supports(input, cin, r, cout)) {
+    at::Tensor y = mma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
+    count_fused_launch();
+    count_nhwc_launch();
+    count_mma_launch();
+    return y;
+  }
   if (nhwc) {
     at::Tensor y = nhwc_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
     count_fused_launch();

@@ -1,0 +1,138 @@
+"""Channels_last fused kernels on the GPU: dense cuDNN vs composite vs the WMMA and mma kernels, per layer.
+
+Each path is captured `--reps` times into one CUDA graph and timed by replaying
+it (medians of interleaved blocks, bench/timing.py), so launch overhead is out
+and the numbers are device time per call. `--sweep` adds the mma kernel with
+every forced (pixel fragments per warp MI, cluster split S, K step), to check the
+tile model in two_stage_mma.cu against the best setting.
+
+    python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32 --methods hsv [--sweep]
+"""
+import argparse
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hsvkernels  # noqa: E402
+from bench import suite, timing  # noqa: E402
+from hsvkernels._extension import _C  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K")
+
+
+def captured(fn, env, reps):
+    """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay."""
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(env)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        config = list(_C.cuda_mma_last_config())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return graph.replay, config
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    suite.add_filter_args(p)
+    p.add_argument("--methods", default="hsv")
+    p.add_argument("--batch", default="32", help="comma-separated batch sizes")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--ratio", type=float, default=4.0)
+    p.add_argument("--macs-ratio", type=float, default=4.0)
+    p.add_argument("--reps", type=int, default=10, help="calls per captured graph")
+    p.add_argument("--min-run-time", type=float, default=0.1)
+    p.add_argument("--sweep", action="store_true", help="also every forced (MI, S, K step) of the mma kernel")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
+    dtype = DTYPES[args.dtype]
+    print("device %s  torch %s  cudnn %s  dtype %s channels_last  cudnn.benchmark True  graphs of %d calls"
+          % (torch.cuda.get_device_name(), torch.__version__, torch.backends.cudnn.version(), args.dtype, args.reps))
+    print("times: device us per call (median); mma config = (MI, cluster S, tiles, K step)")
+    torch.manual_seed(0)
+    rows = []
+    for shape in suite.select_from_args(args):
+        kw = shape.conv_kwargs()
+        w = torch.randn(shape.weight_shape, dtype=torch.float32)
+        for batch in [int(b) for b in args.batch.split(",")]:
+            x = torch.randn(batch, shape.cin, shape.h, shape.w, device="cuda", dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            wd = w.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+            for method in args.methods.split(","):
+                fact = hsvkernels.decompose(w, method, ratio=args.ratio, macs_ratio=args.macs_ratio)
+                factors = [f.to("cuda", dtype) for f in fact.factors]
+                op = lambda: torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"],  # noqa: E731
+                                                  kw["dilation"], kw["groups"], fact.kind)
+                dense = lambda: F.conv2d(x, wd, None, kw["stride"], kw["padding"], kw["dilation"],  # noqa: E731
+                                         kw["groups"])
+                paths = {"dense": (dense, {}), "composite": (op, {"HSV_CUDA_IMPL": "composite"}),
+                         "wmma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wmma"}),
+                         "mma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma"})}
+                if args.sweep:
+                    for mi in ("1", "2"):
+                        for s in ("1", "2", "4"):
+                            for ks in ("32", "64"):
+                                paths["mma mi%s s%s k%s" % (mi, s, ks)] = (op, {
+                                    "HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma", "HSV_CUDA_MMA_MI": mi,
+                                    "HSV_CUDA_SPLIT_K": s, "HSV_CUDA_MMA_KSTEP": ks})
+                with torch.inference_mode():
+                    os.environ["HSV_CUDA_IMPL"] = "composite"
+                    y_comp = op()
+                    os.environ["HSV_CUDA_IMPL"] = "fused"
+                    y_mma = op()
+                    os.environ.pop("HSV_CUDA_IMPL")
+                    err = rel_err(y_mma, y_comp)
+                    fns, configs = {}, {}
+                    for name, (fn, env) in paths.items():
+                        fns[name], configs[name] = captured(fn, env, args.reps)
+                    times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=3)
+                t = {name: times[name]["median"] / args.reps * 1e6 for name in fns}
+                best = min((v, k) for k, v in t.items() if k.startswith("mma"))
+                row = dict(layer=shape.name, batch=batch, method=method, times=t, mma_config=configs["mma"],
+                           best=best[1], err_vs_composite=err)
+                rows.append(row)
+                print("\n%s b%d %s %s: mma vs composite error %.2g, mma config %s" % (
+                    shape.name, batch, method, "x".join(str(tuple(f.shape)) for f in factors), err, configs["mma"]))
+                for name, v in t.items():
+                    print("  %-18s %9.1f us  /dense %6.3f  /composite %6.3f  %s" % (
+                        name, v, v / t["dense"], v / t["composite"],
+                        configs[name] if name.startswith("mma") else ""))
+    print("\n| layer | N | method | dense us | composite us | wmma us | mma us | mma/dense | mma/composite | "
+          "mma/wmma | mma config | best |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["times"]
+        print("| %s | %d | %s | %.1f | %.1f | %.1f | %.1f | %.3f | %.3f | %.3f | %s | %s %.1f |" % (
+            r["layer"], r["batch"], r["method"], t["dense"], t["composite"], t["wmma"], t["mma"],
+            t["mma"] / t["dense"], t["mma"] / t["composite"], t["mma"] / t["wmma"], r["mma_config"], r["best"],
+            t[r["best"]]))
+
+
+if __name__ == "__main__":
+    main()
