@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -155,10 +156,28 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, const Stage& st) {
   return shared_bmm(w.reshape({cout, v[1]}), x.reshape({v[0], v[1], v[2] * v[3]})).reshape({v[0], cout, v[2], v[3]});
 }
 
+// x with its size-1 channel dim given its NCHW stride (a view, no copy: a size-1 dim's
+// stride is free). oneDNN (at::conv2d on CPU, torch 2.14.1) gets a conv with one input channel
+// wrong when it runs it channels_last, which ATen does when x.stride(1) <= x.stride(3): input
+// (2, 1, 3, 4) strides (12, 1, 4, 1) (channels_last, or a channels_last slice (24, 1, 8, 2)),
+// weight (1, 1, 2, 4), stride (1, 3) reads garbage into every output row but the first at 2
+// threads, at 1 thread too from batch 4 (seen where the output is one column wide and the
+// column stride > 1). Its NCHW path is right. The weight needs nothing: stage_weight's reshape
+// already gives its size-1 dims NCHW strides. convolution_backward was not affected.
+at::Tensor nchw_single_channel(const at::Tensor& x) {
+  if (x.size(1) != 1 || !x.is_cpu()) return x;
+  const int64_t nchw = std::max(x.size(2) * x.stride(2), x.size(3) * x.stride(3));
+  if (x.stride(1) == nchw) return x;
+  std::vector<int64_t> strides = x.strides().vec();
+  strides[1] = nchw;
+  return x.as_strided(x.sizes(), strides, x.storage_offset());
+}
+
 at::Tensor run_stage(const at::Tensor& x, at::TensorList factors, const Stage& st) {
   const auto& c = st.conv;
   if (st.gemm) return run_gemm(x, stage_weight(factors, st), st);
-  return at::conv2d(x, stage_weight(factors, st), {}, c.stride, c.padding, c.dilation, c.groups);
+  return at::conv2d(nchw_single_channel(x), stage_weight(factors, st), {}, c.stride, c.padding, c.dilation,
+                    c.groups);
 }
 
 // Input and weight gradients of a gemm stage (what convolution_backward gives for a conv stage).
