@@ -107,6 +107,23 @@ def main():
                 calls += 1
     os.environ.pop("HSV_CUDA_NHWC")
     os.environ.pop("HSV_CUDA_SPLIT_K")
+    # the factors packed by the packing kernel (HSV_CUDA_PACK=kernel) instead of ATen ops
+    os.environ["HSV_CUDA_PACK"] = "kernel"
+    for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
+        opts = dict(device="cuda", dtype=dtype)
+        for n, cin, cout, r, h, w, kh, kw, stride, padding, dilation in SVD_CASES:
+            v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
+            u = torch.randn(cout, r, **opts) / r ** 0.5
+            x = make_x(n, cin, h, w, dtype, channels_last)
+            worst = max(worst, check("svd", [v, u], (cout, cin, kh, kw), x, torch.randn(cout, **opts), stride,
+                                     padding, dilation))
+            calls += 1
+        b = torch.randn(6, 2, 12, 3, 3, **opts) / 108 ** 0.5
+        a = torch.randn(5, 1, 6, **opts) / 6 ** 0.5
+        worst = max(worst, check("hsv", [b, a], (10, 12, 3, 3), make_x(2, 12, 9, 10, dtype, channels_last),
+                                 torch.randn(10, **opts), 1, 1, 1))
+        calls += 1
+    os.environ.pop("HSV_CUDA_PACK")
     if "mma" in kernels and _C.cuda_mma_launch_count() - mma_before < 4:
         raise SystemExit("the mma kernel did not run where HSV_CUDA_NHWC=mma asked for it")
     print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g)" % (calls, worst))

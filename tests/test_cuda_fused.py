@@ -625,3 +625,84 @@ def test_fused_argument_errors_match_composite(impl):
                 torch.ops.hsv.conv2d(x, list(fact.factors), bias, [1, 1], [0, 0], [1, 1], 1, "svd")
             msgs.append(str(exc.value).split("\n")[0])
         assert msgs[0] == msgs[1]
+
+
+# HSV_CUDA_PACK=kernel: the two-stage operands packed by one kernel of our own
+# (pack_two_stage.cu) instead of ATen ops. The packed buffers must be the same,
+# so the outputs must be bitwise equal; fresh factor tensors per path keep the
+# packed-factor cache from serving one path's buffers to the other.
+PACK_CASES = [
+    # (kind, factor maker, N, Cin, H, W, stride, padding, layout, dtype)
+    ("svd", lambda: svd_factors(24, 64, 72, 3, 3), 2, 64, 9, 7, 1, 1, "channels_last", torch.bfloat16),   # mma/NHWC
+    ("svd", lambda: svd_factors(5, 8, 16, 3, 2), 2, 8, 9, 11, 2, 1, "contiguous", torch.float32),        # general
+    ("svd", lambda: svd_factors(100, 32, 16, 1, 1), 1, 32, 6, 5, 1, 0, "channels_last", torch.float16),
+    ("hsv", lambda: hsv_factors(15, 64, 2, 1, 128, 3, 3), 1, 128, 8, 8, 1, 1, "channels_last", torch.bfloat16),
+    ("hsv", lambda: hsv_factors(5, 7, 3, 1, 9, 3, 2), 3, 9, 10, 7, 2, (1, 0), "contiguous", torch.float16),
+]
+
+
+def _fresh(fact, dtype, strided):
+    """fact on the GPU in dtype, as new tensors; `strided`: V (or B) as a non-contiguous view."""
+    fd = fact.to("cuda", dtype)
+    factors = [f.clone() for f in fd.factors]
+    if strided:   # same values, every stride doubled
+        v = factors[0]
+        spaced = torch.empty(v.shape + (2,), device=v.device, dtype=v.dtype)[..., 0]
+        spaced.copy_(v)
+        factors[0] = spaced
+    return type(fd)(fd.kind, factors, fd.shape)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", PACK_CASES, ids=[c[0] + str(i) for i, c in enumerate(PACK_CASES)])
+def test_pack_kernel_matches_aten_packing(case, with_bias, strided, impl, monkeypatch):
+    kind, make, n, cin, h, w, stride, padding, layout, dtype = case
+    fact = make()
+    bias = torch.randn(fact.shape[0], device="cuda", dtype=dtype) if with_bias else None
+    x = make_input(n, cin, h, w, layout, dtype)
+    impl("fused")
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", "1")   # no atomics: the two runs must add in the same order
+    outs = []
+    for pack in ("aten", "kernel"):
+        monkeypatch.setenv("HSV_CUDA_PACK", pack)
+        before = launches()
+        outs.append(hsvkernels.conv2d(x, _fresh(fact, dtype, strided), None if bias is None else bias.clone(),
+                                      stride, padding))
+        assert launches() - before == 1
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
+    check_fused(impl, fact, x, None if bias is None else bias.double().cpu(), stride, padding, 1)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_pack_kernel_in_graph_sees_in_place_updates(layout, impl, monkeypatch):
+    # Under capture the packing runs on every replay: updating the factors and
+    # the bias in place after capture must change what the next replay computes.
+    impl("fused")
+    monkeypatch.setenv("HSV_CUDA_PACK", "kernel")
+    fact = hsv_factors(15, 64, 2, 1, 128, 3, 3).to("cuda", torch.bfloat16)
+    bias = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    x = make_input(2, 128, 8, 8, layout, torch.bfloat16)
+    hsvkernels.conv2d(x, fact, bias, 1, 1)   # warm-up (and a cached packing, which the graph must not use)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = hsvkernels.conv2d(x, fact, bias, 1, 1)
+    with torch.no_grad():
+        fact.factors[0].mul_(-1.5)
+        fact.factors[1].add_(0.25)
+        bias.mul_(2.0)
+    g.replay()
+    impl("composite")
+    y_comp = hsvkernels.conv2d(x, fact, bias, 1, 1)
+    torch.cuda.synchronize()
+    assert rel_err(static_y, y_comp.double()) <= TOL[torch.bfloat16]
+
+
+def test_bad_pack_value_errors(impl, monkeypatch):
+    impl("fused")
+    monkeypatch.setenv("HSV_CUDA_PACK", "cutlass")
+    fact = svd_factors(4, 8, 8, 3, 3, dtype=torch.float16).to("cuda")
+    with pytest.raises(ValueError, match="HSV_CUDA_PACK='cutlass'"):
+        hsvkernels.conv2d(torch.randn(1, 8, 5, 5, device="cuda", dtype=torch.float16), fact)

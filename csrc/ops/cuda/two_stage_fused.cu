@@ -53,6 +53,7 @@
 
 #include "../cpu/pack.h"
 #include "cuda_impl.h"
+#include "pack_two_stage.h"
 #include "two_stage_mma.h"
 #include "two_stage_nhwc.h"
 #include "wmma_tiles.cuh"
@@ -392,13 +393,13 @@ struct PackedFactors {
   at::Tensor vp, up, bias_f;
 };
 
-// A zero-filled buffer that no CUDA graph owns. While cudagraph trees
+// A buffer that no CUDA graph owns. While cudagraph trees
 // (torch.compile mode="reduce-overhead") warm up or record, torch routes every
 // allocation of the calling thread to the graph's private pool, which must then
 // hold no tensor that outlives the graph, as a cached packed factor does. So
 // the buffer is allocated by a short-lived thread of its own, and recorded on
 // the current stream, which fills and reads it. Only on a cache miss.
-at::Tensor persistent_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor persistent_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const c10::DeviceIndex device = options.device().index();
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device);
   const std::vector<int64_t> shape = sizes.vec();
@@ -414,24 +415,69 @@ at::Tensor persistent_zeros(at::IntArrayRef sizes, const at::TensorOptions& opti
   }).join();
   if (error) std::rethrow_exception(error);
   c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), current);
-  return t.zero_();
+  return t;
+}
+
+// The factors as pack_two_stage reads them: B (P, T2, Cin, kh, kw) and A (T1, P)
+// with U = A kron I_T2; svd is T2 = 1.
+std::pair<at::Tensor, at::Tensor> pack_views(at::TensorList factors, const std::string& kind) {
+  if (kind == "svd") return {factors[0].unsqueeze(1), factors[1]};
+  return {factors[0], factors[1].select(1, 0)};
 }
 
 // Packing costs 4 to 6 small kernels and allocations per call (10 to 30 us at
 // batch 1), so each packed operand is cached against the factor it comes from
 // (cpu::packed_cached: same tensor, unchanged version). Not while a CUDA graph
 // is being captured: a buffer made then holds its values only once the graph
-// replays, so a later eager call must not find it in the cache.
+// replays, so a later eager call must not find it in the cache (and a replay
+// must see in-place updates of the factors): there packing runs on every call.
+// HSV_CUDA_PACK=kernel packs with one kernel of our own (pack_two_stage.h) in
+// place of the ATen ops.
 PackedFactors packed_factors(at::TensorList factors, const c10::optional<at::Tensor>& bias, const std::string& kind,
                              int64_t rp, int64_t k_pad, int64_t cout_pad) {
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const std::string tag = "cuda-two-stage:" + kind + ":rp=" + std::to_string(rp) + ":";
+  // Up depends on factors[1] and, for hsv, on T2 = B.size(1): in the layout string.
+  const std::string up_tag = tag + "up:cout=" + std::to_string(cout_pad) + ":t2=" +
+                             std::to_string(kind == "hsv" ? factors[0].size(1) : 1);
+  if (pack_with_kernel()) {
+    const auto views = pack_views(factors, kind);
+    const auto opts = factors[0].options();
+    const at::Tensor bias_s = has_bias ? bias->to(factors[0].scalar_type()) : at::Tensor();  // no-op when equal
+    PackedFactors out;
+    if (capturing) {  // all three in one launch: it runs on every replay
+      out.vp = at::empty({rp, k_pad}, opts);
+      out.up = at::empty({cout_pad, rp}, opts);
+      if (has_bias) out.bias_f = at::empty({bias->numel()}, bias->options().dtype(at::kFloat));
+      pack_two_stage(views.first, views.second, bias_s, out.vp, out.up, out.bias_f);
+      return out;
+    }
+    out.vp = cpu::packed_cached(factors[0], tag + "vp:k=" + std::to_string(k_pad), [&] {
+      at::Tensor vp = persistent_empty({rp, k_pad}, opts);
+      pack_two_stage(views.first, views.second, at::Tensor(), vp, at::Tensor(), at::Tensor());
+      return vp;
+    });
+    out.up = cpu::packed_cached(factors[1], up_tag, [&] {
+      at::Tensor up = persistent_empty({cout_pad, rp}, opts);
+      pack_two_stage(views.first, views.second, at::Tensor(), at::Tensor(), up, at::Tensor());
+      return up;
+    });
+    if (has_bias) {
+      out.bias_f = cpu::packed_cached(*bias, "cuda-bias-f32", [&] {
+        at::Tensor bf = persistent_empty({bias->numel()}, bias->options().dtype(at::kFloat));
+        pack_two_stage(views.first, views.second, bias_s, at::Tensor(), at::Tensor(), bf);
+        return bf;
+      });
+    }
+    return out;
+  }
   auto cached = [&](const at::Tensor& key, const std::string& layout, const std::function<at::Tensor()>& make) {
     return capturing ? make() : cpu::packed_cached(key, layout, make);
   };
   auto zeros = [&](at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return capturing ? at::zeros(sizes, options) : persistent_zeros(sizes, options);
+    return capturing ? at::zeros(sizes, options) : persistent_empty(sizes, options).zero_();
   };
-  const std::string tag = "cuda-two-stage:" + kind + ":rp=" + std::to_string(rp) + ":";
   PackedFactors out;
   out.vp = cached(factors[0], tag + "vp:k=" + std::to_string(k_pad), [&] {
     const at::Tensor V = two_stage_factors(factors, kind).first;
@@ -440,16 +486,13 @@ PackedFactors packed_factors(at::TensorList factors, const c10::optional<at::Ten
     vp.narrow(0, 0, r).narrow(1, 0, k).copy_(V.permute({0, 2, 3, 1}).reshape({r, k}));
     return vp;
   });
-  // Up depends on factors[1] and, for hsv, on T2 = B.size(1): in the layout string.
-  out.up = cached(factors[1], tag + "up:cout=" + std::to_string(cout_pad) + ":t2=" +
-                                  std::to_string(kind == "hsv" ? factors[0].size(1) : 1),
-                  [&] {
-                    const at::Tensor U = two_stage_factors(factors, kind).second;
-                    at::Tensor upad = zeros({cout_pad, rp}, U.options());
-                    upad.narrow(0, 0, U.size(0)).narrow(1, 0, U.size(1)).copy_(U);
-                    return upad;
-                  });
-  if (bias.has_value() && bias->defined()) {
+  out.up = cached(factors[1], up_tag, [&] {
+    const at::Tensor U = two_stage_factors(factors, kind).second;
+    at::Tensor upad = zeros({cout_pad, rp}, U.options());
+    upad.narrow(0, 0, U.size(0)).narrow(1, 0, U.size(1)).copy_(U);
+    return upad;
+  });
+  if (has_bias) {
     out.bias_f = cached(*bias, "cuda-bias-f32", [&] {
       return zeros({bias->numel()}, bias->options().dtype(at::kFloat)).copy_(*bias);
     });
