@@ -62,6 +62,16 @@ def make_x(n, c, h, w, dtype, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def svd_case(case, dtype, channels_last):
+    """One SVD_CASES entry on fresh random factors, input and bias; returns its relative error."""
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = case
+    opts = dict(device="cuda", dtype=dtype)
+    v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
+    u = torch.randn(cout, r, **opts) / r ** 0.5
+    return check("svd", [v, u], (cout, cin, kh, kw), make_x(n, cin, h, w, dtype, channels_last),
+                 torch.randn(cout, **opts), stride, padding, dilation)
+
+
 def main():
     if not torch.cuda.is_available():
         raise SystemExit("cuda_fused_smoke.py: no CUDA device")
@@ -71,12 +81,8 @@ def main():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         opts = dict(device="cuda", dtype=dtype)
         for channels_last in (False, True):
-            for n, cin, cout, r, h, w, kh, kw, stride, padding, dilation in SVD_CASES:
-                v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
-                u = torch.randn(cout, r, **opts) / r ** 0.5
-                x = make_x(n, cin, h, w, dtype, channels_last)
-                worst = max(worst, check("svd", [v, u], (cout, cin, kh, kw), x, torch.randn(cout, **opts), stride,
-                                         padding, dilation))
+            for case in SVD_CASES:
+                worst = max(worst, svd_case(case, dtype, channels_last))
                 calls += 1
             # tucker2, stride 2: a 17 x 17 halo per 8 x 8 tile, two Cout chunks
             us = torch.randn(12, 20, **opts) / 20 ** 0.5
@@ -97,13 +103,8 @@ def main():
     for kernel in kernels:
         for splits in ("1", "3"):
             os.environ["HSV_CUDA_NHWC"], os.environ["HSV_CUDA_SPLIT_K"] = kernel, splits
-            for n, cin, cout, r, h, w, kh, kw, stride, padding, dilation in SVD_CASES[-2:]:
-                opts = dict(device="cuda", dtype=torch.bfloat16)
-                v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
-                u = torch.randn(cout, r, **opts) / r ** 0.5
-                x = make_x(n, cin, h, w, torch.bfloat16, True)
-                worst = max(worst, check("svd", [v, u], (cout, cin, kh, kw), x, torch.randn(cout, **opts), stride,
-                                         padding, dilation))
+            for case in SVD_CASES[-2:]:
+                worst = max(worst, svd_case(case, torch.bfloat16, True))
                 calls += 1
     os.environ.pop("HSV_CUDA_NHWC")
     os.environ.pop("HSV_CUDA_SPLIT_K")
@@ -111,12 +112,8 @@ def main():
     os.environ["HSV_CUDA_PACK"] = "kernel"
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
         opts = dict(device="cuda", dtype=dtype)
-        for n, cin, cout, r, h, w, kh, kw, stride, padding, dilation in SVD_CASES:
-            v = torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5
-            u = torch.randn(cout, r, **opts) / r ** 0.5
-            x = make_x(n, cin, h, w, dtype, channels_last)
-            worst = max(worst, check("svd", [v, u], (cout, cin, kh, kw), x, torch.randn(cout, **opts), stride,
-                                     padding, dilation))
+        for case in SVD_CASES:
+            worst = max(worst, svd_case(case, dtype, channels_last))
             calls += 1
         b = torch.randn(6, 2, 12, 3, 3, **opts) / 108 ** 0.5
         a = torch.randn(5, 1, 6, **opts) / 6 ** 0.5

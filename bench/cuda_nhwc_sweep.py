@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hsvkernels  # noqa: E402
-from bench import suite, timing  # noqa: E402
+from bench import layers, suite, timing  # noqa: E402
 from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,25 +31,16 @@ def captured(fn, env, reps):
     """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay."""
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(env)
+    config = []
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        config = list(_C.cuda_mma_last_config())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
+        replay = layers.graphed(fn, reps, after_warmup=lambda: config.extend(_C.cuda_mma_last_config()))
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return graph.replay, config
+    return replay, config
 
 
 def rel_err(y, ref):

@@ -196,11 +196,12 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
-def graphed(fn):
-    """fn captured once into a CUDA graph (after warm-up on a side stream); returns its replay.
+def graphed(fn, reps=1, after_warmup=None):
+    """fn captured `reps` times into one CUDA graph (after warm-up on a side stream); returns its replay.
 
     The op reads HSV_CUDA_IMPL when it is called, so each --impls callable is
-    captured with its own implementation.
+    captured with its own implementation. after_warmup, if given, is called
+    between the warm-up and the capture (to read what the warm-up calls chose).
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -208,9 +209,12 @@ def graphed(fn):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    if after_warmup is not None:
+        after_warmup()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(reps):
+            fn()
     return graph.replay
 
 

@@ -129,6 +129,16 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+template <int A, int B>
+__device__ __forceinline__ void zero(float (&acc)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.0f;
+}
+
 // Two floats as two 16-bit values in one register, the first in the low half
 // (the lower column of an mma fragment).
 __device__ __forceinline__ unsigned pack2(float lo, float hi, __half*) {
@@ -164,7 +174,6 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
   const int splits = static_cast<int>(cluster.num_blocks());
   const int split = static_cast<int>(cluster.block_rank());
   const long long p0 = static_cast<long long>(blockIdx.x / splits) * L::kTileM;
-  const int hw = p.ho * p.wo;
   const S* x = static_cast<const S*>(p.x);
   const S* vp = static_cast<const S*>(p.vp);
   const S* up = static_cast<const S*>(p.up);
@@ -182,11 +191,8 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
     g_iy[j] = -(1 << 30);
     g_ix[j] = 0;
     if (pix < p.pixels) {
-      const int n = static_cast<int>(pix / hw);
-      const int q = static_cast<int>(pix - static_cast<long long>(n) * hw);
-      const int oy = q / p.wo, ox = q - oy * p.wo;
-      g_iy[j] = oy * p.stride_h - p.pad_h;
-      g_ix[j] = ox * p.stride_w - p.pad_w;
+      int n;
+      tiles::pixel_origin(p, pix, n, g_iy[j], g_ix[j]);
       g_off[j] = n * p.sn + static_cast<long long>(g_iy[j]) * p.sh + static_cast<long long>(g_ix[j]) * p.sw +
                  (tid % 4) * 8;
     }
@@ -270,12 +276,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
   // Every thread commits one group per step (empty past the end), so the
   // wait_group counts line up.
   float acc[MI][kNj][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int nj = 0; nj < kNj; ++nj)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.0f;
+  zero(acc);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < nsteps) issue(s);
@@ -324,12 +325,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
         part[(mi * kNj + nj) * kThreads + tid] =
             make_float4(acc[mi][nj][0], acc[mi][nj][1], acc[mi][nj][2], acc[mi][nj][3]);
     cluster.sync();  // every partial written (and visible cluster-wide)
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < kNj; ++nj)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.0f;
+    zero(acc);
     for (int r = 0; r < splits; ++r) {
       const float4* src = cluster.map_shared_rank(part, r);
 #pragma unroll
@@ -387,12 +383,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
     __syncthreads();
     const unsigned ubase = smem0 + (it & 1) * L::kU + off_u;
     float o[MI][kCoChunk / 8][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < kCoChunk / 8; ++nj)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[mi][nj][e] = 0.0f;
+    zero(o);
 #pragma unroll
     for (int kk = 0; kk < kKk; ++kk)
 #pragma unroll

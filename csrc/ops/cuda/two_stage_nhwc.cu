@@ -128,7 +128,6 @@ __global__ void __launch_bounds__(kThreads) nhwc_kernel(const NhwcParams p) {
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long p0 = static_cast<long long>(blockIdx.x) * L::kTileM;
-  const int hw = p.ho * p.wo;
   const S* x = static_cast<const S*>(p.x);
   const S* vp = static_cast<const S*>(p.vp);
   const S* up = static_cast<const S*>(p.up);
@@ -144,12 +143,9 @@ __global__ void __launch_bounds__(kThreads) nhwc_kernel(const NhwcParams p) {
     const int id = tid + j * kThreads;
     const long long pix = p0 + id / 4;
     if (pix < p.pixels) {
-      const int n = static_cast<int>(pix / hw);
-      const int q = static_cast<int>(pix - static_cast<long long>(n) * hw);
-      const int oy = q / p.wo, ox = q - oy * p.wo;
+      int n;
+      tiles::pixel_origin(p, pix, n, g_iy[j], g_ix[j]);
       g_base[j] = n * p.sn + (id % 4) * 8;
-      g_iy[j] = oy * p.stride_h - p.pad_h;
-      g_ix[j] = ox * p.stride_w - p.pad_w;
     } else {
       g_base[j] = -1;
       g_iy[j] = 0;

@@ -118,6 +118,19 @@ __device__ __forceinline__ void gather_coords(int e, bool channels_fastest, int&
   }
 }
 
+// Output pixel `pix` of the N*Ho*Wo pixels of a conv (p has the fields
+// set_conv_geometry fills): its image n and the top-left input position
+// (iy, ix) of its window, which lies in the padding where that is negative.
+template <typename P>
+__device__ __forceinline__ void pixel_origin(const P& p, long long pix, int& n, int& iy, int& ix) {
+  const int hw = p.ho * p.wo;
+  n = static_cast<int>(pix / hw);
+  const int q = static_cast<int>(pix - static_cast<long long>(n) * hw);
+  const int oy = q / p.wo, ox = q - oy * p.wo;
+  iy = oy * p.stride_h - p.pad_h;
+  ix = ox * p.stride_w - p.pad_w;
+}
+
 template <typename Frag>
 __device__ __forceinline__ void round_to_tf32(Frag& f) {
   for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
