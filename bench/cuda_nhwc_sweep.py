@@ -24,7 +24,8 @@ from bench import layers, suite, timing  # noqa: E402
 from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K")
+ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K",
+       "HSV_CUDA_PACK")
 
 
 def captured(fn, env, reps):
@@ -58,6 +59,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10, help="calls per captured graph")
     p.add_argument("--min-run-time", type=float, default=0.1)
     p.add_argument("--sweep", action="store_true", help="also every forced (MI, S, K step) of the mma kernel")
+    p.add_argument("--pack-kernel", action="store_true",
+                   help="also the mma kernel with HSV_CUDA_PACK=kernel (one packing kernel per graph replay)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
@@ -85,6 +88,9 @@ def main(argv=None):
                 paths = {"dense": (dense, {}), "composite": (op, {"HSV_CUDA_IMPL": "composite"}),
                          "wmma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wmma"}),
                          "mma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma"})}
+                if args.pack_kernel:
+                    paths["mma packk"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma",
+                                               "HSV_CUDA_PACK": "kernel"})
                 if args.sweep:
                     for mi in ("1", "2"):
                         for s in ("1", "2", "4"):
@@ -99,6 +105,14 @@ def main(argv=None):
                     y_mma = op()
                     os.environ.pop("HSV_CUDA_IMPL")
                     err = rel_err(y_mma, y_comp)
+                    if args.pack_kernel:   # the packing kernel must give the same answer (its packed buffers are equal)
+                        os.environ["HSV_CUDA_IMPL"], os.environ["HSV_CUDA_PACK"] = "fused", "kernel"
+                        factors = [f.clone() for f in factors]   # fresh tensors: no cached packing
+                        y_packk = op()
+                        os.environ.pop("HSV_CUDA_IMPL")
+                        os.environ.pop("HSV_CUDA_PACK")
+                        if not torch.equal(y_packk, y_mma):
+                            sys.exit("HSV_CUDA_PACK=kernel changed the output on %s" % shape.name)
                     fns, configs = {}, {}
                     for name, (fn, env) in paths.items():
                         fns[name], configs[name] = captured(fn, env, args.reps)

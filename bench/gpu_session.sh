@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh build bench                # call 2 (~8 min): per layer
 #   bash bench/gpu_session.sh build models               # call 3 (~4 min): end to end
 #   bash bench/gpu_session.sh build models-measured      # call 4: end to end, dense where measured faster
+#   bash bench/gpu_session.sh build sweep                 # channels_last kernels per layer (graphs), packing kernel
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -133,6 +134,13 @@ if want bench; then
   step "bench bf16 batch-1 graphed" 80 "$OUT/session.log" \
     "$PY" bench/layers.py "${common[@]}" --batch 1 --graph --dtype bfloat16 --channels-last \
     --out /tmp/hsv-bench-bf16-graph
+fi
+
+if want sweep; then
+  # the channels_last kernels per layer from graph replays: dense, composite, WMMA, mma, and mma with
+  # the one-kernel packing (HSV_CUDA_PACK=kernel; the script stops if that changes any output)
+  step "nhwc sweep" 200 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
+    --batch 32,1 --methods hsv,svd --pack-kernel
 fi
 
 # end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last
