@@ -2,16 +2,11 @@
 
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
+#include "../env_choice.h"
 
 namespace hsv {
 namespace cpu {
 namespace {
-
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::string(v) : std::string();
-}
 
 const Microkernel* compiled(const std::string& isa) {
   if (isa == "avx512") return microkernel_avx512();
@@ -23,11 +18,8 @@ const Microkernel* compiled(const std::string& isa) {
 }  // namespace
 
 Impl impl_from_env() {
-  const std::string v = env("HSV_CPU_IMPL");
-  if (v == "composite") return Impl::Composite;
-  if (v.empty() || v == "fused") return Impl::Fused;
-  if (v == "auto") return Impl::Auto;
-  TORCH_CHECK_VALUE(false, "hsv::conv2d: HSV_CPU_IMPL='", v, "' is not one of 'composite', 'fused', 'auto'");
+  constexpr Impl kImpls[] = {Impl::Composite, Impl::Fused, Impl::Auto};
+  return kImpls[env_choice("HSV_CPU_IMPL", {"composite", "fused", "auto"}, /*unset=*/1)];
 }
 
 bool cpu_supports(const std::string& isa) {
@@ -48,10 +40,9 @@ std::string best_isa() {
 }
 
 const Microkernel& select_microkernel() {
-  std::string isa = env("HSV_CPU_ISA");
-  if (isa.empty() || isa == "auto") isa = best_isa();
-  TORCH_CHECK_VALUE(isa == "avx512" || isa == "avx2" || isa == "scalar", "hsv::conv2d: HSV_CPU_ISA='", isa,
-                    "' is not one of 'avx512', 'avx2', 'scalar', 'auto'");
+  const size_t choice = env_choice("HSV_CPU_ISA", {"auto", "avx512", "avx2", "scalar"});
+  static const char* const kNamed[] = {"", "avx512", "avx2", "scalar"};
+  const std::string isa = choice == 0 ? best_isa() : kNamed[choice];
   const Microkernel* k = compiled(isa);
   TORCH_CHECK(k != nullptr, "hsv::conv2d: HSV_CPU_ISA='", isa, "' but this build has no ", isa, " kernel");
   TORCH_CHECK(cpu_supports(isa), "hsv::conv2d: HSV_CPU_ISA='", isa, "' but this CPU does not support ", isa,

@@ -8,12 +8,12 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <exception>
 #include <string>
 
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
+#include "../env_choice.h"
 #include "cuda_impl.h"
 #include "tucker2_fused.h"
 #include "two_stage_fused.h"
@@ -29,16 +29,11 @@ std::atomic<int64_t> mma_launches{0};
 }  // namespace
 
 Impl impl_from_env() {
-  const char* raw = std::getenv("HSV_CUDA_IMPL");
-  const std::string v = raw ? std::string(raw) : std::string();
-  if (v.empty() || v == "composite") return Impl::Composite;
-  if (v == "fused") return Impl::Fused;
-  TORCH_CHECK_VALUE(false, "hsv::conv2d: HSV_CUDA_IMPL='", v, "' is not one of 'composite', 'fused'");
+  return env_choice("HSV_CUDA_IMPL", {"composite", "fused"}) == 0 ? Impl::Composite : Impl::Fused;
 }
 
 int64_t split_k_from_env() {
-  const char* raw = std::getenv("HSV_CUDA_SPLIT_K");
-  const std::string v = raw ? std::string(raw) : std::string();
+  const std::string v = env_value("HSV_CUDA_SPLIT_K");
   if (v.empty() || v == "auto") return 0;
   int64_t splits = 0;
   size_t used = 0;

@@ -12,9 +12,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
+#include "../env_choice.h"
 #include "wmma_tiles.cuh"
 
 namespace hsv {
@@ -74,14 +73,7 @@ __global__ void pack_kernel(const PackParams p) {
 
 }  // namespace
 
-bool pack_with_kernel() {
-  const char* raw = std::getenv("HSV_CUDA_PACK");
-  const std::string v = raw ? std::string(raw) : std::string();
-  if (v.empty() || v == "aten") return false;
-  if (v == "kernel") return true;
-  TORCH_CHECK_VALUE(false, "hsv::conv2d: HSV_CUDA_PACK='", v, "' is not one of 'aten', 'kernel'");
-  return false;  // not reached
-}
+bool pack_with_kernel() { return env_choice("HSV_CUDA_PACK", {"aten", "kernel"}) == 1; }
 
 void pack_two_stage(const at::Tensor& b5, const at::Tensor& a2, const at::Tensor& bias, const at::Tensor& vp,
                     const at::Tensor& up, const at::Tensor& bias_f) {

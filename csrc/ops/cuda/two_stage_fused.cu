@@ -549,7 +549,7 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t rp = nhwc ? nhwc_padded_rank(r) : round_up(r, 16);
   const int64_t cout_pad = round_up(cout, kTileN);
   const PackedFactors packed = packed_factors(factors, bias, kind, rp, k_pad, cout_pad);
-  if (nhwc && mma_supports(input, cin, r, cout)) {
+  if (nhwc && mma_selected(input)) {
     at::Tensor y = mma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
     count_fused_launch();
     count_nhwc_launch();

@@ -35,13 +35,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <initializer_list>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
+#include "../env_choice.h"
 #include "cuda_impl.h"
 #include "two_stage_nhwc.h"
 #include "wmma_tiles.cuh"
@@ -430,33 +428,10 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
 // ---------------------------------------------------------------------------
 // Host side.
 
-int64_t int_from_env(const char* name, std::initializer_list<int64_t> allowed) {
-  const char* raw = std::getenv(name);
-  const std::string v = raw ? std::string(raw) : std::string();
-  if (v.empty() || v == "auto") return 0;
-  for (int64_t a : allowed) {
-    if (v == std::to_string(a)) return a;
-  }
-  TORCH_CHECK_VALUE(false, "hsv::conv2d: ", name, "='", v, "' is not 'auto' or one of the allowed values");
-  return 0;  // not reached
-}
-
-enum class NhwcKernel { Mma, Wmma };
-
-NhwcKernel nhwc_kernel_from_env() {
-  const char* raw = std::getenv("HSV_CUDA_NHWC");
-  const std::string v = raw ? std::string(raw) : std::string();
-  if (v.empty() || v == "auto" || v == "mma") return NhwcKernel::Mma;
-  if (v == "wmma") return NhwcKernel::Wmma;
-  TORCH_CHECK_VALUE(false, "hsv::conv2d: HSV_CUDA_NHWC='", v, "' is not one of 'auto', 'mma', 'wmma'");
-  return NhwcKernel::Mma;  // not reached
-}
-
 using KernelFn = void (*)(const MmaParams);
 
 struct Variant {
   KernelFn fn = nullptr;
-  int tile_m = 0;
   int bytes_single = 0;
   int bytes_split = 0;
 };
@@ -464,7 +439,7 @@ struct Variant {
 template <typename S, int RP, int MI, int KS>
 Variant variant() {
   using L = MmaLayout<RP, MI, KS>;
-  return Variant{&mma_kernel<S, RP, MI, KS>, L::kTileM, L::bytes(false), L::bytes(true)};
+  return Variant{&mma_kernel<S, RP, MI, KS>, L::bytes(false), L::bytes(true)};
 }
 
 template <typename S, int RP>
@@ -493,9 +468,8 @@ std::vector<int64_t> mma_last_config() {
   return {last_mi.load(), last_splits.load(), last_tiles.load(), last_ks.load()};
 }
 
-bool mma_supports(const at::Tensor& input, int64_t cin, int64_t rank, int64_t cout) {
-  if (nhwc_kernel_from_env() != NhwcKernel::Mma) return false;
-  if (!nhwc_supports(input, cin, rank, cout)) return false;
+bool mma_selected(const at::Tensor& input) {
+  if (env_choice("HSV_CUDA_NHWC", {"auto", "mma", "wmma"}) == 2) return false;
   return tiles::device_info(input.device().index()).major >= 9;
 }
 
@@ -510,7 +484,8 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   TORCH_CHECK((rp == 16 || rp == 32 || rp == 64 || rp == 128) && vp.size(1) == k && up.size(1) == rp &&
                   up.size(0) % kCoChunk == 0 && vp.is_contiguous() && up.is_contiguous(),
               "hsv::conv2d: mma kernel: packed factors of the wrong shape");
-  TORCH_CHECK(rp * k <= std::numeric_limits<int>::max(), "hsv::conv2d: mma kernel: factor too large for 32-bit offsets");
+  TORCH_CHECK(rp * k <= std::numeric_limits<int>::max(),
+              "hsv::conv2d: mma kernel: factor too large for 32-bit offsets");
   MmaParams p{};
   p.x = input.data_ptr();
   tiles::set_conv_geometry(p, input, plan, plan.stages[0].conv, kw);
@@ -527,10 +502,14 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   const int device = input.device().index();
   const int64_t sms = tiles::device_info(device).sms;
   // K step: 64 channels where Cin allows (HSV_CUDA_MMA_KSTEP = 32 or 64 forces it; 64 needs Cin % 64 == 0)
-  int ks = static_cast<int>(int_from_env("HSV_CUDA_MMA_KSTEP", {32, 64}));
+  constexpr int kKSteps[] = {0, 32, 64};
+  int ks = kKSteps[env_choice("HSV_CUDA_MMA_KSTEP", {"auto", "32", "64"})];
   if (ks == 0 || cin % ks != 0) ks = cin % 64 == 0 ? 64 : 32;
   auto variant_for = [&](int mi) { return half ? pick<__half>(rp, mi, ks) : pick<__nv_bfloat16>(rp, mi, ks); };
-  auto tiles_for = [&](int mi) { return (p.pixels + 64 * mi - 1) / (64 * mi); };
+  auto tiles_for = [&](int mi) {  // MmaLayout::kTileM pixels per CTA
+    const int64_t tile_m = 16 * mi * kWarps;
+    return (p.pixels + tile_m - 1) / tile_m;
+  };
 
   // Tiles and split from an H100 sweep of every (MI, S) on the layer suite
   // (bench/cuda_nhwc_sweep.py --sweep, 2026-11-22): two pixel fragments per
@@ -539,7 +518,7 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   // the tiles did not cover the SMs, and each extra cluster CTA re-reads every
   // partial (the reduction moves S^2 partials per tile), so S stays <= 4:
   // the smallest power of two that covers the SMs.
-  int mi = static_cast<int>(int_from_env("HSV_CUDA_MMA_MI", {1, 2}));
+  int mi = static_cast<int>(env_choice("HSV_CUDA_MMA_MI", {"auto", "1", "2"}));  // the position is the value
   if (mi == 0) mi = tiles_for(2) * 2 >= sms ? 2 : 1;
   const Variant v = variant_for(mi);
   const int64_t tiles = tiles_for(mi);

@@ -18,11 +18,11 @@
 namespace hsv {
 namespace cuda {
 
-// Whether the mma kernel takes these arguments: nhwc_supports() holds and the
-// device has compute capability 9.0 or newer. HSV_CUDA_NHWC = auto (default:
-// this kernel where it applies) | mma (the same) | wmma (the older kernel, for
+// For arguments that nhwc_supports() takes: whether the mma kernel runs them
+// rather than the WMMA one, i.e. the device has compute capability 9.0 or newer
+// and HSV_CUDA_NHWC = auto (default) | mma, not wmma (the older kernel, for
 // comparisons); other values throw c10::ValueError naming the variable.
-bool mma_supports(const at::Tensor& input, int64_t cin, int64_t rank, int64_t cout);
+bool mma_selected(const at::Tensor& input);
 
 // out = bias + Up @ conv(x, Vp) as a new channels_last tensor; operands as for
 // nhwc_forward (vp (rp, kh*kw*cin), K ordered (tap, channel); up (cout_pad,
