@@ -57,7 +57,6 @@ constexpr int64_t kMaxTilePixelsNchwOut = 512;
 // Inputs with at most this many channels take tile_conv_rows (Problem::row_taps).
 constexpr int64_t kRowTapsMaxChannels = 8;
 
-
 // A read-only all-zero buffer of at least n floats, or null where unsupported.
 // It stands in for a padding row of a strided-channel (NCHW) input, read at
 // k * channel stride like a real row, so the microkernel needs no gathered
@@ -353,9 +352,9 @@ void write_tile_nhwc(const Problem& pb, const Tile& t, const float* z) {
 // MR x NR result block is MR runs of output planes. A block of MR whole rows
 // and NR pixels of one image is written straight into the output; edge blocks
 // go through a scratch block, copied out as runs (split where the tile crosses
-// an image); the bias is added to the rows just written. Writing the output as pixel-major blocks
-// instead would need a scalar transpose of the whole output, which measured
-// slower than the GEMMs for a 1x1 256->1024 layer; copying every block out
+// an image); the bias is added to the rows just written. Writing the output as
+// pixel-major blocks instead would need a scalar transpose of the whole output,
+// which measured slower than the GEMMs for a 1x1 256->1024 layer; copying every block out
 // (before the direct writes) made a 1x1 64->256 layer at 56x56 1.5-2x slower
 // than the composite chain, whose K = 12 GEMM writes its output in place.
 void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, int64_t t2, Buffers& buf) {

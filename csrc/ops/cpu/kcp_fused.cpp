@@ -43,7 +43,6 @@ namespace hsv {
 namespace cpu {
 namespace {
 
-
 // A depthwise factor f (N, R, taps) as `taps` rows of C1 = Q*N*R channel
 // weights: row t, channel (q*N + n)*R + r holds f[n][r][t].
 at::Tensor depthwise_rows(const at::Tensor& f, int64_t q, const char* role) {

@@ -30,7 +30,6 @@ constexpr int64_t kTile = 512;  // pixels per tile: a long run per output plane 
 
 std::atomic<int64_t> g_runs{0};
 
-
 }  // namespace
 
 bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::IntArrayRef stride,
