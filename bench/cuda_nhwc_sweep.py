@@ -44,10 +44,6 @@ def captured(fn, env, reps):
     return replay, config
 
 
-def rel_err(y, ref):
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     suite.add_filter_args(p)
@@ -104,7 +100,7 @@ def main(argv=None):
                     os.environ["HSV_CUDA_IMPL"] = "fused"
                     y_mma = op()
                     os.environ.pop("HSV_CUDA_IMPL")
-                    err = rel_err(y_mma, y_comp)
+                    err = layers.normalized_error(y_mma, y_comp)
                     if args.pack_kernel:   # the packing kernel must give the same answer (its packed buffers are equal)
                         os.environ["HSV_CUDA_IMPL"], os.environ["HSV_CUDA_PACK"] = "fused", "kernel"
                         factors = [f.clone() for f in factors]   # fresh tensors: no cached packing
