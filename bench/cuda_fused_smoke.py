@@ -108,8 +108,8 @@ def main():
                 calls += 1
     os.environ.pop("HSV_CUDA_NHWC")
     os.environ.pop("HSV_CUDA_SPLIT_K")
-    # the factors packed by the packing kernel (HSV_CUDA_PACK=kernel) instead of ATen ops
-    os.environ["HSV_CUDA_PACK"] = "kernel"
+    # the factors packed by ATen ops (HSV_CUDA_PACK=aten) instead of the packing kernel
+    os.environ["HSV_CUDA_PACK"] = "aten"
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
         opts = dict(device="cuda", dtype=dtype)
         for case in SVD_CASES:

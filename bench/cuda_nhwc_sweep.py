@@ -55,8 +55,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10, help="calls per captured graph")
     p.add_argument("--min-run-time", type=float, default=0.1)
     p.add_argument("--sweep", action="store_true", help="also every forced (MI, S, K step) of the mma kernel")
-    p.add_argument("--pack-kernel", action="store_true",
-                   help="also the mma kernel with HSV_CUDA_PACK=kernel (one packing kernel per graph replay)")
+    p.add_argument("--pack-aten", action="store_true",
+                   help="also the mma kernel with HSV_CUDA_PACK=aten (4 to 6 ATen packing ops per graph replay "
+                        "instead of the one packing kernel)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
@@ -84,9 +85,9 @@ def main(argv=None):
                 paths = {"dense": (dense, {}), "composite": (op, {"HSV_CUDA_IMPL": "composite"}),
                          "wmma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wmma"}),
                          "mma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma"})}
-                if args.pack_kernel:
-                    paths["mma packk"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma",
-                                               "HSV_CUDA_PACK": "kernel"})
+                if args.pack_aten:
+                    paths["mma aten-pack"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma",
+                                                   "HSV_CUDA_PACK": "aten"})
                 if args.sweep:
                     for mi in ("1", "2"):
                         for s in ("1", "2", "4"):
@@ -101,14 +102,14 @@ def main(argv=None):
                     y_mma = op()
                     os.environ.pop("HSV_CUDA_IMPL")
                     err = layers.normalized_error(y_mma, y_comp)
-                    if args.pack_kernel:   # the packing kernel must give the same answer (its packed buffers are equal)
-                        os.environ["HSV_CUDA_IMPL"], os.environ["HSV_CUDA_PACK"] = "fused", "kernel"
+                    if args.pack_aten:   # both packings must give the same answer (their packed buffers are equal)
+                        os.environ["HSV_CUDA_IMPL"], os.environ["HSV_CUDA_PACK"] = "fused", "aten"
                         factors = [f.clone() for f in factors]   # fresh tensors: no cached packing
-                        y_packk = op()
+                        y_aten = op()
                         os.environ.pop("HSV_CUDA_IMPL")
                         os.environ.pop("HSV_CUDA_PACK")
-                        if not torch.equal(y_packk, y_mma):
-                            sys.exit("HSV_CUDA_PACK=kernel changed the output on %s" % shape.name)
+                        if not torch.equal(y_aten, y_mma):
+                            sys.exit("HSV_CUDA_PACK=aten changed the output on %s" % shape.name)
                     fns, configs = {}, {}
                     for name, (fn, env) in paths.items():
                         fns[name], configs[name] = captured(fn, env, args.reps)

@@ -73,7 +73,7 @@ __global__ void pack_kernel(const PackParams p) {
 
 }  // namespace
 
-bool pack_with_kernel() { return env_choice("HSV_CUDA_PACK", {"aten", "kernel"}) == 1; }
+bool pack_with_kernel() { return env_choice("HSV_CUDA_PACK", {"aten", "kernel"}, 1) == 1; }
 
 void pack_two_stage(const at::Tensor& b5, const at::Tensor& a2, const at::Tensor& bias, const at::Tensor& vp,
                     const at::Tensor& up, const at::Tensor& bias_f) {

@@ -3,8 +3,9 @@
 // (zero-fill, permute-copy, kron for hsv). Packing runs on every call while a
 // CUDA graph is captured (the cache is bypassed so that a replay sees in-place
 // updates of the factors), and there it cost 12 to 23 us per call on an H100
-// (bench/results/gpu-h100-2026-11-22-session3.md). HSV_CUDA_PACK = aten
-// (default, verified on a GPU) | kernel (this one; not yet run on a GPU).
+// (bench/results/gpu-h100-2026-11-22-session3.md). HSV_CUDA_PACK = kernel
+// (default since its tests and the sanitizers passed on an H100, 2026-11-22)
+// | aten (the ATen ops, kept as the cross-check).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,8 +15,8 @@
 namespace hsv {
 namespace cuda {
 
-// Which packing HSV_CUDA_PACK selects: true for "kernel", false for "aten" or
-// unset; throws c10::ValueError naming the variable on other values.
+// Which packing HSV_CUDA_PACK selects: true for "kernel" or unset, false for
+// "aten"; throws c10::ValueError naming the variable on other values.
 bool pack_with_kernel();
 
 // The factors as the packing kernel reads them: V = B (P, T2, Cin, kh, kw)

@@ -431,8 +431,8 @@ std::pair<at::Tensor, at::Tensor> pack_views(at::TensorList factors, const std::
 // is being captured: a buffer made then holds its values only once the graph
 // replays, so a later eager call must not find it in the cache (and a replay
 // must see in-place updates of the factors): there packing runs on every call.
-// HSV_CUDA_PACK=kernel packs with one kernel of our own (pack_two_stage.h) in
-// place of the ATen ops.
+// By default one kernel of our own packs (pack_two_stage.h); HSV_CUDA_PACK=aten
+// uses the ATen ops instead.
 PackedFactors packed_factors(at::TensorList factors, const c10::optional<at::Tensor>& bias, const std::string& kind,
                              int64_t rp, int64_t k_pad, int64_t cout_pad) {
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
