@@ -10,7 +10,8 @@
 #   bash bench/gpu_session.sh build bench                # call 2 (~8 min): per layer
 #   bash bench/gpu_session.sh build models               # call 3 (~4 min): end to end
 #   bash bench/gpu_session.sh build models-measured      # call 4: end to end, dense where measured faster
-#   bash bench/gpu_session.sh build sweep                 # channels_last kernels per layer (graphs), packing kernel
+#   bash bench/gpu_session.sh build sweep                 # channels_last kernels per layer (graphs), both packings
+#   bash bench/gpu_session.sh build fused-tests sweep models   # after a kernel change: its tests, then timings
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -95,6 +96,14 @@ torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_dev
   } >>"$LOG" 2>&1
 fi
 
+if want fused-tests; then
+  # only the fused-kernel tests (they set HSV_CUDA_IMPL themselves): after a change to the kernels or their selection
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step "tests fused kernels" 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
+    tests/test_cuda_fused.py
+fi
+
 if want test; then
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
@@ -138,9 +147,9 @@ fi
 
 if want sweep; then
   # the channels_last kernels per layer from graph replays: dense, composite, WMMA, mma, and mma with
-  # the one-kernel packing (HSV_CUDA_PACK=kernel; the script stops if that changes any output)
+  # the ATen packing ops (HSV_CUDA_PACK=aten; the script stops if that changes any output)
   step "nhwc sweep" 200 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
-    --batch 32,1 --methods hsv,svd --pack-kernel
+    --batch 32,1 --methods hsv,svd --pack-aten
 fi
 
 # end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last
@@ -148,7 +157,7 @@ models=(bench/models.py --device cuda --dtype bfloat16 --channels-last --models 
   --min-run-time 1)
 if want models; then
   step "models bf16 channels_last" 300 "$OUT/session.log" \
-    "$PY" "${models[@]}" --batch 1,32 --cuda-impl composite,fused --out "$OUT/models-bf16"
+    "$PY" "${models[@]}" --batch 1,32 --cuda-impl composite,fused,auto --out "$OUT/models-bf16"
 fi
 if want models-measured; then
   # convert_(measure=True): each layer timed on the GPU, kept dense where factorized is slower

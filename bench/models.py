@@ -15,7 +15,7 @@ against a fresh dense timing in the same interleaved pair. On a GPU
 same with HSV_CUDA_IMPL, and --dtype picks fp32, fp16 or bf16:
 
     python bench/models.py --device cuda --dtype bfloat16 --channels-last --batch 1,32 \
-        --cuda-impl composite,fused --out bench/results/models-cuda-bf16
+        --cuda-impl composite,fused,auto --out bench/results/models-cuda-bf16
 """
 import argparse
 import copy
@@ -56,8 +56,10 @@ def main(argv=None):
                          "default: fused, the op's CPU default)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--cuda-impl", default="composite",
-                    help="comma list of HSV_CUDA_IMPL values to time the converted model under (composite,fused)")
+    ap.add_argument("--cuda-impl", default="auto",
+                    help="comma list of HSV_CUDA_IMPL values to time the converted model under (composite,fused,auto; "
+                         "default: auto, the op's CUDA default, which with cudnn.benchmark on keeps the faster of "
+                         "fused and composite per layer)")
     ap.add_argument("--measure", action="store_true",
                     help="convert with measure=True: each layer timed dense vs factorized on the device, the faster kept")
     ap.add_argument("--fold-bn", action="store_true",
@@ -82,7 +84,7 @@ def main(argv=None):
     head = timing.describe_environment(env)
     for line in head:
         print(line)
-    impl_var, impl_arg, allowed = (("HSV_CUDA_IMPL", args.cuda_impl, ("composite", "fused")) if cuda else
+    impl_var, impl_arg, allowed = (("HSV_CUDA_IMPL", args.cuda_impl, ("composite", "fused", "auto")) if cuda else
                                    ("HSV_CPU_IMPL", args.cpu_impl, ("composite", "fused", "auto")))
     impls = [i for i in impl_arg.split(",") if i]
     bad = [i for i in impls if i not in allowed]

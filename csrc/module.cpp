@@ -5,13 +5,13 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "ops/auto_select.h"
 #include "ops/chain/conv_chain.h"
 #include "ops/cpu/isa.h"
 #ifdef WITH_CUDA
 #include "ops/cuda/cuda_impl.h"
 #include "ops/cuda/two_stage_mma.h"
 #endif
-#include "ops/cpu/auto_select.h"
 #include "ops/cpu/channels_last_copy.h"
 #include "ops/cpu/pack.h"
 #include "ops/cpu/peak.h"
@@ -59,9 +59,10 @@ py::dict build_info() {
   info["cpu_kernels"] = "fused";
   // tucker2, ht2 and tt_tucker: oneDNN convs for the first stages, the fused svd kernel for the rest
   info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv", "tucker2", "kcp", "ht2", "tt_tucker"};
-  // cuda_kernels: what HSV_CUDA_IMPL selects by default; cuda_fused_kinds: the
-  // kinds HSV_CUDA_IMPL=fused runs fused (where dtype and shape allow).
-  info["cuda_kernels"] = "composite";
+  // cuda_kernels: what HSV_CUDA_IMPL selects by default (fused, or the faster of
+  // fused and composite under cudnn.benchmark); cuda_fused_kinds: the kinds
+  // HSV_CUDA_IMPL=fused runs fused (where dtype and shape allow).
+  info["cuda_kernels"] = "auto";
 #ifdef WITH_CUDA
   info["cuda_fused_kinds"] = hsv::cuda::fused_kinds();
 #else
@@ -116,10 +117,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("clear_packed_cache", &hsv::cpu::clear_packed_cache,
         "Drops the fused CPU kernels' packed factors (needed only after writes that bypass the version counter, "
         "e.g. through .data); returns how many there were");
-  m.def("cpu_auto_choices", &hsv::cpu::auto_choices,
-        "HSV_CPU_IMPL=auto: the path ('fused' or 'composite') timed faster for each layer configuration so far");
-  m.def("clear_cpu_auto_choices", &hsv::cpu::clear_auto_choices,
-        "Forgets HSV_CPU_IMPL=auto's timed choices (the next call of each configuration times again)");
+  m.def("auto_choices", &hsv::auto_choices,
+        "HSV_CPU_IMPL=auto and HSV_CUDA_IMPL=auto: the path ('fused' or 'composite') timed faster for each layer "
+        "configuration so far (keys start with the device)");
+  m.def("clear_auto_choices", &hsv::clear_auto_choices,
+        "Forgets the auto choices (the next call of each configuration times again)");
   m.def("cpu_to_channels_last", &hsv::cpu::to_channels_last_selected, py::arg("x"),
         "The fused CPU kernels' NCHW -> NHWC copy with the HSV_CPU_ISA microkernel's transpose (for tests)");
   m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");

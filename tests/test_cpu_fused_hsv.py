@@ -173,18 +173,18 @@ def test_auto_times_once_per_configuration_and_matches_dense(sizes, layout):
     from hsvkernels import _C
     T1, S1, T2, S2, P = sizes
     fact = _factors(T1, S1, T2, S2, P, 3, 3)
-    _C.clear_cpu_auto_choices()
+    _C.clear_auto_choices()
     with cpu_env("auto"):
         for n, h in ((1, 9), (2, 50)):
             _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)
-        choices = _C.cpu_auto_choices()
+        choices = _C.auto_choices()
         assert len(choices) == 2 and set(choices.values()) <= {"fused", "composite"}
-        assert all(key.startswith("hsv ") for key in choices)
+        assert all(key.startswith("cpu hsv ") for key in choices)
         # The same configurations again: decided already, nothing new is timed.
         for n, h in ((1, 9), (2, 50)):
             _check_against_dense((n, S1 * S2, T1 * T2, h, h, 3, 3, 1, 1, 1), layout, fact=fact)
-        assert _C.cpu_auto_choices() == choices
-    assert _C.clear_cpu_auto_choices() == 2 and _C.cpu_auto_choices() == {}
+        assert _C.auto_choices() == choices
+    assert _C.clear_auto_choices() == 2 and _C.auto_choices() == {}
 
 
 @pytest.mark.parametrize("isa", ISAS)

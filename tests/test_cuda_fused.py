@@ -706,3 +706,104 @@ def test_bad_pack_value_errors(impl, monkeypatch):
     fact = svd_factors(4, 8, 8, 3, 3, dtype=torch.float16).to("cuda")
     with pytest.raises(ValueError, match="HSV_CUDA_PACK='cutlass'"):
         hsvkernels.conv2d(torch.randn(1, 8, 5, 5, device="cuda", dtype=torch.float16), fact)
+
+
+# HSV_CUDA_IMPL=auto (the default): fused, or with cudnn.benchmark on, the faster
+# of fused and composite timed on the first call of each configuration.
+@pytest.fixture
+def auto_choices():
+    """The CUDA entries of the auto-choice table, cleared before and after the test."""
+    from hsvkernels._extension import _C
+    _C.clear_auto_choices()
+    saved = torch.backends.cudnn.benchmark
+    yield lambda: {k: v for k, v in _C.auto_choices().items() if k.startswith("cuda")}
+    torch.backends.cudnn.benchmark = saved
+    _C.clear_auto_choices()
+
+
+AUTO_CASES = [   # (factorization maker, N, Cin, H, W, layout, dtype): one per fused kernel
+    (lambda: hsv_factors(15, 64, 2, 1, 128, 3, 3), 2, 128, 10, 9, "channels_last", torch.bfloat16),
+    (lambda: svd_factors(12, 24, 40, 3, 3), 3, 24, 11, 7, "contiguous", torch.float32),
+    (lambda: tucker2_factors(6, 5, 12, 10, 3, 3), 2, 12, 9, 9, "contiguous", torch.float16),
+]
+
+
+def _auto_case(case):
+    make, n, cin, h, w, layout, dtype = case
+    fact = make()
+    x = make_input(n, cin, h, w, layout, dtype)
+    truth = F.conv2d(x.double().cpu(), fact.to_dense().double(), None, 1, 1)
+    return fact.to("cuda", dtype), x, truth
+
+
+def test_auto_is_the_default_and_runs_fused_without_benchmark(auto_choices, monkeypatch):
+    monkeypatch.delenv("HSV_CUDA_IMPL", raising=False)
+    assert INFO["cuda_kernels"] == "auto"
+    torch.backends.cudnn.benchmark = False
+    for case in AUTO_CASES:
+        fd, x, truth = _auto_case(case)
+        before = launches()
+        y = hsvkernels.conv2d(x, fd, None, 1, 1)
+        torch.cuda.synchronize()
+        assert launches() - before == 1, "auto without cudnn.benchmark must run the fused kernel"
+        assert rel_err(y, truth) <= TOL[x.dtype]
+    assert auto_choices() == {}, "nothing is timed without cudnn.benchmark"
+
+
+def test_auto_times_each_configuration_once_under_benchmark(impl, auto_choices):
+    impl("auto")
+    torch.backends.cudnn.benchmark = True
+    cases = [_auto_case(c) for c in AUTO_CASES]
+    for fd, x, truth in cases:
+        y = hsvkernels.conv2d(x, fd, None, 1, 1)
+        assert rel_err(y, truth) <= TOL[x.dtype]
+    choices = auto_choices()
+    assert len(choices) == len(cases) and set(choices.values()) <= {"fused", "composite"}
+    assert {k.split()[1] for k in choices} == {"hsv", "svd", "tucker2"}
+    # Decided: the same configurations again time nothing and run the kept path
+    # (a fused choice launches the fused kernel once, a composite one never).
+    path = {k.split()[1]: v for k, v in choices.items()}
+    for fd, x, truth in cases:
+        before = launches()
+        y = hsvkernels.conv2d(x, fd, None, 1, 1)
+        torch.cuda.synchronize()
+        assert launches() - before == (1 if path[fd.kind] == "fused" else 0)
+        assert rel_err(y, truth) <= TOL[x.dtype]
+    assert auto_choices() == choices
+
+
+def test_auto_under_graph_capture_does_not_time(impl, auto_choices):
+    # Timing synchronises the device, which a capture forbids: a configuration
+    # first seen while capturing runs fused and stays undecided.
+    impl("auto")
+    fd, x, truth = _auto_case(AUTO_CASES[0])
+    torch.backends.cudnn.benchmark = False
+    hsvkernels.conv2d(x, fd, None, 1, 1)   # warm-up outside the capture; decides nothing
+    torch.cuda.synchronize()
+    torch.backends.cudnn.benchmark = True
+    g = torch.cuda.CUDAGraph()
+    before = launches()
+    with torch.cuda.graph(g):
+        y = hsvkernels.conv2d(x, fd, None, 1, 1)
+    assert launches() - before == 1
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, truth) <= TOL[x.dtype]
+    assert auto_choices() == {}
+
+
+def test_auto_choice_is_reused_inside_a_graph(impl, auto_choices):
+    impl("auto")
+    torch.backends.cudnn.benchmark = True
+    fd, x, truth = _auto_case(AUTO_CASES[0])
+    hsvkernels.conv2d(x, fd, None, 1, 1)   # decided here, eagerly
+    (path,) = auto_choices().values()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    before = launches()
+    with torch.cuda.graph(g):
+        y = hsvkernels.conv2d(x, fd, None, 1, 1)
+    assert launches() - before == (1 if path == "fused" else 0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, truth) <= TOL[x.dtype]

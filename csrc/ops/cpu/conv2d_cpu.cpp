@@ -5,15 +5,19 @@
 // plus that kernel: separable_two_pass.cpp; "kcp": kcp_fused.cpp) and the composite
 // chain otherwise; "composite" is the unfused ATen chain (oneDNN convs), the
 // baseline; "auto" times both on the first call of each layer configuration and
-// keeps the faster (auto_select.h). Fused is the default: end to end it measured
+// keeps the faster (../auto_select.h). Fused is the default: end to end it measured
 // faster than composite in all but one model run (that one a 2% tie), though not
 // on every layer (bench/results/cpu-fused-notes.md).
 // The backward op is always the composite chain.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <string>
+
+#include "../auto_select.h"
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
-#include "auto_select.h"
 #include "hsv_fused.h"
 #include "isa.h"
 #include "kcp_fused.h"
@@ -50,7 +54,14 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
     return fused();
   }
   auto composite = [&] { return chain_forward(input, factors, bias, plan); };
-  return cpu::auto_run(cpu::auto_key(input, factors, bias, plan, k, uk.isa), fused, composite);
+  const std::string key = auto_key(input, factors, bias, plan, k, "t" + std::to_string(at::get_num_threads()) + ' ' + uk.isa);
+  const int cached = auto_cached(key);
+  if (cached >= 0) return cached ? fused() : composite();
+  return auto_time(key, fused, composite, [](const std::function<at::Tensor()>& fn, at::Tensor* out) {
+    const auto start = std::chrono::steady_clock::now();
+    *out = fn();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
 }
 
 }  // namespace

@@ -1,16 +1,26 @@
 // CUDA kernels of the hsv ops. The forward op picks its implementation from
-// HSV_CUDA_IMPL (see cuda_impl.h): "composite" (default) is the unfused ATen
-// chain (cuDNN convs) on the current stream; "fused" runs the hand-written fused
-// kernel where one supports the arguments (kinds "svd" and "hsv" level 1 with
-// S1 = 1, see two_stage_fused.h; "tucker2", see tucker2_fused.h) and the
-// composite chain otherwise. The backward op is always the composite chain.
+// HSV_CUDA_IMPL (see cuda_impl.h): "fused" runs the hand-written fused kernel
+// where one supports the arguments (kinds "svd" and "hsv" level 1 with S1 = 1,
+// see two_stage_fused.h; "tucker2", see tucker2_fused.h) and the composite
+// chain otherwise; "composite" is the unfused ATen chain (cuDNN convs) on the
+// current stream; "auto" (the default) is "fused", except that with
+// torch.backends.cudnn.benchmark on it times fused against composite on the
+// first call of each layer configuration and keeps the faster (../auto_select.h).
+// The backward op is always the composite chain.
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <exception>
+#include <functional>
 #include <string>
 
+#include "../auto_select.h"
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
 #include "../env_choice.h"
@@ -29,7 +39,11 @@ std::atomic<int64_t> mma_launches{0};
 }  // namespace
 
 Impl impl_from_env() {
-  return env_choice("HSV_CUDA_IMPL", {"composite", "fused"}) == 0 ? Impl::Composite : Impl::Fused;
+  switch (env_choice("HSV_CUDA_IMPL", {"auto", "composite", "fused"})) {
+    case 1: return Impl::Composite;
+    case 2: return Impl::Fused;
+    default: return Impl::Auto;
+  }
 }
 
 int64_t split_k_from_env() {
@@ -65,22 +79,50 @@ std::vector<std::string> fused_kinds() { return {"svd", "hsv", "tucker2"}; }
 
 namespace {
 
+// Device time of one run on the current stream, from an idle stream to the
+// end of its last kernel: for a host-bound path (the composite chain's several
+// launches at batch 1) that includes the launch gaps, as an eager model sees them.
+double time_on_stream(const std::function<at::Tensor()>& fn, at::Tensor* out) {
+  at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  start.record(stream);
+  *out = fn();
+  end.record(stream);
+  end.synchronize();
+  return start.elapsed_time(end) * 1e-3;
+}
+
 at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        c10::string_view kind) {
-  if (cuda::impl_from_env() == cuda::Impl::Composite) {
+  const cuda::Impl impl = cuda::impl_from_env();
+  if (impl == cuda::Impl::Composite) {
     return conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind);
   }
   const std::string k(kind);
   // make_plan validates every argument, so errors match the composite path.
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
-  if (cuda::two_stage_supports(input, factors, plan, k)) {
-    return cuda::two_stage_forward(input, factors, bias, plan, k);
+  const bool two_stage = cuda::two_stage_supports(input, factors, plan, k);
+  if (!two_stage && !cuda::tucker2_supports(input, factors, plan, k)) {
+    return chain_forward(input, factors, bias, plan);
   }
-  if (cuda::tucker2_supports(input, factors, plan, k)) {
-    return cuda::tucker2_forward(input, factors, bias, plan);
-  }
-  return chain_forward(input, factors, bias, plan);
+  auto fused = [&] {
+    return two_stage ? cuda::two_stage_forward(input, factors, bias, plan, k)
+                     : cuda::tucker2_forward(input, factors, bias, plan);
+  };
+  if (impl == cuda::Impl::Fused || input.numel() == 0) return fused();
+  auto composite = [&] { return chain_forward(input, factors, bias, plan); };
+  const std::string key = auto_key(input, factors, bias, plan, k, "");
+  const int cached = auto_cached(key);
+  if (cached >= 0) return cached ? fused() : composite();
+  // Timing synchronises the device, so only where the user asked for measured
+  // choices (cudnn.benchmark, which makes cuDNN search its algorithms the same
+  // way) and never while a CUDA graph is captured; otherwise fused, which was
+  // faster end to end on all three models at batch 1 and 32 (H100, 2026-11-22).
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (!at::globalContext().benchmarkCuDNN() || capturing) return fused();
+  const c10::cuda::CUDAGuard guard(input.device());
+  return auto_time(key, fused, composite, time_on_stream);
 }
 
 }  // namespace

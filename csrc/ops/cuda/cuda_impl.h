@@ -1,8 +1,9 @@
-// Which CUDA forward runs: HSV_CUDA_IMPL = composite (default) | fused, read on
-// every call so a process (a test, a benchmark) can switch between them.
+// Which CUDA forward runs: HSV_CUDA_IMPL = auto (default) | composite | fused,
+// read on every call so a process (a test, a benchmark) can switch between them.
 // "fused" runs a hand-written fused kernel where one exists for the kind, dtype
-// and shape, and the composite chain (cuDNN convs) otherwise. The fused kernels
-// stay off the default path until they have been verified on a GPU.
+// and shape, and the composite chain (cuDNN convs) otherwise. "auto" is fused,
+// or with torch.backends.cudnn.benchmark on, whichever of fused and composite
+// timed faster on the first call of the layer configuration (conv2d_cuda.cu).
 // Plain C++ (no CUDA headers), so module.cpp can report on it.
 #pragma once
 
@@ -13,7 +14,7 @@
 namespace hsv {
 namespace cuda {
 
-enum class Impl { Composite, Fused };
+enum class Impl { Auto, Composite, Fused };
 
 // Throws c10::ValueError naming HSV_CUDA_IMPL on any other value.
 Impl impl_from_env();

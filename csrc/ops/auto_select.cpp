@@ -1,22 +1,19 @@
 #include "auto_select.h"
 
-#include <ATen/Parallel.h>
-
-#include <chrono>
+#include <algorithm>
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
 
 namespace hsv {
-namespace cpu {
 namespace {
 
 std::mutex g_mutex;
 std::unordered_map<std::string, bool> g_fused_wins;
 
 // Timed runs per path after the warm-up: enough to see through a noisy run or
-// two, few enough that the first call of a large layer stays around a second.
-constexpr int kWarmupRuns = 2;  // the first runs pack factors and create oneDNN primitives
+// two, few enough that the first call of a large CPU layer stays around a second.
+constexpr int kWarmupRuns = 2;  // the first runs pack factors and create oneDNN primitives / cuDNN plans
 constexpr int kTimedRuns = 5;
 
 void put_sizes(std::ostringstream& os, at::IntArrayRef sizes) {
@@ -28,9 +25,9 @@ void put_sizes(std::ostringstream& os, at::IntArrayRef sizes) {
 }  // namespace
 
 std::string auto_key(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                     const Plan& plan, const std::string& kind, const std::string& isa) {
+                     const Plan& plan, const std::string& kind, const std::string& where) {
   std::ostringstream os;
-  os << kind << " x";
+  os << input.device() << ' ' << kind << " x";
   put_sizes(os, input.sizes());
   put_sizes(os, input.strides());  // layout (NCHW, channels_last, sliced) changes both paths' speed
   os << ' ' << input.scalar_type() << " f";
@@ -38,32 +35,27 @@ std::string auto_key(const at::Tensor& input, at::TensorList factors, const c10:
   os << " s";
   for (const auto& st : plan.stages) os << st.conv.stride[0] << st.conv.stride[1] << st.conv.padding[0] << ','
                                         << st.conv.padding[1] << ',' << st.conv.dilation[0] << st.conv.dilation[1];
-  os << " b" << (bias.has_value() && bias->defined()) << " t" << at::get_num_threads() << ' ' << isa;
+  os << " b" << (bias.has_value() && bias->defined()) << ' ' << where;
   return os.str();
 }
 
-at::Tensor auto_run(const std::string& key, const std::function<at::Tensor()>& fused,
-                    const std::function<at::Tensor()>& composite) {
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_fused_wins.find(key);
-    if (it != g_fused_wins.end()) return it->second ? fused() : composite();
-  }
-  using clock = std::chrono::steady_clock;
-  auto time_once = [](const std::function<at::Tensor()>& fn, at::Tensor* out) {
-    const auto start = clock::now();
-    *out = fn();
-    return std::chrono::duration<double>(clock::now() - start).count();
-  };
+int auto_cached(const std::string& key) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_fused_wins.find(key);
+  return it == g_fused_wins.end() ? -1 : static_cast<int>(it->second);
+}
+
+at::Tensor auto_time(const std::string& key, const std::function<at::Tensor()>& fused,
+                     const std::function<at::Tensor()>& composite, const AutoTimer& timer) {
   at::Tensor y_fused, y_composite;
   for (int i = 0; i < kWarmupRuns; ++i) {
-    time_once(fused, &y_fused);
-    time_once(composite, &y_composite);
+    timer(fused, &y_fused);
+    timer(composite, &y_composite);
   }
   double best_fused = 1e300, best_composite = 1e300;
   for (int i = 0; i < kTimedRuns; ++i) {  // alternate, so a burst of load hits both
-    best_fused = std::min(best_fused, time_once(fused, &y_fused));
-    best_composite = std::min(best_composite, time_once(composite, &y_composite));
+    best_fused = std::min(best_fused, timer(fused, &y_fused));
+    best_composite = std::min(best_composite, timer(composite, &y_composite));
   }
   const bool fused_wins = best_fused < best_composite;
   {
@@ -87,5 +79,4 @@ int64_t clear_auto_choices() {
   return n;
 }
 
-}  // namespace cpu
 }  // namespace hsv
