@@ -40,6 +40,30 @@ def to_format(model, fmt):
     return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
 
 
+class Graphed:
+    """model(x) captured in a CUDA graph for one static input; calling it replays the graph
+    (x must be that input). Under graphs the host's launch overhead is gone, so the times are the
+    device's: how a deployment at small batch runs (torch.compile(mode="reduce-overhead"), CUDA graphs)."""
+
+    def __init__(self, model, x):
+        self.x = x
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):   # warm-up: cuDNN autotuning, HSV_CUDA_IMPL=auto's timed choices
+                    model(x)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.y = model(x)
+
+    def __call__(self, x):
+        assert x is self.x, "a Graphed model replays for the input it was captured with"
+        self.graph.replay()
+        return self.y
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,resnet50,vgg16")
@@ -61,7 +85,12 @@ def main(argv=None):
                          "default: auto, the op's CUDA default, which with cudnn.benchmark on keeps the faster of "
                          "fused and composite per layer)")
     ap.add_argument("--measure", action="store_true",
-                    help="convert with measure=True: each layer timed dense vs factorized on the device, the faster kept")
+                    help="convert with measure=True: each layer timed dense vs factorized on the device (on an input "
+                         "of the largest --batch), the faster kept")
+    ap.add_argument("--graph", action="store_true",
+                    help="CUDA only: time replays of each whole model captured in a CUDA graph (no host overhead)")
+    ap.add_argument("--aa", action="store_true",
+                    help="also time the dense model against a copy of itself (an A/A row: the method's own bias)")
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorms into their convs in the dense model before converting (both models then run "
                          "without BN passes)")
@@ -74,6 +103,8 @@ def main(argv=None):
             raise SystemExit("models.py: --device cuda but torch sees no CUDA device")
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    if args.graph and not cuda:
+        raise SystemExit("models.py: --graph needs --device cuda")
     dtype = getattr(torch, args.dtype)
     if not cuda and dtype != torch.float32:
         raise SystemExit("models.py: --dtype %s is for --device cuda; the CPU runs fp32" % args.dtype)
@@ -104,9 +135,10 @@ def main(argv=None):
             if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
                 options["macs_ratio"] = args.macs_ratio
             compressed = copy.deepcopy(dense)
-            if args.measure:  # layers timed where they will run: on the device, in its dtype and layout
+            if args.measure:  # layers timed where they will run: on the device, in its dtype, layout and batch
                 compressed = to_format(compressed.to(args.device, dtype), fmt)
-                example = example.to(args.device, dtype).contiguous(memory_format=fmt)
+                example = torch.randn(max(int(b) for b in args.batch.split(",")), 3, args.input_size,
+                                      args.input_size, device=args.device, dtype=dtype).contiguous(memory_format=fmt)
             report = convert.convert_(compressed, method, example_input=example, progress=False, decompose_threads=1,
                                       measure=args.measure, **options)
             factorized = len(report.factorized)
@@ -120,34 +152,44 @@ def main(argv=None):
             for n in [int(b) for b in args.batch.split(",")]:
                 x = torch.randn(n, 3, args.input_size, args.input_size, device=args.device,
                                 dtype=dtype).contiguous(memory_format=fmt)
-                for impl in impls:
+                runs = [(impl, on_device) for impl in impls]
+                if args.aa:
+                    runs.append(("A/A", [on_device[0], copy.deepcopy(on_device[0])]))
+                for impl, pair in runs:
                     saved = os.environ.get(impl_var)
-                    os.environ[impl_var] = impl
+                    if impl != "A/A":
+                        os.environ[impl_var] = impl
                     try:
-                        t = benchmark.time_pair(*on_device, x, min_run_time=args.min_run_time)
+                        if args.graph:   # captured with this implementation (the op reads it at capture)
+                            pair = [Graphed(m, x) for m in pair]
+                        t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time)
                     finally:
                         if saved is None:
                             os.environ.pop(impl_var, None)
                         else:
                             os.environ[impl_var] = saved
-                    row = dict(model=name, method=method, options=options, measure=args.measure, factorized=factorized,
-                               bn_folded=folds,
-                               batch=n, device=args.device,
+                    aa = impl == "A/A"
+                    row = dict(model=name, method=method, options=options, measure=args.measure,
+                               factorized=0 if aa else factorized, bn_folded=folds,
+                               batch=n, device=args.device, graph=args.graph,
                                dtype=args.dtype, impl_var=impl_var, impl=impl,
-                               model_params_x=params,
-                               conv_macs_x=report.totals()["macs_before"] / report.totals()["macs_after"], **t)
+                               model_params_x=1.0 if aa else params,
+                               conv_macs_x=1.0 if aa else report.totals()["macs_before"] / report.totals()["macs_after"],
+                               **t)
                     rows.append(row)
                     print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
                           "(params %.2fx, conv MACs %.2fx)"
-                          % (name, method, n, impl, 1e3 * t["dense_s"], 1e3 * t["compressed_s"], t["ratio"], params,
+                          % (name, method, n, impl, 1e3 * t["dense_s"], 1e3 * t["compressed_s"], t["ratio"],
+                             row["model_params_x"],
                              row["conv_macs_x"]), flush=True)
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
-            f.write("End to end, %s, %s, %d threads, %s, input %d%s. Command: `%s`\n\n```\n%s\n```\n\n"
+            f.write("End to end, %s, %s, %d threads, %s, input %d%s%s. Command: `%s`\n\n```\n%s\n```\n\n"
                     % (args.device, args.dtype, torch.get_num_threads(),
                        "channels_last" if args.channels_last else "NCHW", args.input_size,
+                       ", each model replayed from a CUDA graph" if args.graph else "",
                        ", BatchNorms folded into the convs in both models" if args.fold_bn else "",
                        " ".join(sys.argv), "\n".join(head)))
             f.write("| model | method | batch | " + impl_var + " | dense ms | compressed ms | compressed / dense | "
@@ -157,6 +199,9 @@ def main(argv=None):
                     r["model"], r["method"], r["batch"], r["impl"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"],
                     r["ratio"], r["model_params_x"], r["conv_macs_x"], r["factorized"],
                     " (measured)" if r["measure"] else ""))
+            if args.aa:
+                f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
+                        "timing's own bias.\n")
     return 0
 
 
