@@ -59,8 +59,8 @@ py::dict build_info() {
   info["cpu_kernels"] = "fused";
   // tucker2, ht2 and tt_tucker: oneDNN convs for the first stages, the fused svd kernel for the rest
   info["cpu_fused_kinds"] = std::vector<std::string>{"svd", "hsv", "tucker2", "kcp", "ht2", "tt_tucker"};
-  // cuda_kernels: what HSV_CUDA_IMPL selects by default (fused, or the faster of
-  // fused and composite under cudnn.benchmark); cuda_fused_kinds: the kinds
+  // cuda_kernels: what HSV_CUDA_IMPL selects by default (the faster of fused and
+  // composite, timed under cudnn.benchmark, else by a measured rule); cuda_fused_kinds: the kinds
   // HSV_CUDA_IMPL=fused runs fused (where dtype and shape allow).
   info["cuda_kernels"] = "auto";
 #ifdef WITH_CUDA

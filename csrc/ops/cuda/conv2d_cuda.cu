@@ -3,9 +3,10 @@
 // where one supports the arguments (kinds "svd" and "hsv" level 1 with S1 = 1,
 // see two_stage_fused.h; "tucker2", see tucker2_fused.h) and the composite
 // chain otherwise; "composite" is the unfused ATen chain (cuDNN convs) on the
-// current stream; "auto" (the default) is "fused", except that with
-// torch.backends.cudnn.benchmark on it times fused against composite on the
-// first call of each layer configuration and keeps the faster (../auto_select.h).
+// current stream; "auto" (the default), with torch.backends.cudnn.benchmark on,
+// times fused against composite on the first call of each layer configuration
+// and keeps the faster (../auto_select.h); without it, fused only where it
+// measured faster (two_stage_fused_by_default), else composite.
 // The backward op is always the composite chain.
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -117,10 +118,12 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
   if (cached >= 0) return cached ? fused() : composite();
   // Timing synchronises the device, so only where the user asked for measured
   // choices (cudnn.benchmark, which makes cuDNN search its algorithms the same
-  // way) and never while a CUDA graph is captured; otherwise fused, which was
-  // faster end to end on all three models at batch 1 and 32 (H100, 2026-11-22).
+  // way) and never while a CUDA graph is captured; otherwise a rule from the
+  // H100 measurements (not cached: a later call under cudnn.benchmark times it).
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  if (!at::globalContext().benchmarkCuDNN() || capturing) return fused();
+  if (!at::globalContext().benchmarkCuDNN() || capturing) {
+    return two_stage && cuda::two_stage_fused_by_default(input, factors, k) ? fused() : composite();
+  }
   const c10::cuda::CUDAGuard guard(input.device());
   return auto_time(key, fused, composite, time_on_stream);
 }

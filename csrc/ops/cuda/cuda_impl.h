@@ -1,9 +1,10 @@
 // Which CUDA forward runs: HSV_CUDA_IMPL = auto (default) | composite | fused,
 // read on every call so a process (a test, a benchmark) can switch between them.
 // "fused" runs a hand-written fused kernel where one exists for the kind, dtype
-// and shape, and the composite chain (cuDNN convs) otherwise. "auto" is fused,
-// or with torch.backends.cudnn.benchmark on, whichever of fused and composite
-// timed faster on the first call of the layer configuration (conv2d_cuda.cu).
+// and shape, and the composite chain (cuDNN convs) otherwise. "auto", with
+// torch.backends.cudnn.benchmark on, runs whichever of fused and composite timed
+// faster on the first call of the layer configuration; without it, fused only
+// where the H100 measurements had it faster (conv2d_cuda.cu).
 // Plain C++ (no CUDA headers), so module.cpp can report on it.
 #pragma once
 

@@ -24,6 +24,11 @@ namespace cuda {
 bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
                         std::string* reason = nullptr);
 
+// Whether HSV_CUDA_IMPL=auto runs the fused kernel without timing it (cudnn.benchmark
+// off or a graph being captured); two_stage_supports must hold. True only where
+// the H100 measurements had it faster than the composite chain (two_stage_fused.cu).
+bool two_stage_fused_by_default(const at::Tensor& input, at::TensorList factors, const std::string& kind);
+
 // plan must come from make_plan (arguments already validated) and
 // two_stage_supports must hold.
 at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
