@@ -60,7 +60,8 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
         Override dicts still apply on top of either (and factorize a layer the
         plan keeps dense).
     measure: time each layer dense vs factorized on its example input and keep
-        the faster.
+        the faster (CPU: wall time; CUDA: device time of CUDA-graph replays,
+        see hsvkernels._timing.latency_ms).
     min_params: convs with fewer weights stay dense.
     decompose_threads: torch CPU threads while decomposing (default: unchanged).
         1 is often fastest: threaded LAPACK SVD gains little on conv-sized

@@ -1,0 +1,45 @@
+"""hsvkernels._timing.latency_ms, which convert_(measure=True) decides by."""
+import math
+
+import pytest
+import torch
+from conftest import requires_cuda
+from torch import nn
+
+from hsvkernels._timing import latency_ms
+
+
+def test_cpu_latency_is_wall_time_of_the_call():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 16, 16)
+    fast = latency_ms(conv, x, min_run_time=0.02)
+    slow = latency_ms(nn.Sequential(*[conv] * 20), x, min_run_time=0.02)
+    assert 0 < fast < slow and math.isfinite(slow)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_latency_is_device_time_from_a_graph():
+    # Twenty convs in a row take longer than one: the graph holds every call.
+    conv = nn.Conv2d(64, 64, 3, padding=1).cuda()
+    x = torch.randn(8, 64, 28, 28, device="cuda")
+    one = latency_ms(conv, x, min_run_time=0.02)
+    twenty = latency_ms(nn.Sequential(*[conv] * 20), x, min_run_time=0.02)
+    assert 0 < one < twenty and math.isfinite(twenty)
+
+
+class _Syncs(nn.Module):
+    """A module that cannot be captured in a CUDA graph (it reads a value back to the host)."""
+
+    def forward(self, x):
+        return x * float(x.sum().item() != 0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_latency_falls_back_to_eager_when_capture_fails():
+    x = torch.randn(4, 4, device="cuda")
+    ms = latency_ms(_Syncs(), x, min_run_time=0.01)
+    assert ms > 0 and math.isfinite(ms)
+    assert torch.cuda.current_stream().query()   # the stream is usable again
+    assert (x + 1).sum().item() != 0
