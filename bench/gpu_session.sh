@@ -152,15 +152,17 @@ if want sweep; then
     --batch 32,1 --methods hsv,svd --pack-aten
 fi
 
-# end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last
+# end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last, each
+# model replayed from a CUDA graph (eager pairs of two identical models were 10-16% apart on the H100), with
+# the dense-vs-itself row
 models=(bench/models.py --device cuda --dtype bfloat16 --channels-last --models resnet18,resnet50,vgg16 --methods hsv
-  --min-run-time 1)
+  --min-run-time 0.5 --graph --aa)
 if want models; then
   step "models bf16 channels_last" 300 "$OUT/session.log" \
-    "$PY" "${models[@]}" --batch 1,32 --cuda-impl composite,fused,auto --out "$OUT/models-bf16"
+    "$PY" "${models[@]}" --batch 32,1 --cuda-impl composite,fused,auto --out "$OUT/models-bf16"
 fi
 if want models-measured; then
-  # convert_(measure=True): each layer timed on the GPU, kept dense where factorized is slower
+  # convert_(measure=True): each layer timed on the GPU (graph replays), kept dense where factorized is slower
   step "models bf16 measured" 300 "$OUT/session.log" \
     "$PY" "${models[@]}" --batch 32 --measure --out "$OUT/models-bf16-measured"
 fi

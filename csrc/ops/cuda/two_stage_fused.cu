@@ -538,7 +538,7 @@ bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const P
 // From graph replays on an H100 (bench/results/gpu-h100-2026-11-22-session4.md):
 // the mma kernel on a spatial conv with <= 128 input channels took 0.37 to 0.78
 // of the composite chain's time at batch 1 and 32 (svd at 128 channels, batch
-// 32: 1.0 to 1.05); with >= 256 channels 1.0 to 1.8, on 1x1 convs 1.75 to 2.3.
+// 32: 1.0 to 1.05); with >= 256 channels 1.0 to 1.8, on 1x1 convs 1.75 to 2.35.
 // The other fused kernels (WMMA, fp32/TF32, NCHW) were 3 to 20x slower than
 // composite at batch 32 (session 1), and whole fp32 models 3.8 to 6.4x slower
 // than dense: they run only where asked for (HSV_CUDA_IMPL=fused) or timed faster.
