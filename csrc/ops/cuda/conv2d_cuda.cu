@@ -9,10 +9,11 @@
 // measured faster (two_stage_fused_by_default), else composite.
 // The backward op is always the composite chain.
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -83,14 +84,26 @@ namespace {
 // Device time of one run on the current stream, from an idle stream to the
 // end of its last kernel: for a host-bound path (the composite chain's several
 // launches at batch 1) that includes the launch gaps, as an eager model sees them.
+// (Raw events: ATen's CUDAEvent.h pulls in CUDAContext.h, which needs the
+// cuSPARSE headers, absent from CI's toolkit.)
+struct TimingEvent {
+  cudaEvent_t e = nullptr;
+  TimingEvent() { C10_CUDA_CHECK(cudaEventCreate(&e)); }
+  ~TimingEvent() { cudaEventDestroy(e); }
+  TimingEvent(const TimingEvent&) = delete;
+  TimingEvent& operator=(const TimingEvent&) = delete;
+};
+
 double time_on_stream(const std::function<at::Tensor()>& fn, at::Tensor* out) {
-  at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  start.record(stream);
+  TimingEvent start, end;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(cudaEventRecord(start.e, stream));
   *out = fn();
-  end.record(stream);
-  end.synchronize();
-  return start.elapsed_time(end) * 1e-3;
+  C10_CUDA_CHECK(cudaEventRecord(end.e, stream));
+  C10_CUDA_CHECK(cudaEventSynchronize(end.e));
+  float ms = 0.0f;
+  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start.e, end.e));
+  return ms * 1e-3;
 }
 
 at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
