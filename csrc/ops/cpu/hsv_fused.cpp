@@ -553,7 +553,11 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   // 16), stride 2 and 1x1 (x1.05-1.15), and was even with the whole copy at
   // 256@14 and 512@7. With the register-transpose copy (to_pixel_major) it
   // won at 64@56 too (batch 8: x0.90-0.92, batch 1: x0.95-0.97), and tied or
-  // lost (x1.00-1.04) at stride 2.
+  // lost (x1.00-1.04) at stride 2. Re-measured at stride 2 with 2 threads
+  // (2026-11-22): staging took 0.61-0.78 of the whole-input copy's time on
+  // 3x3 stride-2 layers at 28x28 and 56x56 (64->128, 128->256, 256->256,
+  // batch 8 and 32; the copy's 6-26 MB buffer is also fresh memory every
+  // call) and 0.97-1.06 at 14x14, so any conv with taps stages now.
   // row_taps (tile_conv_rows) reads NHWC rows holding only the conv's channels:
   // other layouts are copied to that once (a stem's input is small). On
   // ResNet-50's stem (3 -> 64, 7x7 stride 2, rank 11), batch 8, 2 threads, it
@@ -563,8 +567,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const bool strided = input.stride(1) != 1;
   const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
   const int64_t fma_per_staged = pb.conv.n_pad * pb.taps / (pb.cv.stride[0] * pb.cv.stride[1]);
-  const bool unit_stride = pb.cv.stride[0] == 1 && pb.cv.stride[1] == 1;
-  pb.stage = strided && !pb.row_taps && (fma_per_staged >= 256 || (pb.taps > 1 && unit_stride));
+  pb.stage = strided && !pb.row_taps && (fma_per_staged >= 256 || pb.taps > 1);
   const bool to_nhwc = pb.row_taps ? !nhwc_rows : (strided && !pb.stage && reloads > 9);
   const at::Tensor x = to_nhwc ? to_channels_last(input, uk) : input;
   pb.x = x.data_ptr<float>();
