@@ -30,6 +30,10 @@ def runnable_isas():
     return [i for i in ("avx512", "avx2", "scalar") if _RANK[i] <= _RANK[info["cpu_isa"]]]
 
 
+# the microkernel variants each ISA has (ukernel.h): wide MR x NR, narrow (NR / 2), three (three vectors, its own MR)
+VARIANTS = {"avx512": ("wide", "narrow", "three"), "avx2": ("wide", "narrow"), "scalar": ("wide",)}
+
+
 def fma_peaks(seconds=1.0):
     """isa -> single-core fp32 FMA peak in GFLOP/s."""
     return {isa: hsvkernels._C.fma_peak_gflops(isa, seconds) for isa in runnable_isas()}
@@ -39,11 +43,10 @@ def measure(seconds=1.0, ks=(64, 128, 256)):
     rows = []
     peaks = fma_peaks(seconds)
     for isa, peak in peaks.items():
-        for narrow in ((False, True) if isa != "scalar" else (False,)):
+        for variant in VARIANTS[isa]:
             for k in ks:
-                rate = hsvkernels._C.microkernel_gflops(isa, k, seconds / 2, narrow)
-                rows.append(dict(isa=isa, kernel="narrow" if narrow else "wide", k=k, gflops=rate,
-                                 peak_gflops=peak, share=rate / peak))
+                rate = hsvkernels._C.microkernel_gflops(isa, k, seconds / 2, variant)
+                rows.append(dict(isa=isa, kernel=variant, k=k, gflops=rate, peak_gflops=peak, share=rate / peak))
     return peaks, rows
 
 

@@ -112,8 +112,9 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Single-core fp32 FMA peak (GFLOP/s) for isa 'avx512', 'avx2' or 'scalar': best chunk of a ~seconds run");
   m.def("microkernel_gflops", &hsv::cpu::microkernel_gflops, py::arg("isa"), py::arg("k") = 128,
-        py::arg("seconds") = 0.5, py::arg("narrow") = false, py::call_guard<py::gil_scoped_release>(),
-        "GFLOP/s of the fused kernels' MR x NR microkernel (or its narrow variant) on L1-resident operands, K = k");
+        py::arg("seconds") = 0.5, py::arg("variant") = "wide", py::call_guard<py::gil_scoped_release>(),
+        "GFLOP/s of the fused kernels' MR x NR microkernel (variant 'wide', 'narrow' or 'three') on L1-resident "
+        "operands, K = k");
   m.def("clear_packed_cache", &hsv::cpu::clear_packed_cache,
         "Drops the fused CPU kernels' packed factors (needed only after writes that bypass the version counter, "
         "e.g. through .data); returns how many there were");

@@ -29,11 +29,19 @@ def test_peak_and_microkernel_rates_are_sane(isa):
     if uk >= 1.5 * peak:
         peak = max(peak, hsvkernels._C.fma_peak_gflops(isa, 0.5))
     assert uk < 1.5 * peak
-    if isa != "scalar":
-        narrow = hsvkernels._C.microkernel_gflops(isa, 64, 0.05, narrow=True)
-        if narrow >= 1.5 * peak:
+    for variant in {"avx512": ("narrow", "three"), "avx2": ("narrow",), "scalar": ()}[isa]:
+        rate = hsvkernels._C.microkernel_gflops(isa, 64, 0.05, variant=variant)
+        if rate >= 1.5 * peak:
             peak = max(peak, hsvkernels._C.fma_peak_gflops(isa, 0.5))
-        assert 0.0 < narrow < 1.5 * peak
+        assert 0.0 < rate < 1.5 * peak, variant
+
+
+def test_microkernel_variant_errors():
+    with pytest.raises(ValueError, match="variant must be 'wide', 'narrow' or 'three', got 'tall'"):
+        hsvkernels._C.microkernel_gflops(ISAS[-1], 64, 0.01, variant="tall")
+    if "avx2" in ISAS:
+        with pytest.raises(ValueError, match="the avx2 microkernel has no three variant"):
+            hsvkernels._C.microkernel_gflops("avx2", 64, 0.01, variant="three")
 
 
 def test_wider_isa_has_higher_peak():
@@ -49,7 +57,7 @@ def test_bad_arguments_error_clearly():
     with pytest.raises(ValueError, match="k must be >= 1"):
         hsvkernels._C.microkernel_gflops("scalar", 0, 0.01)
     with pytest.raises(ValueError, match="no narrow variant"):
-        hsvkernels._C.microkernel_gflops("scalar", 8, 0.01, narrow=True)
+        hsvkernels._C.microkernel_gflops("scalar", 8, 0.01, variant="narrow")
 
 
 def test_fused_kernels_can_use_threads():

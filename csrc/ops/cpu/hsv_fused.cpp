@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <mutex>
 
 #if defined(__unix__) || defined(__APPLE__)
@@ -149,8 +150,8 @@ void tile_gemm(const Problem& pb, const Tile& t, const Panels& g, const float* a
   const int64_t nr = g.uk->nr;
   for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
     const float* bp = g.b + jb * g.k * nr;
-    for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
-      for (int64_t i = 0; i < pb.mr; ++i) rows[i] = a + (ib + i) * lda;
+    for (int64_t ib = 0; ib < t.np; ib += g.uk->mr) {
+      for (int64_t i = 0; i < g.uk->mr; ++i) rows[i] = a + (ib + i) * lda;
       g.uk->fn(g.k, rows, 1, bp, c + ib * ldc + jb * nr, ldc, false, init ? init + jb * nr : nullptr);
     }
   }
@@ -177,11 +178,11 @@ struct Source {
 // copies cost what the saved accumulator reloads did.)
 void tile_conv_rows(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
   const Panels& g = pb.conv;
-  const int64_t nr = g.uk->nr, krow = pb.kw * pb.S2;
+  const int64_t nr = g.uk->nr, mr = g.uk->mr, krow = pb.kw * pb.S2;
   const float* rows[64];
-  for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+  for (int64_t ib = 0; ib < t.np; ib += mr) {
     for (int64_t dy = 0; dy < pb.kh; ++dy) {
-      for (int64_t i = 0; i < pb.mr; ++i) {
+      for (int64_t i = 0; i < mr; ++i) {
         const int64_t iy = t.iy0[ib + i] + dy * pb.cv.dilation[0], ix0 = t.ix0[ib + i];
         if (iy < 0 || iy >= pb.h) {
           rows[i] = pb.zeros;
@@ -210,7 +211,7 @@ void tile_conv_rows(const Problem& pb, const Tile& t, const Source& src, float* 
 void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
   if (pb.row_taps) return tile_conv_rows(pb, t, src, c, gather);
   const Panels& g = pb.conv;
-  const int64_t nr = g.uk->nr;
+  const int64_t nr = g.uk->nr, mr = g.uk->mr;  // the conv's kernel may have its own MR (Panels::uk->three)
   const float* rows[64];
   const float* xg = src.x;
   const int64_t sc = src.sc;
@@ -221,9 +222,9 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
         const int64_t klen = std::min(pb.kc, pb.S2 - c0);
         const float* bslice = g.b + (jb * g.k + tap * pb.S2 + c0) * nr;
         const bool acc = tap > 0 || c0 > 0;
-        for (int64_t ib = 0; ib < t.np; ib += pb.mr) {
+        for (int64_t ib = 0; ib < t.np; ib += mr) {
           bool padded = false;
-          for (int64_t i = 0; i < pb.mr; ++i) {
+          for (int64_t i = 0; i < mr; ++i) {
             const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
             const bool inside = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w;
             rows[i] = inside ? xg + src.xoff[ib + i] + iy * src.sh + ix * src.sw + c0 * sc : nullptr;
@@ -232,13 +233,13 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
           float* cb = c + ib * g.n_pad + jb * nr;
           const float* zero_row = sc == 1 ? pb.zeros : pb.zeros_strided;
           if (!padded || zero_row != nullptr) {
-            for (int64_t i = 0; i < pb.mr; ++i) rows[i] = rows[i] ? rows[i] : zero_row;
+            for (int64_t i = 0; i < mr; ++i) rows[i] = rows[i] ? rows[i] : zero_row;
             g.uk->fn(klen, rows, sc, bslice, cb, g.n_pad, acc, nullptr);
             continue;
           }
           // Strided channels next to the padding and no zero_span: one zero
           // vector cannot stand in for a strided row, so gather this block's rows.
-          for (int64_t i = 0; i < pb.mr; ++i) {
+          for (int64_t i = 0; i < mr; ++i) {
             float* gr = gather + i * pb.kc;
             for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * sc] : 0.0f;
             rows[i] = gr;
@@ -319,7 +320,7 @@ struct Buffers {
     ys.resize(n(pb.split_b ? pb.b2.n_pad : pb.conv.n_pad));
     if (pb.S1 > 1) yall.resize(n(pb.T2 * pb.s1p));
     if (pb.split_a) r.resize(n(pb.a.n_pad));
-    gather.resize(static_cast<size_t>(pb.mr * (pb.row_taps ? pb.kw * pb.S2 : pb.kc)));
+    gather.resize(static_cast<size_t>(std::max<int64_t>(pb.mr, pb.conv.uk->mr) * (pb.row_taps ? pb.kw * pb.S2 : pb.kc)));
     if (pb.out_nhwc) {
       z.resize(n(pb.T2 * pb.t1_pad));
     } else {
@@ -466,7 +467,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t n = input.size(0);
   const at::MemoryFormat out_format = output_memory_format(input);
   if (n == 0) return at::empty(plan.out_shape, input.options().memory_format(out_format));
-  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr),
+  TORCH_CHECK(uk.mr <= 64 && (uk.narrow == nullptr || uk.narrow->mr == uk.mr) &&
+                  (uk.three == nullptr || uk.three->mr <= uk.mr),
               "hsv::conv2d: inconsistent CPU microkernel table (MR)");
   for (const auto& f : factors)
     TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat, "hsv::conv2d(kind='", kind,
@@ -514,10 +516,10 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);
   if (pb.split_b) {
     const int64_t q1 = factors[0].size(0);
-    pb.conv = make_panels(uk, factors[0], "hsv.B1", q1, pb.S2, pb.taps);
+    pb.conv = make_panels(uk, factors[0], "hsv.B1", q1, pb.S2, pb.taps, nullptr, 1, true);
     pb.b2 = make_panels(uk, factors[1], "hsv.B2", pb.n1, q1, 1, &rows_t2p);
   } else {
-    pb.conv = make_panels(uk, factors[0], "hsv.B", pb.n1, pb.S2, pb.taps, &rows_t2p);
+    pb.conv = make_panels(uk, factors[0], "hsv.B", pb.n1, pb.S2, pb.taps, &rows_t2p, 1, true);
   }
   if (pb.split_a) {
     pb.a = make_panels(uk, A, "hsv.A1", A.size(0), pb.s1p);
@@ -603,7 +605,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t threads = fused_threads(pb.pixels * pb.S1 * pb.conv.n_pad * pb.conv.k);
   const int64_t max_tile = pb.out_nhwc ? kMaxTilePixels : kMaxTilePixelsNchwOut;
   const int64_t tiles_wanted = threads * std::max<int64_t>(1, div_up(pb.pixels, threads * max_tile));
-  pb.p_tile = round_up(div_up(pb.pixels, tiles_wanted), pb.mr);
+  // whole row blocks for both the conv's kernel and the others
+  pb.p_tile = round_up(div_up(pb.pixels, tiles_wanted), std::lcm(pb.mr, pb.conv.uk->mr));
   const int64_t tiles = div_up(pb.pixels, pb.p_tile);
 
   at::parallel_for(0, tiles, threads == 1 ? tiles : 1, [&](int64_t begin, int64_t end) {

@@ -45,9 +45,9 @@ at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t t
 }
 
 Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string& role, int64_t rows, int64_t cin,
-                   int64_t taps, const std::vector<int64_t>* row_map, int64_t groups) {
+                   int64_t taps, const std::vector<int64_t>* row_map, int64_t groups, bool any_mr) {
   Panels p;
-  p.uk = &microkernel_for_width(uk, rows);
+  p.uk = &microkernel_for_width(uk, rows, any_mr);
   const int64_t nr = p.uk->nr;
   p.n_pad = (rows + nr - 1) / nr * nr;
   p.k = cin * taps;

@@ -38,9 +38,12 @@ struct Panels {
 // w read as (groups, rows, cin, taps) row-major, each group packed by
 // pack_panels (row_map applies within a group), cached against w (packed_cached)
 // under `role` plus the microkernel's ISA and NR; role names the factor's part
-// in its kernel (e.g. "hsv.B", "kcp.as").
+// in its kernel (e.g. "hsv.B", "kcp.as"). any_mr: the caller takes its row
+// blocks from the panels' kernel (Panels::uk->mr), so microkernel_for_width may
+// pick a kernel with another MR.
 Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string& role, int64_t rows, int64_t cin,
-                   int64_t taps = 1, const std::vector<int64_t>* row_map = nullptr, int64_t groups = 1);
+                   int64_t taps = 1, const std::vector<int64_t>* row_map = nullptr, int64_t groups = 1,
+                   bool any_mr = false);
 
 // The packed form of w that `make` computes, cached against w (CPU or CUDA
 // tensors: the fused CUDA kernels cache their packed factors here too): a later call

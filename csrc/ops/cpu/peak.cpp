@@ -119,16 +119,19 @@ double fma_peak_gflops(const std::string& isa, double seconds) {
   return best_rate(fma_loop_scalar, 2.0 * kChainsScalar, seconds);
 }
 
-double microkernel_gflops(const std::string& isa, int64_t k, double seconds, bool narrow) {
+double microkernel_gflops(const std::string& isa, int64_t k, double seconds, const std::string& variant) {
   check_isa(isa, "microkernel_gflops");
   TORCH_CHECK_VALUE(k >= 1, "microkernel_gflops: k must be >= 1, got ", k);
   const Microkernel* wide = isa == "avx512" ? microkernel_avx512()
                             : isa == "avx2"  ? microkernel_avx2()
                                              : microkernel_scalar();
   TORCH_CHECK(wide != nullptr, "microkernel_gflops: this build has no ", isa, " microkernel");
-  TORCH_CHECK_VALUE(!narrow || wide->narrow != nullptr, "microkernel_gflops: the ", isa,
-                    " microkernel has no narrow variant");
-  const Microkernel& uk = narrow ? *wide->narrow : *wide;
+  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three",
+                    "microkernel_gflops: variant must be 'wide', 'narrow' or 'three', got '", variant, "'");
+  const Microkernel* picked = variant == "narrow" ? wide->narrow : variant == "three" ? wide->three : wide;
+  TORCH_CHECK_VALUE(picked != nullptr, "microkernel_gflops: the ", isa, " microkernel has no ", variant,
+                    " variant");
+  const Microkernel& uk = *picked;
   // A: MR rows of K floats; B: K x NR packed; C: MR x NR. Small values keep
   // the accumulated C finite over billions of steps.
   std::vector<float> a(static_cast<size_t>(uk.mr * k), 1e-3f), b(static_cast<size_t>(k * uk.nr), 1e-3f),

@@ -14,11 +14,11 @@ namespace cpu {
 // the best of its timed chunks (the least disturbed by other processes).
 double fma_peak_gflops(const std::string& isa, double seconds);
 
-// GFLOP/s of the fused kernels' microkernel for isa (the wide MR x NR one, or
-// its narrow variant) on one MR x K by K x NR product, repeated with the C
-// block accumulated in place: A rows (unit stride), packed B and C all stay in
-// L1 for K up to a few hundred. Best of its timed chunks, as above.
-double microkernel_gflops(const std::string& isa, int64_t k, double seconds, bool narrow);
+// GFLOP/s of the fused kernels' microkernel for isa (variant "wide", the MR x
+// NR one, "narrow" or "three", see ukernel.h) on one MR x K by K x NR product,
+// repeated with the C block accumulated in place: A rows (unit stride), packed
+// B and C all stay in L1 for K up to a few hundred. Best of its timed chunks, as above.
+double microkernel_gflops(const std::string& isa, int64_t k, double seconds, const std::string& variant);
 
 }  // namespace cpu
 }  // namespace hsv

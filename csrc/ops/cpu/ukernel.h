@@ -49,11 +49,17 @@ struct Microkernel {
   DepthwiseFn depthwise;
   // The same ISA's plane-major to pixel-major copy (see ToPixelMajorFn).
   ToPixelMajorFn to_pixel_major;
+  // Three vectors per row with fewer rows (a different MR): for GEMMs whose N
+  // lies in (NR, 1.5 NR], where the narrow kernel would otherwise run and load
+  // one B vector and MR broadcasts per MR FMAs. Only for callers that take
+  // their row blocks from the kernel's own MR. nullptr when there is none.
+  const Microkernel* three = nullptr;
 };
 
 // The kernel for a GEMM with n output columns: uk, or its narrow variant when
-// padding n to uk's NR would waste a quarter or more of the work.
-const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n);
+// padding n to uk's NR would waste a quarter or more of the work; with any_mr,
+// its three-vector variant (another MR) in place of the narrow one where n > NR.
+const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n, bool any_mr = false);
 
 // nullptr when this build has no such kernel (e.g. a non-x86 target). Whether
 // the CPU can run it is a separate question: see isa.h.

@@ -1,6 +1,9 @@
 // AVX-512 microkernels: 12 rows x 32 columns (24 zmm accumulators, 2 zmm of b
-// per k step, one broadcast per row) and a narrow 12 x 16 variant (even and
-// odd k steps in two accumulator sets: 59-70% -> 67-82% of peak). 12 rows,
+// per k step, one broadcast per row), a narrow 12 x 16 variant (even and
+// odd k steps in two accumulator sets: 59-70% -> 67-82% of peak), and an
+// 8 x 48 one for N in (32, 48] (24 accumulators; 11 loads per 24 FMAs where
+// the narrow kernel has 13 per 12: a rank-48 conv stage ran at 50% of peak
+// in place, load-bound, bench/results/cpu-fused-notes.md). 12 rows,
 // not 8: on L1-resident data 8 x 32 reached 73-78% of the measured FMA peak
 // and 12 x 32 80-82% (14 x 32 was no better); bench/peak.py measures both.
 // Compiled for AVX-512 through a function attribute rather than a file-wide
@@ -19,36 +22,37 @@ namespace cpu {
 namespace {
 
 constexpr int kMR = 12;
-constexpr int kW = 16;  // floats per vector
+constexpr int kMR3 = 8;  // rows of the three-vector kernel
+constexpr int kW = 16;   // floats per vector
 
-// NV vectors per row: NR = NV * kW.
-template <int NV>
+// MR rows, NV vectors per row: NR = NV * kW.
+template <int MR, int NV>
 __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
                                            int64_t ldc, bool accumulate, const float* init) {
   constexpr int kNR = NV * kW;
-  __m512 acc[kMR][NV];
-  const float* ap[kMR];
+  __m512 acc[MR][NV];
+  const float* ap[MR];
 #pragma GCC unroll 12
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < MR; ++i) {
     ap[i] = a[i];
     const float* src = accumulate ? c + i * ldc : init;
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm512_loadu_ps(src + v * kW) : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     __m512 bv[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + v * kW);
 #pragma GCC unroll 12
-    for (int i = 0; i < kMR; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(ap[i][k * ka]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
     }
   }
 #pragma GCC unroll 12
-  for (int i = 0; i < kMR; ++i) {
-#pragma GCC unroll 2
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
   }
 }
@@ -155,7 +159,9 @@ __attribute__((target("avx512f"))) void to_pixel_major(int64_t C, int64_t npix, 
 
 const Microkernel* microkernel_avx512() {
   static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
-  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise, &to_pixel_major};
+  static const Microkernel three{"avx512", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
+  static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
+                                &three};
   return &wide;
 }
 

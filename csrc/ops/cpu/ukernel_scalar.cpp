@@ -57,10 +57,12 @@ const Microkernel* microkernel_scalar() {
   return &k;
 }
 
-const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n) {
+const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n, bool any_mr) {
   if (uk.narrow == nullptr) return uk;
   const int64_t padded = (n + uk.nr - 1) / uk.nr * uk.nr;
-  return 4 * (padded - n) >= padded ? *uk.narrow : uk;
+  if (4 * (padded - n) < padded) return uk;
+  if (any_mr && uk.three != nullptr && n > uk.nr && n <= uk.three->nr) return *uk.three;
+  return *uk.narrow;
 }
 
 }  // namespace cpu
