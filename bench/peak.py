@@ -31,7 +31,7 @@ def runnable_isas():
 
 
 # the microkernel variants each ISA has (ukernel.h): wide MR x NR, narrow (NR / 2), three (three vectors, its own MR)
-VARIANTS = {"avx512": ("wide", "narrow", "three"), "avx2": ("wide", "narrow"), "scalar": ("wide",)}
+VARIANTS = {"avx512": ("wide", "narrow", "three"), "avx2": ("wide", "narrow", "three"), "scalar": ("wide",)}
 
 
 def fma_peaks(seconds=1.0):

@@ -73,7 +73,8 @@ def _factors(T1, S1, T2, S2, P, kh, kw, q1=None, q2=None):
     (8, 4, 5, 6, 7, None, 9),         # T2 = 5 interleaved output channels
     (20, 1, 1, 16, 48, None, None),   # P = 48: AVX-512's 8 x 48 kernel, row blocks of 8 in 24-pixel tiles
     (12, 2, 2, 10, 9, 36, None),      # level 2, q1 = 36: the B1 conv on the 8 x 48 kernel, padded to 48
-], ids=["svd-like", "groups", "level2", "t2", "three-wide", "three-wide-level2"])
+    (10, 1, 1, 12, 21, None, None),   # P = 21: AVX2's 4 x 24 kernel (12-pixel tiles), AVX-512's narrow one
+], ids=["svd-like", "groups", "level2", "t2", "three-wide", "three-wide-level2", "three-wide-avx2"])
 def test_fused_hsv_panel_widths(sizes, isa):
     # Factor widths past several NR panels, pixel counts that are no multiple of
     # the tile, batch 1 and 3, NCHW and NHWC, 1 to 3 threads.

@@ -1,7 +1,9 @@
 // AVX2+FMA microkernels: 6 rows x 16 columns (12 ymm accumulators, 2 ymm of b
-// per k step, one broadcast per row: 15 of the 16 ymm registers) and a narrow
+// per k step, one broadcast per row: 15 of the 16 ymm registers), a narrow
 // (even and odd k steps in two accumulator sets: 66% -> 69-84% of peak)
-// 6 x 8 variant. Compiled for AVX2 through a function attribute, for the same
+// 6 x 8 variant, and a 4 x 24 one for N in (16, 24] (12 accumulators, 3 ymm
+// of b, one broadcast: all 16 registers; 7 loads per 12 FMAs where the narrow
+// kernel has 7 per 6, as AVX-512's 8 x 48). Compiled for AVX2 through a function attribute, for the same
 // reason as the AVX-512 kernels: nothing else in this object may use the ISA.
 #include "ukernel.h"
 
@@ -13,36 +15,37 @@ namespace cpu {
 namespace {
 
 constexpr int kMR = 6;
-constexpr int kW = 8;  // floats per vector
+constexpr int kMR3 = 4;  // rows of the three-vector kernel
+constexpr int kW = 8;    // floats per vector
 
-// NV vectors per row: NR = NV * kW.
-template <int NV>
+// MR rows, NV vectors per row: NR = NV * kW.
+template <int MR, int NV>
 __attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
                                            int64_t ldc, bool accumulate, const float* init) {
   constexpr int kNR = NV * kW;
-  __m256 acc[kMR][NV];
-  const float* ap[kMR];
+  __m256 acc[MR][NV];
+  const float* ap[MR];
 #pragma GCC unroll 8
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < MR; ++i) {
     ap[i] = a[i];
     const float* src = accumulate ? c + i * ldc : init;
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm256_loadu_ps(src + v * kW) : _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     __m256 bv[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * kNR + v * kW);
 #pragma GCC unroll 8
-    for (int i = 0; i < kMR; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const __m256 ai = _mm256_broadcast_ss(ap[i] + k * ka);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < kMR; ++i) {
-#pragma GCC unroll 2
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
   }
 }
@@ -148,7 +151,9 @@ __attribute__((target("avx2,fma"))) void to_pixel_major(int64_t C, int64_t npix,
 
 const Microkernel* microkernel_avx2() {
   static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
-  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<2>, &narrow, &depthwise, &to_pixel_major};
+  static const Microkernel three{"avx2", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
+  static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
+                                &three};
   return &wide;
 }
 
