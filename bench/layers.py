@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import hsvkernels  # noqa: E402
 from bench import suite, timing  # noqa: E402
+from hsvkernels._timing import capture_graph  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Normalized max error max|y - y_exact| / max|y_exact| above which an output is wrong (not merely imprecise).
@@ -197,25 +198,12 @@ def ratio(a, b):
 
 
 def graphed(fn, reps=1, after_warmup=None):
-    """fn captured `reps` times into one CUDA graph (after warm-up on a side stream); returns its replay.
+    """fn captured `reps` times into one CUDA graph (hsvkernels._timing.capture_graph); returns its replay.
 
     The op reads HSV_CUDA_IMPL when it is called, so each --impls callable is
-    captured with its own implementation. after_warmup, if given, is called
-    between the warm-up and the capture (to read what the warm-up calls chose).
+    captured with its own implementation.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    if after_warmup is not None:
-        after_warmup()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    return graph.replay
+    return capture_graph(fn, reps, after_warmup)[0]
 
 
 def impl_variable(device):

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hsvkernels  # noqa: E402
 from bench import timing  # noqa: E402
 from hsvkernels import benchmark, convert, models  # noqa: E402
+from hsvkernels._timing import capture_graph  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 
@@ -48,19 +49,11 @@ class Graphed:
     def __init__(self, model, x):
         self.x = x
         with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):   # warm-up: cuDNN autotuning, HSV_CUDA_IMPL=auto's timed choices
-                    model(x)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.y = model(x)
+            self.replay, self.y = capture_graph(lambda: model(x))
 
     def __call__(self, x):
         assert x is self.x, "a Graphed model replays for the input it was captured with"
-        self.graph.replay()
+        self.replay()
         return self.y
 
 
@@ -143,6 +136,7 @@ def main(argv=None):
                                       measure=args.measure, **options)
             factorized = len(report.factorized)
             params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
+            macs_x = report.totals()["macs_before"] / report.totals()["macs_after"]
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
             print("%s %s: %d convs factorized%s%s" % (name, method, factorized,
                                                       ", the rest kept dense (measured slower or not eligible)"
@@ -174,8 +168,7 @@ def main(argv=None):
                                batch=n, device=args.device, graph=args.graph,
                                dtype=args.dtype, impl_var=impl_var, impl=impl,
                                model_params_x=1.0 if aa else params,
-                               conv_macs_x=1.0 if aa else report.totals()["macs_before"] / report.totals()["macs_after"],
-                               **t)
+                               conv_macs_x=1.0 if aa else macs_x, **t)
                     rows.append(row)
                     print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
                           "(params %.2fx, conv MACs %.2fx)"

@@ -17,8 +17,11 @@ def latency_ms(module, x, min_run_time=0.05):
     """
     with torch.no_grad():
         if x.is_cuda:
-            replay = _graphed(module, x)
-            if replay is not None:
+            try:
+                replay, _ = capture_graph(lambda: module(x), _GRAPH_REPS)
+            except RuntimeError:   # an op that cannot be captured: time it eagerly instead
+                torch.cuda.synchronize()
+            else:
                 return _device_ms(replay, min_run_time)
         module(x)  # first call outside the timer: lazy init, allocator warm-up
         timer = benchmark.Timer("m(x)", globals={"m": module, "x": x}, num_threads=torch.get_num_threads())
@@ -28,23 +31,25 @@ def latency_ms(module, x, min_run_time=0.05):
 _GRAPH_REPS = 10   # calls per captured graph: a replay then lasts long enough to time with events
 
 
-def _graphed(module, x):
-    """A replay of module(x) x _GRAPH_REPS captured in a CUDA graph, or None where it cannot be captured."""
+def capture_graph(fn, reps=1, after_warmup=None):
+    """fn() called `reps` times inside one CUDA graph, after three warm-up calls on a side stream
+    (cuDNN autotuning, HSV_CUDA_IMPL=auto's timed choices, packed factors all happen there).
+    Returns the graph's replay and the last captured call's output (refilled by every replay).
+    after_warmup, if given, runs between warm-up and capture (to read what the warm-up chose)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(side):
-            for _ in range(3):   # warm-up: cuDNN autotuning, HSV_CUDA_IMPL=auto's timing, packed factors
-                module(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(_GRAPH_REPS):
-                module(x)
-    except RuntimeError:   # an op that cannot be captured: time it eagerly instead
-        torch.cuda.synchronize()
-        return None
-    return graph.replay
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            out = fn()
+    return graph.replay, out
 
 
 def _device_ms(replay, min_run_time):

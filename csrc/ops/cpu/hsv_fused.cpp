@@ -30,8 +30,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 #include <mutex>
+#include <numeric>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>

@@ -13,8 +13,8 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <c10/util/Exception.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <atomic>

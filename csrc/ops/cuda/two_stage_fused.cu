@@ -539,9 +539,10 @@ bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const P
 // the mma kernel on a spatial conv with <= 128 input channels took 0.37 to 0.78
 // of the composite chain's time at batch 1 and 32 (svd at 128 channels, batch
 // 32: 1.0 to 1.05); with >= 256 channels 1.0 to 1.8, on 1x1 convs 1.75 to 2.35.
-// The other fused kernels (WMMA, fp32/TF32, NCHW) were 3 to 20x slower than
-// composite at batch 32 (session 1), and whole fp32 models 3.8 to 6.4x slower
-// than dense: they run only where asked for (HSV_CUDA_IMPL=fused) or timed faster.
+// The WMMA kernel took 0.6 to 4.4x composite's time in the same sweep; the
+// general kernel (fp32/TF32, NCHW) was 3 to 20x slower than composite at batch
+// 32 (session 1), and made whole fp32 models 3.8 to 6.4x slower than dense:
+// they run only where asked for (HSV_CUDA_IMPL=fused) or timed faster.
 bool two_stage_fused_by_default(const at::Tensor& input, at::TensorList factors, const std::string& kind) {
   const TwoStageShape shape = two_stage_shape(factors, kind);
   return shape.kh * shape.kw > 1 && shape.cin <= 128 && nhwc_supports(input, shape.cin, shape.r, shape.cout) &&
