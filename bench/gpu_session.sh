@@ -97,11 +97,12 @@ torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_dev
 fi
 
 if want fused-tests; then
-  # only the fused-kernel tests (they set HSV_CUDA_IMPL themselves): after a change to the kernels or their selection
+  # only the fused-kernel tests (they set HSV_CUDA_IMPL themselves) and the graph timer of convert_(measure=True):
+  # after a change to the kernels or their selection
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
   step "tests fused kernels" 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
-    tests/test_cuda_fused.py
+    tests/test_cuda_fused.py tests/test_timing.py
 fi
 
 if want test; then
