@@ -100,14 +100,19 @@ def main():
     # (the mma kernel's split sums its partials through a cluster's shared memory)
     kernels = ("mma", "wmma") if torch.cuda.get_device_capability()[0] >= 9 else ("wmma",)
     mma_before = _C.cuda_mma_launch_count()
+    # (and the mma kernel with and without input blocks, HSV_CUDA_MMA_HALO: both cases have >= 4 taps)
     for kernel in kernels:
-        for splits in ("1", "3"):
-            os.environ["HSV_CUDA_NHWC"], os.environ["HSV_CUDA_SPLIT_K"] = kernel, splits
-            for case in SVD_CASES[-2:]:
-                worst = max(worst, svd_case(case, torch.bfloat16, True))
-                calls += 1
-    os.environ.pop("HSV_CUDA_NHWC")
-    os.environ.pop("HSV_CUDA_SPLIT_K")
+        for halo in ("0", "1") if kernel == "mma" else ("0",):
+            for splits in ("1", "3"):
+                os.environ["HSV_CUDA_NHWC"], os.environ["HSV_CUDA_SPLIT_K"] = kernel, splits
+                os.environ["HSV_CUDA_MMA_HALO"] = halo
+                for case in SVD_CASES[-2:]:
+                    worst = max(worst, svd_case(case, torch.bfloat16, True))
+                    calls += 1
+                    if kernel == "mma" and _C.cuda_mma_last_config()[4] != int(halo):
+                        raise SystemExit("HSV_CUDA_MMA_HALO=%s did not take effect" % halo)
+    for name in ("HSV_CUDA_NHWC", "HSV_CUDA_SPLIT_K", "HSV_CUDA_MMA_HALO"):
+        os.environ.pop(name)
     # the factors packed by ATen ops (HSV_CUDA_PACK=aten) instead of the packing kernel
     os.environ["HSV_CUDA_PACK"] = "aten"
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
@@ -121,7 +126,7 @@ def main():
                                  torch.randn(10, **opts), 1, 1, 1))
         calls += 1
     os.environ.pop("HSV_CUDA_PACK")
-    if "mma" in kernels and _C.cuda_mma_launch_count() - mma_before < 4:
+    if "mma" in kernels and _C.cuda_mma_launch_count() - mma_before < 8:
         raise SystemExit("the mma kernel did not run where HSV_CUDA_NHWC=mma asked for it")
     print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g)" % (calls, worst))
 

@@ -25,7 +25,7 @@ from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K",
-       "HSV_CUDA_PACK")
+       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO")
 
 
 def captured(fn, env, reps):
@@ -58,6 +58,9 @@ def main(argv=None):
     p.add_argument("--pack-aten", action="store_true",
                    help="also the mma kernel with HSV_CUDA_PACK=aten (4 to 6 ATen packing ops per graph replay "
                         "instead of the one packing kernel)")
+    p.add_argument("--halo-off", action="store_true",
+                   help="also the mma kernel with HSV_CUDA_MMA_HALO=0 (the per-tap gather, no input blocks)")
+    p.add_argument("--no-wmma", action="store_true", help="leave out the WMMA kernel (the 8.x path)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
@@ -65,7 +68,8 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     print("device %s  torch %s  cudnn %s  dtype %s channels_last  cudnn.benchmark True  graphs of %d calls"
           % (torch.cuda.get_device_name(), torch.__version__, torch.backends.cudnn.version(), args.dtype, args.reps))
-    print("times: device us per call (median); mma config = (MI, cluster S, tiles, K step)")
+    print("times: device us per call (median); mma config = (MI, cluster S, tiles, K step, input blocks, "
+          "block rows, block columns)")
     torch.manual_seed(0)
     rows = []
     for shape in suite.select_from_args(args):
@@ -85,6 +89,11 @@ def main(argv=None):
                 paths = {"dense": (dense, {}), "composite": (op, {"HSV_CUDA_IMPL": "composite"}),
                          "wmma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wmma"}),
                          "mma": (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma"})}
+                if args.no_wmma:
+                    del paths["wmma"]
+                if args.halo_off:
+                    paths["mma no-halo"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma",
+                                                 "HSV_CUDA_MMA_HALO": "0"})
                 if args.pack_aten:
                     paths["mma aten-pack"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma",
                                                    "HSV_CUDA_PACK": "aten"})
@@ -131,8 +140,9 @@ def main(argv=None):
     for r in rows:
         t = r["times"]
         print("| %s | %d | %s | %.1f | %.1f | %.1f | %.1f | %.3f | %.3f | %.3f | %s | %s %.1f |" % (
-            r["layer"], r["batch"], r["method"], t["dense"], t["composite"], t["wmma"], t["mma"],
-            t["mma"] / t["dense"], t["mma"] / t["composite"], t["mma"] / t["wmma"], r["mma_config"], r["best"],
+            r["layer"], r["batch"], r["method"], t["dense"], t["composite"], t.get("wmma", float("nan")), t["mma"],
+            t["mma"] / t["dense"], t["mma"] / t["composite"], t["mma"] / t.get("wmma", float("nan")), r["mma_config"],
+            r["best"],
             t[r["best"]]))
 
 

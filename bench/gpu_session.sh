@@ -147,10 +147,10 @@ if want bench; then
 fi
 
 if want sweep; then
-  # the channels_last kernels per layer from graph replays: dense, composite, WMMA, mma, and mma with
-  # the ATen packing ops (HSV_CUDA_PACK=aten; the script stops if that changes any output)
+  # the channels_last kernels per layer from graph replays: dense, composite, mma (input blocks where they
+  # apply) and mma with the per-tap gather (HSV_CUDA_MMA_HALO=0)
   step "nhwc sweep" 200 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
-    --batch 32,1 --methods hsv,svd --pack-aten
+    --batch 32,1 --methods hsv --halo-off --no-wmma
 fi
 
 # end to end, ResNet-18/50 and VGG-16 converted with hsv at ratio=4, macs_ratio=4, bf16 channels_last, each

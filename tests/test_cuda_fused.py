@@ -264,6 +264,7 @@ def test_fused_mma_tiles(rank, cin, mi, ks, splits, impl, monkeypatch):
     monkeypatch.setenv("HSV_CUDA_MMA_MI", mi)
     monkeypatch.setenv("HSV_CUDA_MMA_KSTEP", ks)
     monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    monkeypatch.setenv("HSV_CUDA_MMA_HALO", "0")   # the per-tap gather (input blocks: test_fused_mma_halo)
     fact = svd_factors(rank, cin, 200, 3, 3)
     bias = torch.randn(200, dtype=torch.float64)
     x = make_input(3, cin, 13, 11, "channels_last", torch.bfloat16)
@@ -277,7 +278,63 @@ def test_fused_mma_tiles(rank, cin, mi, ks, splits, impl, monkeypatch):
     k_steps = 9 * cin // want_ks
     per = -(-k_steps // min(int(splits), 8))
     tiles = -(-3 * 13 * 11 // (64 * int(mi)))
-    assert list(_C.cuda_mma_last_config()) == [int(mi), -(-k_steps // per), tiles, want_ks]
+    assert list(_C.cuda_mma_last_config()) == [int(mi), -(-k_steps // per), tiles, want_ks, 0, 0, 0]
+
+
+# The mma kernel with input blocks (HSV_CUDA_MMA_HALO): a CTA's pixels are a
+# block of one image whose input channels are loaded once per chunk for all
+# taps. Every (rank class, MI, K step), whole and split over a cluster (by
+# channel chunks), on geometries where blocks end inside the image, cross no
+# image boundary, overhang both edges, and read strided or dilated taps.
+HALO_GEOMETRIES = [
+    # (N, H, W, kh, kw, stride, padding, dilation)
+    (3, 13, 11, 3, 3, 1, 1, 1),          # blocks end inside the image in both directions
+    (2, 30, 30, 3, 3, 1, 1, 1),          # several blocks per row (balanced widths)
+    (1, 5, 4, 5, 5, 1, 2, 1),            # 5x5 kernel larger than the image
+    (2, 17, 9, 3, 3, 2, 1, 1),           # stride 2: the block's input rows step by 2
+    (2, 12, 14, 3, 2, (2, 1), (2, 0), (3, 2)),  # non-square kernel, mixed stride/padding/dilation
+    (1, 1, 40, 1, 7, 1, (0, 3), 1),      # a 1-row image, a 1x7 kernel
+]
+HALO_IDS = ["13x11", "30x30", "5x5k", "s2", "mixed", "1x7"]
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+@pytest.mark.parametrize("ks", ["32", "64"])
+@pytest.mark.parametrize("mi", ["1", "2"])
+@pytest.mark.parametrize("rank,cin", [(9, 64), (32, 64), (50, 96), (128, 128)])
+@pytest.mark.parametrize("geom", HALO_GEOMETRIES, ids=HALO_IDS)
+def test_fused_mma_halo(geom, rank, cin, mi, ks, splits, impl, monkeypatch):
+    if not is_hopper():
+        pytest.skip("the mma.sync kernel needs compute capability 9.0 (thread-block clusters)")
+    n, h, w, kh, kw, stride, padding, dilation = geom
+    monkeypatch.setenv("HSV_CUDA_NHWC", "mma")
+    monkeypatch.setenv("HSV_CUDA_MMA_MI", mi)
+    monkeypatch.setenv("HSV_CUDA_MMA_KSTEP", ks)
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    monkeypatch.setenv("HSV_CUDA_MMA_HALO", "1")
+    fact = svd_factors(rank, cin, 136, kh, kw)
+    bias = torch.randn(136, dtype=torch.float64)
+    x = make_input(n, cin, h, w, "channels_last", torch.bfloat16)
+    before = mma_launches()
+    y = check_fused(impl, fact, x, bias, stride, padding, dilation)
+    assert mma_launches() - before == 1
+    from hsvkernels._extension import _C
+    got_mi, got_splits, tiles, got_ks, halo, tile_h, tile_w = _C.cuda_mma_last_config()
+    assert halo == 1, "HSV_CUDA_MMA_HALO=1 did not take input blocks"
+    want_ks = int(ks) if cin % int(ks) == 0 else 32
+    chunks = cin // want_ks
+    assert (got_mi, got_ks) == (int(mi), want_ks)
+    assert got_splits == -(-chunks // -(-chunks // min(int(splits), 8)))   # whole chunks per CTA
+    # the blocks fit their slots and cover every output position exactly once
+    ho, wo = y.shape[2], y.shape[3]
+    assert 0 < tile_h * tile_w <= 64 * int(mi) and tile_h <= ho and tile_w <= wo
+    assert tiles == n * -(-ho // tile_h) * -(-wo // tile_w)
+    # the same call through the per-tap gather: the same function (different summation order)
+    monkeypatch.setenv("HSV_CUDA_MMA_HALO", "0")
+    y0 = hsvkernels.conv2d(x, fact.to("cuda", torch.bfloat16), bias.to("cuda", torch.bfloat16), stride, padding,
+                           dilation)
+    assert _C.cuda_mma_last_config()[4] == 0
+    assert rel_err(y, y0.double()) <= TOL[torch.bfloat16]
 
 
 def test_bad_nhwc_kernel_values_error(impl, monkeypatch):
@@ -285,7 +342,8 @@ def test_bad_nhwc_kernel_values_error(impl, monkeypatch):
     fact = svd_factors(16, 32, 32, 3, 3, dtype=torch.bfloat16).to("cuda")
     x = make_input(1, 32, 6, 6, "channels_last", torch.bfloat16)
     # HSV_CUDA_MMA_* are read by the mma kernel's launcher, which runs on Hopper only
-    mma_only = (("HSV_CUDA_MMA_MI", "4"), ("HSV_CUDA_MMA_KSTEP", "16")) if is_hopper() else ()
+    mma_only = (("HSV_CUDA_MMA_MI", "4"), ("HSV_CUDA_MMA_KSTEP", "16"), ("HSV_CUDA_MMA_HALO", "yes")) \
+        if is_hopper() else ()
     for name, bad in (("HSV_CUDA_NHWC", "cutlass"),) + mma_only:
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match="%s='%s'" % (name, bad)):

@@ -71,6 +71,12 @@ struct MmaParams {
   const float* bias;        // cout floats or nullptr
   void* out;                // channels_last contiguous: pixel p, channel c at p * cout + c
   int steps_per_split;      // K steps per CTA of a cluster
+  // Halo tiles (HALO kernels only): a CTA's pixels are a tile_h x tile_w block
+  // of one image; tiles_y x tiles_x blocks per image; the input block under it
+  // is halo_h x halo_w positions, halo_rows = halo_h * halo_w, one buffer of
+  // halo_bytes per channel chunk; taps = kh * kw.
+  int tile_h, tile_w, tiles_y, tiles_x;
+  int halo_w, halo_rows, halo_bytes, taps;
 };
 
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
@@ -98,6 +104,10 @@ struct MmaLayout {
   static constexpr int kOutWarp = 16 * MI * kLdOut * 2;
   static constexpr int kStage2 = 2 * kU + kWarps * kOutWarp;
   static constexpr int bytes(bool split) { return cmax(kPipe, cmax(split ? kPartial : 0, kStage2)); }
+  // HALO kernels: two input blocks of halo_bytes each, then kStages Vp tiles
+  static constexpr int halo_bytes(bool split, int halo) {
+    return cmax(2 * halo + kStages * kA, cmax(split ? kPartial : 0, kStage2));
+  }
 };
 
 // The device helpers exist only where the kernel body is compiled (sm_90+).
@@ -150,7 +160,7 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi, __nv_bfloat16*) {
 
 #endif
 
-template <typename S, int RP, int MI, int KS>
+template <typename S, int RP, int MI, int KS, bool HALO>
 __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // never launched: the host side requires compute capability 9.0 (clusters)
@@ -171,28 +181,46 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
   cg::cluster_group cluster = cg::this_cluster();
   const int splits = static_cast<int>(cluster.num_blocks());
   const int split = static_cast<int>(cluster.block_rank());
-  const long long p0 = static_cast<long long>(blockIdx.x / splits) * L::kTileM;
+  const long long tile = blockIdx.x / splits;
+  const long long p0 = tile * L::kTileM;  // without HALO: the tile's first pixel
   const S* x = static_cast<const S*>(p.x);
   const S* vp = static_cast<const S*>(p.vp);
   const S* up = static_cast<const S*>(p.up);
 
-  // Gather pieces: pixel j of this thread is pixel tid / 4 + 32 j of the tile;
+  // HALO: the tile's image and the output position of its block's top-left corner.
+  int h_n = 0, h_oy0 = 0, h_ox0 = 0;
+  if constexpr (HALO) {
+    const int per_image = p.tiles_y * p.tiles_x;
+    h_n = static_cast<int>(tile / per_image);
+    const int q = static_cast<int>(tile - static_cast<long long>(h_n) * per_image);
+    const int ty = q / p.tiles_x;
+    h_oy0 = ty * p.tile_h;
+    h_ox0 = (q - ty * p.tiles_x) * p.tile_w;
+  }
+  // A pipeline stage holds the step's Vp tile and, without HALO, its gathered
+  // input tile; with HALO the stages follow the two input blocks.
+  const int stage_bytes = HALO ? L::kA : L::kStage;
+  const unsigned stage0 = HALO ? 2 * p.halo_bytes : 0;
+
+  // Gather pieces (without HALO): pixel j of this thread is pixel tid / 4 + 32 j of the tile;
   // it copies channels 8 * (tid % 4) .. + 8 of each 32 of the step. Per pixel: the offset of
   // the top-left input position of its window (may lie in the padding) and
   // that position; a pixel past the end gets a row no tap can bring in range.
   long long g_off[kPieces];
   int g_iy[kPieces], g_ix[kPieces];
+  if constexpr (!HALO) {
 #pragma unroll
-  for (int j = 0; j < kPieces; ++j) {
-    const long long pix = p0 + tid / 4 + 32 * j;
-    g_off[j] = 0;
-    g_iy[j] = -(1 << 30);
-    g_ix[j] = 0;
-    if (pix < p.pixels) {
-      int n;
-      tiles::pixel_origin(p, pix, n, g_iy[j], g_ix[j]);
-      g_off[j] = n * p.sn + static_cast<long long>(g_iy[j]) * p.sh + static_cast<long long>(g_ix[j]) * p.sw +
-                 (tid % 4) * 8;
+    for (int j = 0; j < kPieces; ++j) {
+      const long long pix = p0 + tid / 4 + 32 * j;
+      g_off[j] = 0;
+      g_iy[j] = -(1 << 30);
+      g_ix[j] = 0;
+      if (pix < p.pixels) {
+        int n;
+        tiles::pixel_origin(p, pix, n, g_iy[j], g_ix[j]);
+        g_off[j] = n * p.sn + static_cast<long long>(g_iy[j]) * p.sh + static_cast<long long>(g_ix[j]) * p.sw +
+                   (tid % 4) * 8;
+      }
     }
   }
   // This thread's Vp pieces: piece i = tid + j * kThreads of the step's
@@ -208,37 +236,47 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
   const int s_begin = split * p.steps_per_split;
   const int nsteps = max(0, min(k_steps, s_begin + p.steps_per_split) - s_begin);
 
-  // The next step to issue, kept as running (channel, tap) counters so the
-  // per-step work has no integer division: channel c0, tap column tx, and the
-  // tap's offsets dy, dx in input rows and columns.
-  // delta is the step's offset from a pixel's g_off: dy * sh + dx * sw + c0.
-  int nx_c0, nx_tx, nx_dy, nx_dx;
-  long long nx_delta;
-  {
+  // The next step to issue. Without HALO steps are tap-major, kept as running
+  // (channel, tap) counters so the per-step work has no integer division:
+  // channel c0, tap column tx, and the tap's offsets dy, dx in input rows and
+  // columns; delta is the step's offset from a pixel's g_off: dy * sh + dx * sw + c0.
+  // With HALO steps are channel-chunk-major (every tap of a chunk reads the
+  // chunk's input block): step = chunk * taps + tap, and a split's
+  // steps_per_split is a whole number of chunks.
+  int nx_c0 = 0, nx_tx = 0, nx_dy = 0, nx_dx = 0, nx_t = 0;
+  long long nx_delta = 0;
+  const S* nx_v;
+  if constexpr (HALO) {
+    nx_c0 = (s_begin / p.taps) * kKStep;
+    nx_v = vp + nx_c0;
+  } else {
     const int tap = s_begin / csteps, ty = tap / p.kw;
     nx_c0 = (s_begin - tap * csteps) * kKStep;
     nx_tx = tap - ty * p.kw;
     nx_dy = ty * p.dil_h;
     nx_dx = nx_tx * p.dil_w;
     nx_delta = nx_dy * p.sh + nx_dx * p.sw + nx_c0;
+    nx_v = vp + static_cast<long long>(s_begin) * kKStep;
   }
   const long long next_tap_col = p.dil_w * p.sw - p.cin;  // delta's change when the tap moves one column
-  const S* nx_v = vp + static_cast<long long>(s_begin) * kKStep;
 
   // The next step's operands into pipeline stage `stage` (cp.async, not waited for).
   auto issue = [&](int stage) {
-    S* a = reinterpret_cast<S*>(smem + stage * L::kStage);
-    S* b = reinterpret_cast<S*>(smem + stage * L::kStage + L::kA);
+    S* a = reinterpret_cast<S*>(smem + stage0 + stage * stage_bytes);
+    if constexpr (!HALO) {
+      S* b = reinterpret_cast<S*>(smem + stage * L::kStage + L::kA);
 #pragma unroll
-    for (int j = 0; j < kPieces; ++j) {
-      const int iy = g_iy[j] + nx_dy, ix = g_ix[j] + nx_dx;
-      const bool ok = static_cast<unsigned>(iy) < static_cast<unsigned>(p.h) &&
-                      static_cast<unsigned>(ix) < static_cast<unsigned>(p.w);
-      const S* src = x + (g_off[j] + nx_delta);
+      for (int j = 0; j < kPieces; ++j) {
+        const int iy = g_iy[j] + nx_dy, ix = g_ix[j] + nx_dx;
+        const bool ok = static_cast<unsigned>(iy) < static_cast<unsigned>(p.h) &&
+                        static_cast<unsigned>(ix) < static_cast<unsigned>(p.w);
+        const S* src = x + (g_off[j] + nx_delta);
 #pragma unroll
-      for (int r = 0; r < kRuns; ++r) {
-        // a zero-filled copy reads nothing, but its address must still be valid: x
-        tiles::cp_async16_zfill(b + (tid / 4 + 32 * j) * kLdIn + (tid % 4) * 8 + 32 * r, ok ? src + 32 * r : x, ok);
+        for (int r = 0; r < kRuns; ++r) {
+          // a zero-filled copy reads nothing, but its address must still be valid: x
+          tiles::cp_async16_zfill(b + (tid / 4 + 32 * j) * kLdIn + (tid % 4) * 8 + 32 * r, ok ? src + 32 * r : x,
+                                  ok);
+        }
       }
     }
 #pragma unroll
@@ -247,34 +285,87 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
         tiles::cp_async16(a + v_dst0 + j * kVRowsPerJ * kLdIn, nx_v + v_src0 + j * kVRowsPerJ * p.k);
       }
     }
-    nx_v += kKStep;
-    nx_c0 += kKStep;
-    nx_delta += kKStep;
-    if (nx_c0 == p.cin) {
-      nx_c0 = 0;
-      nx_dx += p.dil_w;
-      nx_delta += next_tap_col;
-      if (++nx_tx == p.kw) {
-        nx_tx = 0;
-        nx_dx = 0;
-        nx_dy += p.dil_h;
-        nx_delta = nx_dy * p.sh;
+    if constexpr (HALO) {
+      if (++nx_t == p.taps) {  // Vp's K is (tap, channel): the next chunk's first tap
+        nx_t = 0;
+        nx_c0 += kKStep;
+        nx_v = vp + nx_c0;
+      } else {
+        nx_v += p.cin;
+      }
+    } else {
+      nx_v += kKStep;
+      nx_c0 += kKStep;
+      nx_delta += kKStep;
+      if (nx_c0 == p.cin) {
+        nx_c0 = 0;
+        nx_dx += p.dil_w;
+        nx_delta += next_tap_col;
+        if (++nx_tx == p.kw) {
+          nx_tx = 0;
+          nx_dx = 0;
+          nx_dy += p.dil_h;
+          nx_delta = nx_dy * p.sh;
+        }
       }
     }
   };
 
-  // ldmatrix row addresses (bytes from a stage's base). Input (A operand, pixels
-  // x K): lanes 0-15 rows 0-15 at K 0, lanes 16-31 the same rows at K 8. Vp (B
-  // operand, ranks x K): lanes 0-7 ranks 0-7 at K 0, 8-15 ranks 0-7 at K 8,
+  // HALO: channels c0 .. c0 + KS of the tile's input block into input buffer
+  // `buf`, row hy * halo_w + hx for input position (iy0 + hy, ix0 + hx),
+  // zero-filled outside the image.
+  auto issue_halo = [&](int c0, int buf) {
+    S* dst = reinterpret_cast<S*>(smem + buf * p.halo_bytes);
+    const S* img = x + h_n * p.sn + c0;
+    const int iy0 = h_oy0 * p.stride_h - p.pad_h, ix0 = h_ox0 * p.stride_w - p.pad_w;
+    constexpr int kRowPieces = KS / 8;
+    for (int i = tid; i < p.halo_rows * kRowPieces; i += kThreads) {
+      const int row = i / kRowPieces, piece = i % kRowPieces;
+      const int hy = row / p.halo_w, hx = row - hy * p.halo_w;
+      const int iy = iy0 + hy, ix = ix0 + hx;
+      const bool ok = static_cast<unsigned>(iy) < static_cast<unsigned>(p.h) &&
+                      static_cast<unsigned>(ix) < static_cast<unsigned>(p.w);
+      const S* src = img + static_cast<long long>(iy) * p.sh + static_cast<long long>(ix) * p.sw + piece * 8;
+      tiles::cp_async16_zfill(dst + row * kLdIn + piece * 8, ok ? src : x, ok);
+    }
+  };
+
+  // ldmatrix row addresses (bytes). Input (A operand, pixels x K): lanes 0-15
+  // rows 0-15 at K 0, lanes 16-31 the same rows at K 8; without HALO from the
+  // stage's gathered tile, with HALO from the input block, where pixel (ty, tx)
+  // of the tile reads row (ty * stride_h + dy) * halo_w + tx * stride_w + dx at
+  // tap offset (dy, dx): the same shift for every lane, so a tap is one added
+  // offset (pixel slots past the block read row 0; their outputs are dropped).
+  // Vp (B operand, ranks x K): lanes 0-7 ranks 0-7 at K 0, 8-15 ranks 0-7 at K 8,
   // 16-23 ranks 8-15 at K 0, 24-31 ranks 8-15 at K 8, giving b0 b1 of two n8 tiles.
-  const unsigned off_in = L::kA + ((warp * kWarpM + lane % 16) * kLdIn + (lane / 16) * 8) * 2;
+  unsigned off_in[MI];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    const int r = warp * kWarpM + mi * 16 + lane % 16;
+    int row = r;
+    if constexpr (HALO) {
+      const int ty = r / p.tile_w, tx = r - ty * p.tile_w;
+      row = ty < p.tile_h ? ty * p.stride_h * p.halo_w + tx * p.stride_w : 0;
+    }
+    off_in[mi] = (HALO ? 0 : L::kA) + (row * kLdIn + (lane / 16) * 8) * 2;
+  }
   const unsigned off_v = ((lane % 8 + (lane / 16) * 8) * kLdIn + ((lane / 8) % 2) * 8) * 2;
+  // HALO: the step's tap as a row offset into the block, its column, its tap
+  // index, and which input buffer its chunk is in
+  int cur_off = 0, cur_tx = 0, cur_t = 0, cur_buf = 0, cur_chunk = 0;
+  const int nchunks = HALO ? nsteps / p.taps : 0;
+  const int c_first = HALO ? (s_begin / p.taps) * kKStep : 0;  // the first chunk's channel
 
   // Stage 1: acc[mi][nj] = the m16n8 tile (pixels 16 mi.., ranks 8 nj..) of T^T.
   // Every thread commits one group per step (empty past the end), so the
-  // wait_group counts line up.
+  // wait_group counts line up. With HALO the first chunk's block goes out in the
+  // first group and chunk c + 1's in the group of step (c, tap 0), which has
+  // landed by step (c + 1, 0) because a chunk has taps >= kStages - 1 steps.
   float acc[MI][kNj][4];
   zero(acc);
+  if constexpr (HALO) {
+    if (nchunks > 0) issue_halo(c_first, 0);
+  }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < nsteps) issue(s);
@@ -283,16 +374,22 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
   for (int s = 0; s < nsteps; ++s) {
     tiles::cp_async_wait<kStages - 2>();  // step s has landed (this thread's copies) ...
     __syncthreads();                       // ... everyone's, and step s - 1's stage is free
-    const unsigned base = smem0 + (s % kStages) * L::kStage;
+    const unsigned vbase = smem0 + stage0 + (s % kStages) * stage_bytes;
+    unsigned abase[MI];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      abase[mi] = HALO ? smem0 + cur_buf * p.halo_bytes + off_in[mi] + cur_off * (kLdIn * 2)
+                       : vbase + off_in[mi] + mi * 16 * kLdIn * 2;
+    }
 #pragma unroll
     for (int kk = 0; kk < kKStep / 16; ++kk) {
       unsigned af[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(af[mi], base + off_in + (mi * 16 * kLdIn + kk * 16) * 2);
+      for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(af[mi], abase[mi] + kk * 32);
 #pragma unroll
       for (int nj2 = 0; nj2 < RP / 16; ++nj2) {
         unsigned bf[4];
-        ldmatrix_x4(bf, base + off_v + (nj2 * 16 * kLdIn + kk * 16) * 2);
+        ldmatrix_x4(bf, vbase + off_v + (nj2 * 16 * kLdIn + kk * 16) * 2);
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
           mma16816(acc[mi][2 * nj2], af[mi], bf[0], bf[1], tag);
@@ -304,8 +401,24 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
     // warps per scheduler on small grids, the address arithmetic then overlaps
     // the tensor cores instead of delaying them (H100 sweep, 2026-11-22: a
     // step cost ~950 cycles whatever its MMA count).
+    if constexpr (HALO) {
+      // the other buffer held chunk c - 1, whose last step every warp finished before this step's barrier
+      if (cur_t == 0 && cur_chunk + 1 < nchunks) issue_halo(c_first + (cur_chunk + 1) * kKStep, cur_buf ^ 1);
+    }
     if (s + kStages - 1 < nsteps) issue((s + kStages - 1) % kStages);
     tiles::cp_async_commit();
+    if constexpr (HALO) {
+      if (++cur_t == p.taps) {
+        cur_t = cur_tx = cur_off = 0;
+        cur_buf ^= 1;
+        ++cur_chunk;
+      } else if (++cur_tx == p.kw) {
+        cur_tx = 0;
+        cur_off += p.dil_h * p.halo_w - (p.kw - 1) * p.dil_w;
+      } else {
+        cur_off += p.dil_w;
+      }
+    }
   }
   tiles::cp_async_wait<0>();
   __syncthreads();  // the pipeline's memory is free
@@ -413,9 +526,15 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
 #pragma unroll
     for (int e = lane; e < kWarpM * (kCoChunk / 8); e += 32) {
       const int row = e / (kCoChunk / 8), piece = e % (kCoChunk / 8);
-      const long long pix = p0 + warp * kWarpM + row;
+      long long pix = p0 + warp * kWarpM + row;
+      bool in = pix < p.pixels;
+      if constexpr (HALO) {  // slot r of the block is pixel (oy0 + r / tile_w, ox0 + r % tile_w) of image n
+        const int r = warp * kWarpM + row, ty = r / p.tile_w, oy = h_oy0 + ty, ox = h_ox0 + r - ty * p.tile_w;
+        in = ty < p.tile_h && oy < p.ho && ox < p.wo;
+        pix = (static_cast<long long>(h_n) * p.ho + oy) * p.wo + ox;
+      }
       const int co = c * kCoChunk + piece * 8;
-      if (pix < p.pixels && co < p.cout) {
+      if (in && co < p.cout) {
         *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + pix * p.cout + co) =
             *reinterpret_cast<const uint4*>(out_s + row * kLdOut + piece * 8);
       }
@@ -434,38 +553,74 @@ struct Variant {
   KernelFn fn = nullptr;
   int bytes_single = 0;
   int bytes_split = 0;
+  int (*halo_bytes)(bool split, int halo) = nullptr;  // HALO kernels: shared memory for a block of `halo` bytes
+  int stages = 0;
 };
 
 template <typename S, int RP, int MI, int KS>
-Variant variant() {
+Variant variant(bool halo) {
   using L = MmaLayout<RP, MI, KS>;
-  return Variant{&mma_kernel<S, RP, MI, KS>, L::bytes(false), L::bytes(true)};
+  return Variant{halo ? &mma_kernel<S, RP, MI, KS, true> : &mma_kernel<S, RP, MI, KS, false>, L::bytes(false),
+                 L::bytes(true), &L::halo_bytes, L::kStages};
 }
 
 template <typename S, int RP>
-Variant pick_mi_ks(int mi, int ks) {
-  if (mi == 2) return ks == 64 ? variant<S, RP, 2, 64>() : variant<S, RP, 2, 32>();
-  return ks == 64 ? variant<S, RP, 1, 64>() : variant<S, RP, 1, 32>();
+Variant pick_mi_ks(int mi, int ks, bool halo) {
+  if (mi == 2) return ks == 64 ? variant<S, RP, 2, 64>(halo) : variant<S, RP, 2, 32>(halo);
+  return ks == 64 ? variant<S, RP, 1, 64>(halo) : variant<S, RP, 1, 32>(halo);
 }
 
 // The instantiated (rp, MI, KS): MI = 1 or 2 pixel fragments per warp (MI = 4
-// was never the best on the H100 sweep), K steps of 32 or 64.
+// was never the best on the H100 sweep), K steps of 32 or 64; each with and
+// without input blocks (HALO).
 template <typename S>
-Variant pick(int64_t rp, int mi, int ks) {
+Variant pick(int64_t rp, int mi, int ks, bool halo) {
   switch (rp) {
-    case 16: return pick_mi_ks<S, 16>(mi, ks);
-    case 32: return pick_mi_ks<S, 32>(mi, ks);
-    case 64: return pick_mi_ks<S, 64>(mi, ks);
-    default: return pick_mi_ks<S, 128>(mi, ks);
+    case 16: return pick_mi_ks<S, 16>(mi, ks, halo);
+    case 32: return pick_mi_ks<S, 32>(mi, ks, halo);
+    case 64: return pick_mi_ks<S, 64>(mi, ks, halo);
+    default: return pick_mi_ks<S, 128>(mi, ks, halo);
   }
 }
 
-std::atomic<int64_t> last_mi{0}, last_splits{0}, last_tiles{0}, last_ks{0};
+// A HALO kernel's pixel block: tile_h x tile_w output positions of one image in
+// tile_m pixel slots, and the input block under it.
+struct Block {
+  int tile_h = 0, tile_w = 0, tiles_y = 0, tiles_x = 0, halo_w = 0, halo_rows = 0;
+  int64_t tiles_per_image() const { return static_cast<int64_t>(tiles_y) * tiles_x; }
+};
+
+// The block shape with the fewest blocks per image (idle slots cost MMAs),
+// then the smallest input block (its rows are loaded once per channel chunk).
+// Blocks of a row are balanced: 28 columns in two blocks are 14 + 14, not 16 + 12.
+Block choose_block(int ho, int wo, int tile_m, int kh, int kw, int sh, int sw, int dh, int dw) {
+  Block best;
+  int64_t best_tiles = 0, best_rows = 0;
+  for (int nx = 1; nx <= wo; ++nx) {
+    const int tw = (wo + nx - 1) / nx;
+    if (nx > 1 && (wo + nx - 2) / (nx - 1) == tw) continue;  // same width as fewer blocks
+    const int th_max = std::min(ho, tile_m / tw);
+    if (th_max == 0) continue;
+    const int ny = (ho + th_max - 1) / th_max, th = (ho + ny - 1) / ny;
+    const int halo_w = (tw - 1) * sw + (kw - 1) * dw + 1, halo_h = (th - 1) * sh + (kh - 1) * dh + 1;
+    const int64_t tiles = static_cast<int64_t>(nx) * ny, rows = static_cast<int64_t>(halo_w) * halo_h;
+    if (best.tile_w == 0 || tiles < best_tiles || (tiles == best_tiles && rows < best_rows)) {
+      best = Block{th, tw, ny, nx, halo_w, static_cast<int>(rows)};
+      best_tiles = tiles;
+      best_rows = rows;
+    }
+  }
+  return best;
+}
+
+std::atomic<int64_t> last_mi{0}, last_splits{0}, last_tiles{0}, last_ks{0}, last_halo{0}, last_tile_h{0},
+    last_tile_w{0};
 
 }  // namespace
 
 std::vector<int64_t> mma_last_config() {
-  return {last_mi.load(), last_splits.load(), last_tiles.load(), last_ks.load()};
+  return {last_mi.load(), last_splits.load(), last_tiles.load(), last_ks.load(),
+          last_halo.load(), last_tile_h.load(), last_tile_w.load()};
 }
 
 bool mma_selected(const at::Tensor& input) {
@@ -505,8 +660,29 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   constexpr int kKSteps[] = {0, 32, 64};
   int ks = kKSteps[env_choice("HSV_CUDA_MMA_KSTEP", {"auto", "32", "64"})];
   if (ks == 0 || cin % ks != 0) ks = cin % 64 == 0 ? 64 : 32;
-  auto variant_for = [&](int mi) { return half ? pick<__half>(rp, mi, ks) : pick<__nv_bfloat16>(rp, mi, ks); };
-  auto tiles_for = [&](int mi) {  // MmaLayout::kTileM pixels per CTA
+  // Input blocks (HALO): a CTA's pixels are a block of one image, and each
+  // channel chunk of the input under it is loaded once and read by every tap,
+  // where the per-tap gather loads each input position kh * kw times (through
+  // L1, but on the H100 the gather of a 64-channel 3x3 layer moved ~5.6 TB/s
+  // from L2, its bound). For kernels with >= 4 taps (a chunk then spans enough
+  // pipeline steps for its block to land) whose block fits shared memory.
+  // HSV_CUDA_MMA_HALO = auto | 0 | 1 (1: where it applies).
+  const int taps = static_cast<int>(kh * kw);
+  const int64_t halo_env = env_choice("HSV_CUDA_MMA_HALO", {"auto", "0", "1"});
+  const int ho = static_cast<int>(plan.out_shape[2]), wo = static_cast<int>(plan.out_shape[3]);
+  auto block_for = [&](int mi) {
+    return choose_block(ho, wo, 16 * mi * kWarps, static_cast<int>(kh), static_cast<int>(kw), p.stride_h,
+                        p.stride_w, p.dil_h, p.dil_w);
+  };
+  auto halo_bytes_of = [&](const Block& b) { return tiles::align128(b.halo_rows * (ks + 8) * 2); };
+  auto halo_fits = [&](const Block& b, int mi) {
+    const Variant v = half ? pick<__half>(rp, mi, ks, true) : pick<__nv_bfloat16>(rp, mi, ks, true);
+    return taps >= 4 && b.halo_rows > 0 && taps >= v.stages - 1 &&
+           v.halo_bytes(true, halo_bytes_of(b)) <= 200 * 1024;
+  };
+  const bool halo = halo_env != 1 && halo_fits(block_for(1), 1) && halo_fits(block_for(2), 2);
+  auto tiles_for = [&](int mi) -> int64_t {  // CTAs per split: MmaLayout::kTileM pixel slots each
+    if (halo) return n * block_for(mi).tiles_per_image();
     const int64_t tile_m = 16 * mi * kWarps;
     return (p.pixels + tile_m - 1) / tile_m;
   };
@@ -520,20 +696,35 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   // the smallest power of two that covers the SMs.
   int mi = static_cast<int>(env_choice("HSV_CUDA_MMA_MI", {"auto", "1", "2"}));  // the position is the value
   if (mi == 0) mi = tiles_for(2) * 2 >= sms ? 2 : 1;
-  const Variant v = variant_for(mi);
+  const Variant v = half ? pick<__half>(rp, mi, ks, halo) : pick<__nv_bfloat16>(rp, mi, ks, halo);
   const int64_t tiles = tiles_for(mi);
-  const int64_t k_steps = k / ks;
+  // A split takes whole K steps; with HALO whole channel chunks (all taps of each).
+  const int64_t unit = halo ? taps : 1, units = k / ks / unit;
   int64_t splits = split_k_from_env();
   if (splits == 0) {
     splits = 1;
-    while (splits < 4 && tiles * splits < sms && k_steps / (2 * splits) >= 4) splits *= 2;
+    while (splits < 4 && tiles * splits < sms && units * unit / (2 * splits) >= 4 && units >= 2 * splits) splits *= 2;
   }
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, k_steps, kMaxCluster}));
-  p.steps_per_split = static_cast<int>((k_steps + splits - 1) / splits);
-  splits = (k_steps + p.steps_per_split - 1) / p.steps_per_split;  // no CTA without K steps
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, units, kMaxCluster}));
+  const int64_t units_per_split = (units + splits - 1) / splits;
+  p.steps_per_split = static_cast<int>(units_per_split * unit);
+  splits = (units + units_per_split - 1) / units_per_split;  // no CTA without K steps
   TORCH_CHECK(tiles * splits <= std::numeric_limits<int>::max(), "hsv::conv2d: mma kernel: too many pixel tiles");
 
-  const int bytes = splits > 1 ? v.bytes_split : v.bytes_single;
+  int bytes = splits > 1 ? v.bytes_split : v.bytes_single;
+  Block blk;
+  if (halo) {
+    blk = block_for(mi);
+    p.tile_h = blk.tile_h;
+    p.tile_w = blk.tile_w;
+    p.tiles_y = blk.tiles_y;
+    p.tiles_x = blk.tiles_x;
+    p.halo_w = blk.halo_w;
+    p.halo_rows = blk.halo_rows;
+    p.halo_bytes = halo_bytes_of(blk);
+    p.taps = taps;
+    bytes = v.halo_bytes(splits > 1, p.halo_bytes);
+  }
   tiles::allow_max_dynamic_smem(reinterpret_cast<const void*>(v.fn), device);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tiles * splits));
@@ -553,6 +744,9 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   last_splits.store(splits);
   last_tiles.store(tiles);
   last_ks.store(ks);
+  last_halo.store(halo ? 1 : 0);
+  last_tile_h.store(blk.tile_h);
+  last_tile_w.store(blk.tile_w);
   return out;
 }
 
