@@ -378,8 +378,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
     unsigned abase[MI];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
-      abase[mi] = HALO ? smem0 + cur_buf * p.halo_bytes + off_in[mi] + cur_off * (kLdIn * 2)
-                       : vbase + off_in[mi] + mi * 16 * kLdIn * 2;
+      abase[mi] = HALO ? smem0 + cur_buf * p.halo_bytes + off_in[mi] + cur_off * (kLdIn * 2) : vbase + off_in[mi];
     }
 #pragma unroll
     for (int kk = 0; kk < kKStep / 16; ++kk) {
