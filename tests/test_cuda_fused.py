@@ -337,6 +337,22 @@ def test_fused_mma_halo(geom, rank, cin, mi, ks, splits, impl, monkeypatch):
     assert rel_err(y, y0.double()) <= TOL[torch.bfloat16]
 
 
+def test_fused_mma_halo_auto_rule(impl, monkeypatch):
+    # HSV_CUDA_MMA_HALO=auto: input blocks for stride 1 with at least as many 128-slot blocks as SMs,
+    # the per-tap gather for stride 2 or fewer blocks
+    if not is_hopper():
+        pytest.skip("the mma.sync kernel needs compute capability 9.0 (thread-block clusters)")
+    from hsvkernels._extension import _C
+    monkeypatch.setenv("HSV_CUDA_NHWC", "mma")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    fact = svd_factors(14, 64, 64, 3, 3)
+    big = -(-sms // 28)   # 56x56 outputs are 28 blocks of 8 x 14 per image
+    for n, stride, want in ((big, 1, 1), (big, 2, 0), (1, 1, 0)):
+        x = make_input(n, 64, 56, 56, "channels_last", torch.bfloat16)
+        check_fused(impl, fact, x, None, stride, 1, 1)
+        assert _C.cuda_mma_last_config()[4] == want, (n, stride)
+
+
 def test_bad_nhwc_kernel_values_error(impl, monkeypatch):
     impl("fused")
     fact = svd_factors(16, 32, 32, 3, 3, dtype=torch.bfloat16).to("cuda")
@@ -422,8 +438,10 @@ def test_fused_nhwc_vs_composite_random_shapes(impl, spec):
     fact = svd_factors(r, cin, cout, kh, kw)
     bias = torch.randn(cout, dtype=torch.float64) if with_bias else None
     before, before_mma = nhwc_launches(), mma_launches()
-    check_fused(impl, fact, make_input(n, cin, h, w, "channels_last", dtype), bias, stride, padding, dilation)
-    if n > 0:
+    x = make_input(n, cin, h, w, "channels_last", dtype)
+    check_fused(impl, fact, x, bias, stride, padding, dilation)
+    # a 1x1 image is NCHW-contiguous too: its output is NCHW, which the general fused kernel writes
+    if n > 0 and not x.is_contiguous():
         assert nhwc_launches() - before == 1
         assert mma_launches() - before_mma == (1 if is_hopper() else 0)
 

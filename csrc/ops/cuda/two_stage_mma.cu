@@ -665,7 +665,13 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   // L1, but on the H100 the gather of a 64-channel 3x3 layer moved ~5.6 TB/s
   // from L2, its bound). For kernels with >= 4 taps (a chunk then spans enough
   // pipeline steps for its block to land) whose block fits shared memory.
-  // HSV_CUDA_MMA_HALO = auto | 0 | 1 (1: where it applies).
+  // HSV_CUDA_MMA_HALO = auto | 0 | 1 (1: wherever it applies). auto, from the
+  // H100 sweep of the layer suite (2026-11-22, bench/cuda_nhwc_sweep.py
+  // --halo-off): stride 1 with at least as many 128-slot blocks as SMs. There
+  // blocks took 0.73-0.93 of the per-tap gather's time (VGG-16 features.2 and
+  // .19, ResNet-18 layer1/layer2 at batch 32); with fewer blocks the split-K
+  // that whole chunks allow is coarser (0.97-1.46x), and at stride 2 the block
+  // holds 4x the pixels' input for 9 taps (1.25-1.38x).
   const int taps = static_cast<int>(kh * kw);
   const int64_t halo_env = env_choice("HSV_CUDA_MMA_HALO", {"auto", "0", "1"});
   const int ho = static_cast<int>(plan.out_shape[2]), wo = static_cast<int>(plan.out_shape[3]);
@@ -679,7 +685,8 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
     return taps >= 4 && b.halo_rows > 0 && taps >= v.stages - 1 &&
            v.halo_bytes(true, halo_bytes_of(b)) <= 200 * 1024;
   };
-  const bool halo = halo_env != 1 && halo_fits(block_for(1), 1) && halo_fits(block_for(2), 2);
+  const bool halo = halo_env != 1 && halo_fits(block_for(1), 1) && halo_fits(block_for(2), 2) &&
+                    (halo_env == 2 || (p.stride_h == 1 && p.stride_w == 1 && n * block_for(2).tiles_per_image() >= sms));
   auto tiles_for = [&](int mi) -> int64_t {  // CTAs per split: MmaLayout::kTileM pixel slots each
     if (halo) return n * block_for(mi).tiles_per_image();
     const int64_t tile_m = 16 * mi * kWarps;
