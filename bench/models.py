@@ -135,6 +135,10 @@ def main(argv=None):
             report = convert.convert_(compressed, method, example_input=example, progress=False, decompose_threads=1,
                                       measure=args.measure, **options)
             factorized = len(report.factorized)
+            # with --measure: each layer's timings and decision, to see which layers the factorization wins
+            measured = [dict(name=r.name, shape=list(r.shape), decision=r.decision, reason=r.reason,
+                             dense_ms=r.latency_dense_ms, factorized_ms=r.latency_factorized_ms)
+                        for r in report.layers if r.latency_dense_ms is not None] if args.measure else []
             params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
             macs_x = report.totals()["macs_before"] / report.totals()["macs_after"]
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
@@ -169,6 +173,8 @@ def main(argv=None):
                                dtype=args.dtype, impl_var=impl_var, impl=impl,
                                model_params_x=1.0 if aa else params,
                                conv_macs_x=1.0 if aa else macs_x, **t)
+                    if measured and not aa:
+                        row["layers"] = measured
                     rows.append(row)
                     print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
                           "(params %.2fx, conv MACs %.2fx)"
@@ -195,6 +201,15 @@ def main(argv=None):
             if args.aa:
                 f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
                         "timing's own bias.\n")
+            timed = {(r["model"], r["method"]): r["layers"] for r in rows if r.get("layers")}
+            for (model, method), layer_rows in timed.items():
+                f.write("\n%s, %s: each layer timed by convert_(measure=True) on the example batch\n\n"
+                        "| layer | shape | dense ms | factorized ms | factorized / dense | kept |\n"
+                        "|---|---|---|---|---|---|\n" % (model, method))
+                for lr in layer_rows:
+                    f.write("| %s | %s | %.4f | %.4f | %.3f | %s |\n" % (
+                        lr["name"], "x".join(str(d) for d in lr["shape"]), lr["dense_ms"], lr["factorized_ms"],
+                        lr["factorized_ms"] / lr["dense_ms"], lr["decision"]))
     return 0
 
 
