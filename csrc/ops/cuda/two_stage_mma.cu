@@ -17,9 +17,17 @@
 //     shared memory (every CTA in the same order, so all hold the same T), and
 //     CTA s then runs stage 2 for output-channel chunks s, s+S, ...: no
 //     atomics, no fp32 output buffer, no repeated stage 2.
-// The gather is the WMMA kernel's: a K step is 32 channels of one tap, four
-// 16-byte cp.async copies per pixel, zero-filled by the copy for padding taps
-// and pixels past the end; a 4-deep cp.async pipeline with one barrier per step.
+// Two ways to bring in the input (the HALO template flag, chosen per launch):
+//   * per tap (the WMMA kernel's gather): a K step is 32 or 64 channels of one
+//     tap, 16-byte cp.async copies per pixel, zero-filled by the copy for
+//     padding taps and pixels past the end;
+//   * input blocks: a CTA's pixels are a tile_h x tile_w block of one image; each
+//     channel chunk of the input under the block (with its halo) is copied once
+//     and all kh * kw taps read it, the tap being one row offset added to every
+//     lane's ldmatrix address. Double-buffered: chunk c + 1's block is copied
+//     while chunk c's taps run.
+// Either way the factor tile streams through a 3- or 4-deep cp.async pipeline
+// with one barrier per step.
 // Stage 2 walks the output channels in chunks of 64 (Up rows double-buffered by
 // cp.async) and writes each warp's rows through a shared-memory staging tile as
 // 16-byte stores along the channels.

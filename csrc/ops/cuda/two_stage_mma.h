@@ -31,11 +31,15 @@ bool mma_selected(const at::Tensor& input);
 // fragments of 16 per warp forces it); K steps of 64 channels where Cin % 64
 // == 0, else 32 (HSV_CUDA_MMA_KSTEP forces 32); split-K over a cluster of up
 // to 4 CTAs where the pixel tiles leave SMs idle (HSV_CUDA_SPLIT_K forces it,
-// up to 8).
+// up to 8). Input blocks (a tile is a block of one image whose input is loaded
+// once per channel chunk for all taps) at stride 1 where there are at least as
+// many blocks as SMs; HSV_CUDA_MMA_HALO = 0 | 1 forces them off | on wherever
+// they apply (>= 4 taps, the block fits shared memory).
 at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up, const at::Tensor& bias_f,
                        const Plan& plan, int64_t kh, int64_t kw, int64_t cout);
 
-// The last launch's (pixel fragments per warp, cluster CTAs, pixel tiles, K step):
+// The last launch's (pixel fragments per warp, cluster CTAs, pixel tiles, K step,
+// input blocks 0/1, block rows, block columns; the last two 0 without blocks):
 // tests check that a forced setting took effect, benchmarks report the choice.
 std::vector<int64_t> mma_last_config();
 
