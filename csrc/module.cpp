@@ -126,4 +126,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_to_channels_last", &hsv::cpu::to_channels_last_selected, py::arg("x"),
         "The fused CPU kernels' NCHW -> NHWC copy with the HSV_CPU_ISA microkernel's transpose (for tests)");
   m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");
+  m.def("cpu_conv_panel_widths", [](int64_t rank) {
+    return hsv::cpu::panel_widths(hsv::cpu::select_microkernel(), rank, true, true);
+  }, py::arg("rank"), "The column widths of the panels the fused CPU conv stage cuts for N = rank under HSV_CPU_ISA "
+     "(for tests)");
 }

@@ -400,3 +400,29 @@ def test_fused_vs_composite_random_shapes(spec):
     bias = torch.randn(cout) if with_bias else None
     args = ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd")
     assert_fused_matches_composite(x, args, isa, threads)
+
+
+# Conv-stage ranks whose last panel is a narrow one (Panels::tail): AVX-512 cuts
+# 112 into 3 x 32 + 16 and 76 into 2 x 32 + 16, AVX2 cuts 40 into 2 x 16 + 8 and
+# 56 into 3 x 16 + 8. Each rank under every ISA, on NCHW (staged per tile) and
+# channels_last input, 3x3 stride 1 and 2, against float64 truth.
+TAIL_RANKS = {"avx512": (112, 76), "avx2": (40, 56), "scalar": (40,)}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_conv_stage_tail_panel(isa, threads):
+    from hsvkernels._extension import _C
+    with cpu_env("fused", isa, threads):
+        for rank in TAIL_RANKS[isa]:
+            widths = list(_C.cpu_conv_panel_widths(rank))
+            if isa != "scalar":   # the scalar kernel has no narrow variant: no tail
+                wide = widths[0]
+                assert widths == [wide] * (rank // wide) + [wide // 2], (rank, widths)
+            assert sum(widths) >= rank
+            v = torch.randn(rank, 24, 3, 3, dtype=torch.float64) / (24 * 9) ** 0.5
+            u = torch.randn(40, rank, dtype=torch.float64) / rank ** 0.5
+            fact = hsvkernels.Factorization("svd", [v, u], (40, 24, 3, 3))
+            for layout in ("contiguous", "channels_last"):
+                for stride in (1, 2):
+                    _check_against_dense((2, 24, 40, 9, 11, 3, 3, stride, 1, 1), layout, fact=fact)

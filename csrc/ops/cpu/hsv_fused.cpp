@@ -201,9 +201,11 @@ void tile_conv_rows(const Problem& pb, const Tile& t, const Source& src, float* 
         }
         rows[i] = gr;
       }
-      for (int64_t jb = 0; jb < g.n_pad / nr; ++jb)
-        g.uk->fn(krow, rows, 1, g.b + (jb * g.k + dy * krow) * nr, c + ib * g.n_pad + jb * nr, g.n_pad, dy > 0,
-                 nullptr);
+      for (int64_t jb = 0; jb < g.panels(); ++jb) {
+        const Microkernel& kj = g.kernel(jb);
+        kj.fn(krow, rows, 1, g.panel(0, jb) + dy * krow * kj.nr, c + ib * g.n_pad + jb * nr, g.n_pad, dy > 0,
+              nullptr);
+      }
     }
   }
 }
@@ -215,12 +217,13 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
   const float* rows[64];
   const float* xg = src.x;
   const int64_t sc = src.sc;
-  for (int64_t jb = 0; jb < g.n_pad / nr; ++jb) {
+  for (int64_t jb = 0; jb < g.panels(); ++jb) {
+    const Microkernel& kj = g.kernel(jb);  // the last panel may be a narrow one (Panels::tail)
     for (int64_t tap = 0; tap < pb.taps; ++tap) {
       const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
       for (int64_t c0 = 0; c0 < pb.S2; c0 += pb.kc) {
         const int64_t klen = std::min(pb.kc, pb.S2 - c0);
-        const float* bslice = g.b + (jb * g.k + tap * pb.S2 + c0) * nr;
+        const float* bslice = g.panel(0, jb) + (tap * pb.S2 + c0) * kj.nr;
         const bool acc = tap > 0 || c0 > 0;
         for (int64_t ib = 0; ib < t.np; ib += mr) {
           bool padded = false;
@@ -234,7 +237,7 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
           const float* zero_row = sc == 1 ? pb.zeros : pb.zeros_strided;
           if (!padded || zero_row != nullptr) {
             for (int64_t i = 0; i < mr; ++i) rows[i] = rows[i] ? rows[i] : zero_row;
-            g.uk->fn(klen, rows, sc, bslice, cb, g.n_pad, acc, nullptr);
+            kj.fn(klen, rows, sc, bslice, cb, g.n_pad, acc, nullptr);
             continue;
           }
           // Strided channels next to the padding and no zero_span: one zero
@@ -244,7 +247,7 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
             for (int64_t k = 0; k < klen; ++k) gr[k] = rows[i] ? rows[i][k * sc] : 0.0f;
             rows[i] = gr;
           }
-          g.uk->fn(klen, rows, 1, bslice, cb, g.n_pad, acc, nullptr);
+          kj.fn(klen, rows, 1, bslice, cb, g.n_pad, acc, nullptr);
         }
       }
     }
@@ -516,10 +519,10 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);
   if (pb.split_b) {
     const int64_t q1 = factors[0].size(0);
-    pb.conv = make_panels(uk, factors[0], "hsv.B1", q1, pb.S2, pb.taps, nullptr, 1, true);
+    pb.conv = make_panels(uk, factors[0], "hsv.B1", q1, pb.S2, pb.taps, nullptr, 1, true, true);
     pb.b2 = make_panels(uk, factors[1], "hsv.B2", pb.n1, q1, 1, &rows_t2p);
   } else {
-    pb.conv = make_panels(uk, factors[0], "hsv.B", pb.n1, pb.S2, pb.taps, &rows_t2p, 1, true);
+    pb.conv = make_panels(uk, factors[0], "hsv.B", pb.n1, pb.S2, pb.taps, &rows_t2p, 1, true, true);
   }
   if (pb.split_a) {
     pb.a = make_panels(uk, A, "hsv.A1", A.size(0), pb.s1p);
@@ -567,7 +570,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.row_taps = pb.S2 <= kRowTapsMaxChannels && pb.kw > 1 && pb.S1 == 1 && pb.cv.dilation[1] == 1;
   const bool nhwc_rows = input.stride(1) == 1 && input.stride(3) == pb.S2;
   const bool strided = input.stride(1) != 1;
-  const int64_t reloads = pb.taps * (pb.conv.n_pad / pb.conv.uk->nr);
+  const int64_t reloads = pb.taps * pb.conv.panels();
   const int64_t fma_per_staged = pb.conv.n_pad * pb.taps / (pb.cv.stride[0] * pb.cv.stride[1]);
   pb.stage = strided && !pb.row_taps && (fma_per_staged >= 256 || pb.taps > 1);
   const bool to_nhwc = pb.row_taps ? !nhwc_rows : (strided && !pb.stage && reloads > 9);

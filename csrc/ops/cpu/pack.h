@@ -25,13 +25,20 @@ at::Tensor pack_panels(const at::Tensor& w, int64_t rows, int64_t cin, int64_t t
 // The packed B operand of one GEMM stage of a fused kernel, or of `groups`
 // GEMMs of one shape: N = rows columns padded to n_pad (whole panels of its
 // microkernel's NR), K = cin * taps; group g's panels start at b + g * group_stride.
+// With a tail (make_panels(..., tail=true)), the last panel is narrower: `full`
+// panels of uk's NR, then one of tail->nr (uk's narrow variant, same MR), so a
+// rank of 112 is 3 x 32 + 16 columns instead of 4 x 32 with 16 of padding.
 struct Panels {
   const Microkernel* uk = nullptr;  // uk, or its narrow variant when that wastes less (microkernel_for_width)
+  const Microkernel* tail = nullptr;  // the last panel's kernel, when it is narrower than uk
+  int64_t full = 0;                   // panels of uk->nr columns (all of them without a tail)
   int64_t n_pad = 0, k = 0, group_stride = 0;
   at::Tensor packed;  // keeps the panels alive
   const float* b = nullptr;
   int64_t nr() const { return uk->nr; }
-  int64_t panels() const { return n_pad / uk->nr; }
+  int64_t panels() const { return full + (tail != nullptr ? 1 : 0); }
+  const Microkernel& kernel(int64_t jb) const { return jb < full ? *uk : *tail; }
+  // panel jb starts at column jb * uk->nr (the tail follows the full panels)
   const float* panel(int64_t g, int64_t jb) const { return b + g * group_stride + jb * k * uk->nr; }
 };
 
@@ -40,10 +47,15 @@ struct Panels {
 // under `role` plus the microkernel's ISA and NR; role names the factor's part
 // in its kernel (e.g. "hsv.B", "kcp.as"). any_mr: the caller takes its row
 // blocks from the panels' kernel (Panels::uk->mr), so microkernel_for_width may
-// pick a kernel with another MR.
+// pick a kernel with another MR. tail: the caller runs each panel with
+// Panels::kernel(jb), so the last panel may be a narrow one (one group only).
 Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string& role, int64_t rows, int64_t cin,
                    int64_t taps = 1, const std::vector<int64_t>* row_map = nullptr, int64_t groups = 1,
-                   bool any_mr = false);
+                   bool any_mr = false, bool tail = false);
+
+// The column widths of the panels make_panels(uk, ..., rows, ..., groups = 1,
+// any_mr, tail) cuts (for tests: which kernels a conv stage of that rank runs).
+std::vector<int64_t> panel_widths(const Microkernel& uk, int64_t rows, bool any_mr, bool tail);
 
 // The packed form of w that `make` computes, cached against w (CPU or CUDA
 // tensors: the fused CUDA kernels cache their packed factors here too): a later call
