@@ -39,7 +39,27 @@ __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a,
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm512_loadu_ps(src + v * kW) : _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  if (ka == 1) {
+    // Contiguous rows (every NHWC or packed operand): four k steps per
+    // iteration, each row's four broadcasts at displacements from one shared
+    // offset, so the loop's pointer and counter work is paid once per four.
+    for (; k + 4 <= K; k += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        __m512 bv[NV];
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + (k + u) * kNR + v * kW);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+          const __m512 ai = _mm512_set1_ps(ap[i][k + u]);
+#pragma GCC unroll 3
+          for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+        }
+      }
+    }
+  }
+  for (; k < K; ++k) {
     __m512 bv[NV];
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + v * kW);
