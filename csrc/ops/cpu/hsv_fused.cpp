@@ -366,16 +366,12 @@ void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, 
   const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf;
   const int64_t panels = div_up(t.np, nr);
   for (int64_t pn = 0; pn < panels; ++pn) {
+    // panel[k][j] = Yin[pn * nr + j][k]: the register-transpose copy with the
+    // panel's pixels as its "channels"; a last partial panel's pixel columns are zeros
     float* dst = buf.yt.data() + pn * kf * nr;
-    for (int64_t j = 0; j < nr; ++j) {
-      const int64_t i = pn * nr + j;
-      if (i < t.np) {
-        const float* src = yin + i * ld;
-        for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = src[k];
-      } else {
-        for (int64_t k = 0; k < kf; ++k) dst[k * nr + j] = 0.0f;
-      }
-    }
+    const int64_t valid = std::min(nr, t.np - pn * nr);
+    if (valid < nr) std::fill(dst, dst + kf * nr, 0.0f);
+    uk.to_pixel_major(valid, kf, yin + pn * nr * ld, ld, dst, nr);
   }
   const float* rows[64];
   const float* bias = pb.bias_t + t2 * pb.t1_pad;
