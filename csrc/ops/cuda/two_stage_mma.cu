@@ -683,20 +683,25 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   const int taps = static_cast<int>(kh * kw);
   const int64_t halo_env = env_choice("HSV_CUDA_MMA_HALO", {"auto", "0", "1"});
   const int ho = static_cast<int>(plan.out_shape[2]), wo = static_cast<int>(plan.out_shape[3]);
-  auto block_for = [&](int mi) {
-    return choose_block(ho, wo, 16 * mi * kWarps, static_cast<int>(kh), static_cast<int>(kw), p.stride_h,
-                        p.stride_w, p.dil_h, p.dil_w);
-  };
+  // The block shapes for MI = 1 and 2, each chosen once per call (choose_block
+  // walks every block width of an output row: about 1 us at 224 columns), and
+  // only where input blocks can apply.
+  const bool may_halo = halo_env != 1 && taps >= 4;
+  Block blocks[3];  // by MI
+  for (int m = 1; m <= 2 && may_halo; ++m) {
+    blocks[m] = choose_block(ho, wo, 16 * m * kWarps, static_cast<int>(kh), static_cast<int>(kw), p.stride_h,
+                             p.stride_w, p.dil_h, p.dil_w);
+  }
   auto halo_bytes_of = [&](const Block& b) { return tiles::align128(b.halo_rows * (ks + 8) * 2); };
-  auto halo_fits = [&](const Block& b, int mi) {
-    const Variant v = half ? pick<__half>(rp, mi, ks, true) : pick<__nv_bfloat16>(rp, mi, ks, true);
-    return taps >= 4 && b.halo_rows > 0 && taps >= v.stages - 1 &&
-           v.halo_bytes(true, halo_bytes_of(b)) <= 200 * 1024;
+  auto halo_fits = [&](int m) {
+    const Variant v = half ? pick<__half>(rp, m, ks, true) : pick<__nv_bfloat16>(rp, m, ks, true);
+    return blocks[m].halo_rows > 0 && taps >= v.stages - 1 &&
+           v.halo_bytes(true, halo_bytes_of(blocks[m])) <= 200 * 1024;
   };
-  const bool halo = halo_env != 1 && halo_fits(block_for(1), 1) && halo_fits(block_for(2), 2) &&
-                    (halo_env == 2 || (p.stride_h == 1 && p.stride_w == 1 && n * block_for(2).tiles_per_image() >= sms));
+  const bool halo = may_halo && halo_fits(1) && halo_fits(2) &&
+                    (halo_env == 2 || (p.stride_h == 1 && p.stride_w == 1 && n * blocks[2].tiles_per_image() >= sms));
   auto tiles_for = [&](int mi) -> int64_t {  // CTAs per split: MmaLayout::kTileM pixel slots each
-    if (halo) return n * block_for(mi).tiles_per_image();
+    if (halo) return n * blocks[mi].tiles_per_image();
     const int64_t tile_m = 16 * mi * kWarps;
     return (p.pixels + tile_m - 1) / tile_m;
   };
@@ -728,7 +733,7 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   int bytes = splits > 1 ? v.bytes_split : v.bytes_single;
   Block blk;
   if (halo) {
-    blk = block_for(mi);
+    blk = blocks[mi];
     p.tile_h = blk.tile_h;
     p.tile_w = blk.tile_w;
     p.tiles_y = blk.tiles_y;
