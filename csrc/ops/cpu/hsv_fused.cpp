@@ -323,7 +323,8 @@ struct Buffers {
     ys.resize(n(pb.split_b ? pb.b2.n_pad : pb.conv.n_pad));
     if (pb.S1 > 1) yall.resize(n(pb.T2 * pb.s1p));
     if (pb.split_a) r.resize(n(pb.a.n_pad));
-    gather.resize(static_cast<size_t>(std::max<int64_t>(pb.mr, pb.conv.uk->mr) * (pb.row_taps ? pb.kw * pb.S2 : pb.kc)));
+    const int64_t gather_rows = std::max<int64_t>(pb.mr, pb.conv.uk->mr);
+    gather.resize(static_cast<size_t>(gather_rows * (pb.row_taps ? pb.kw * pb.S2 : pb.kc)));
     if (pb.out_nhwc) {
       z.resize(n(pb.T2 * pb.t1_pad));
     } else {

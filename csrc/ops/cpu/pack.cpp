@@ -84,7 +84,7 @@ Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string
   p.uk = shape.uk;
   p.tail = shape.tail;
   p.full = shape.full;
-  const int64_t nr = p.uk->nr, rem = rows % nr;
+  const int64_t nr = p.uk->nr, rem = rows - p.full * nr;  // rem: the tail panel's rows (with a tail)
   p.n_pad = p.full * nr + (p.tail ? p.tail->nr : 0);
   p.k = cin * taps;
   p.group_stride = p.n_pad * p.k;

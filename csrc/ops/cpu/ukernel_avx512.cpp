@@ -25,6 +25,22 @@ constexpr int kMR = 12;
 constexpr int kMR3 = 8;  // rows of the three-vector kernel
 constexpr int kW = 16;   // floats per vector
 
+// One k step: acc[i] += a[i][idx] * (the NR-wide row of b at brow).
+template <int MR, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void k_step(__m512 (&acc)[MR][NV],
+                                                                     const float* const (&ap)[MR], int64_t idx,
+                                                                     const float* brow) {
+  __m512 bv[NV];
+#pragma GCC unroll 3
+  for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(brow + v * kW);
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    const __m512 ai = _mm512_set1_ps(ap[i][idx]);
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+  }
+}
+
 // MR rows, NV vectors per row: NR = NV * kW.
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
@@ -46,30 +62,10 @@ __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a,
     // offset, so the loop's pointer and counter work is paid once per four.
     for (; k + 4 <= K; k += 4) {
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-        __m512 bv[NV];
-#pragma GCC unroll 3
-        for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + (k + u) * kNR + v * kW);
-#pragma GCC unroll 12
-        for (int i = 0; i < MR; ++i) {
-          const __m512 ai = _mm512_set1_ps(ap[i][k + u]);
-#pragma GCC unroll 3
-          for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
-        }
-      }
+      for (int u = 0; u < 4; ++u) k_step<MR, NV>(acc, ap, k + u, b + (k + u) * kNR);
     }
   }
-  for (; k < K; ++k) {
-    __m512 bv[NV];
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + v * kW);
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 ai = _mm512_set1_ps(ap[i][k * ka]);
-#pragma GCC unroll 3
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
-    }
-  }
+  for (; k < K; ++k) k_step<MR, NV>(acc, ap, k * ka, b + k * kNR);
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 3
