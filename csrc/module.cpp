@@ -127,6 +127,7 @@ PYBIND11_MODULE(_C, m) {
         "The fused CPU kernels' NCHW -> NHWC copy with the HSV_CPU_ISA microkernel's transpose (for tests)");
   m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");
   m.def("cpu_conv_panel_widths", [](int64_t rank) {
+    TORCH_CHECK_VALUE(rank >= 1, "cpu_conv_panel_widths: rank must be >= 1, got ", rank);
     return hsv::cpu::panel_widths(hsv::cpu::select_microkernel(), rank, true, true);
   }, py::arg("rank"), "The column widths of the panels the fused CPU conv stage cuts for N = rank under HSV_CPU_ISA "
      "(for tests)");

@@ -426,3 +426,10 @@ def test_fused_conv_stage_tail_panel(isa, threads):
             for layout in ("contiguous", "channels_last"):
                 for stride in (1, 2):
                     _check_against_dense((2, 24, 40, 9, 11, 3, 3, stride, 1, 1), layout, fact=fact)
+
+
+def test_conv_panel_widths_refuses_a_bad_rank():
+    from hsvkernels._extension import _C
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="rank must be >= 1, got %d" % bad):
+            _C.cpu_conv_panel_widths(bad)
