@@ -124,7 +124,7 @@ def packed_after(fn):
 
 
 def pointwise_runs():
-    """How often the fused path ran a 1x1 NCHW layer as pixels-as-vectors GEMMs (which packs nothing)."""
+    """How often the fused path ran a 1x1 NCHW layer as pixels-as-vectors GEMMs (which packs its two factors)."""
     return _extension._C.cpu_pointwise_nchw_runs()
 
 
@@ -144,8 +144,8 @@ def check_kind_against_dense(kind, spec, layout, isa, threads, with_bias, packed
         pointwise = pointwise_runs() > before
     assert y.dtype == torch.float32 and y.shape == truth.shape
     assert y.is_contiguous(memory_format=_expected_format(x))
-    if n > 0:  # the last stages ran fused: packed by the general kernel, or as 1x1 NCHW GEMMs
-        assert (packed == packed_factors) != pointwise, "the fused kernel did not run (it alone packs factors)"
+    if n > 0:  # the last stages ran fused: packed by the general kernel, or as 1x1 NCHW GEMMs (V and U packed)
+        assert packed == (2 if pointwise else packed_factors), "the fused kernel did not run (it alone packs factors)"
     assert _rel_err(y, truth) <= TOL32
 
 
@@ -273,6 +273,47 @@ def test_fused_pointwise_nchw(dims, layout, isa):
                 assert y.shape == truth.shape and y.is_contiguous()
                 expected = truth if b is not None else truth - bias.view(1, -1, 1, 1)
                 assert _rel_err(y, expected) <= TOL32
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_pointwise_nchw_edge_columns_stay_in_their_pixels(isa):
+    # The strided kernel reads a plane's last panel NR wide where it lies, so
+    # its extra columns come from the next plane: here a NaN channel between
+    # every pair of real ones. Those columns must never reach the output. At the
+    # end of the storage the panel is copied instead (no read past the tensor).
+    n, cin, cout, r, h, w = 2, 9, 14, 13, 7, 9  # 63 pixels: a partial panel for NR 8, 16 and 32
+    base = torch.full((n, 2 * cin, h, w), float("nan"))
+    base[:, ::2] = torch.randn(n, cin, h, w)
+    x = base[:, ::2]
+    v, u = torch.randn(r, cin, 1, 1), torch.randn(cout, r)
+    truth = F.conv2d(x.double(), (u.double() @ v.double().flatten(1)).view(cout, cin, 1, 1))
+    for threads in (1, 2):
+        with cpu_env("fused", isa, threads):
+            before = pointwise_runs()
+            y = torch.ops.hsv.conv2d(x, [v, u], None, [1, 1], [0, 0], [1, 1], 1, "svd")
+            assert pointwise_runs() > before
+        assert torch.isfinite(y).all()
+        assert _rel_err(y, truth) <= TOL32
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_pointwise_nchw_repacks_v_after_in_place_update(isa):
+    # V's and U's packed forms are cached against the factors (pack.h); an
+    # in-place update bumps a factor's version counter, so the next call must
+    # repack that factor.
+    v, u = torch.randn(20, 48, 1, 1), torch.randn(24, 20)
+    x = torch.randn(2, 48, 10, 11)
+    outputs = []
+    with cpu_env("fused", isa):
+        for update in (None, lambda: v[3].mul_(-2.0), lambda: u[:, 5].mul_(3.0)):
+            if update is not None:
+                with torch.no_grad():
+                    update()
+            y = torch.ops.hsv.conv2d(x, [v, u], None, [1, 1], [0, 0], [1, 1], 1, "svd")
+            truth = F.conv2d(x.double(), (u.double() @ v.double().flatten(1)).view(24, 48, 1, 1))
+            assert _rel_err(y, truth) <= TOL32
+            outputs.append(y)
+    assert _rel_err(outputs[0], outputs[1]) > 1e-2 and _rel_err(outputs[1], outputs[2]) > 1e-2
 
 
 def test_fused_pointwise_nchw_only_where_it_applies():

@@ -15,8 +15,10 @@ namespace cpu {
 bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::IntArrayRef stride,
                             at::IntArrayRef padding);
 
-// out (N, Cout, H, W), NCHW = U @ V @ x per pixel, + bias. v: (r, Cin) row-major,
-// u: (Cout, r) row-major, both float32 and contiguous.
+// out (N, Cout, H, W), NCHW = U @ V @ x per pixel, + bias. v: r x Cin values
+// (e.g. the factor (r, Cin, 1, 1)), u: Cout x r values, float32, row-major
+// after reshape. v's packed form is cached against v (pack.h), so pass the
+// layer's factor itself, not a fresh view of it.
 at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, const at::Tensor& u,
                                   const c10::optional<at::Tensor>& bias, const Microkernel& uk);
 

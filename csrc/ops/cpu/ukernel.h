@@ -21,6 +21,16 @@ namespace cpu {
 using MicrokernelFn = void (*)(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
                                int64_t ldc, bool accumulate, const float* init);
 
+// An MR x NR block of C = A @ B with A packed and B read in place:
+//   C[i][j] = sum_{k < K} a[k * MR + i] * b[k * ldb + j]      i < MR, j < NR
+// For GEMMs whose B is a block of NCHW planes (ldb = the plane stride): the
+// kernel loads NR pixels of each plane where they lie instead of from a
+// copied panel. While it runs it prefetches the lines at pf + k * ldb for
+// every k (pf may be nullptr): the caller points pf at the next block it will
+// read, so that memory time overlaps the FMAs instead of stalling them.
+using MicrokernelStridedFn = void (*)(int64_t K, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                      const float* pf);
+
 // Per-channel weighted sums of `taps` rows over npix pixels (a depthwise
 // conv's inner loop, with channels as the vector axis):
 //   y[p*ys + c] = sum_{t < taps, x[t] != nullptr} w[t][c] * x[t][p*xs + c]      p < npix, c < C
@@ -54,6 +64,9 @@ struct Microkernel {
   // one B vector and MR broadcasts per MR FMAs. Only for callers that take
   // their row blocks from the kernel's own MR. nullptr when there is none.
   const Microkernel* three = nullptr;
+  // This kernel's MR x NR block with A packed and B strided (see
+  // MicrokernelStridedFn); set on the wide kernels only.
+  MicrokernelStridedFn strided = nullptr;
 };
 
 // The kernel for a GEMM with n output columns: uk, or its narrow variant when

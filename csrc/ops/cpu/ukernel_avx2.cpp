@@ -50,6 +50,39 @@ __attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a
   }
 }
 
+// MicrokernelStridedFn: MR x NV*8 of C = A @ B, A packed (a[k * MR + i]), B
+// read in place at row stride ldb (as the AVX-512 one).
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) void kernel_strided(int64_t K, const float* a, const float* b, int64_t ldb,
+                                                    float* c, int64_t ldc, const float* pf) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k, a += MR, b += ldb) {
+    if (pf != nullptr) {  // the row's first and last float: every line it spans
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + NV * kW - 1), _MM_HINT_T0);
+    }
+    __m256 bv[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + v * kW);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+  }
+}
+
 // The narrow (MR x 8) kernel with K split into even and odd steps, each with
 // its own MR accumulators (summed at the end): MR = 6 chains alone cannot
 // cover FMA latency x 2 ports; two sets give 12 in flight.
@@ -153,7 +186,7 @@ const Microkernel* microkernel_avx2() {
   static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel three{"avx2", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
-                                &three};
+                                &three, &kernel_strided<kMR, 2>};
   return &wide;
 }
 

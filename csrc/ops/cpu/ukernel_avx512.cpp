@@ -41,6 +41,21 @@ __attribute__((target("avx512f"), always_inline)) inline void k_step(__m512 (&ac
   }
 }
 
+// One k step with A packed: acc[i] += ak[i] * (the NR-wide row of b at brow).
+template <int MR, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void k_step_packed(__m512 (&acc)[MR][NV], const float* ak,
+                                                                            const float* brow) {
+  __m512 bv[NV];
+#pragma GCC unroll 3
+  for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(brow + v * kW);
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    const __m512 ai = _mm512_set1_ps(ak[i]);
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+  }
+}
+
 // MR rows, NV vectors per row: NR = NV * kW.
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
@@ -66,6 +81,36 @@ __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a,
     }
   }
   for (; k < K; ++k) k_step<MR, NV>(acc, ap, k * ka, b + k * kNR);
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+  }
+}
+
+// MicrokernelStridedFn: MR x NV*16 of C = A @ B, A packed (a[k * MR + i]),
+// B read in place at row stride ldb. A single A pointer leaves the
+// general-purpose registers that MR row pointers took for B, ldb and pf.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void kernel_strided(int64_t K, const float* a, const float* b, int64_t ldb,
+                                                   float* c, int64_t ldc, const float* pf) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  if (pf != nullptr) {
+    for (int64_t k = 0; k < K; ++k, a += MR, b += ldb, pf += ldb) {
+      // every line of the row: NR floats span NV or NV + 1 lines (planes need not be 64-byte aligned)
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + v * kW), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + NV * kW - 1), _MM_HINT_T0);
+      k_step_packed<MR, NV>(acc, a, b);
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k, a += MR, b += ldb) k_step_packed<MR, NV>(acc, a, b);
+  }
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 3
@@ -177,7 +222,7 @@ const Microkernel* microkernel_avx512() {
   static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel three{"avx512", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
-                                &three};
+                                &three, &kernel_strided<kMR, 2>};
   return &wide;
 }
 

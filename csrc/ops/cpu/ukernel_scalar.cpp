@@ -28,6 +28,15 @@ void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float*
     for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
 }
 
+void kernel_strided(int64_t K, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, const float*) {
+  float acc[kMR][kNR] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int i = 0; i < kMR; ++i)
+      for (int j = 0; j < kNR; ++j) acc[i][j] += a[k * kMR + i] * b[k * ldb + j];
+  for (int i = 0; i < kMR; ++i)
+    for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
+}
+
 void depthwise(int64_t C, int64_t npix, int64_t taps, const float* const* x, int64_t xs, const float* const* w,
                float* y, int64_t ys) {
   for (int64_t p = 0; p < npix; ++p) {
@@ -53,7 +62,8 @@ void to_pixel_major_scalar(int64_t C, int64_t npix, const float* src, int64_t sr
 }
 
 const Microkernel* microkernel_scalar() {
-  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise, &to_pixel_major_scalar};
+  static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise, &to_pixel_major_scalar, nullptr,
+                             &kernel_strided};
   return &k;
 }
 
