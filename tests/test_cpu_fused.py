@@ -242,32 +242,38 @@ def test_fused_few_input_channels(spec, layout, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "batch_slice"])
+@pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "batch_slice", "width_slice"])
 @pytest.mark.parametrize("dims", [
-    (3, 17, 29, 13, 7, 9),     # Cout and r no multiple of MR, 63 pixels: a partial panel per image
-    (1, 40, 70, 24, 33, 35),   # 1155 pixels at batch 1: several tiles, split over the threads
-    (2, 5, 12, 3, 1, 1),       # one pixel per image
-    (0, 8, 8, 4, 5, 5),        # batch 0
-], ids=["edges", "tiles", "1px", "batch0"])
+    (3, 17, 29, 13, 7, 9, 1, 1),     # Cout and r no multiple of MR, 63 pixels: a partial panel per image
+    (1, 40, 70, 24, 33, 35, 1, 1),   # 1155 pixels at batch 1: several tiles, split over the threads
+    (2, 5, 12, 3, 1, 1, 1, 1),       # one pixel per image
+    (0, 8, 8, 4, 5, 5, 1, 1),        # batch 0
+    (2, 24, 20, 14, 15, 17, 2, 2),   # stride 2 on odd sizes: 8 x 9 outputs
+    (3, 20, 26, 12, 13, 80, 1, 3),   # stride (1, 3): 13 x 27 outputs, tiles across images
+    (2, 33, 10, 7, 56, 56, 2, 2),    # stride 2, 28 x 28 outputs: several gathered tiles per image
+], ids=["edges", "tiles", "1px", "batch0", "stride2", "stride1x3", "stride2-large"])
 def test_fused_pointwise_nchw(dims, layout, isa):
     # 1x1 layers on NCHW input run as two GEMMs with pixels as the vector axis
-    # (pointwise_nchw.cpp), for kind svd and for hsv in its SVD layout.
-    n, cin, cout, r, h, w = dims
+    # (pointwise_nchw.cpp), for kind svd and for hsv in its SVD layout: read in
+    # place, or gathered first (strides, width slices, small images).
+    n, cin, cout, r, h, w, sy, sx = dims
     x = torch.randn(n, cin, h, w)
     if layout == "channel_slice":
         x = torch.randn(n, 2 * cin, h, w)[:, ::2]
     elif layout == "batch_slice":
         x = torch.randn(n + 1, cin, h, w)[1:]
+    elif layout == "width_slice":
+        x = torch.randn(n, cin, h, 2 * w)[..., 1::2]
     v, u = torch.randn(r, cin, 1, 1, dtype=torch.float64), torch.randn(cout, r, dtype=torch.float64)
     bias = torch.randn(cout, dtype=torch.float64)
-    truth = F.conv2d(x.double(), (u @ v.flatten(1)).view(cout, cin, 1, 1), bias)
+    truth = F.conv2d(x.double(), (u @ v.flatten(1)).view(cout, cin, 1, 1), bias, (sy, sx))
     for kind, factors in (("svd", [v, u]), ("hsv", [v.view(r, 1, cin, 1, 1), u.view(cout, 1, r)])):
         for threads in (1, 2):
             for b in (bias, None):
                 with cpu_env("fused", isa, threads):
                     before = pointwise_runs()
                     y = torch.ops.hsv.conv2d(x, [f.float() for f in factors], None if b is None else b.float(),
-                                             [1, 1], [0, 0], [1, 1], 1, kind)
+                                             [sy, sx], [0, 0], [1, 1], 1, kind)
                     ran = pointwise_runs() > before
                 assert ran == (n > 0 and x.stride(1) != 1)  # one-pixel planes: channels are unit-stride
                 assert y.shape == truth.shape and y.is_contiguous()
@@ -317,16 +323,17 @@ def test_fused_pointwise_nchw_repacks_v_after_in_place_update(isa):
 
 
 def test_fused_pointwise_nchw_only_where_it_applies():
+    # 1x1 and unpadded, on input whose channels are not unit-stride; any stride.
     v, u = torch.randn(6, 8, 1, 1), torch.randn(10, 6)
-    cases = [(torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last), [1, 1], [0, 0]),
-             (torch.randn(2, 8, 9, 9), [2, 2], [0, 0]),
-             (torch.randn(2, 8, 9, 9), [1, 1], [1, 1]),
-             (torch.randn(2, 8, 9, 18)[..., ::2], [1, 1], [0, 0])]
-    for x, stride, padding in cases:
+    cases = [(torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last), [1, 1], [0, 0], False),
+             (torch.randn(2, 8, 9, 9), [1, 1], [1, 1], False),
+             (torch.randn(2, 8, 9, 9), [2, 2], [0, 0], True),
+             (torch.randn(2, 8, 9, 18)[..., ::2], [1, 1], [0, 0], True)]
+    for x, stride, padding, applies in cases:
         with cpu_env("fused"):
             before = pointwise_runs()
             y = torch.ops.hsv.conv2d(x, [v, u], None, stride, padding, [1, 1], 1, "svd")
-            assert pointwise_runs() == before
+            assert (pointwise_runs() > before) == applies
         truth = F.conv2d(x.double(), (u.double() @ v.double().flatten(1)).view(10, 8, 1, 1), None, stride, padding)
         assert _rel_err(y, truth) <= TOL32
 

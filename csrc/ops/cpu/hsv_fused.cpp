@@ -509,7 +509,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const ConvParams& cv0 = plan.stages[0].conv;
   if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a && out_format == at::MemoryFormat::Contiguous &&
       pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding)) {
-    return pointwise_nchw_forward(input, factors[0], A, bias, uk);
+    return pointwise_nchw_forward(input, factors[0], A, bias, cv0.stride, uk);
   }
 
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);

@@ -9,9 +9,9 @@
 namespace hsv {
 namespace cpu {
 
-// Whether pointwise_nchw_forward applies: a 1x1, stride-1, unpadded conv given as
-// V (r, Cin) and U (Cout, r) on float32 input whose pixels are contiguous within
-// each channel plane but whose channels are not (NCHW, or a channel slice of it).
+// Whether pointwise_nchw_forward applies: a 1x1 unpadded conv (any stride)
+// given as V (r, Cin) and U (Cout, r) on float32 input whose channels are not
+// the unit-stride axis (NCHW, or a view of it).
 bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::IntArrayRef stride,
                             at::IntArrayRef padding);
 
@@ -20,7 +20,8 @@ bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at:
 // after reshape. v's packed form is cached against v (pack.h), so pass the
 // layer's factor itself, not a fresh view of it.
 at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, const at::Tensor& u,
-                                  const c10::optional<at::Tensor>& bias, const Microkernel& uk);
+                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  const Microkernel& uk);
 
 // How many times pointwise_nchw_forward ran in this process (tests tell it from a fallback).
 int64_t pointwise_nchw_runs();

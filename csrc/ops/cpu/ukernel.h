@@ -67,6 +67,11 @@ struct Microkernel {
   // This kernel's MR x NR block with A packed and B strided (see
   // MicrokernelStridedFn); set on the wide kernels only.
   MicrokernelStridedFn strided = nullptr;
+  // The same with fewer rows (strided_short_mr) and the same NR: for GEMMs
+  // whose row count pads less to it (a rank of 16 or 40 is 24 or 48 rows on a
+  // 12-row kernel, 16 or 40 on an 8-row one). nullptr when there is none.
+  MicrokernelStridedFn strided_short = nullptr;
+  int strided_short_mr = 0;
 };
 
 // The kernel for a GEMM with n output columns: uk, or its narrow variant when

@@ -186,7 +186,7 @@ const Microkernel* microkernel_avx2() {
   static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel three{"avx2", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
-                                &three, &kernel_strided<kMR, 2>};
+                                &three, &kernel_strided<kMR, 2>, &kernel_strided<4, 2>, 4};
   return &wide;
 }
 

@@ -222,7 +222,7 @@ const Microkernel* microkernel_avx512() {
   static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel three{"avx512", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
-                                &three, &kernel_strided<kMR, 2>};
+                                &three, &kernel_strided<kMR, 2>, &kernel_strided<8, 2>, 8};
   return &wide;
 }
 
