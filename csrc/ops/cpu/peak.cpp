@@ -126,8 +126,26 @@ double microkernel_gflops(const std::string& isa, int64_t k, double seconds, con
                             : isa == "avx2"  ? microkernel_avx2()
                                              : microkernel_scalar();
   TORCH_CHECK(wide != nullptr, "microkernel_gflops: this build has no ", isa, " microkernel");
-  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three",
-                    "microkernel_gflops: variant must be 'wide', 'narrow' or 'three', got '", variant, "'");
+  const bool strided = variant == "strided" || variant == "strided_short";
+  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three" || strided,
+                    "microkernel_gflops: variant must be 'wide', 'narrow', 'three', 'strided' or 'strided_short', "
+                    "got '", variant, "'");
+  if (strided) {
+    // The strided kernels (MicrokernelStridedFn): A packed (MR x K), B at row
+    // stride NR (so L1-resident, as the first GEMM's later row blocks and the
+    // second GEMM read it), C stored per call.
+    const MicrokernelStridedFn fn = variant == "strided" ? wide->strided : wide->strided_short;
+    const int64_t mr = variant == "strided" ? wide->mr : wide->strided_short_mr;
+    TORCH_CHECK_VALUE(fn != nullptr, "microkernel_gflops: the ", isa, " microkernel has no ", variant, " variant");
+    std::vector<float> a(static_cast<size_t>(mr * k), 1e-3f), b(static_cast<size_t>(k * wide->nr), 1e-3f),
+        c(static_cast<size_t>(mr * wide->nr), 0.0f);
+    auto work = [&](int64_t calls) {
+      for (int64_t j = 0; j < calls; ++j) fn(k, a.data(), b.data(), wide->nr, c.data(), wide->nr, nullptr);
+    };
+    const double rate = best_rate(work, 2.0 * mr * wide->nr * static_cast<double>(k), seconds);
+    g_sink = c[0];
+    return rate;
+  }
   const Microkernel* picked = variant == "narrow" ? wide->narrow : variant == "three" ? wide->three : wide;
   TORCH_CHECK_VALUE(picked != nullptr, "microkernel_gflops: the ", isa, " microkernel has no ", variant,
                     " variant");

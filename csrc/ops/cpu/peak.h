@@ -18,6 +18,8 @@ double fma_peak_gflops(const std::string& isa, double seconds);
 // NR one, "narrow" or "three", see ukernel.h) on one MR x K by K x NR product,
 // repeated with the C block accumulated in place: A rows (unit stride), packed
 // B and C all stay in L1 for K up to a few hundred. Best of its timed chunks, as above.
+// Variants "strided" and "strided_short" time the wide kernel's strided GEMMs
+// (MicrokernelStridedFn) the same way, with B at row stride NR and C stored.
 double microkernel_gflops(const std::string& isa, int64_t k, double seconds, const std::string& variant);
 
 }  // namespace cpu

@@ -18,6 +18,22 @@ constexpr int kMR = 6;
 constexpr int kMR3 = 4;  // rows of the three-vector kernel
 constexpr int kW = 8;    // floats per vector
 
+// One k step: acc[i] += *a_at(i) * (the NR-wide row of b at brow), where
+// a_at(i) points at row i's A value (through a row pointer, or in a packed A).
+template <int MR, int NV, typename AAt>
+__attribute__((target("avx2,fma"), always_inline)) inline void k_step(__m256 (&acc)[MR][NV], const AAt& a_at,
+                                                                      const float* brow) {
+  __m256 bv[NV];
+#pragma GCC unroll 3
+  for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(brow + v * kW);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m256 ai = _mm256_broadcast_ss(a_at(i));
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
+  }
+}
+
 // MR rows, NV vectors per row: NR = NV * kW.
 template <int MR, int NV>
 __attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
@@ -32,17 +48,7 @@ __attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm256_loadu_ps(src + v * kW) : _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 bv[NV];
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * kNR + v * kW);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(ap[i] + k * ka);
-#pragma GCC unroll 3
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
-    }
-  }
+  for (int64_t k = 0; k < K; ++k) k_step<MR, NV>(acc, [&](int i) { return ap[i] + k * ka; }, b + k * kNR);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 3
@@ -66,15 +72,7 @@ __attribute__((target("avx2,fma"))) void kernel_strided(int64_t K, const float* 
       _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + NV * kW - 1), _MM_HINT_T0);
     }
-    __m256 bv[NV];
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + v * kW);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i);
-#pragma GCC unroll 3
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
-    }
+    k_step<MR, NV>(acc, [&](int i) { return a + i; }, b);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {

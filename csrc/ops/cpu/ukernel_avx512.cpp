@@ -25,32 +25,17 @@ constexpr int kMR = 12;
 constexpr int kMR3 = 8;  // rows of the three-vector kernel
 constexpr int kW = 16;   // floats per vector
 
-// One k step: acc[i] += a[i][idx] * (the NR-wide row of b at brow).
-template <int MR, int NV>
-__attribute__((target("avx512f"), always_inline)) inline void k_step(__m512 (&acc)[MR][NV],
-                                                                     const float* const (&ap)[MR], int64_t idx,
+// One k step: acc[i] += a_of(i) * (the NR-wide row of b at brow), where
+// a_of(i) reads row i's A value (through a row pointer, or from a packed A).
+template <int MR, int NV, typename AOf>
+__attribute__((target("avx512f"), always_inline)) inline void k_step(__m512 (&acc)[MR][NV], const AOf& a_of,
                                                                      const float* brow) {
   __m512 bv[NV];
 #pragma GCC unroll 3
   for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(brow + v * kW);
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
-    const __m512 ai = _mm512_set1_ps(ap[i][idx]);
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
-  }
-}
-
-// One k step with A packed: acc[i] += ak[i] * (the NR-wide row of b at brow).
-template <int MR, int NV>
-__attribute__((target("avx512f"), always_inline)) inline void k_step_packed(__m512 (&acc)[MR][NV], const float* ak,
-                                                                            const float* brow) {
-  __m512 bv[NV];
-#pragma GCC unroll 3
-  for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(brow + v * kW);
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    const __m512 ai = _mm512_set1_ps(ak[i]);
+    const __m512 ai = _mm512_set1_ps(a_of(i));
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
   }
@@ -77,10 +62,10 @@ __attribute__((target("avx512f"))) void kernel(int64_t K, const float* const* a,
     // offset, so the loop's pointer and counter work is paid once per four.
     for (; k + 4 <= K; k += 4) {
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) k_step<MR, NV>(acc, ap, k + u, b + (k + u) * kNR);
+      for (int u = 0; u < 4; ++u) k_step<MR, NV>(acc, [&](int i) { return ap[i][k + u]; }, b + (k + u) * kNR);
     }
   }
-  for (; k < K; ++k) k_step<MR, NV>(acc, ap, k * ka, b + k * kNR);
+  for (; k < K; ++k) k_step<MR, NV>(acc, [&](int i) { return ap[i][k * ka]; }, b + k * kNR);
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 3
@@ -106,10 +91,10 @@ __attribute__((target("avx512f"))) void kernel_strided(int64_t K, const float* a
 #pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + v * kW), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + NV * kW - 1), _MM_HINT_T0);
-      k_step_packed<MR, NV>(acc, a, b);
+      k_step<MR, NV>(acc, [&](int i) { return a[i]; }, b);
     }
   } else {
-    for (int64_t k = 0; k < K; ++k, a += MR, b += ldb) k_step_packed<MR, NV>(acc, a, b);
+    for (int64_t k = 0; k < K; ++k, a += MR, b += ldb) k_step<MR, NV>(acc, [&](int i) { return a[i]; }, b);
   }
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
