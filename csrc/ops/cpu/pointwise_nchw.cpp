@@ -91,7 +91,8 @@ void gather_tile(const float* x, int64_t cin, int64_t sc, int64_t col, const std
 at::Tensor pack_row_blocks(const at::Tensor& w, int64_t rows, int64_t cols, int64_t mr) {
   const int64_t rows_pad = div_up(rows, mr) * mr;
   const at::Tensor wc = w.reshape({rows, cols}).contiguous();
-  return at::constant_pad_nd(wc, {0, 0, 0, rows_pad - rows}).view({rows_pad / mr, mr, cols}).transpose(1, 2).contiguous();
+  const at::Tensor padded = at::constant_pad_nd(wc, {0, 0, 0, rows_pad - rows});
+  return padded.view({rows_pad / mr, mr, cols}).transpose(1, 2).contiguous();
 }
 
 }  // namespace
@@ -228,13 +229,15 @@ at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, 
           const int64_t img = p0 / hw, pix = p0 % hw;
           const bool direct = nrows == mr && len == nr && pix + len <= hw;
           float* dst = o + (img * cout + c0) * hw + pix;
-          gemm2(r, ups + c0 * r, z.data() + pn * r_pad * nr, nr, direct ? dst : block.data(), direct ? hw : nr, nullptr);
+          gemm2(r, ups + c0 * r, z.data() + pn * r_pad * nr, nr, direct ? dst : block.data(), direct ? hw : nr,
+                nullptr);
           // the panel's runs of pixels, one per image it covers
           for (int64_t j = 0; j < len;) {
             const int64_t qi = (p0 + j) / hw, qp = (p0 + j) % hw, run = std::min(len - j, hw - qp);
             float* d = o + (qi * cout + c0) * hw + qp;
             if (!direct)
-              for (int64_t i = 0; i < nrows; ++i) std::memcpy(d + i * hw, block.data() + i * nr + j, sizeof(float) * run);
+              for (int64_t i = 0; i < nrows; ++i)
+                std::memcpy(d + i * hw, block.data() + i * nr + j, sizeof(float) * run);
             if (b != nullptr) add_row_bias(d, hw, nrows, run, b + c0);
             j += run;
           }
