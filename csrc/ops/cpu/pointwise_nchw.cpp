@@ -85,16 +85,6 @@ void gather_tile(const float* x, int64_t cin, int64_t sc, int64_t col, const std
   }
 }
 
-// w's rows x cols values as the strided microkernel's A operand: blocks of mr
-// rows, each stored k-major (out[r0 * cols + k * mr + i] = w[r0 + i][k]), zero
-// rows past `rows`.
-at::Tensor pack_row_blocks(const at::Tensor& w, int64_t rows, int64_t cols, int64_t mr) {
-  const int64_t rows_pad = div_up(rows, mr) * mr;
-  const at::Tensor wc = w.reshape({rows, cols}).contiguous();
-  const at::Tensor padded = at::constant_pad_nd(wc, {0, 0, 0, rows_pad - rows});
-  return padded.view({rows_pad / mr, mr, cols}).transpose(1, 2).contiguous();
-}
-
 }  // namespace
 
 bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::IntArrayRef stride,
@@ -133,11 +123,12 @@ at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, 
   const int64_t r_pad = div_up(r, mr1) * mr1;
   const at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  // V and U in the strided kernels' A layout, cached against the factors.
+  // V and U in the strided kernels' A layout, cached against the factors: row
+  // blocks of MR, each k-major, which is pack_panels' layout with MR for NR.
   const at::Tensor vp = packed_cached(v, "pointwise_nchw.A/" + std::to_string(mr1),
-                                      [&] { return pack_row_blocks(v, r, cin, mr1); });
+                                      [&] { return pack_panels(v, r, cin, 1, mr1); });
   const at::Tensor up = packed_cached(u, "pointwise_nchw.A/" + std::to_string(mr),
-                                      [&] { return pack_row_blocks(u, cout, r, mr); });
+                                      [&] { return pack_panels(u, cout, r, 1, mr); });
   const float* vps = vp.data_ptr<float>();
   const float* ups = up.data_ptr<float>();
   const float* x = input.data_ptr<float>();
