@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
+from hsvkernels import _host_malloc  # noqa: E402
 from bench import peak, timing  # noqa: E402
 
 # name, Cin, Cout, H (= W), kernel, stride, padding, an S1 > 1 split (T1, S1, T2, S2)
@@ -56,7 +57,9 @@ def main(argv=None):
     ap.add_argument("--layers", default=None, help="comma list of name prefixes (default: all)")
     ap.add_argument("--peak-seconds", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="path without extension: writes .md")
+    _host_malloc.add_argument(ap)
     args = ap.parse_args(argv)
+    _host_malloc.configure(args.host_malloc)
     torch.set_num_threads(args.threads)
     env = timing.environment("cpu")
     head = timing.describe_environment(env)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import hsvkernels
+from hsvkernels import _host_malloc
 
 # name, Cin, Cout, H, W, stride
 LAYERS = [
@@ -44,7 +45,9 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rank-div", type=int, default=4, help="rank = min(Cout, Cin*9) // rank_div")
     ap.add_argument("--channels-last", action="store_true", help="channels_last inputs (all three paths)")
+    _host_malloc.add_argument(ap)
     args = ap.parse_args()
+    _host_malloc.configure(args.host_malloc)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = hsvkernels.build_info()

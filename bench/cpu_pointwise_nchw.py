@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402,F401  (registers torch.ops.hsv)
+from hsvkernels import _host_malloc  # noqa: E402
 from bench import timing  # noqa: E402
 
 # Cin, Cout, H (= W) of the input, rank, stride
@@ -31,7 +32,9 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=12)
+    _host_malloc.add_argument(ap)
     args = ap.parse_args(argv)
+    _host_malloc.configure(args.host_malloc)
     for line in timing.describe_environment(timing.environment("cpu")):
         print(line)
     torch.manual_seed(0)

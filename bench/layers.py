@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import hsvkernels  # noqa: E402
+from hsvkernels import _host_malloc  # noqa: E402
 from bench import suite, timing  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
 
@@ -76,6 +77,7 @@ def parse_args(argv):
                    help="with --fused: seconds spent measuring the FMA peak (bench/peak.py)")
     p.add_argument("--out", help="output path without extension (default bench/results/layers-<device>-<date>)")
     suite.add_filter_args(p)
+    _host_malloc.add_argument(p)
     args = p.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.1 if args.quick else 1.0
@@ -553,6 +555,7 @@ def setup_backends(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    _host_malloc.configure(args.host_malloc)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("layers.py: --device %s but CUDA is not available" % args.device)

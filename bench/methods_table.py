@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
+from hsvkernels import _host_malloc  # noqa: E402
 from bench import suite, timing  # noqa: E402
 
 
@@ -83,7 +84,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cp-iters", type=int, default=None, help="CP-ALS sweeps for method cp (default: the library's)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
+    _host_malloc.add_argument(ap)
     args = ap.parse_args(argv)
+    _host_malloc.configure(args.host_malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     layers = suite.select(models=["resnet18"])

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
+from hsvkernels import _host_malloc  # noqa: E402
 from bench import timing  # noqa: E402
 from hsvkernels import benchmark, convert, models  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
@@ -89,7 +90,9 @@ def main(argv=None):
                          "without BN passes)")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
+    _host_malloc.add_argument(ap)
     args = ap.parse_args(argv)
+    _host_malloc.configure(args.host_malloc)
     cuda = args.device == "cuda"
     if cuda:
         if not torch.cuda.is_available():

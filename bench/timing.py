@@ -18,6 +18,8 @@ import sys
 import torch
 from torch.utils import benchmark
 
+from hsvkernels import _host_malloc
+
 
 def summarize(block_times, runs):
     """Median and quartiles (seconds per call) of per-block mean times."""
@@ -175,6 +177,7 @@ def environment(device="cpu"):
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "precision": precision_flags(),
+        "host_malloc": _host_malloc.describe(),
         "device": device,
         "gpu": None,
     }
@@ -212,6 +215,7 @@ def describe_environment(env):
             env["mkldnn_available"], env["mkldnn_enabled"], env["cudnn_available"], env["cudnn_version"],
             env["cudnn_enabled"], env["cudnn_benchmark"]),
         "precision: %s" % "  ".join("%s=%s" % kv for kv in env["precision"].items()),
+        "host malloc: %s" % env.get("host_malloc", "-"),
     ]
     if env["gpu"]:
         lines.append("gpu: %s" % env["gpu"])

@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import layers, suite  # noqa: E402
 
 TINY = ["--shape", "8,16,3,3,1,1,1,10,10", "--shape", "16,8,1,1,2,0,1,9,9"]
-FAST = ["--batch", "1,2", "--min-run-time", "0.002", "--rounds", "1", "--min-blocks", "2", "--threads", "1"]
+# --host-malloc default: "retain" would change malloc for the whole test process (test_host_malloc.py covers it)
+FAST = ["--batch", "1,2", "--min-run-time", "0.002", "--rounds", "1", "--min-blocks", "2", "--threads", "1",
+        "--host-malloc", "default"]
 
 
 def test_suite_is_deduplicated_and_tagged():
@@ -50,6 +52,7 @@ def test_layers_main_writes_sane_json(tmp_path, monkeypatch, capsys):
     for key in ("torch", "cpu_model", "threads", "hsvkernels_build", "mkldnn_available", "precision", "hostname",
                 "date_utc", "command"):
         assert key in data["env"]
+    assert data["env"]["host_malloc"].startswith("default") and "host malloc: default" in printed
     methods = sorted(hsvkernels.METHODS)
     assert len(data["rows"]) == 2 * 2 * len(methods)   # layers x batches x methods
 
