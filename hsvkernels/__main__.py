@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from . import _host_malloc
+
 USER_ERRORS = (ValueError, OSError)
 
 
@@ -93,6 +95,7 @@ def build_parser():
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _host_malloc.add_argument(b)
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="print the report of a directory written by compress --out")
@@ -359,6 +362,7 @@ def cmd_bench(args):
 
     from . import benchmark, convert
 
+    _host_malloc.configure(args.host_malloc)   # before the models and inputs are allocated
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -390,6 +394,7 @@ def cmd_bench(args):
         return 0
     print("%s  %s  input %s  threads %d  %s" % (args.model, args.method, "x".join(map(str, args.input_size[1:])),
                                                result["flags"]["threads"], "channels_last" if args.channels_last else "NCHW"))
+    print("host malloc: %s" % result["flags"]["host_malloc"])
     print("%6s %12s %14s %8s" % ("batch", "dense ms", "compressed ms", "ratio"))
     for r in rows:
         print("%6d %12.3f %14.3f %8.3f" % (r["batch"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"], r["ratio"]))

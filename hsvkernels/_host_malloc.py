@@ -1,4 +1,4 @@
-"""Keep freed host memory mapped, so that CPU timings do not include page faults (the benchmark scripts).
+"""Keep freed host memory mapped, so that CPU timings do not include page faults (bench/, `hsvkernels bench`).
 
 PyTorch's CPU tensors come straight from the C library's malloc. glibc serves an
 allocation above its mmap threshold (128 KiB to 32 MiB, adjusted at run time)
@@ -14,7 +14,7 @@ with the heap retained (one process each, same session).
 trim off, so freed blocks are reused warm: the steady state of a caching
 allocator such as jemalloc or tcmalloc, which CPU inference deployments use
 for the same reason. `default` leaves glibc alone. Either way the choice is
-recorded in the results' header (bench/timing.py).
+recorded with the results.
 """
 import ctypes
 import ctypes.util

@@ -10,6 +10,8 @@ import statistics
 import torch
 from torch.utils import benchmark
 
+from . import _host_malloc
+
 
 def time_pair(dense, compressed, x, *, min_run_time=1.0, rounds=3, num_threads=None):
     """Median seconds per forward of both models (no grad) and their ratio compressed / dense."""
@@ -42,7 +44,7 @@ def dense_twin(compressed):
 def flags():
     """The settings that decide which conv kernels run, for the record."""
     out = {"threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
-           "torch": torch.__version__}
+           "torch": torch.__version__, "host_malloc": _host_malloc.describe()}
     if torch.cuda.is_available():
         out.update(device=torch.cuda.get_device_name(), cudnn_benchmark=torch.backends.cudnn.benchmark,
                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,

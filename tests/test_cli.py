@@ -106,6 +106,7 @@ def test_bench_times_dense_and_compressed():
     result = _json.loads(out.stdout)
     assert [r["batch"] for r in result["rows"]] == [1, 2]
     assert all(r["dense_s"] > 0 and r["compressed_s"] > 0 and r["ratio"] > 0 for r in result["rows"])
+    assert result["flags"]["host_malloc"].startswith(("retain", "default: not glibc"))   # retained by default
     bad = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--batch", "one"],
                   capture_output=True, text=True)
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
