@@ -2,7 +2,8 @@
 which runs them through csrc/ops/cpu/pointwise_nchw.cpp) vs the composite chain vs
 dense F.conv2d, at the ranks HSV picks for ResNet-50's 1x1 layers, stride 1 and
 the stride-2 downsampling ones (ratio=4, macs_ratio=4). Random SVD factors; the
-three paths interleaved per repetition in one process, medians. Less careful than bench/layers.py, quick enough to steer work.
+three paths interleaved per repetition in one process, medians. Less careful than
+bench/layers.py, quick enough to steer work.
 
     python bench/cpu_pointwise_nchw.py --threads 1,2 --batch 8
 """

@@ -11,12 +11,13 @@ dense, 66 ms composite and 24 ms fused with glibc's defaults, and 33, 22 and 12 
 with the heap retained (one process each, same session).
 
 `retain` turns mmap off for malloc (every block comes from the heap) and the
-trim off, so freed blocks are reused warm (after the first few allocations of
-a size: an aligned block may not fit the hole its predecessor left until the
-heap settles, which a timing loop's warm-up calls cover): the steady state of a caching
+trim off, so freed blocks are reused warm: the steady state of a caching
 allocator such as jemalloc or tcmalloc, which CPU inference deployments use
-for the same reason. `default` leaves glibc alone. Either way the choice is
-recorded with the results.
+for the same reason. The first few allocations of a size may still fault (an
+aligned block need not fit the hole its predecessor left until the heap
+settles); a timing loop's warm-up calls cover them. `default` changes nothing,
+and does not undo an earlier `retain`. Either way the choice is recorded with
+the results.
 """
 import ctypes
 import ctypes.util
@@ -45,7 +46,7 @@ def _glibc():
 
 
 def configure(mode):
-    """Sets the process's malloc to `mode` ("retain" or "default"); returns a one-line description."""
+    """Applies `mode` to the process's malloc ("retain"; "default" changes nothing); returns describe()."""
     if mode not in MODES:
         raise ValueError("host malloc mode must be one of %s, got %r" % (MODES, mode))
     if mode == "default":
