@@ -2,7 +2,8 @@
 
 The C++ sources are always built. The CUDA sources (csrc/**/*.cu) are built when
 torch is a CUDA build and nvcc is found, or when FORCE_CUDA=1 (for building on a
-machine without a GPU). TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured.
+machine without a GPU). TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured; 9.0 in the list is built as 9.0a
+(see _with_sm90a), unless HSV_NO_SM90A=1.
 """
 import glob
 import os
@@ -65,6 +66,20 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _with_sm90a(archs):
+    """The arch list with 9.0 built as 9.0a, and whether it holds 9.0a.
+
+    The wgmma kernel (csrc/ops/cuda/two_stage_wgmma.cu) needs the sm_90a target.
+    9.0a code runs on the same chips as 9.0 (H100, H200), so 9.0 becomes 9.0a
+    rather than being built twice: with both, which cubin the driver loads is
+    not ours to choose. "9.0+PTX" is kept as it is (its PTX is for later chips).
+    """
+    parts = [a for a in re.split(r"[;\s]+", archs.strip()) if a]
+    if not _truthy("HSV_NO_SM90A"):
+        parts = ["9.0a" if a == "9.0" else a for a in parts]
+    return ";".join(parts), "9.0a" in parts
+
+
 def _extension():
     torch_version = Version(torch.__version__.split("+")[0])
     if torch_version < MIN_TORCH:
@@ -100,9 +115,14 @@ def _extension():
         # Without a GPU to ask, build for a list that covers A100 and H100.
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+        archs, sm90a = "native", False  # unset on a GPU machine: torch builds for the GPUs it sees
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            archs, sm90a = _with_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"])
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros += [("WITH_CUDA", None), ("HSV_CUDA_VERSION", '"%s"' % torch.version.cuda),
                           ("HSV_CUDA_ARCHS", '"%s"' % archs)]
+        if sm90a:
+            define_macros.append(("HSV_SM90A", None))
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         if openmp:  # the same inline ATen code must not be compiled two ways in one library
             nvcc_flags += ["-Xcompiler", "-fopenmp"]

@@ -11,6 +11,7 @@
 #ifdef WITH_CUDA
 #include "ops/cuda/cuda_impl.h"
 #include "ops/cuda/two_stage_mma.h"
+#include "ops/cuda/two_stage_wgmma.h"
 #endif
 #include "ops/cpu/channels_last_copy.h"
 #include "ops/cpu/pack.h"
@@ -38,10 +39,13 @@ py::dict build_info() {
   info["with_cuda"] = true;
   info["cuda_version"] = HSV_CUDA_VERSION;
   info["cuda_archs"] = HSV_CUDA_ARCHS;
+  // cuda_sm90a: the wgmma kernel's sm_90a code is in this build (HSV_CUDA_NHWC=wgmma can run it)
+  info["cuda_sm90a"] = hsv::cuda::wgmma_built();
 #else
   info["with_cuda"] = false;
   info["cuda_version"] = py::none();
   info["cuda_archs"] = "";
+  info["cuda_sm90a"] = false;
 #endif
   // cpu_avx2 / cpu_avx512: the fused kernels' microkernel for that ISA is in this
   // build; cpu_isa: the one this CPU runs (HSV_CPU_ISA can force a lesser one).
@@ -107,6 +111,20 @@ PYBIND11_MODULE(_C, m) {
     return {};
 #endif
   }, "The last mma-kernel launch's (pixel fragments per warp, cluster CTAs splitting K, pixel tiles, K step)");
+  m.def("cuda_wgmma_launch_count", []() -> int64_t {
+#ifdef WITH_CUDA
+    return hsv::cuda::wgmma_launch_count();
+#else
+    return 0;
+#endif
+  }, "How many fused launches ran the wgmma kernel (sm_90a, HSV_CUDA_NHWC=wgmma)");
+  m.def("cuda_wgmma_last_config", []() -> std::vector<int64_t> {
+#ifdef WITH_CUDA
+    return hsv::cuda::wgmma_last_config();
+#else
+    return {};
+#endif
+  }, "The last wgmma-kernel launch's (warpgroups per CTA, cluster CTAs splitting K, pixel tiles, K step)");
   // Both release the GIL: they only spin on the calling thread.
   m.def("fma_peak_gflops", &hsv::cpu::fma_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.5,
         py::call_guard<py::gil_scoped_release>(),

@@ -46,24 +46,43 @@ def mma_launches():
     return _C.cuda_mma_launch_count()
 
 
+def wgmma_launches():
+    from hsvkernels._extension import _C
+    return _C.cuda_wgmma_launch_count()
+
+
 def is_hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-@pytest.fixture(params=["mma", "wmma"])
+def has_wgmma():
+    """The wgmma kernel can run: sm_90a code in the build and a compute capability 9.x device."""
+    return bool(INFO.get("cuda_sm90a")) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def skip_without_wgmma():
+    if not has_wgmma():
+        pytest.skip("the wgmma kernel needs sm_90a code (cuda_sm90a=%s) and a compute capability 9.x device"
+                    % INFO.get("cuda_sm90a"))
+
+
+@pytest.fixture(params=["mma", "wmma", "wgmma"])
 def nhwc_kernel(request, monkeypatch):
     """Which channels_last kernel runs (HSV_CUDA_NHWC); yields a checker that the
     launch counters moved as that kernel predicts for `calls` launches."""
     kernel = request.param
     if kernel == "mma" and not is_hopper():
         pytest.skip("the mma.sync kernel needs compute capability 9.0 (thread-block clusters)")
+    if kernel == "wgmma":
+        skip_without_wgmma()
     monkeypatch.setenv("HSV_CUDA_NHWC", kernel)
-    start = (nhwc_launches(), mma_launches())
+    start = (nhwc_launches(), mma_launches(), wgmma_launches())
 
     def check(calls=1):
-        nhwc, mma = nhwc_launches() - start[0], mma_launches() - start[1]
+        nhwc, mma, wg = (nhwc_launches() - start[0], mma_launches() - start[1], wgmma_launches() - start[2])
         assert nhwc == calls, "the channels_last fast path did not run"
-        assert mma == (calls if kernel == "mma" else 0), "HSV_CUDA_NHWC=%s ran the other kernel" % kernel
+        assert mma == (calls if kernel == "mma" else 0), "HSV_CUDA_NHWC=%s ran the mma kernel" % kernel
+        assert wg == (calls if kernel == "wgmma" else 0), "HSV_CUDA_NHWC=%s ran the wgmma kernel" % kernel
     return check
 
 
@@ -337,6 +356,68 @@ def test_fused_mma_halo(geom, rank, cin, mi, ks, splits, impl, monkeypatch):
     assert rel_err(y, y0.double()) <= TOL[torch.bfloat16]
 
 
+# Every (padded rank, warpgroups per CTA, K step) the wgmma kernel
+# instantiates, each alone and split over a cluster, on shapes with a partial
+# last pixel tile, padding taps, a partial last 64-channel output chunk and
+# more chunks than CTAs; Cin 96 cannot take 64-channel K steps and falls back
+# to 32. Against float64 truth and the composite chain (check_fused), and
+# against the mma kernel on the same call.
+@pytest.mark.parametrize("splits", ["1", "3", "8"])
+@pytest.mark.parametrize("ks", ["32", "64"])
+@pytest.mark.parametrize("wg", ["1", "2"])
+@pytest.mark.parametrize("rank,cin", [(9, 64), (32, 64), (50, 96), (128, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_wgmma_tiles(dtype, rank, cin, wg, ks, splits, impl, monkeypatch):
+    skip_without_wgmma()
+    monkeypatch.setenv("HSV_CUDA_NHWC", "wgmma")
+    monkeypatch.setenv("HSV_CUDA_WGMMA_WG", wg)
+    monkeypatch.setenv("HSV_CUDA_MMA_KSTEP", ks)
+    monkeypatch.setenv("HSV_CUDA_SPLIT_K", splits)
+    fact = svd_factors(rank, cin, 200, 3, 3)
+    bias = torch.randn(200, dtype=torch.float64)
+    x = make_input(3, cin, 13, 11, "channels_last", dtype)
+    before = wgmma_launches()
+    y = check_fused(impl, fact, x, bias, 1, 1, 1)
+    assert wgmma_launches() - before == 1
+    from hsvkernels._extension import _C
+    want_ks = int(ks) if cin % int(ks) == 0 else 32
+    k_steps = 9 * cin // want_ks
+    per = -(-k_steps // min(int(splits), 8))
+    tiles = -(-3 * 13 * 11 // (64 * int(wg)))
+    assert list(_C.cuda_wgmma_last_config()) == [int(wg), -(-k_steps // per), tiles, want_ks]
+    monkeypatch.setenv("HSV_CUDA_NHWC", "mma")
+    monkeypatch.setenv("HSV_CUDA_MMA_HALO", "0")
+    y_mma = hsvkernels.conv2d(x, fact.to("cuda", dtype), bias.to("cuda", dtype), 1, 1, 1)
+    assert rel_err(y, y_mma.double()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("geom", HALO_GEOMETRIES + [(40, 28, 28, 3, 3, 1, 1, 1)], ids=HALO_IDS + ["many_tiles"])
+def test_fused_wgmma_geometries(geom, impl, monkeypatch):
+    # the per-tap gather on every geometry the mma kernel's input blocks are tested on, plus a grid of
+    # more pixel tiles than SMs (the auto rule's two warpgroups per CTA)
+    skip_without_wgmma()
+    n, h, w, kh, kw, stride, padding, dilation = geom
+    monkeypatch.setenv("HSV_CUDA_NHWC", "wgmma")
+    fact = svd_factors(56, 128, 136, kh, kw)
+    for bias in (torch.randn(136, dtype=torch.float64), None):
+        before = wgmma_launches()
+        check_fused(impl, fact, make_input(n, 128, h, w, "channels_last", torch.bfloat16), bias, stride, padding,
+                    dilation)
+        assert wgmma_launches() - before == 1
+
+
+def test_wgmma_request_without_sm90a_errors(impl, monkeypatch):
+    # HSV_CUDA_NHWC=wgmma where the kernel cannot run is an error that says why, not a silent fallback
+    if has_wgmma():
+        pytest.skip("this build and device run the wgmma kernel")
+    impl("fused")
+    monkeypatch.setenv("HSV_CUDA_NHWC", "wgmma")
+    fact = svd_factors(16, 32, 32, 3, 3, dtype=torch.bfloat16).to("cuda")
+    x = make_input(1, 32, 6, 6, "channels_last", torch.bfloat16)
+    with pytest.raises(ValueError, match="HSV_CUDA_NHWC=wgmma"):
+        hsvkernels.conv2d(x, fact, None, 1, 1)
+
+
 def test_fused_mma_halo_auto_rule(impl, monkeypatch):
     # HSV_CUDA_MMA_HALO=auto: input blocks for stride 1 with at least as many 128-slot blocks as SMs,
     # the per-tap gather for stride 2 or fewer blocks
@@ -365,6 +446,11 @@ def test_bad_nhwc_kernel_values_error(impl, monkeypatch):
         with pytest.raises(ValueError, match="%s='%s'" % (name, bad)):
             hsvkernels.conv2d(x, fact, None, 1, 1)
         monkeypatch.delenv(name)
+    if has_wgmma():   # read by the wgmma kernel's launcher
+        monkeypatch.setenv("HSV_CUDA_NHWC", "wgmma")
+        monkeypatch.setenv("HSV_CUDA_WGMMA_WG", "3")
+        with pytest.raises(ValueError, match="HSV_CUDA_WGMMA_WG='3'"):
+            hsvkernels.conv2d(x, fact, None, 1, 1)
 
 
 def test_fused_nhwc_not_taken_where_it_does_not_apply(impl):

@@ -37,6 +37,7 @@ namespace {
 std::atomic<int64_t> launches{0};
 std::atomic<int64_t> nhwc_launches{0};
 std::atomic<int64_t> mma_launches{0};
+std::atomic<int64_t> wgmma_launches{0};
 
 }  // namespace
 
@@ -74,6 +75,10 @@ void count_nhwc_launch() { nhwc_launches.fetch_add(1); }
 int64_t mma_launch_count() { return mma_launches.load(); }
 
 void count_mma_launch() { mma_launches.fetch_add(1); }
+
+int64_t wgmma_launch_count() { return wgmma_launches.load(); }
+
+void count_wgmma_launch() { wgmma_launches.fetch_add(1); }
 
 std::vector<std::string> fused_kinds() { return {"svd", "hsv", "tucker2"}; }
 

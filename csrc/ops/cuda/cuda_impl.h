@@ -41,6 +41,10 @@ void count_nhwc_launch();
 int64_t mma_launch_count();
 void count_mma_launch();
 
+// How many ran the wgmma kernel (two_stage_wgmma.h): HSV_CUDA_NHWC=wgmma only.
+int64_t wgmma_launch_count();
+void count_wgmma_launch();
+
 // The kinds that have a fused CUDA kernel.
 std::vector<std::string> fused_kinds();
 

@@ -56,6 +56,7 @@
 #include "pack_two_stage.h"
 #include "two_stage_mma.h"
 #include "two_stage_nhwc.h"
+#include "two_stage_wgmma.h"
 #include "wmma_tiles.cuh"
 
 namespace hsv {
@@ -563,6 +564,13 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t rp = nhwc ? nhwc_padded_rank(r) : round_up(r, 16);
   const int64_t cout_pad = round_up(cout, kTileN);
   const PackedFactors packed = packed_factors(factors, bias, kind, rp, k_pad, cout_pad);
+  if (nhwc && wgmma_selected(input)) {
+    at::Tensor y = wgmma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
+    count_fused_launch();
+    count_nhwc_launch();
+    count_wgmma_launch();
+    return y;
+  }
   if (nhwc && mma_selected(input)) {
     at::Tensor y = mma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
     count_fused_launch();

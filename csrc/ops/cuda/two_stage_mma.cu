@@ -631,7 +631,7 @@ std::vector<int64_t> mma_last_config() {
 }
 
 bool mma_selected(const at::Tensor& input) {
-  if (env_choice("HSV_CUDA_NHWC", {"auto", "mma", "wmma"}) == 2) return false;
+  if (env_choice("HSV_CUDA_NHWC", {"auto", "mma", "wmma", "wgmma"}) == 2) return false;
   return tiles::device_info(input.device().index()).major >= 9;
 }
 

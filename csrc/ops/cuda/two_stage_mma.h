@@ -21,7 +21,8 @@ namespace cuda {
 // For arguments that nhwc_supports() takes: whether the mma kernel runs them
 // rather than the WMMA one, i.e. the device has compute capability 9.0 or newer
 // and HSV_CUDA_NHWC = auto (default) | mma, not wmma (the older kernel, for
-// comparisons); other values throw c10::ValueError naming the variable.
+// comparisons); wgmma (two_stage_wgmma.h) is checked before this; other values
+// throw c10::ValueError naming the variable.
 bool mma_selected(const at::Tensor& input);
 
 // out = bias + Up @ conv(x, Vp) as a new channels_last tensor; operands as for
