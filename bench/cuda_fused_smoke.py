@@ -96,10 +96,14 @@ def main():
             x = make_x(2, 12, 9, 10, dtype, channels_last)
             worst = max(worst, check("hsv", [b, a], (10, 12, 3, 3), x, None, 1, 1, 1))
             calls += 2
-    # both channels_last kernels (HSV_CUDA_NHWC), each whole and split over K
-    # (the mma kernel's split sums its partials through a cluster's shared memory)
-    kernels = ("mma", "wmma") if torch.cuda.get_device_capability()[0] >= 9 else ("wmma",)
-    mma_before = _C.cuda_mma_launch_count()
+    # the channels_last kernels (HSV_CUDA_NHWC), each whole and split over K
+    # (the mma and wgmma kernels sum their partials through a cluster's shared memory);
+    # wgmma where the build has its sm_90a code and the device is a 9.x
+    major = torch.cuda.get_device_capability()[0]
+    kernels = ("mma", "wmma") if major >= 9 else ("wmma",)
+    if major == 9 and hsvkernels.build_info().get("cuda_sm90a"):
+        kernels += ("wgmma",)
+    mma_before, wgmma_before = _C.cuda_mma_launch_count(), _C.cuda_wgmma_launch_count()
     # (and the mma kernel with and without input blocks, HSV_CUDA_MMA_HALO: both cases have >= 4 taps)
     for kernel in kernels:
         for halo in ("0", "1") if kernel == "mma" else ("0",):
@@ -128,7 +132,10 @@ def main():
     os.environ.pop("HSV_CUDA_PACK")
     if "mma" in kernels and _C.cuda_mma_launch_count() - mma_before < 8:
         raise SystemExit("the mma kernel did not run where HSV_CUDA_NHWC=mma asked for it")
-    print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g)" % (calls, worst))
+    if "wgmma" in kernels and _C.cuda_wgmma_launch_count() - wgmma_before != 4:
+        raise SystemExit("the wgmma kernel did not run where HSV_CUDA_NHWC=wgmma asked for it")
+    print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g), channels_last kernels %s"
+          % (calls, worst, ", ".join(kernels)))
 
 
 if __name__ == "__main__":

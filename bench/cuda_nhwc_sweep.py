@@ -4,7 +4,10 @@ Each path is captured `--reps` times into one CUDA graph and timed by replaying
 it (medians of interleaved blocks, bench/timing.py), so launch overhead is out
 and the numbers are device time per call. `--sweep` adds the mma kernel with
 every forced (pixel fragments per warp MI, cluster split S, K step), to check the
-tile model in two_stage_mma.cu against the best setting.
+tile model in two_stage_mma.cu against the best setting. `--wgmma` adds the
+wgmma kernel (sm_90a, two_stage_wgmma.cu) and `--wgmma-sweep` its every forced
+(warpgroups per CTA, cluster split S); each wgmma row's error against the
+composite chain is checked before it is timed.
 
     python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32 --methods hsv [--sweep]
 """
@@ -25,7 +28,7 @@ from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K",
-       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO")
+       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG")
 
 
 def captured(fn, env, reps):
@@ -34,7 +37,8 @@ def captured(fn, env, reps):
     os.environ.update(env)
     config = []
     try:
-        replay = layers.graphed(fn, reps, after_warmup=lambda: config.extend(_C.cuda_mma_last_config()))
+        last = _C.cuda_wgmma_last_config if env.get("HSV_CUDA_NHWC") == "wgmma" else _C.cuda_mma_last_config
+        replay = layers.graphed(fn, reps, after_warmup=lambda: config.extend(last()))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -61,6 +65,9 @@ def main(argv=None):
     p.add_argument("--halo-off", action="store_true",
                    help="also the mma kernel with HSV_CUDA_MMA_HALO=0 (the per-tap gather, no input blocks)")
     p.add_argument("--no-wmma", action="store_true", help="leave out the WMMA kernel (the 8.x path)")
+    p.add_argument("--wgmma", action="store_true", help="also the wgmma kernel (HSV_CUDA_NHWC=wgmma, sm_90a)")
+    p.add_argument("--wgmma-sweep", action="store_true",
+                   help="also the wgmma kernel with every forced (warpgroups per CTA, cluster split S)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
@@ -69,7 +76,9 @@ def main(argv=None):
     print("device %s  torch %s  cudnn %s  dtype %s channels_last  cudnn.benchmark True  graphs of %d calls"
           % (torch.cuda.get_device_name(), torch.__version__, torch.backends.cudnn.version(), args.dtype, args.reps))
     print("times: device us per call (median); mma config = (MI, cluster S, tiles, K step, input blocks, "
-          "block rows, block columns)")
+          "block rows, block columns); wgmma config = (warpgroups per CTA, cluster S, tiles, K step)")
+    if (args.wgmma or args.wgmma_sweep) and not hsvkernels.build_info().get("cuda_sm90a"):
+        sys.exit("cuda_nhwc_sweep.py: --wgmma needs an extension built with sm_90a code (cuda_sm90a is false)")
     torch.manual_seed(0)
     rows = []
     for shape in suite.select_from_args(args):
@@ -104,6 +113,16 @@ def main(argv=None):
                                 paths["mma mi%s s%s k%s" % (mi, s, ks)] = (op, {
                                     "HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "mma", "HSV_CUDA_MMA_MI": mi,
                                     "HSV_CUDA_SPLIT_K": s, "HSV_CUDA_MMA_KSTEP": ks})
+                wgmma_envs = {}
+                if args.wgmma or args.wgmma_sweep:
+                    wgmma_envs["wgmma"] = {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wgmma"}
+                if args.wgmma_sweep:
+                    for wg in ("1", "2"):
+                        for s in ("1", "2", "4", "8"):
+                            wgmma_envs["wgmma wg%s s%s" % (wg, s)] = {
+                                "HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wgmma", "HSV_CUDA_WGMMA_WG": wg,
+                                "HSV_CUDA_SPLIT_K": s}
+                paths.update({name: (op, env) for name, env in wgmma_envs.items()})
                 with torch.inference_mode():
                     os.environ["HSV_CUDA_IMPL"] = "composite"
                     y_comp = op()
@@ -119,31 +138,45 @@ def main(argv=None):
                         os.environ.pop("HSV_CUDA_PACK")
                         if not torch.equal(y_aten, y_mma):
                             sys.exit("HSV_CUDA_PACK=aten changed the output on %s" % shape.name)
+                    for name, env in wgmma_envs.items():   # never time a wrong answer
+                        saved = {k: os.environ.get(k) for k in ENV}
+                        os.environ.update(env)
+                        y_wg = op()
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
+                        wg_err = layers.normalized_error(y_wg, y_comp)
+                        if not wg_err <= 5e-2:
+                            sys.exit("%s: %s b%d: error %.3g against the composite chain" % (
+                                name, shape.name, batch, wg_err))
                     fns, configs = {}, {}
                     for name, (fn, env) in paths.items():
                         fns[name], configs[name] = captured(fn, env, args.reps)
                     times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=3)
                 t = {name: times[name]["median"] / args.reps * 1e6 for name in fns}
-                best = min((v, k) for k, v in t.items() if k.startswith("mma"))
+                best = min((v, k) for k, v in t.items() if k.startswith(("mma", "wgmma")))
                 row = dict(layer=shape.name, batch=batch, method=method, times=t, mma_config=configs["mma"],
-                           best=best[1], err_vs_composite=err)
+                           wgmma_config=configs.get("wgmma"), best=best[1], err_vs_composite=err)
                 rows.append(row)
                 print("\n%s b%d %s %s: mma vs composite error %.2g, mma config %s" % (
                     shape.name, batch, method, "x".join(str(tuple(f.shape)) for f in factors), err, configs["mma"]))
                 for name, v in t.items():
                     print("  %-18s %9.1f us  /dense %6.3f  /composite %6.3f  %s" % (
                         name, v, v / t["dense"], v / t["composite"],
-                        configs[name] if name.startswith("mma") else ""))
-    print("\n| layer | N | method | dense us | composite us | wmma us | mma us | mma/dense | mma/composite | "
-          "mma/wmma | mma config | best |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                        configs[name] if name.startswith(("mma", "wgmma")) else ""))
+    nan = float("nan")
+    print("\n| layer | N | method | dense us | composite us | wmma us | mma us | wgmma us | mma/dense | wgmma/dense | "
+          "mma/composite | wgmma/mma | mma config | wgmma config | best |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["times"]
-        print("| %s | %d | %s | %.1f | %.1f | %.1f | %.1f | %.3f | %.3f | %.3f | %s | %s %.1f |" % (
-            r["layer"], r["batch"], r["method"], t["dense"], t["composite"], t.get("wmma", float("nan")), t["mma"],
-            t["mma"] / t["dense"], t["mma"] / t["composite"], t["mma"] / t.get("wmma", float("nan")), r["mma_config"],
-            r["best"],
-            t[r["best"]]))
+        wg = t.get("wgmma", nan)
+        print("| %s | %d | %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.3f | %.3f | %.3f | %.3f | %s | %s | %s %.1f |" % (
+            r["layer"], r["batch"], r["method"], t["dense"], t["composite"], t.get("wmma", nan), t["mma"], wg,
+            t["mma"] / t["dense"], wg / t["dense"], t["mma"] / t["composite"], wg / t["mma"], r["mma_config"],
+            r["wgmma_config"], r["best"], t[r["best"]]))
 
 
 if __name__ == "__main__":

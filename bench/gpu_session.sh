@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in one call: build the extension for sm_90, record the
+# One GPU session in one call: build the extension for sm_90(a), record the
 # environment, run the CUDA tests under both HSV_CUDA_IMPL values, run
 # compute-sanitizer (memcheck, racecheck) on a small fused-kernel script, and
 # benchmark dense vs composite vs fused per layer. Every part is time-bounded
@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh build models-measured      # call 4: end to end, dense where measured faster
 #   bash bench/gpu_session.sh build sweep                 # channels_last kernels per layer (graphs), both packings
 #   bash bench/gpu_session.sh build fused-tests sweep models   # after a kernel change: its tests, then timings
+#   bash bench/gpu_session.sh build info wgmma            # the wgmma kernel (sm_90a): its tests, then a sweep
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -69,8 +70,8 @@ echo "gpu_session: parts ${parts[*]}, budget ${BUDGET}s, out $OUT, $(date -u +%F
 git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$LOG"
 
 if want build; then
-  # sm_90 only (the H100/H200); ptxas -v puts each kernel's registers, spills
-  # and shared memory in build.log.
+  # sm_90 only (the H100/H200; setup.py builds it as sm_90a, for the wgmma kernel); ptxas -v puts each
+  # kernel's registers, spills and shared memory in build.log.
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
   export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas=-v"
   step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . ||
@@ -144,6 +145,17 @@ if want bench; then
   step "bench bf16 batch-1 graphed" 80 "$OUT/session.log" \
     "$PY" bench/layers.py "${common[@]}" --batch 1 --graph --dtype bfloat16 --channels-last \
     --out /tmp/hsv-bench-bf16-graph
+fi
+
+if want wgmma; then
+  # the wgmma kernel (two_stage_wgmma.cu, HSV_CUDA_NHWC=wgmma only): its tests and the nhwc tests it joins,
+  # then every forced (warpgroups, cluster split) against dense, composite and the mma kernel
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step "tests wgmma" 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
+    tests/test_cuda_fused.py -k wgmma
+  step "wgmma sweep" 240 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
+    --batch 32,1 --methods hsv --no-wmma --wgmma-sweep
 fi
 
 if want sweep; then
