@@ -363,16 +363,7 @@ at::Tensor nhwc_forward(const at::Tensor& input, const at::Tensor& vp, const at:
                   up.is_contiguous(),
               "hsv::conv2d: NHWC kernel: packed factors of the wrong shape");
   NhwcParams p{};
-  p.x = input.data_ptr();
-  tiles::set_conv_geometry(p, input, plan, plan.stages[0].conv, kw);
-  p.pixels = n * plan.out_shape[2] * plan.out_shape[3];
-  p.k = static_cast<int>(k);
-  p.cout = static_cast<int>(cout);
-  p.cout_pad = static_cast<int>(up.size(0));
-  p.vp = vp.data_ptr();
-  p.up = up.data_ptr();
-  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  p.out = out.data_ptr();
+  tiles::set_two_stage_operands(p, input, vp, up, bias_f, out, plan, k, kw, cout);
 
   const int device = input.device().index();
   const int64_t sms = tiles::device_info(device).sms;

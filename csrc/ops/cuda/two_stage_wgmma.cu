@@ -430,16 +430,7 @@ at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at
   TORCH_CHECK(rp * k <= std::numeric_limits<int>::max(),
               "hsv::conv2d: wgmma kernel: factor too large for 32-bit offsets");
   WgParams p{};
-  p.x = input.data_ptr();
-  tiles::set_conv_geometry(p, input, plan, plan.stages[0].conv, kw);
-  p.pixels = n * plan.out_shape[2] * plan.out_shape[3];
-  p.k = static_cast<int>(k);
-  p.cout = static_cast<int>(cout);
-  p.cout_pad = static_cast<int>(up.size(0));
-  p.vp = vp.data_ptr();
-  p.up = up.data_ptr();
-  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  p.out = out.data_ptr();
+  tiles::set_two_stage_operands(p, input, vp, up, bias_f, out, plan, k, kw, cout);
 
   const bool half = input.scalar_type() == at::kHalf;
   const int device = input.device().index();
@@ -470,21 +461,7 @@ at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at
   TORCH_CHECK(tiles * splits <= std::numeric_limits<int>::max(), "hsv::conv2d: wgmma kernel: too many pixel tiles");
 
   const int bytes = splits > 1 ? v.bytes_split : v.bytes_single;
-  tiles::allow_max_dynamic_smem(reinterpret_cast<const void*>(v.fn), device);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(tiles * splits));
-  cfg.blockDim = dim3(static_cast<unsigned>(128 * wg));
-  cfg.dynamicSmemBytes = static_cast<size_t>(bytes);
-  cfg.stream = c10::cuda::getCurrentCUDAStream(device);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(splits);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, v.fn, p));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tiles::launch_in_clusters(v.fn, p, tiles * splits, 128 * wg, bytes, splits, device);
   last_wg.store(wg);
   last_splits.store(splits);
   last_tiles.store(tiles);

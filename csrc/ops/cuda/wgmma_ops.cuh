@@ -6,9 +6,9 @@
 // of a tile holds 64 16-bit elements (128 bytes), its 16-byte piece c stored
 // at piece position c ^ (r % 8), tiles 1024-byte aligned. A tile wider than 64
 // elements in K is stored as consecutive 64-wide column blocks. The wrappers
-// are one asm statement per (N, dtype): the accumulator list must be spelled
-// out, so they are written out for N = 16, 32, 64, 128 (the padded ranks and
-// the 64-channel output chunks) and fp16/bf16 inputs.
+// are one asm statement per (N, dtype), whose accumulator list must be spelled
+// out: one macro makes them for N = 16, 32, 64, 128 (the padded ranks and the
+// 64-channel output chunks) and fp16/bf16 inputs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -86,212 +86,64 @@ __device__ __forceinline__ void fence_regs(unsigned (&a)[N]) {
 template <int N, typename S>
 struct Wgmma;
 
-template <>
-struct Wgmma<16, __nv_bfloat16> {
-  static __device__ __forceinline__ void ss(float (&d)[8], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}"
-        ", %8, %9, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D8(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[8], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}"
-        ", {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D8(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
+// The accumulators as asm operands %0 .. %(N / 2 - 1), one list per N; the operands
+// after them are numbered from N / 2 on (SS_OPS / SS_P: the descriptors and
+// scale_d of ss; RS_OPS / RS_P: the A registers, the B descriptor and scale_d of rs).
+#define HSV_WGMMA_REGS8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define HSV_WGMMA_REGS16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define HSV_WGMMA_REGS32                                                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "                       \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define HSV_WGMMA_REGS64                                                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "                       \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "                        \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "                        \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-template <>
-struct Wgmma<16, __half> {
-  static __device__ __forceinline__ void ss(float (&d)[8], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}"
-        ", %8, %9, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D8(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[8], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}"
-        ", {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D8(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
+#define HSV_WGMMA_SPECIALIZE(N, S, TY, REGS, DREGS, SS_OPS, SS_P, RS_OPS, RS_P)                                      \
+  template <>                                                                                                        \
+  struct Wgmma<N, S> {                                                                                               \
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {              \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                                 \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " REGS ", " SS_OPS                  \
+                   ", p, 1, 1, 0, 0;\n}\n"                                                                           \
+                   : DREGS(d)                                                                                        \
+                   : "l"(a), "l"(b), "r"(scale_d));                                                                  \
+    }                                                                                                                \
+    static __device__ __forceinline__ void rs(float (&d)[N / 2], const unsigned (&a)[4], uint64_t b,                 \
+                                              int scale_d) {                                                         \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                                                 \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " REGS ", " RS_OPS                  \
+                   ", p, 1, 1, 0;\n}\n"                                                                              \
+                   : DREGS(d)                                                                                        \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                              \
+    }                                                                                                                \
+  };
 
-template <>
-struct Wgmma<32, __nv_bfloat16> {
-  static __device__ __forceinline__ void ss(float (&d)[16], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-        ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D16(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[16], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-        ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D16(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
+#define HSV_WGMMA_FOR_BOTH_DTYPES(N, REGS, DREGS, SS_OPS, SS_P, RS_OPS, RS_P)                                        \
+  HSV_WGMMA_SPECIALIZE(N, __nv_bfloat16, "bf16", REGS, DREGS, SS_OPS, SS_P, RS_OPS, RS_P)                            \
+  HSV_WGMMA_SPECIALIZE(N, __half, "f16", REGS, DREGS, SS_OPS, SS_P, RS_OPS, RS_P)
 
-template <>
-struct Wgmma<32, __half> {
-  static __device__ __forceinline__ void ss(float (&d)[16], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-        ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D16(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[16], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-        ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D16(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
-
-template <>
-struct Wgmma<64, __nv_bfloat16> {
-  static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-        ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D32(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D32(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
-
-template <>
-struct Wgmma<64, __half> {
-  static __device__ __forceinline__ void ss(float (&d)[32], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-        ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D32(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D32(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
-
-template <>
-struct Wgmma<128, __nv_bfloat16> {
-  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D64(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-        ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D64(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
-
-template <>
-struct Wgmma<128, __half> {
-  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : HSV_WGMMA_D64(d)
-        : "l"(a), "l"(b), "r"(scale_d));
-  }
-  static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], uint64_t b,
-                                          int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-        ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : HSV_WGMMA_D64(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
-  }
-};
-
+HSV_WGMMA_FOR_BOTH_DTYPES(16, HSV_WGMMA_REGS8, HSV_WGMMA_D8, "%8, %9", "%10", "{%8, %9, %10, %11}, %12",
+                          "%13")
+HSV_WGMMA_FOR_BOTH_DTYPES(32, HSV_WGMMA_REGS16, HSV_WGMMA_D16, "%16, %17", "%18", "{%16, %17, %18, %19}, %20",
+                          "%21")
+HSV_WGMMA_FOR_BOTH_DTYPES(64, HSV_WGMMA_REGS32, HSV_WGMMA_D32, "%32, %33", "%34", "{%32, %33, %34, %35}, %36",
+                          "%37")
+HSV_WGMMA_FOR_BOTH_DTYPES(128, HSV_WGMMA_REGS64, HSV_WGMMA_D64, "%64, %65", "%66", "{%64, %65, %66, %67}, %68",
+                          "%69")
 
 #undef HSV_WGMMA_D8_AT
 #undef HSV_WGMMA_D8
 #undef HSV_WGMMA_D16
 #undef HSV_WGMMA_D32
 #undef HSV_WGMMA_D64
+#undef HSV_WGMMA_REGS8
+#undef HSV_WGMMA_REGS16
+#undef HSV_WGMMA_REGS32
+#undef HSV_WGMMA_REGS64
+#undef HSV_WGMMA_SPECIALIZE
+#undef HSV_WGMMA_FOR_BOTH_DTYPES
 
 #endif  // HSV_WGMMA_DEVICE
 

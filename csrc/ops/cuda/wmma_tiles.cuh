@@ -4,6 +4,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -209,6 +210,49 @@ inline void allow_max_dynamic_smem(const void* kernel, int device) {
   if (done.count({kernel, device})) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
   done.insert({kernel, device});
+}
+
+// The operand fields that the channels_last two-stage kernels' params share
+// (same names in two_stage_nhwc.cu, two_stage_mma.cu and two_stage_wgmma.cu):
+// input, conv geometry, packed factors (vp (rp, k), up (cout_pad, rp)), fp32
+// bias or none, and the channels_last output.
+template <typename P>
+void set_two_stage_operands(P& p, const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up,
+                            const at::Tensor& bias_f, const at::Tensor& out, const Plan& plan, int64_t k, int64_t kw,
+                            int64_t cout) {
+  p.x = input.data_ptr();
+  set_conv_geometry(p, input, plan, plan.stages[0].conv, kw);
+  p.pixels = input.size(0) * plan.out_shape[2] * plan.out_shape[3];
+  p.k = static_cast<int>(k);
+  p.cout = static_cast<int>(cout);
+  p.cout_pad = static_cast<int>(up.size(0));
+  p.vp = vp.data_ptr();
+  p.up = up.data_ptr();
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+}
+
+// Launches fn(p) as `ctas` CTAs of `threads` threads with `bytes` of dynamic
+// shared memory, in clusters of `cluster` CTAs along x (a cluster of 1 is a
+// plain launch), on the device's current stream; launch errors are checked.
+template <typename P>
+void launch_in_clusters(void (*fn)(const P), const P& p, int64_t ctas, int threads, int bytes, int64_t cluster,
+                        int device) {
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(fn), device);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = static_cast<size_t>(bytes);
+  cfg.stream = c10::cuda::getCurrentCUDAStream(device);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fn, p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace tiles
