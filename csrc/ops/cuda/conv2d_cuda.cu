@@ -49,6 +49,22 @@ Impl impl_from_env() {
   }
 }
 
+NhwcKernel nhwc_kernel_from_env() {
+  switch (env_choice("HSV_CUDA_NHWC", {"auto", "mma", "wmma", "wgmma"})) {
+    case 1: return NhwcKernel::Mma;
+    case 2: return NhwcKernel::Wmma;
+    case 3: return NhwcKernel::Wgmma;
+    default: return NhwcKernel::Auto;
+  }
+}
+
+int mma_k_step(int64_t cin) {
+  constexpr int kKSteps[] = {0, 32, 64};
+  const int ks = kKSteps[env_choice("HSV_CUDA_MMA_KSTEP", {"auto", "32", "64"})];
+  if (ks != 0 && cin % ks == 0) return ks;
+  return cin % 64 == 0 ? 64 : 32;
+}
+
 int64_t split_k_from_env() {
   const std::string v = env_value("HSV_CUDA_SPLIT_K");
   if (v.empty() || v == "auto") return 0;

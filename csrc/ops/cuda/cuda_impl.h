@@ -20,6 +20,18 @@ enum class Impl { Auto, Composite, Fused };
 // Throws c10::ValueError naming HSV_CUDA_IMPL on any other value.
 Impl impl_from_env();
 
+// HSV_CUDA_NHWC = auto (default) | mma | wmma | wgmma: which channels_last
+// two-stage kernel runs (two_stage_mma.h, two_stage_nhwc.h, two_stage_wgmma.h);
+// throws c10::ValueError naming HSV_CUDA_NHWC on other values.
+enum class NhwcKernel { Auto, Mma, Wmma, Wgmma };
+NhwcKernel nhwc_kernel_from_env();
+
+// The K step (channels of one tap per pipeline step) of the mma and wgmma
+// kernels for Cin input channels: 64 where Cin % 64 == 0, else 32;
+// HSV_CUDA_MMA_KSTEP = auto (default) | 32 | 64 forces it where Cin allows.
+// Throws c10::ValueError naming HSV_CUDA_MMA_KSTEP on other values.
+int mma_k_step(int64_t cin);
+
 // HSV_CUDA_SPLIT_K = auto (default) | a positive integer: how many parts the
 // two-stage fused kernel (svd, hsv) splits its first GEMM's K into (clamped to
 // what the shape allows); auto chooses by a small model (two_stage_fused.cu). Returns 0 for auto; throws

@@ -35,7 +35,6 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -631,7 +630,7 @@ std::vector<int64_t> mma_last_config() {
 }
 
 bool mma_selected(const at::Tensor& input) {
-  if (env_choice("HSV_CUDA_NHWC", {"auto", "mma", "wmma", "wgmma"}) == 2) return false;
+  if (nhwc_kernel_from_env() == NhwcKernel::Wmma) return false;
   return tiles::device_info(input.device().index()).major >= 9;
 }
 
@@ -643,21 +642,14 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   if (n == 0) return out;
   TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast), "hsv::conv2d: mma kernel: output layout");
   const int64_t cin = input.size(1), rp = vp.size(0), k = kh * kw * cin;
-  TORCH_CHECK((rp == 16 || rp == 32 || rp == 64 || rp == 128) && vp.size(1) == k && up.size(1) == rp &&
-                  up.size(0) % kCoChunk == 0 && vp.is_contiguous() && up.is_contiguous(),
-              "hsv::conv2d: mma kernel: packed factors of the wrong shape");
-  TORCH_CHECK(rp * k <= std::numeric_limits<int>::max(),
-              "hsv::conv2d: mma kernel: factor too large for 32-bit offsets");
+  tiles::check_packed_factors(vp, up, k, kCoChunk, "mma kernel");
   MmaParams p{};
   tiles::set_two_stage_operands(p, input, vp, up, bias_f, out, plan, k, kw, cout);
 
   const bool half = input.scalar_type() == at::kHalf;
   const int device = input.device().index();
   const int64_t sms = tiles::device_info(device).sms;
-  // K step: 64 channels where Cin allows (HSV_CUDA_MMA_KSTEP = 32 or 64 forces it; 64 needs Cin % 64 == 0)
-  constexpr int kKSteps[] = {0, 32, 64};
-  int ks = kKSteps[env_choice("HSV_CUDA_MMA_KSTEP", {"auto", "32", "64"})];
-  if (ks == 0 || cin % ks != 0) ks = cin % 64 == 0 ? 64 : 32;
+  const int ks = mma_k_step(cin);
   // Input blocks (HALO): a CTA's pixels are a block of one image, and each
   // channel chunk of the input under it is loaded once and read by every tap,
   // where the per-tap gather loads each input position kh * kw times (through

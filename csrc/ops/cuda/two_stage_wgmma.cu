@@ -25,7 +25,6 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -407,7 +406,7 @@ std::vector<int64_t> wgmma_last_config() {
 }
 
 bool wgmma_selected(const at::Tensor& input) {
-  if (env_choice("HSV_CUDA_NHWC", {"auto", "mma", "wmma", "wgmma"}) != 3) return false;
+  if (nhwc_kernel_from_env() != NhwcKernel::Wgmma) return false;
   TORCH_CHECK_VALUE(wgmma_built(), "hsv::conv2d: HSV_CUDA_NHWC=wgmma, but this extension has no sm_90a code ",
                     "(build with 9.0a in TORCH_CUDA_ARCH_LIST; setup.py turns 9.0 into 9.0a unless HSV_NO_SM90A=1)");
   const int major = tiles::device_info(input.device().index()).major;
@@ -424,21 +423,14 @@ at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at
   if (n == 0) return out;
   TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast), "hsv::conv2d: wgmma kernel: output layout");
   const int64_t cin = input.size(1), rp = vp.size(0), k = kh * kw * cin;
-  TORCH_CHECK((rp == 16 || rp == 32 || rp == 64 || rp == 128) && vp.size(1) == k && up.size(1) == rp &&
-                  up.size(0) % kCoChunk == 0 && vp.is_contiguous() && up.is_contiguous(),
-              "hsv::conv2d: wgmma kernel: packed factors of the wrong shape");
-  TORCH_CHECK(rp * k <= std::numeric_limits<int>::max(),
-              "hsv::conv2d: wgmma kernel: factor too large for 32-bit offsets");
+  tiles::check_packed_factors(vp, up, k, kCoChunk, "wgmma kernel");
   WgParams p{};
   tiles::set_two_stage_operands(p, input, vp, up, bias_f, out, plan, k, kw, cout);
 
   const bool half = input.scalar_type() == at::kHalf;
   const int device = input.device().index();
   const int64_t sms = tiles::device_info(device).sms;
-  // K step: 64 channels where Cin allows, else 32 (HSV_CUDA_MMA_KSTEP forces it, as for the mma kernel)
-  constexpr int kKSteps[] = {0, 32, 64};
-  int ks = kKSteps[env_choice("HSV_CUDA_MMA_KSTEP", {"auto", "32", "64"})];
-  if (ks == 0 || cin % ks != 0) ks = cin % 64 == 0 ? 64 : 32;
+  const int ks = mma_k_step(cin);
   // Warpgroups per CTA: two (128-pixel tiles, each Vp tile serving twice the
   // pixels) where that still makes half as many tiles as SMs, else one: the
   // mma kernel's rule for its 128- and 64-pixel tiles, to be tuned on an H100.

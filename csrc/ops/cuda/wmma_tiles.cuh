@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
@@ -230,6 +231,20 @@ void set_two_stage_operands(P& p, const at::Tensor& input, const at::Tensor& vp,
   p.up = up.data_ptr();
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
+}
+
+// The packed factors the mma and wgmma kernels take (`kernel` names which in
+// the message): vp (rp, k) and up (cout_pad, rp), contiguous, rp one of the
+// instantiated padded ranks 16, 32, 64, 128, cout_pad a multiple of
+// `cout_chunk`, and rp * k within 32-bit offsets.
+inline void check_packed_factors(const at::Tensor& vp, const at::Tensor& up, int64_t k, int64_t cout_chunk,
+                                 const char* kernel) {
+  const int64_t rp = vp.size(0);
+  TORCH_CHECK((rp == 16 || rp == 32 || rp == 64 || rp == 128) && vp.size(1) == k && up.size(1) == rp &&
+                  up.size(0) % cout_chunk == 0 && vp.is_contiguous() && up.is_contiguous(),
+              "hsv::conv2d: ", kernel, ": packed factors of the wrong shape");
+  TORCH_CHECK(rp * k <= std::numeric_limits<int>::max(), "hsv::conv2d: ", kernel,
+              ": factor too large for 32-bit offsets");
 }
 
 // Launches fn(p) as `ctas` CTAs of `threads` threads with `bytes` of dynamic
