@@ -12,6 +12,7 @@ composite chain is checked before it is timed.
     python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32 --methods hsv [--sweep]
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -31,20 +32,27 @@ ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP"
        "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG")
 
 
-def captured(fn, env, reps):
-    """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay."""
+@contextlib.contextmanager
+def env_set(env):
+    """The variables `env` set for the block; every ENV variable as it was afterwards."""
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(env)
-    config = []
     try:
-        last = _C.cuda_wgmma_last_config if env.get("HSV_CUDA_NHWC") == "wgmma" else _C.cuda_mma_last_config
-        replay = layers.graphed(fn, reps, after_warmup=lambda: config.extend(last()))
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def captured(fn, env, reps):
+    """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay."""
+    config = []
+    with env_set(env):
+        last = _C.cuda_wgmma_last_config if env.get("HSV_CUDA_NHWC") == "wgmma" else _C.cuda_mma_last_config
+        replay = layers.graphed(fn, reps, after_warmup=lambda: config.extend(last()))
     return replay, config
 
 
@@ -139,14 +147,8 @@ def main(argv=None):
                         if not torch.equal(y_aten, y_mma):
                             sys.exit("HSV_CUDA_PACK=aten changed the output on %s" % shape.name)
                     for name, env in wgmma_envs.items():   # never time a wrong answer
-                        saved = {k: os.environ.get(k) for k in ENV}
-                        os.environ.update(env)
-                        y_wg = op()
-                        for k, v in saved.items():
-                            if v is None:
-                                os.environ.pop(k, None)
-                            else:
-                                os.environ[k] = v
+                        with env_set(env):
+                            y_wg = op()
                         wg_err = layers.normalized_error(y_wg, y_comp)
                         if not wg_err <= 5e-2:
                             sys.exit("%s: %s b%d: error %.3g against the composite chain" % (
