@@ -259,10 +259,11 @@ def _read_weights(path, plan, device):
     except (SafetensorError, OSError, ValueError) as exc:
         raise SaveFileError("%s is corrupt or truncated: %s" % (path, exc)) from None
     # load_file's CPU tensors point into the file's bytes at the offsets the file has, so their data is not
-    # 64-byte aligned (8 mod 64, say). BLAS then takes another code path for them: on an AVX2 EPYC, MKL gave a
-    # loaded Linear layer results 1 ulp away from the same weights in torch's own (aligned) memory. A copy
-    # into fresh tensors makes a loaded model compute exactly what the saved one did.
-    state = {k: v.clone() for k, v in state.items()}
+    # 64-byte aligned (40 mod 64 for a VGG-16 save). BLAS then takes another code path for them: on an AVX2
+    # EPYC, MKL gave a loaded Linear layer results 1 ulp away from the same weights in torch's own (aligned)
+    # memory. A copy into fresh tensors makes a loaded model compute exactly what the saved one did. Tensors
+    # loaded onto a GPU are already fresh allocations, so only CPU ones are copied.
+    state = {k: v.clone() if v.device.type == "cpu" else v for k, v in state.items()}
     # save_model dropped tensors sharing storage and recorded "dropped name -> kept name".
     for dropped, kept in aliases.items():
         if kept in state and dropped not in state:
