@@ -7,7 +7,11 @@ every forced (pixel fragments per warp MI, cluster split S, K step), to check th
 tile model in two_stage_mma.cu against the best setting. `--wgmma` adds the
 wgmma kernel (sm_90a, two_stage_wgmma.cu) and `--wgmma-sweep` its every forced
 (warpgroups per CTA, cluster split S); each wgmma row's error against the
-composite chain is checked before it is timed.
+composite chain is checked before it is timed. `--fold` runs every fused path
+with HSV_CUDA_FOLD=on, so methods that fold into the two-stage form (tucker2,
+ht2, tt_tucker, cp) run its kernels on folded factors, and adds "unfolded" (the
+fused path without folding: tucker2's own kernel, the composite chain for the
+others); a folded answer is checked against composite before it is timed.
 
     python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32 --methods hsv [--sweep]
 """
@@ -29,7 +33,7 @@ from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K",
-       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG")
+       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG", "HSV_CUDA_FOLD")
 
 
 @contextlib.contextmanager
@@ -63,7 +67,7 @@ def main(argv=None):
     p.add_argument("--batch", default="32", help="comma-separated batch sizes")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--ratio", type=float, default=4.0)
-    p.add_argument("--macs-ratio", type=float, default=4.0)
+    p.add_argument("--macs-ratio", type=float, default=4.0, help="for the methods that take it (hsv, kcp, svd)")
     p.add_argument("--reps", type=int, default=10, help="calls per captured graph")
     p.add_argument("--min-run-time", type=float, default=0.1)
     p.add_argument("--sweep", action="store_true", help="also every forced (MI, S, K step) of the mma kernel")
@@ -76,6 +80,8 @@ def main(argv=None):
     p.add_argument("--wgmma", action="store_true", help="also the wgmma kernel (HSV_CUDA_NHWC=wgmma, sm_90a)")
     p.add_argument("--wgmma-sweep", action="store_true",
                    help="also the wgmma kernel with every forced (warpgroups per CTA, cluster split S)")
+    p.add_argument("--fold", action="store_true",
+                   help="every fused path with HSV_CUDA_FOLD=on, plus the fused path without it ('unfolded')")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
@@ -97,7 +103,10 @@ def main(argv=None):
             x = x.contiguous(memory_format=torch.channels_last)
             wd = w.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
             for method in args.methods.split(","):
-                fact = hsvkernels.decompose(w, method, ratio=args.ratio, macs_ratio=args.macs_ratio)
+                targets = dict(ratio=args.ratio)
+                if layers.accepts(hsvkernels.METHODS[method], "macs_ratio"):   # hsv, kcp, svd
+                    targets["macs_ratio"] = args.macs_ratio
+                fact = hsvkernels.decompose(w, method, **targets)
                 factors = [f.to("cuda", dtype) for f in fact.factors]
                 op = lambda: torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"],  # noqa: E731
                                                   kw["dilation"], kw["groups"], fact.kind)
@@ -131,13 +140,23 @@ def main(argv=None):
                                 "HSV_CUDA_IMPL": "fused", "HSV_CUDA_NHWC": "wgmma", "HSV_CUDA_WGMMA_WG": wg,
                                 "HSV_CUDA_SPLIT_K": s}
                 paths.update({name: (op, env) for name, env in wgmma_envs.items()})
+                fold_env = {"HSV_CUDA_FOLD": "on"} if args.fold else {}
+                if args.fold:
+                    for env in list(wgmma_envs.values()) + [env for _, env in paths.values()]:
+                        if env.get("HSV_CUDA_IMPL") == "fused":
+                            env.update(fold_env)
+                    paths["unfolded"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_FOLD": "off"})
                 with torch.inference_mode():
-                    os.environ["HSV_CUDA_IMPL"] = "composite"
-                    y_comp = op()
-                    os.environ["HSV_CUDA_IMPL"] = "fused"
-                    y_mma = op()
-                    os.environ.pop("HSV_CUDA_IMPL")
+                    with env_set({"HSV_CUDA_IMPL": "composite"}):
+                        y_comp = op()
+                    folds = _C.cuda_fold_launch_count()
+                    with env_set(dict(HSV_CUDA_IMPL="fused", **fold_env)):
+                        y_mma = op()
+                    folded = _C.cuda_fold_launch_count() > folds
                     err = layers.normalized_error(y_mma, y_comp)
+                    if folded and not err <= 5e-2:   # never time a wrong answer
+                        sys.exit("folded %s: %s b%d: error %.3g against the composite chain" % (
+                            method, shape.name, batch, err))
                     if args.pack_aten:   # both packings must give the same answer (their packed buffers are equal)
                         os.environ["HSV_CUDA_IMPL"], os.environ["HSV_CUDA_PACK"] = "fused", "aten"
                         factors = [f.clone() for f in factors]   # fresh tensors: no cached packing
@@ -160,10 +179,11 @@ def main(argv=None):
                 t = {name: times[name]["median"] / args.reps * 1e6 for name in fns}
                 best = min((v, k) for k, v in t.items() if k.startswith(("mma", "wgmma")))
                 row = dict(layer=shape.name, batch=batch, method=method, times=t, mma_config=configs["mma"],
-                           wgmma_config=configs.get("wgmma"), best=best[1], err_vs_composite=err)
+                           wgmma_config=configs.get("wgmma"), best=best[1], err_vs_composite=err, folded=folded)
                 rows.append(row)
-                print("\n%s b%d %s %s: mma vs composite error %.2g, mma config %s" % (
-                    shape.name, batch, method, "x".join(str(tuple(f.shape)) for f in factors), err, configs["mma"]))
+                print("\n%s b%d %s %s: mma vs composite error %.2g, mma config %s%s" % (
+                    shape.name, batch, method, "x".join(str(tuple(f.shape)) for f in factors), err, configs["mma"],
+                    ", folded" if folded else ""))
                 for name, v in t.items():
                     print("  %-18s %9.1f us  /dense %6.3f  /composite %6.3f  %s" % (
                         name, v, v / t["dense"], v / t["composite"],

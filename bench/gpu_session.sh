@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh build sweep                 # channels_last kernels per layer (graphs), both packings
 #   bash bench/gpu_session.sh build fused-tests sweep models   # after a kernel change: its tests, then timings
 #   bash bench/gpu_session.sh build info wgmma            # the wgmma kernel (sm_90a): its tests, then a sweep
+#   bash bench/gpu_session.sh build fold                  # folded tucker2/ht2/cp on the two-stage kernels
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -156,6 +157,18 @@ if want wgmma; then
     tests/test_cuda_fused.py -k wgmma
   step "wgmma sweep" 240 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
     --batch 32,1 --methods hsv --no-wmma --wgmma-sweep
+fi
+
+if want fold; then
+  # tucker2, ht2, tt_tucker, cp and level-2 hsv on the two-stage kernels through folded factors
+  # (HSV_CUDA_FOLD=on, csrc/ops/fold_two_stage.h): their tests, then per layer against dense, composite and
+  # the unfolded fused path
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step "tests fold" 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
+    tests/test_cuda_fused.py tests/test_fold_two_stage.py -k fold
+  step "fold sweep" 240 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
+    --batch 32,1 --methods tucker2,ht2 --no-wmma --fold
 fi
 
 if want sweep; then

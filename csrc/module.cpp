@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "ops/auto_select.h"
+#include "ops/fold_two_stage.h"
 #include "ops/chain/conv_chain.h"
 #include "ops/cpu/isa.h"
 #ifdef WITH_CUDA
@@ -118,6 +119,13 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "How many fused launches ran the wgmma kernel (sm_90a, HSV_CUDA_NHWC=wgmma)");
+  m.def("cuda_fold_launch_count", []() -> int64_t {
+#ifdef WITH_CUDA
+    return hsv::cuda::fold_launch_count();
+#else
+    return 0;
+#endif
+  }, "How many fused launches ran factors folded into the two-stage form (HSV_CUDA_FOLD=on)");
   m.def("cuda_wgmma_last_config", []() -> std::vector<int64_t> {
 #ifdef WITH_CUDA
     return hsv::cuda::wgmma_last_config();
@@ -144,6 +152,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_to_channels_last", &hsv::cpu::to_channels_last_selected, py::arg("x"),
         "The fused CPU kernels' NCHW -> NHWC copy with the HSV_CPU_ISA microkernel's transpose (for tests)");
   m.def("packed_cache_size", &hsv::cpu::packed_cache_size, "How many packed factors the fused CPU kernels cache");
+  m.def("fold_two_stage", [](const std::vector<at::Tensor>& factors, const std::string& kind, bool cache)
+            -> std::optional<std::pair<std::string, std::vector<at::Tensor>>> {
+    const auto folded = hsv::fold_two_stage(factors, kind, cache);
+    if (!folded) return std::nullopt;
+    return std::make_pair(folded->kind, folded->factors);
+  }, py::arg("factors"), py::arg("kind"), py::arg("cache") = true,
+     "(kind, factors) of the two-stage form ('svd', or 'hsv' level 1) that the fused CUDA kernels run for these "
+     "factors (HSV_CUDA_FOLD=on), or None where the kind does not fold; the factors must be valid for kind "
+     "(for tests)");
+  m.def("fold_rank", [](const std::vector<at::Tensor>& factors, const std::string& kind) {
+    return hsv::fold_rank(factors, kind);
+  }, py::arg("factors"), py::arg("kind"),
+        "The rank of the folded form's intermediate, 0 where the kind does not fold (for tests)");
   m.def("cpu_conv_panel_widths", [](int64_t rank) {
     TORCH_CHECK_VALUE(rank >= 1, "cpu_conv_panel_widths: rank must be >= 1, got ", rank);
     return hsv::cpu::panel_widths(hsv::cpu::select_microkernel(), rank, true, true);

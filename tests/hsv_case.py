@@ -20,10 +20,11 @@ def default_split(shape):
     return cout // t2, s1, t2, cin // s1
 
 
-def random_factors(shape, dtype=torch.float64, device="cpu", layout="level1", rank=3):
-    """Random hsv factors for a dense shape, scaled so the dense kernel has entries of about 1/sqrt(fan_in)."""
+def random_factors(shape, dtype=torch.float64, device="cpu", layout="level1", rank=3, split=None):
+    """Random hsv factors for a dense shape, scaled so the dense kernel has entries of about 1/sqrt(fan_in);
+    split (T1, S1, T2, S2) defaults to default_split(shape)."""
     cout, cin, kh, kw = shape
-    t1, s1, t2, s2 = default_split(shape)
+    t1, s1, t2, s2 = split or default_split(shape)
     p = min(rank, hsv_method.max_rank(shape, (t1, s1, t2, s2)))
     split_b, split_a = LAYOUTS[layout]
 

@@ -644,6 +644,104 @@ def test_other_kinds_fall_back_to_composite(kind, impl):
                 expect_fused=False)
 
 
+def fold_launches():
+    from hsvkernels._extension import _C
+    return _C.cuda_fold_launch_count()
+
+
+def folded_case(kind, cin, cout, kh, kw, rank):
+    """Factors of `kind` whose folded two-stage form has rank `rank` (csrc/ops/fold_two_stage.h)."""
+    from hsv_case import random_factors as hsv_random
+    if kind == "tucker2":
+        return tucker2_factors(max(1, cin // 2), rank, cin, cout, kh, kw)
+    if kind == "cp":
+        fs = [torch.randn(rank, cin, dtype=torch.float64) / cin ** 0.5, torch.randn(rank, kh, dtype=torch.float64),
+              torch.randn(rank, kw, dtype=torch.float64) / kw, torch.randn(cout, rank, dtype=torch.float64) / rank]
+        return hsvkernels.Factorization("cp", fs, (cout, cin, kh, kw))
+    if kind in ("ht2", "tt_tucker"):
+        r1, r13 = max(1, cin // 2), max(1, (cin + cout) // 3)
+        fs = [torch.randn(r1, cin, dtype=torch.float64) / cin ** 0.5,
+              torch.randn(r13, r1, kh, dtype=torch.float64) / (r1 * kh) ** 0.5,
+              torch.randn(rank, r13, kw, dtype=torch.float64) / (r13 * kw) ** 0.5,
+              torch.randn(cout, rank, dtype=torch.float64) / rank ** 0.5]
+        return hsvkernels.Factorization(kind, fs, (cout, cin, kh, kw))
+    # hsv with both level-2 splits, S1 = 1, T2 = 2: P*T2 = rank
+    return hsv_random((cout, cin, kh, kw), layout="q1q2", rank=rank // 2, split=(cout // 2, 1, 2, cin))
+
+
+FOLD_KINDS = ["tucker2", "ht2", "tt_tucker", "cp", "hsv"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [
+    # (N, Cin, Cout, rank, H, W, kh, kw, stride, padding, dilation)
+    (2, 64, 64, 48, 14, 14, 3, 3, 1, 1, 1),              # channels_last fast path (Cin % 32, Cout % 8)
+    (1, 96, 128, 128, 9, 10, 3, 3, 2, 1, 1),             # rank at the limit, stride 2
+    (3, 20, 30, 18, 11, 9, 3, 2, (2, 1), (1, 0), (1, 2)),  # general kernel: odd channels, mixed geometry
+    (0, 32, 32, 16, 9, 9, 3, 3, 1, 1, 1),                # batch 0
+], ids=["nhwc", "rank128", "mixed", "batch0"])
+@pytest.mark.parametrize("kind", FOLD_KINDS)
+def test_fused_folded_kinds(kind, spec, dtype, impl, monkeypatch):
+    n, cin, cout, rank, h, w, kh, kw, stride, padding, dilation = spec
+    monkeypatch.setenv("HSV_CUDA_FOLD", "on")
+    fact = folded_case(kind, cin, cout, kh, kw, rank)
+    bias = torch.randn(cout, dtype=torch.float64)
+    for layout in ("channels_last", "contiguous"):
+        before = fold_launches()
+        check_fused(impl, fact, make_input(n, cin, h, w, layout, dtype), bias, stride, padding, dilation)
+        assert fold_launches() - before == (1 if n > 0 else 0), "the folded factors did not run"
+
+
+@pytest.mark.parametrize("kind", FOLD_KINDS)
+def test_folding_is_off_by_default_and_above_the_rank_limit(kind, impl, monkeypatch):
+    monkeypatch.delenv("HSV_CUDA_FOLD", raising=False)
+    before = fold_launches()
+    # off: tucker2 keeps its own fused kernel, the others the composite chain
+    x = make_input(2, 64, 9, 9, "channels_last", torch.bfloat16)
+    check_fused(impl, folded_case(kind, 64, 64, 3, 3, 32), x, None, 1, 1, 1, expect_fused=kind == "tucker2")
+    # on, but a folded rank of 136 is above the two-stage kernel's 128 (and R_T above tucker2's kernel)
+    monkeypatch.setenv("HSV_CUDA_FOLD", "on")
+    check_fused(impl, folded_case(kind, 64, 160, 3, 3, 136), x, None, 1, 1, 1, expect_fused=False)
+    assert fold_launches() == before
+
+
+def test_folded_factors_follow_in_place_updates_and_graphs(impl, monkeypatch):
+    # The folded products are cached against every factor they read; in a graph they are recomputed per replay.
+    monkeypatch.setenv("HSV_CUDA_FOLD", "on")
+    fact = folded_case("ht2", 64, 64, 3, 3, 32).to("cuda", torch.bfloat16)
+    x = make_input(2, 64, 10, 10, "channels_last", torch.bfloat16)
+
+    def composite():
+        impl("composite")
+        y = hsvkernels.conv2d(x, fact, None, 1, 1)
+        impl("fused")
+        return y
+    impl("fused")
+    y1 = hsvkernels.conv2d(x, fact, None, 1, 1)
+    with torch.no_grad():
+        fact.factors[1].mul_(-2.0)   # G1: read by the folded V only as a dependency
+    y2 = hsvkernels.conv2d(x, fact, None, 1, 1)
+    y_comp = composite()
+    assert rel_err(y2, y_comp.double()) <= TOL[torch.bfloat16]
+    assert rel_err(y1, y_comp.double()) > 0.5
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = hsvkernels.conv2d(x, fact, None, 1, 1)
+    with torch.no_grad():
+        fact.factors[0].add_(0.25)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static_y, composite().double()) <= TOL[torch.bfloat16]
+
+
+def test_bad_fold_value_errors(impl, monkeypatch):
+    impl("fused")
+    monkeypatch.setenv("HSV_CUDA_FOLD", "yes")
+    fact = folded_case("tucker2", 32, 32, 3, 3, 16).to("cuda", torch.bfloat16)
+    with pytest.raises(ValueError, match="HSV_CUDA_FOLD"):
+        hsvkernels.conv2d(make_input(1, 32, 8, 8, "channels_last", torch.bfloat16), fact, None, 1, 1)
+
+
 @st.composite
 def conv_specs(draw):
     n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=5, padding=3, size=40, batch=4)

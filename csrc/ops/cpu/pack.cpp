@@ -109,13 +109,33 @@ Panels make_panels(const Microkernel& uk, const at::Tensor& w, const std::string
 
 namespace {
 
-struct Entry {
+// What a cached entry remembers of one tensor it was computed from: a weak
+// reference (so a freed tensor whose TensorImpl address is reused never
+// matches) and the state the entry is valid for.
+struct TensorState {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
   const c10::TensorImpl* impl;
-  std::string layout;
   uint32_t version;
   const void* data;
   std::vector<int64_t> sizes, strides;
+
+  explicit TensorState(const at::Tensor& t)
+      : owner(t.getIntrusivePtr()), impl(t.unsafeGetTensorImpl()),
+        version(t.unsafeGetTensorImpl()->version_counter().current_version()), data(t.data_ptr()),
+        sizes(t.sizes().vec()), strides(t.strides().vec()) {}
+
+  // t is this tensor, unchanged since (same version counter, data, sizes, strides).
+  bool matches(const at::Tensor& t) const {
+    return !owner.expired() && impl == t.unsafeGetTensorImpl() &&
+           version == t.unsafeGetTensorImpl()->version_counter().current_version() && data == t.data_ptr() &&
+           sizes == t.sizes().vec() && strides == t.strides().vec();
+  }
+};
+
+struct Entry {
+  TensorState w;
+  std::string layout;
+  std::vector<TensorState> deps;
   at::Tensor packed;
 };
 
@@ -129,39 +149,44 @@ std::mutex g_mutex;
 // static destructor at exit, after CUDA has shut down, aborts the process.
 std::list<Entry>& g_entries = *new std::list<Entry>();
 
-bool same_state(const Entry& e, const at::Tensor& w, uint32_t version) {
-  return e.version == version && e.data == w.data_ptr() && e.sizes == w.sizes().vec() &&
-         e.strides == w.strides().vec();
+bool deps_match(const Entry& e, at::TensorList deps) {
+  if (e.deps.size() != deps.size()) return false;
+  for (size_t i = 0; i < deps.size(); ++i)
+    if (!e.deps[i].matches(deps[i])) return false;
+  return true;
 }
 
 }  // namespace
 
-at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make) {
+at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make,
+                         at::TensorList deps) {
   if (w.is_inference()) return make();
-  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  for (const auto& d : deps)
+    if (d.is_inference()) return make();
   const c10::TensorImpl* impl = w.unsafeGetTensorImpl();
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_entries.begin(); it != g_entries.end();) {
-      if (it->owner.expired()) {  // its tensor is gone (and impl may be reused)
+      if (it->w.owner.expired()) {  // its tensor is gone (and impl may be reused)
         it = g_entries.erase(it);
         continue;
       }
-      if (it->impl == impl && it->layout == layout) {
-        if (same_state(*it, w, version)) {
+      if (it->w.impl == impl && it->layout == layout) {
+        if (it->w.matches(w) && deps_match(*it, deps)) {
           g_entries.splice(g_entries.begin(), g_entries, it);
           return g_entries.front().packed;
         }
-        it = g_entries.erase(it);  // stale: w changed since it was packed
+        it = g_entries.erase(it);  // stale: w or a dependency changed since it was packed
         continue;
       }
       ++it;
     }
   }
   at::Tensor packed = make();  // outside the lock: packing may run in parallel
+  std::vector<TensorState> dep_states;
+  for (const auto& d : deps) dep_states.emplace_back(d);
   std::lock_guard<std::mutex> lock(g_mutex);
-  g_entries.push_front(Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-                             impl, layout, version, w.data_ptr(), w.sizes().vec(), w.strides().vec(), packed});
+  g_entries.push_front(Entry{TensorState(w), layout, std::move(dep_states), packed});
   while (g_entries.size() > kMaxEntries) g_entries.pop_back();
   return packed;
 }

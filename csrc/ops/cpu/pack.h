@@ -62,10 +62,14 @@ std::vector<int64_t> panel_widths(const Microkernel& uk, int64_t rows, bool any_
 // with the same tensor (same TensorImpl, still alive), unchanged since (same
 // version counter, data pointer, sizes and strides) and the same `layout`
 // string (which must name everything the packing depends on: sizes, NR, row
-// order) returns the cached tensor. Inference tensors have no version counter
-// and are packed on every call. Writes that bypass the version counter (e.g.
-// through `w.data` in Python) are not seen: call clear_packed_cache() after them.
-at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make);
+// order) returns the cached tensor. When `make` reads other tensors too (a
+// product of factors), pass them as deps: the entry then also needs each of
+// them to be the same tensor in the same state, else it is recomputed.
+// Inference tensors have no version counter and are packed on every call.
+// Writes that bypass the version counter (e.g. through `w.data` in Python) are
+// not seen: call clear_packed_cache() after them.
+at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make,
+                         at::TensorList deps = {});
 
 // Drops every cached packed factor. Returns how many there were.
 int64_t clear_packed_cache();

@@ -7,6 +7,9 @@
 // times fused against composite on the first call of each layer configuration
 // and keeps the faster (../auto_select.h); without it, fused only where it
 // measured faster (two_stage_fused_by_default), else composite.
+// HSV_CUDA_FOLD=on (off by default until its tests have run on a GPU) also runs
+// tucker2, ht2, tt_tucker, cp and level-2 hsv through the two-stage kernel, on
+// factors folded into its form (../fold_two_stage.h).
 // The backward op is always the composite chain.
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,12 +23,14 @@
 #include <atomic>
 #include <exception>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "../auto_select.h"
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
 #include "../env_choice.h"
+#include "../fold_two_stage.h"
 #include "cuda_impl.h"
 #include "tucker2_fused.h"
 #include "two_stage_fused.h"
@@ -38,6 +43,7 @@ std::atomic<int64_t> launches{0};
 std::atomic<int64_t> nhwc_launches{0};
 std::atomic<int64_t> mma_launches{0};
 std::atomic<int64_t> wgmma_launches{0};
+std::atomic<int64_t> fold_launches{0};
 
 }  // namespace
 
@@ -57,6 +63,8 @@ NhwcKernel nhwc_kernel_from_env() {
     default: return NhwcKernel::Auto;
   }
 }
+
+bool fold_from_env() { return env_choice("HSV_CUDA_FOLD", {"off", "on"}) == 1; }
 
 int mma_k_step(int64_t cin) {
   constexpr int kKSteps[] = {0, 32, 64};
@@ -96,7 +104,15 @@ int64_t wgmma_launch_count() { return wgmma_launches.load(); }
 
 void count_wgmma_launch() { wgmma_launches.fetch_add(1); }
 
-std::vector<std::string> fused_kinds() { return {"svd", "hsv", "tucker2"}; }
+int64_t fold_launch_count() { return fold_launches.load(); }
+
+void count_fold_launch() { fold_launches.fetch_add(1); }
+
+std::vector<std::string> fused_kinds() {
+  std::vector<std::string> kinds{"svd", "hsv", "tucker2"};
+  if (fold_from_env()) kinds.insert(kinds.end(), {"cp", "ht2", "tt_tucker"});
+  return kinds;
+}
 
 }  // namespace cuda
 
@@ -137,26 +153,44 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
   const std::string k(kind);
   // make_plan validates every argument, so errors match the composite path.
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const bool two_stage = cuda::two_stage_supports(input, factors, plan, k);
-  if (!two_stage && !cuda::tucker2_supports(input, factors, plan, k)) {
+  // Kinds that fold into the two-stage form (../fold_two_stage.h) run its kernels
+  // on the folded factors where those support them, before any kernel of their own.
+  std::optional<TwoStageFold> folded;
+  Plan folded_plan;
+  if (!two_stage && cuda::fold_from_env()) {
+    const int64_t r = fold_rank(factors, k);
+    if (r > 0 && r <= cuda::two_stage_max_rank()) {
+      folded = fold_two_stage(factors, k, /*cache=*/!capturing);
+      folded_plan = make_plan(input, folded->factors, bias, stride, padding, dilation, groups, folded->kind);
+      if (!cuda::two_stage_supports(input, folded->factors, folded_plan, folded->kind)) folded.reset();
+    }
+  }
+  if (!two_stage && !folded && !cuda::tucker2_supports(input, factors, plan, k)) {
     return chain_forward(input, factors, bias, plan);
   }
   auto fused = [&] {
-    return two_stage ? cuda::two_stage_forward(input, factors, bias, plan, k)
-                     : cuda::tucker2_forward(input, factors, bias, plan);
+    if (two_stage) return cuda::two_stage_forward(input, factors, bias, plan, k);
+    if (!folded) return cuda::tucker2_forward(input, factors, bias, plan);
+    at::Tensor y = cuda::two_stage_forward(input, folded->factors, bias, folded_plan, folded->kind);
+    cuda::count_fold_launch();
+    return y;
   };
   if (impl == cuda::Impl::Fused || input.numel() == 0) return fused();
   auto composite = [&] { return chain_forward(input, factors, bias, plan); };
-  const std::string key = auto_key(input, factors, bias, plan, k, "");
+  // The fold is part of what is timed: its key differs from the unfolded one.
+  const std::string key = auto_key(input, factors, bias, plan, k, folded ? "fold" : "");
   const int cached = auto_cached(key);
   if (cached >= 0) return cached ? fused() : composite();
   // Timing synchronises the device, so only where the user asked for measured
   // choices (cudnn.benchmark, which makes cuDNN search its algorithms the same
   // way) and never while a CUDA graph is captured; otherwise a rule from the
   // H100 measurements (not cached: a later call under cudnn.benchmark times it).
-  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   if (!at::globalContext().benchmarkCuDNN() || capturing) {
-    return two_stage && cuda::two_stage_fused_by_default(input, factors, k) ? fused() : composite();
+    if (two_stage) return cuda::two_stage_fused_by_default(input, factors, k) ? fused() : composite();
+    if (folded) return cuda::two_stage_fused_by_default(input, folded->factors, folded->kind) ? fused() : composite();
+    return composite();
   }
   const c10::cuda::CUDAGuard guard(input.device());
   return auto_time(key, fused, composite, time_on_stream);

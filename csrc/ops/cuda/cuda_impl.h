@@ -26,6 +26,12 @@ Impl impl_from_env();
 enum class NhwcKernel { Auto, Mma, Wmma, Wgmma };
 NhwcKernel nhwc_kernel_from_env();
 
+// HSV_CUDA_FOLD = off (default) | on: whether the kinds that fold into the
+// two-stage form (../fold_two_stage.h) run the two-stage fused kernels on their
+// folded factors. Off until those runs have been tested on a GPU. Throws
+// c10::ValueError naming HSV_CUDA_FOLD on other values.
+bool fold_from_env();
+
 // The K step (channels of one tap per pipeline step) of the mma and wgmma
 // kernels for Cin input channels: 64 where Cin % 64 == 0, else 32;
 // HSV_CUDA_MMA_KSTEP = auto (default) | 32 | 64 forces it where Cin allows.
@@ -57,7 +63,11 @@ void count_mma_launch();
 int64_t wgmma_launch_count();
 void count_wgmma_launch();
 
-// The kinds that have a fused CUDA kernel.
+// How many fused launches ran folded factors (HSV_CUDA_FOLD=on).
+int64_t fold_launch_count();
+void count_fold_launch();
+
+// The kinds that have a fused CUDA kernel (with HSV_CUDA_FOLD=on, the folded ones too).
 std::vector<std::string> fused_kinds();
 
 }  // namespace cuda

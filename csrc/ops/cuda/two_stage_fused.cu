@@ -503,6 +503,8 @@ PackedFactors packed_factors(at::TensorList factors, const c10::optional<at::Ten
 
 }  // namespace
 
+int64_t two_stage_max_rank() { return kMaxRank; }
+
 bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
                         std::string* reason) {
   auto no = [&](const char* why) {

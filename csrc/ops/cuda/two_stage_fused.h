@@ -19,6 +19,9 @@
 namespace hsv {
 namespace cuda {
 
+// The largest rank (intermediate channels) the two-stage kernels take.
+int64_t two_stage_max_rank();
+
 // Whether two_stage_forward runs these arguments on this device; if not and
 // reason is given, it says why (kind layout, dtype, rank, compute capability, ...).
 bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
