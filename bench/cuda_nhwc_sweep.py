@@ -52,11 +52,19 @@ def env_set(env):
 
 
 def captured(fn, env, reps):
-    """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay."""
+    """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay and
+    the config of the kernel it launched (empty where neither the mma nor the wgmma kernel ran)."""
     config = []
     with env_set(env):
-        last = _C.cuda_wgmma_last_config if env.get("HSV_CUDA_NHWC") == "wgmma" else _C.cuda_mma_last_config
-        replay = layers.graphed(fn, reps, after_warmup=lambda: config.extend(last()))
+        wg = env.get("HSV_CUDA_NHWC") == "wgmma"
+        last = _C.cuda_wgmma_last_config if wg else _C.cuda_mma_last_config
+        count = _C.cuda_wgmma_launch_count if wg else _C.cuda_mma_launch_count
+        before = count()
+
+        def record():
+            if count() > before:
+                config.extend(last())
+        replay = layers.graphed(fn, reps, after_warmup=record)
     return replay, config
 
 
