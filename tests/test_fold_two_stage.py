@@ -149,3 +149,15 @@ def test_cache_entries_do_not_pile_up_while_training():
         _, folded = _C().fold_two_stage(factors, "tucker2")
         assert not folded[0].requires_grad, "the folded product should be a constant inside the kernel"
     assert _C().packed_cache_size() == size
+
+
+def test_products_made_under_inference_mode_stay_cacheable():
+    # The two-stage kernel caches its packed factors against the folded product, and never an inference
+    # tensor: a product made under torch.inference_mode must be an ordinary tensor, and cached.
+    factors = [f.float() for f in CASES["ht2"].random(SHAPE).factors]
+    _C().clear_packed_cache()
+    with torch.inference_mode():
+        _, first = _C().fold_two_stage(factors, "ht2")
+        _, again = _C().fold_two_stage(factors, "ht2")
+    assert not first[0].is_inference()
+    assert again[0].data_ptr() == first[0].data_ptr()

@@ -1,6 +1,7 @@
 #include "fold_two_stage.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 
 #include <functional>
 #include <initializer_list>
@@ -61,7 +62,13 @@ std::optional<TwoStageFold> fold_two_stage(at::TensorList factors, const std::st
                      const std::function<at::Tensor()>& make) {
     auto make_rounded = [&] { return make().to(dtype).contiguous(); };
     if (!cache) return make_rounded();
-    return cpu::packed_cached(primary, "fold:" + kind + ":" + role, make_rounded, deps);
+    return cpu::packed_cached(primary, "fold:" + kind + ":" + role, [&] {
+      // A product made under torch.inference_mode would be an inference tensor, which the
+      // two-stage kernel's own cache of packed factors never keeps: it would repack per call.
+      const c10::InferenceMode normal_tensors(false);
+      const at::NoGradGuard still_no_grad;  // InferenceMode(false) turns grad mode back on
+      return make_rounded();
+    }, deps);
   };
 
   if (kind == "tucker2") {

@@ -159,8 +159,8 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
   // on the folded factors where those support them, before any kernel of their own.
   std::optional<TwoStageFold> folded;
   Plan folded_plan;
-  if (!two_stage && cuda::fold_from_env()) {
-    const int64_t r = fold_rank(factors, k);
+  if (!two_stage && cuda::fold_from_env() && cuda::two_stage_dtype_supported(input.scalar_type())) {
+    const int64_t r = fold_rank(factors, k);  // checked first: a product that cannot run is not computed
     if (r > 0 && r <= cuda::two_stage_max_rank()) {
       folded = fold_two_stage(factors, k, /*cache=*/!capturing);
       folded_plan = make_plan(input, folded->factors, bias, stride, padding, dilation, groups, folded->kind);

@@ -505,6 +505,11 @@ PackedFactors packed_factors(at::TensorList factors, const c10::optional<at::Ten
 
 int64_t two_stage_max_rank() { return kMaxRank; }
 
+bool two_stage_dtype_supported(at::ScalarType dtype) {
+  // The fp32 path computes in TF32; with TF32 off for cuDNN the chain is the exact one.
+  return dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && at::globalContext().allowTF32CuDNN());
+}
+
 bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
                         std::string* reason) {
   auto no = [&](const char* why) {
@@ -516,9 +521,9 @@ bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const P
   if (shape.cin == 0) return no("no input channels (K = 0)");
   if (!input.is_cuda()) return no("input is not on a CUDA device");
   const auto dtype = input.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) return no("dtype is not fp16/bf16/fp32");
-  // The fp32 path computes in TF32; with TF32 off for cuDNN the chain is the exact one.
-  if (dtype == at::kFloat && !at::globalContext().allowTF32CuDNN()) return no("fp32 with cudnn.allow_tf32 off");
+  if (!two_stage_dtype_supported(dtype)) {
+    return no(dtype == at::kFloat ? "fp32 with cudnn.allow_tf32 off" : "dtype is not fp16/bf16/fp32");
+  }
   const DeviceInfo dev = device_info(input.device().index());
   if (dev.major < 8) return no("needs compute capability 8.0 or newer");
   const int64_t rp = round_up(shape.r, 16);

@@ -22,6 +22,10 @@ namespace cuda {
 // The largest rank (intermediate channels) the two-stage kernels take.
 int64_t two_stage_max_rank();
 
+// Whether they take this dtype now: fp16, bf16, and fp32 (as TF32) only while
+// torch.backends.cudnn.allow_tf32 lets cuDNN use TF32 too.
+bool two_stage_dtype_supported(at::ScalarType dtype);
+
 // Whether two_stage_forward runs these arguments on this device; if not and
 // reason is given, it says why (kind layout, dtype, rank, compute capability, ...).
 bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
