@@ -161,3 +161,15 @@ def test_products_made_under_inference_mode_stay_cacheable():
         _, again = _C().fold_two_stage(factors, "ht2")
     assert not first[0].is_inference()
     assert again[0].data_ptr() == first[0].data_ptr()
+
+
+def test_entries_whose_dependency_is_gone_are_dropped():
+    # A product whose dependency was freed can never match again: the cache drops it on its next scan
+    # rather than keep it for as long as the primary factor lives.
+    kept = [f.float() for f in CASES["tucker2"].random(SHAPE).factors]
+    other = [f.float() for f in CASES["cp"].random(SHAPE).factors]
+    _C().clear_packed_cache()
+    _C().fold_two_stage(kept, "tucker2")    # V cached against the core, with U_S as its dependency
+    del kept[0]                              # U_S freed; the core lives on
+    _C().fold_two_stage(other, "cp")
+    assert _C().packed_cache_size() == 1

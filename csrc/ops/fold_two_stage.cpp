@@ -6,24 +6,11 @@
 #include <functional>
 #include <initializer_list>
 
+#include "chain/hsv_layout.h"
 #include "cpu/pack.h"
 
 namespace hsv {
 namespace {
-
-// The hsv factor list's layout (kind_hsv.cpp): B, or B1 (4-D) and B2; then A, or A1 and A2.
-struct HsvLayout {
-  bool split_b = false, split_a = false;
-  int64_t a_at = 1;
-};
-
-HsvLayout hsv_layout(at::TensorList factors) {
-  HsvLayout l;
-  l.split_b = factors[0].dim() == 4;
-  l.a_at = l.split_b ? 2 : 1;
-  l.split_a = static_cast<int64_t>(factors.size()) - l.a_at == 2;
-  return l;
-}
 
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;

@@ -10,6 +10,7 @@
 // a 1x1 q1 -> P*T2) and/or A by [A1 (q2, S1, P), A2 (T1, q2)] (two GEMMs). Factor
 // 0 being 4-D rather than 5-D says B is split; 2 factors after the B part say A is.
 #include "conv_chain.h"
+#include "hsv_layout.h"
 
 namespace hsv {
 namespace {
@@ -32,13 +33,13 @@ Plan build_hsv_plan(const at::Tensor& input, at::TensorList factors, const ConvP
   HSV_CHECK(nf >= 2 && nf <= 4, "expected 2 to 4 factors, one of ", kLayouts, "; got ", nf);
   for (int64_t i = 0; i < nf; ++i)
     HSV_CHECK(all_positive(factors[i].sizes()), "factors[", i, "] has an empty dimension: ", factors[i].sizes());
-  const bool split_b = factors[0].dim() == 4;
+  const HsvLayout layout = hsv_layout(factors);
+  const bool split_b = layout.split_b, split_a = layout.split_a;
+  const int64_t a_at = layout.a_at;
   HSV_CHECK(factors[0].dim() == 5 || split_b,
             "factors[0] must be B (P, T2, S2, kh, kw) or B1 (q1, S2, kh, kw), got shape ", factors[0].sizes());
-  const int64_t a_at = split_b ? 2 : 1;  // index of the first A factor
   HSV_CHECK(nf > a_at && nf - a_at <= 2, "expected ", kLayouts, "; got ", nf, " factors with factors[0] of shape ",
             factors[0].sizes());
-  const bool split_a = nf - a_at == 2;
 
   int64_t P, T2, S2, kh, kw, q1 = 0;
   if (split_b) {

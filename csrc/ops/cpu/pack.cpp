@@ -149,6 +149,14 @@ std::mutex g_mutex;
 // static destructor at exit, after CUDA has shut down, aborts the process.
 std::list<Entry>& g_entries = *new std::list<Entry>();
 
+// The entry's tensor or one of its dependencies is gone: it can never match again.
+bool orphaned(const Entry& e) {
+  if (e.w.owner.expired()) return true;
+  for (const auto& d : e.deps)
+    if (d.owner.expired()) return true;
+  return false;
+}
+
 bool deps_match(const Entry& e, at::TensorList deps) {
   if (e.deps.size() != deps.size()) return false;
   for (size_t i = 0; i < deps.size(); ++i)
@@ -167,7 +175,7 @@ at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const s
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_entries.begin(); it != g_entries.end();) {
-      if (it->w.owner.expired()) {  // its tensor is gone (and impl may be reused)
+      if (orphaned(*it)) {  // a tensor it was made from is gone (and its impl may be reused)
         it = g_entries.erase(it);
         continue;
       }
