@@ -31,6 +31,14 @@
 
 namespace py = pybind11;
 
+// The CUDA-side value, or `fallback` in a build without CUDA kernels (where
+// the hsv::cuda functions do not exist).
+#ifdef WITH_CUDA
+#define HSV_CUDA_OR(value, fallback) (value)
+#else
+#define HSV_CUDA_OR(value, fallback) (fallback)
+#endif
+
 namespace {
 
 py::dict build_info() {
@@ -82,57 +90,26 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hsvkernels native extension: registers torch.ops.hsv.* and reports build info";
   m.def("build_info", &build_info, "How this extension was built: versions, CUDA archs, CPU paths, kinds");
-  m.def("cuda_fused_launch_count", []() -> int64_t {
-#ifdef WITH_CUDA
-    return hsv::cuda::fused_launch_count();
-#else
-    return 0;
-#endif
-  }, "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
+  m.def("cuda_fused_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::fused_launch_count(), 0); },
+        "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
   m.def("cpu_pointwise_nchw_runs", &hsv::cpu::pointwise_nchw_runs,
         "How many times the fused CPU path ran a 1x1 layer on NCHW input with pixels as the vector axis");
-  m.def("cuda_nhwc_launch_count", []() -> int64_t {
-#ifdef WITH_CUDA
-    return hsv::cuda::nhwc_launch_count();
-#else
-    return 0;
-#endif
-  }, "How many of those took the two-stage kernel's channels_last fast path");
-  m.def("cuda_mma_launch_count", []() -> int64_t {
-#ifdef WITH_CUDA
-    return hsv::cuda::mma_launch_count();
-#else
-    return 0;
-#endif
-  }, "How many of those ran the Hopper mma.sync kernel (sm_90) rather than the WMMA one");
-  m.def("cuda_mma_last_config", []() -> std::vector<int64_t> {
-#ifdef WITH_CUDA
-    return hsv::cuda::mma_last_config();
-#else
-    return {};
-#endif
-  }, "The last mma-kernel launch's (pixel fragments per warp, cluster CTAs splitting K, pixel tiles, K step)");
-  m.def("cuda_wgmma_launch_count", []() -> int64_t {
-#ifdef WITH_CUDA
-    return hsv::cuda::wgmma_launch_count();
-#else
-    return 0;
-#endif
-  }, "How many fused launches ran the wgmma kernel (sm_90a, HSV_CUDA_NHWC=wgmma)");
-  m.def("cuda_fold_launch_count", []() -> int64_t {
-#ifdef WITH_CUDA
-    return hsv::cuda::fold_launch_count();
-#else
-    return 0;
-#endif
-  }, "How many fused launches ran factors folded into the two-stage form (HSV_CUDA_FOLD=on)");
-  m.def("cuda_wgmma_last_config", []() -> std::vector<int64_t> {
-#ifdef WITH_CUDA
-    return hsv::cuda::wgmma_last_config();
-#else
-    return {};
-#endif
-  }, "The last wgmma-kernel launch's (warpgroups per CTA, cluster CTAs splitting K, pixel tiles, K step)");
+  m.def("cuda_nhwc_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::nhwc_launch_count(), 0); },
+        "How many of those took the two-stage kernel's channels_last fast path");
+  m.def("cuda_mma_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::mma_launch_count(), 0); },
+        "How many of those ran the Hopper mma.sync kernel (sm_90) rather than the WMMA one");
+  m.def("cuda_mma_last_config", []() {
+    return HSV_CUDA_OR(hsv::cuda::mma_last_config(), std::vector<int64_t>{});
+  },
+        "The last mma-kernel launch's (pixel fragments per warp, cluster CTAs splitting K, pixel tiles, K step)");
+  m.def("cuda_wgmma_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::wgmma_launch_count(), 0); },
+        "How many fused launches ran the wgmma kernel (sm_90a, HSV_CUDA_NHWC=wgmma)");
+  m.def("cuda_fold_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::fold_launch_count(), 0); },
+        "How many fused launches ran factors folded into the two-stage form (HSV_CUDA_FOLD=on)");
+  m.def("cuda_wgmma_last_config", []() {
+    return HSV_CUDA_OR(hsv::cuda::wgmma_last_config(), std::vector<int64_t>{});
+  },
+        "The last wgmma-kernel launch's (warpgroups per CTA, cluster CTAs splitting K, pixel tiles, K step)");
   // Both release the GIL: they only spin on the calling thread.
   m.def("fma_peak_gflops", &hsv::cpu::fma_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.5,
         py::call_guard<py::gil_scoped_release>(),

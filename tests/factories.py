@@ -51,9 +51,9 @@ def _tucker2_random(shape, dtype=torch.float64, device="cpu"):
     return Factorization("tucker2", [us, core, ut], shape)
 
 
-def _cp_random(shape, dtype=torch.float64, device="cpu"):
+def _cp_random(shape, dtype=torch.float64, device="cpu", rank=None):
     cout, cin, kh, kw = shape
-    r = max(2, min(cin, cout))
+    r = rank or max(2, min(cin, cout))
     a_s = _randn(r, cin, dtype=dtype, device=device, fan_in=cin)
     a_h = _randn(r, kh, dtype=dtype, device=device, fan_in=kh)
     a_w = _randn(r, kw, dtype=dtype, device=device, fan_in=kw)
@@ -62,9 +62,9 @@ def _cp_random(shape, dtype=torch.float64, device="cpu"):
 
 
 def _separable_random(kind):
-    def make(shape, dtype=torch.float64, device="cpu"):
+    def make(shape, dtype=torch.float64, device="cpu", r3=None):
         cout, cin, kh, kw = shape
-        r1, r13, r3 = max(1, cin // 2), max(1, (cin + cout) // 3), max(1, cout // 2)
+        r1, r13, r3 = max(1, cin // 2), max(1, (cin + cout) // 3), r3 or max(1, cout // 2)
         u1 = _randn(r1, cin, dtype=dtype, device=device, fan_in=cin)
         g1 = _randn(r13, r1, kh, dtype=dtype, device=device, fan_in=r1 * kh)
         g2 = _randn(r3, r13, kw, dtype=dtype, device=device, fan_in=r13 * kw)

@@ -655,16 +655,9 @@ def folded_case(kind, cin, cout, kh, kw, rank):
     if kind == "tucker2":
         return tucker2_factors(max(1, cin // 2), rank, cin, cout, kh, kw)
     if kind == "cp":
-        fs = [torch.randn(rank, cin, dtype=torch.float64) / cin ** 0.5, torch.randn(rank, kh, dtype=torch.float64),
-              torch.randn(rank, kw, dtype=torch.float64) / kw, torch.randn(cout, rank, dtype=torch.float64) / rank]
-        return hsvkernels.Factorization("cp", fs, (cout, cin, kh, kw))
+        return CASES["cp"].random((cout, cin, kh, kw), rank=rank)
     if kind in ("ht2", "tt_tucker"):
-        r1, r13 = max(1, cin // 2), max(1, (cin + cout) // 3)
-        fs = [torch.randn(r1, cin, dtype=torch.float64) / cin ** 0.5,
-              torch.randn(r13, r1, kh, dtype=torch.float64) / (r1 * kh) ** 0.5,
-              torch.randn(rank, r13, kw, dtype=torch.float64) / (r13 * kw) ** 0.5,
-              torch.randn(cout, rank, dtype=torch.float64) / rank ** 0.5]
-        return hsvkernels.Factorization(kind, fs, (cout, cin, kh, kw))
+        return CASES[kind].random((cout, cin, kh, kw), r3=rank)
     # hsv with both level-2 splits, S1 = 1, T2 = 2: P*T2 = rank
     return hsv_random((cout, cin, kh, kw), layout="q1q2", rank=rank // 2, split=(cout // 2, 1, 2, cin))
 
