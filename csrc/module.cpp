@@ -7,10 +7,12 @@
 
 #include "ops/auto_select.h"
 #include "ops/fold_two_stage.h"
+#include "ops/kcp_cta_emulate.h"
 #include "ops/chain/conv_chain.h"
 #include "ops/cpu/isa.h"
 #ifdef WITH_CUDA
 #include "ops/cuda/cuda_impl.h"
+#include "ops/cuda/kcp_cuda.h"
 #include "ops/cuda/two_stage_mma.h"
 #include "ops/cuda/two_stage_wgmma.h"
 #endif
@@ -106,6 +108,12 @@ PYBIND11_MODULE(_C, m) {
         "How many fused launches ran the wgmma kernel (sm_90a, HSV_CUDA_NHWC=wgmma)");
   m.def("cuda_fold_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::fold_launch_count(), 0); },
         "How many fused launches ran factors folded into the two-stage form (HSV_CUDA_FOLD=on)");
+  m.def("cuda_kcp_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::kcp_launch_count(), 0); },
+        "How many fused launches ran the kcp kernel (HSV_CUDA_KCP=on)");
+  m.def("cuda_kcp_last_config", []() {
+    return HSV_CUDA_OR(hsv::cuda::kcp_last_config(), std::vector<int64_t>{});
+  },
+        "The last kcp-kernel launch's (tile rows, tile columns, qn block, shared-memory bytes)");
   m.def("cuda_wgmma_last_config", []() {
     return HSV_CUDA_OR(hsv::cuda::wgmma_last_config(), std::vector<int64_t>{});
   },
@@ -138,6 +146,23 @@ PYBIND11_MODULE(_C, m) {
      "(kind, factors) of the two-stage form ('svd', or 'hsv' level 1) that the fused CUDA kernels run for these "
      "factors (HSV_CUDA_FOLD=on), or None where the kind does not fold; the factors must be valid for kind "
      "(for tests)");
+  m.def("kcp_cta_emulate", [](const at::Tensor& input, const std::vector<at::Tensor>& factors,
+                              const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                              int64_t tile_h, int64_t tile_w, int64_t nb, bool reverse) {
+    return hsv::kcp_cta_emulate(input, factors, bias, stride, padding, dilation, tile_h, tile_w, nb, reverse);
+  }, py::arg("input"), py::arg("factors"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+     py::arg("dilation"), py::arg("tile_h") = 0, py::arg("tile_w") = 0, py::arg("nb") = 0, py::arg("reverse") = false,
+     py::call_guard<py::gil_scoped_release>(),
+     "The fused kcp CUDA kernel's CTA program run on the CPU (fp16/bf16 CPU tensors), with a forced tile "
+     "(tile_h, tile_w, nb) or the H100 cost model's; for tests on machines without a GPU");
+  m.def("kcp_cta_tile", [](const at::Tensor& input, const std::vector<at::Tensor>& factors,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t smem_limit, int64_t sms) {
+    return hsv::kcp_cta_tile(input, factors, stride, padding, dilation, smem_limit, sms);
+  }, py::arg("input"), py::arg("factors"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+     py::arg("smem_limit") = 227 * 1024, py::arg("sms") = 132,
+     "(tile_h, tile_w, nb, shared-memory bytes) the fused kcp CUDA kernel's cost model picks (for tests)");
   m.def("fold_rank", [](const std::vector<at::Tensor>& factors, const std::string& kind) {
     return hsv::fold_rank(factors, kind);
   }, py::arg("factors"), py::arg("kind"),

@@ -92,6 +92,21 @@ def _kcp_random(shape, dtype=torch.float64, device="cpu", merged=False):
     return Factorization("kcp", factors, shape)
 
 
+def kcp_factors(q, n, s1, r, s2, t1, t2, kh, kw, merged=False, seed=0):
+    """float64 kcp factors whose chain keeps activations near unit scale."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, fan):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / fan ** 0.5
+
+    fs = [rnd(q, n, s1, fan=s1), rnd(n, r, s2, fan=s2), rnd(n, r, kh, fan=kh), rnd(n, r, kw, fan=kw)]
+    if merged:
+        fs.append(rnd(t1 * t2, q, n, r, fan=q * n * r))
+    else:
+        fs += [rnd(n, t2, r, fan=r), rnd(t1, q, n, fan=q * n)]
+    return hsvkernels.Factorization("kcp", fs, (t1 * t2, s1 * s2, kh, kw))
+
+
 def _kcp_full(weight):
     from hsvkernels.decompose import kcp
     split = kcp.default_splits(*weight.shape[:2])[0]

@@ -79,3 +79,18 @@ def test_wgmma_kernels_issue_warpgroup_mmas_and_do_not_spill():
         assert not re.search(r"\b(LDL|STL)\b", code), "%s uses local memory (spilled registers?)" % name
         # stage 2 takes the intermediate from registers: at least one HGMMA with a register A operand
         assert re.search(r"HGMMA\.64x64x16\.F32\S* R\d+, R\d+, gdesc", code), "%s: no register-A HGMMA" % name
+
+
+@pytest.mark.skipif(CUOBJDUMP is None, reason="no cuobjdump (CUDA toolkit or triton) to read the cubin with")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_kcp_kernels_use_tensor_cores_and_do_not_spill(arch):
+    # kcp_cuda.cu, opt-in and not yet run on a GPU: its numerics are checked by the CPU emulator of the same
+    # CTA program (test_kcp_cta_emulate.py); here, that the kernel the GPU would run is the one intended
+    if arch.replace("sm_", "").rstrip("a") not in [a.replace(".", "").rstrip("a")
+                                                    for a in INFO["cuda_archs"].split(";")]:
+        pytest.skip("this build has no %s code (cuda_archs=%r)" % (arch, INFO["cuda_archs"]))
+    kernels = {k: v for k, v in sass_by_function(arch).items() if "kcp_kernel" in k}
+    assert len(kernels) == 2, sorted(kernels)   # fp16 and bf16
+    for name, code in kernels.items():
+        assert "HMMA" in code, "%s issues no tensor-core MMA" % name
+        assert not re.search(r"\b(LDL|STL)\b", code), "%s uses local memory (spilled registers?)" % name

@@ -9,7 +9,8 @@
 // measured faster (two_stage_fused_by_default), else composite.
 // HSV_CUDA_FOLD=on (off by default until its tests have run on a GPU) also runs
 // tucker2, ht2, tt_tucker, cp and level-2 hsv through the two-stage kernel, on
-// factors folded into its form (../fold_two_stage.h).
+// factors folded into its form (../fold_two_stage.h). HSV_CUDA_KCP=on (off
+// until tested on a GPU) runs kind "kcp" through its own fused kernel (kcp_cuda.h).
 // The backward op is always the composite chain.
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,6 +33,7 @@
 #include "../env_choice.h"
 #include "../fold_two_stage.h"
 #include "cuda_impl.h"
+#include "kcp_cuda.h"
 #include "tucker2_fused.h"
 #include "two_stage_fused.h"
 
@@ -44,6 +46,7 @@ std::atomic<int64_t> nhwc_launches{0};
 std::atomic<int64_t> mma_launches{0};
 std::atomic<int64_t> wgmma_launches{0};
 std::atomic<int64_t> fold_launches{0};
+std::atomic<int64_t> kcp_launches{0};
 
 }  // namespace
 
@@ -65,6 +68,8 @@ NhwcKernel nhwc_kernel_from_env() {
 }
 
 bool fold_from_env() { return env_choice("HSV_CUDA_FOLD", {"off", "on"}) == 1; }
+
+bool kcp_from_env() { return env_choice("HSV_CUDA_KCP", {"off", "on"}) == 1; }
 
 int mma_k_step(int64_t cin) {
   constexpr int kKSteps[] = {0, 32, 64};
@@ -108,9 +113,14 @@ int64_t fold_launch_count() { return fold_launches.load(); }
 
 void count_fold_launch() { fold_launches.fetch_add(1); }
 
+int64_t kcp_launch_count() { return kcp_launches.load(); }
+
+void count_kcp_launch() { kcp_launches.fetch_add(1); }
+
 std::vector<std::string> fused_kinds() {
   std::vector<std::string> kinds{"svd", "hsv", "tucker2"};
   if (fold_from_env()) kinds.insert(kinds.end(), {"cp", "ht2", "tt_tucker"});
+  if (kcp_from_env()) kinds.push_back("kcp");
   return kinds;
 }
 
@@ -167,11 +177,13 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
       if (!cuda::two_stage_supports(input, folded->factors, folded_plan, folded->kind)) folded.reset();
     }
   }
-  if (!two_stage && !folded && !cuda::tucker2_supports(input, factors, plan, k)) {
+  const bool kcp = k == "kcp" && cuda::kcp_from_env() && cuda::kcp_supports(input, factors, plan, k);
+  if (!two_stage && !folded && !kcp && !cuda::tucker2_supports(input, factors, plan, k)) {
     return chain_forward(input, factors, bias, plan);
   }
   auto fused = [&] {
     if (two_stage) return cuda::two_stage_forward(input, factors, bias, plan, k);
+    if (kcp) return cuda::kcp_forward(input, factors, bias, plan, /*cache=*/!capturing);
     if (!folded) return cuda::tucker2_forward(input, factors, bias, plan);
     at::Tensor y = cuda::two_stage_forward(input, folded->factors, bias, folded_plan, folded->kind);
     cuda::count_fold_launch();

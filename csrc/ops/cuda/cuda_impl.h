@@ -32,6 +32,11 @@ NhwcKernel nhwc_kernel_from_env();
 // c10::ValueError naming HSV_CUDA_FOLD on other values.
 bool fold_from_env();
 
+// HSV_CUDA_KCP = off (default) | on: whether kind "kcp" may run its fused
+// kernel (kcp_cuda.h). Off until it has been tested on a GPU. Throws
+// c10::ValueError naming HSV_CUDA_KCP on other values.
+bool kcp_from_env();
+
 // The K step (channels of one tap per pipeline step) of the mma and wgmma
 // kernels for Cin input channels: 64 where Cin % 64 == 0, else 32;
 // HSV_CUDA_MMA_KSTEP = auto (default) | 32 | 64 forces it where Cin allows.
@@ -67,7 +72,11 @@ void count_wgmma_launch();
 int64_t fold_launch_count();
 void count_fold_launch();
 
-// The kinds that have a fused CUDA kernel (with HSV_CUDA_FOLD=on, the folded ones too).
+// How many fused launches ran the kcp kernel (HSV_CUDA_KCP=on).
+int64_t kcp_launch_count();
+void count_kcp_launch();
+
+// The kinds that have a fused CUDA kernel (with HSV_CUDA_FOLD=on the folded ones, with HSV_CUDA_KCP=on kcp).
 std::vector<std::string> fused_kinds();
 
 }  // namespace cuda
