@@ -12,8 +12,11 @@ with HSV_CUDA_FOLD=on, so methods that fold into the two-stage form (tucker2,
 ht2, tt_tucker, cp) run its kernels on folded factors, and adds "unfolded" (the
 fused path without folding: tucker2's own kernel, the composite chain for the
 others); a folded answer is checked against composite before it is timed.
+`--kcp` adds the fused kcp kernel (HSV_CUDA_KCP=on, kcp_cuda.cu) for method kcp,
+checked against composite (and that it ran) before it is timed, with its tile.
 
     python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32 --methods hsv [--sweep]
+    python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32,1 --methods kcp --no-wmma --kcp
 """
 import argparse
 import contextlib
@@ -33,7 +36,7 @@ from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K",
-       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG", "HSV_CUDA_FOLD")
+       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG", "HSV_CUDA_FOLD", "HSV_CUDA_KCP")
 
 
 @contextlib.contextmanager
@@ -68,6 +71,23 @@ def captured(fn, env, reps):
     return replay, config
 
 
+def check_kcp(op, method, shape, batch):
+    """The kcp kernel's (tile_h, tile_w, nb, shared-memory bytes) after checking that it ran and agrees with
+    the composite chain; None where it does not take the layer (it falls back: timing it would time the chain)."""
+    with env_set({"HSV_CUDA_IMPL": "composite"}):
+        y_comp = op()
+    before = _C.cuda_kcp_launch_count()
+    with env_set({"HSV_CUDA_IMPL": "fused", "HSV_CUDA_KCP": "on"}):
+        y = op()
+    if _C.cuda_kcp_launch_count() == before:
+        print("%s b%d %s: the kcp kernel does not take this layer" % (shape.name, batch, method))
+        return None
+    err = layers.normalized_error(y, y_comp)
+    if not err <= 6e-2:   # never time a wrong answer
+        sys.exit("kcp: %s b%d: error %.3g against the composite chain" % (shape.name, batch, err))
+    return tuple(_C.cuda_kcp_last_config())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     suite.add_filter_args(p)
@@ -90,6 +110,7 @@ def main(argv=None):
                    help="also the wgmma kernel with every forced (warpgroups per CTA, cluster split S)")
     p.add_argument("--fold", action="store_true",
                    help="every fused path with HSV_CUDA_FOLD=on, plus the fused path without it ('unfolded')")
+    p.add_argument("--kcp", action="store_true", help="also the fused kcp kernel (HSV_CUDA_KCP=on) for method kcp")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("cuda_nhwc_sweep.py: needs a CUDA device")
@@ -114,6 +135,8 @@ def main(argv=None):
                 targets = dict(ratio=args.ratio)
                 if layers.accepts(hsvkernels.METHODS[method], "macs_ratio"):   # hsv, kcp, svd
                     targets["macs_ratio"] = args.macs_ratio
+                if method == "kcp":   # timing needs the ranks, not a converged fit: 200 ALS sweeps x 3 took minutes
+                    targets.update(cp_iters=20, verify=1)
                 fact = hsvkernels.decompose(w, method, **targets)
                 factors = [f.to("cuda", dtype) for f in fact.factors]
                 op = lambda: torch.ops.hsv.conv2d(x, factors, None, kw["stride"], kw["padding"],  # noqa: E731
@@ -154,6 +177,11 @@ def main(argv=None):
                         if env.get("HSV_CUDA_IMPL") == "fused":
                             env.update(fold_env)
                     paths["unfolded"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_FOLD": "off"})
+                kcp_tile = None
+                if args.kcp and fact.kind == "kcp":
+                    kcp_tile = check_kcp(op, method, shape, batch)
+                    if kcp_tile is not None:
+                        paths["kcp"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_KCP": "on"})
                 with torch.inference_mode():
                     with env_set({"HSV_CUDA_IMPL": "composite"}):
                         y_comp = op()
@@ -187,7 +215,8 @@ def main(argv=None):
                 t = {name: times[name]["median"] / args.reps * 1e6 for name in fns}
                 best = min((v, k) for k, v in t.items() if k.startswith(("mma", "wgmma")))
                 row = dict(layer=shape.name, batch=batch, method=method, times=t, mma_config=configs["mma"],
-                           wgmma_config=configs.get("wgmma"), best=best[1], err_vs_composite=err, folded=folded)
+                           wgmma_config=configs.get("wgmma"), best=best[1], err_vs_composite=err, folded=folded,
+                           kcp_tile=kcp_tile)
                 rows.append(row)
                 print("\n%s b%d %s %s: mma vs composite error %.2g, mma config %s%s" % (
                     shape.name, batch, method, "x".join(str(tuple(f.shape)) for f in factors), err, configs["mma"],
@@ -195,7 +224,7 @@ def main(argv=None):
                 for name, v in t.items():
                     print("  %-18s %9.1f us  /dense %6.3f  /composite %6.3f  %s" % (
                         name, v, v / t["dense"], v / t["composite"],
-                        configs[name] if name.startswith(("mma", "wgmma")) else ""))
+                        configs[name] if name.startswith(("mma", "wgmma")) else kcp_tile if name == "kcp" else ""))
     nan = float("nan")
     print("\n| layer | N | method | dense us | composite us | wmma us | mma us | wgmma us | mma/dense | wgmma/dense | "
           "mma/composite | wgmma/mma | mma config | wgmma config | best |")
@@ -207,6 +236,16 @@ def main(argv=None):
             r["layer"], r["batch"], r["method"], t["dense"], t["composite"], t.get("wmma", nan), t["mma"], wg,
             t["mma"] / t["dense"], wg / t["dense"], t["mma"] / t["composite"], wg / t["mma"], r["mma_config"],
             r["wgmma_config"], r["best"], t[r["best"]]))
+    kcp_rows = [r for r in rows if "kcp" in r["times"]]
+    if kcp_rows:
+        print("\n| layer | N | dense us | composite us | kcp us | kcp/dense | kcp/composite | "
+              "kcp tile (h, w, nb, smem) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in kcp_rows:
+            t = r["times"]
+            print("| %s | %d | %.1f | %.1f | %.1f | %.3f | %.3f | %s |" % (
+                r["layer"], r["batch"], t["dense"], t["composite"], t["kcp"], t["kcp"] / t["dense"],
+                t["kcp"] / t["composite"], r["kcp_tile"]))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh build fused-tests sweep models   # after a kernel change: its tests, then timings
 #   bash bench/gpu_session.sh build info wgmma            # the wgmma kernel (sm_90a): its tests, then a sweep
 #   bash bench/gpu_session.sh build fold                  # folded tucker2/ht2/cp on the two-stage kernels
+#   bash bench/gpu_session.sh build info kcp              # the fused kcp kernel: its tests, then a sweep
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -169,6 +170,17 @@ if want fold; then
     tests/test_cuda_fused.py tests/test_fold_two_stage.py -k fold
   step "fold sweep" 240 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
     --batch 32,1 --methods tucker2,ht2 --no-wmma --fold
+fi
+
+if want kcp; then
+  # the fused kcp kernel (HSV_CUDA_KCP=on, kcp_cuda.cu; first run on a GPU): its tests, the CPU emulator of the
+  # same CTA program, then per layer against dense and the composite chain
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step "tests kcp" 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
+    tests/test_cuda_kcp.py tests/test_kcp_cta_emulate.py
+  step "kcp sweep" 240 "$OUT/session.log" "$PY" bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 \
+    --batch 32,1 --methods kcp --no-wmma --kcp
 fi
 
 if want sweep; then
