@@ -9,7 +9,7 @@ import torch
 from conftest import requires_cuda
 from factories import kcp_factors
 from test_cuda_fused import check_fused, impl, launches, make_input, rel_err  # noqa: F401 (impl is a fixture)
-from test_kcp_cta_emulate import CASES
+from test_kcp_cta_emulate import CASES, SUITE
 
 import hsvkernels
 
@@ -169,11 +169,12 @@ def test_kcp_under_compile_reduce_overhead(impl, kcp_on):
     assert rel_err(y, layer(x).double()) <= TOL[torch.bfloat16]
 
 
-def test_kcp_on_a_resnet_sized_layer(impl, kcp_on):
-    # layer3 of ResNet at ratio 4 (the shapes bench/cuda_nhwc_sweep.py --kcp times), against dense truth
-    fact = kcp_factors(1, 64, 8, 24, 32, 8, 32, 3, 3)
-    x = make_input(4, 256, 14, 14, "channels_last", torch.bfloat16)
-    run_kcp(impl, fact, x, torch.randn(256, dtype=torch.float64), (1, 1, 1))
+@pytest.mark.parametrize("layer", sorted(SUITE))
+def test_kcp_on_the_layer_suite_shapes(layer, impl, kcp_on):
+    # the full-size layers bench/cuda_nhwc_sweep.py --kcp times, against float64 truth and composite
+    (q, n, s1, r, s2, t1, t2), h, stride = SUITE[layer]
+    fact = kcp_factors(q, n, s1, r, s2, t1, t2, 3, 3, seed=h)
+    x = make_input(8, s1 * s2, h, h, "channels_last", torch.bfloat16)
+    run_kcp(impl, fact, x, torch.randn(t1 * t2, dtype=torch.float64), (stride, 1, 1))
     tile_h, tile_w, nb, smem = _C().cuda_kcp_last_config()
     assert (tile_h * tile_w) % 16 == 0 and nb % 16 == 0 and 0 < smem <= 232448   # 227 KiB: sm_90's opt-in
-    run_kcp(impl, fact, x, None, (2, 1, 1))

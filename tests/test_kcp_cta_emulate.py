@@ -72,6 +72,30 @@ def test_matches_dense_conv_and_reference(case, dtype, merged):
     torch.testing.assert_close(ref, truth, rtol=1e-9, atol=1e-9)
 
 
+# kcp at ratio 4 / macs_ratio 4 on the layer suite (bench/suite.py): (Q, N, S1, R, S2, T1, T2), H = W, stride
+SUITE = {"L1": ((1, 12, 4, 16, 16, 4, 16), 56, 1), "L2": ((1, 24, 8, 32, 16, 8, 16), 28, 1),
+         "L3": ((1, 48, 8, 32, 32, 8, 32), 14, 1), "L3_s2": ((1, 48, 8, 32, 32, 8, 32), 28, 2),
+         "L4": ((2, 64, 16, 48, 32, 16, 32), 7, 1)}
+
+
+@pytest.mark.parametrize("layer", sorted(SUITE))
+def test_layer_suite_shapes_at_the_tiles_the_model_picks(layer):
+    # Full-size layers near the 227 KiB shared-memory limit, with the tile picked for batch 32 (forced) and for
+    # batch 1 (the model's own), run on one image: the emulator's bounds checks see the real layouts.
+    (q, n, s1, r, s2, t1, t2), h, stride = SUITE[layer]
+    fact = kcp_factors(q, n, s1, r, s2, t1, t2, 3, 3, seed=h)
+    bf = fact.to(dtype=torch.bfloat16).factors
+    th, tw, nb, smem = _C().kcp_cta_tile(torch.empty(32, s1 * s2, h, h, dtype=torch.bfloat16), bf, [stride] * 2,
+                                         [1, 1], [1, 1])
+    assert smem <= 227 * 1024
+    x = torch.randn(1, s1 * s2, h, h, dtype=torch.float64)
+    truth = _truth(fact, x, stride, 1, 1)
+    for tile in ({"tile_h": th, "tile_w": tw, "nb": nb}, {}):
+        y = _run(fact.to(dtype=torch.bfloat16), x.bfloat16(), stride, 1, 1, **tile)
+        err = (y.double() - truth).abs().max().item()
+        assert err <= TOL[torch.bfloat16] * truth.abs().max().item(), (tile, err)
+
+
 @pytest.mark.parametrize("merged", [False, True], ids=["six", "merged"])
 def test_phases_between_barriers_are_independent(merged):
     # Backwards, a phase (or item) that reads another's write made since the last barrier sees the old value.

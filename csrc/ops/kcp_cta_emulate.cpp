@@ -20,7 +20,6 @@ namespace {
 
 constexpr int64_t kH100Smem = 227 * 1024;
 constexpr int64_t kH100Sms = 132;
-constexpr size_t kGuard = 4096;  // bytes past the launch's shared memory that must stay untouched
 
 // The executor of kcp_cta_program.h on the host. Phases are queued and run at
 // the next barrier; with `reverse`, the queued phases run last first and each
@@ -28,6 +27,9 @@ constexpr size_t kGuard = 4096;  // bytes past the launch's shared memory that m
 // or an item depending on another item of its phase, changes the answer.
 struct HostExec {
   bool reverse = false;
+  // The warps' fp32 staging tiles, which the device overwrites on every mma_store: here filled with NaN
+  // there, so a staging area that overlapped live data would show in the answer.
+  unsigned char* stage = nullptr;
   // The spans a tile may touch: this CTA's shared memory, then the packed factors.
   std::vector<std::pair<const char*, const char*>> spans;
   std::vector<std::function<void()>> queued;
@@ -82,6 +84,7 @@ struct HostExec {
     check(d, (int64_t{15} * ldd + 16) * sizeof(S), "D");
     float acc[16][16] = {};
     tile<BCol>(a, lda, b, ldb, k, acc);
+    std::memset(stage, 0xFF, kKcpStageBytes);
     for (int i = 0; i < 16; ++i)
       for (int j = 0; j < 16; ++j) d[i * ldd + j] = static_cast<S>(acc[i][j]);
   }
@@ -107,18 +110,22 @@ void run_all(const KcpParams& p, long long ctas, const std::vector<at::Tensor>& 
     factor_spans.emplace_back(lo, lo + t.nbytes());
   }
   at::parallel_for(0, ctas, 1, [&](int64_t begin, int64_t end) {
-    std::vector<unsigned char> buf(p.smem_bytes + kGuard + 128);
+    // past the launch's shared memory, as many bytes again that must stay untouched: a layout that overran
+    // its allocation shows as a failed check here rather than as a write into the emulator's heap
+    const size_t guard = std::max<size_t>(4096, p.smem_bytes);
+    std::vector<unsigned char> buf(p.smem_bytes + guard + 128);
     // 128-byte aligned like the kernel's dynamic shared memory
     unsigned char* smem = buf.data() + (128 - reinterpret_cast<uintptr_t>(buf.data()) % 128) % 128;
     HostExec ex;
     ex.reverse = reverse;
+    ex.stage = smem + p.off_stage;
     ex.spans.emplace_back(reinterpret_cast<const char*>(smem), reinterpret_cast<const char*>(smem) + p.smem_bytes);
     ex.spans.insert(ex.spans.end(), factor_spans.begin(), factor_spans.end());
     for (int64_t cta = begin; cta < end; ++cta) {
-      std::memset(smem, 0xFF, p.smem_bytes + kGuard);  // NaN in fp16, bf16 and fp32
+      std::memset(smem, 0xFF, p.smem_bytes + guard);  // NaN in fp16, bf16 and fp32
       kcp_cta_run<S>(p, cta, smem, ex);
       TORCH_CHECK(ex.queued.empty(), "kcp emulator: the CTA program ended without a barrier after its last phase");
-      for (size_t i = 0; i < kGuard; ++i)
+      for (size_t i = 0; i < guard; ++i)
         TORCH_CHECK(smem[p.smem_bytes + i] == 0xFF, "kcp emulator: CTA ", cta, " wrote past its ", p.smem_bytes,
                     " bytes of shared memory");
     }
