@@ -239,7 +239,7 @@ def main(argv=None):
     kcp_rows = [r for r in rows if "kcp" in r["times"]]
     if kcp_rows:
         print("\n| layer | N | dense us | composite us | kcp us | kcp/dense | kcp/composite | "
-              "kcp tile (h, w, nb, smem) |")
+              "kcp tile (h, w, nb, splits, smem) |")
         print("|---|---|---|---|---|---|---|---|")
         for r in kcp_rows:
             t = r["times"]

@@ -113,7 +113,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_kcp_last_config", []() {
     return HSV_CUDA_OR(hsv::cuda::kcp_last_config(), std::vector<int64_t>{});
   },
-        "The last kcp-kernel launch's (tile rows, tile columns, qn block, shared-memory bytes)");
+        "The last kcp-kernel launch's (tile rows, tile columns, qn block, splits, shared-memory bytes)");
   m.def("cuda_wgmma_last_config", []() {
     return HSV_CUDA_OR(hsv::cuda::wgmma_last_config(), std::vector<int64_t>{});
   },
@@ -149,20 +149,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("kcp_cta_emulate", [](const at::Tensor& input, const std::vector<at::Tensor>& factors,
                               const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-                              int64_t tile_h, int64_t tile_w, int64_t nb, bool reverse) {
-    return hsv::kcp_cta_emulate(input, factors, bias, stride, padding, dilation, tile_h, tile_w, nb, reverse);
+                              int64_t tile_h, int64_t tile_w, int64_t nb, int64_t splits, bool reverse) {
+    return hsv::kcp_cta_emulate(input, factors, bias, stride, padding, dilation, tile_h, tile_w, nb, splits, reverse);
   }, py::arg("input"), py::arg("factors"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
-     py::arg("dilation"), py::arg("tile_h") = 0, py::arg("tile_w") = 0, py::arg("nb") = 0, py::arg("reverse") = false,
+     py::arg("dilation"), py::arg("tile_h") = 0, py::arg("tile_w") = 0, py::arg("nb") = 0, py::arg("splits") = 0,
+     py::arg("reverse") = false,
      py::call_guard<py::gil_scoped_release>(),
      "The fused kcp CUDA kernel's CTA program run on the CPU (fp16/bf16 CPU tensors), with a forced tile "
-     "(tile_h, tile_w, nb) or the H100 cost model's; for tests on machines without a GPU");
+     "(tile_h, tile_w, nb, splits) or the H100 cost model's; for tests on machines without a GPU");
   m.def("kcp_cta_tile", [](const at::Tensor& input, const std::vector<at::Tensor>& factors,
                            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                            const std::vector<int64_t>& dilation, int64_t smem_limit, int64_t sms) {
     return hsv::kcp_cta_tile(input, factors, stride, padding, dilation, smem_limit, sms);
   }, py::arg("input"), py::arg("factors"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
      py::arg("smem_limit") = 227 * 1024, py::arg("sms") = 132,
-     "(tile_h, tile_w, nb, shared-memory bytes) the fused kcp CUDA kernel's cost model picks (for tests)");
+     "(tile_h, tile_w, nb, splits, shared-memory bytes) the fused kcp CUDA kernel's cost model picks (for tests)");
   m.def("fold_rank", [](const std::vector<at::Tensor>& factors, const std::string& kind) {
     return hsv::fold_rank(factors, kind);
   }, py::arg("factors"), py::arg("kind"),

@@ -176,5 +176,16 @@ def test_kcp_on_the_layer_suite_shapes(layer, impl, kcp_on):
     fact = kcp_factors(q, n, s1, r, s2, t1, t2, 3, 3, seed=h)
     x = make_input(8, s1 * s2, h, h, "channels_last", torch.bfloat16)
     run_kcp(impl, fact, x, torch.randn(t1 * t2, dtype=torch.float64), (stride, 1, 1))
-    tile_h, tile_w, nb, smem = _C().cuda_kcp_last_config()
+    tile_h, tile_w, nb, splits, smem = _C().cuda_kcp_last_config()
     assert (tile_h * tile_w) % 16 == 0 and nb % 16 == 0 and 0 < smem <= 232448   # 227 KiB: sm_90's opt-in
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kcp_split_over_ctas_at_batch_1(dtype, impl, kcp_on):
+    # layer4 at batch 1: 4 tiles, so the cost model splits the qn blocks (a second launch sums the splits)
+    (q, n, s1, r, s2, t1, t2), h, stride = SUITE["L4"]
+    fact = kcp_factors(q, n, s1, r, s2, t1, t2, 3, 3)
+    for layout in ("channels_last", "contiguous"):
+        run_kcp(impl, fact, make_input(1, s1 * s2, h, h, layout, dtype), torch.randn(t1 * t2, dtype=torch.float64),
+                (1, 1, 1))
+        assert _C().cuda_kcp_last_config()[3] > 1

@@ -81,13 +81,14 @@ SUITE = {"L1": ((1, 12, 4, 16, 16, 4, 16), 56, 1), "L2": ((1, 24, 8, 32, 16, 8, 
 @pytest.mark.parametrize("layer", sorted(SUITE))
 def test_layer_suite_shapes_at_the_tiles_the_model_picks(layer):
     # Full-size layers near the 227 KiB shared-memory limit, with the tile picked for batch 32 (forced) and for
-    # batch 1 (the model's own), run on one image: the emulator's bounds checks see the real layouts.
+    # batch 1 (the model's own, split where it has few tiles), run on one image: the emulator's bounds checks
+    # see the real layouts.
     (q, n, s1, r, s2, t1, t2), h, stride = SUITE[layer]
     fact = kcp_factors(q, n, s1, r, s2, t1, t2, 3, 3, seed=h)
     bf = fact.to(dtype=torch.bfloat16).factors
-    th, tw, nb, smem = _C().kcp_cta_tile(torch.empty(32, s1 * s2, h, h, dtype=torch.bfloat16), bf, [stride] * 2,
-                                         [1, 1], [1, 1])
-    assert smem <= 227 * 1024
+    th, tw, nb, splits, smem = _C().kcp_cta_tile(torch.empty(32, s1 * s2, h, h, dtype=torch.bfloat16), bf,
+                                                 [stride] * 2, [1, 1], [1, 1])
+    assert smem <= 227 * 1024 and splits == 1   # batch 32 fills the H100 without splitting
     x = torch.randn(1, s1 * s2, h, h, dtype=torch.float64)
     truth = _truth(fact, x, stride, 1, 1)
     for tile in ({"tile_h": th, "tile_w": tw, "nb": nb}, {}):
@@ -146,13 +147,39 @@ def test_tile_choice_fits_and_prefers_fewer_wasted_pixels():
     # the 256-channel kcp layer of ResNet's layer 3 at ratio 4 (Q=1, N=64, S1=8, R=24, S2=32, T1=8, T2=32)
     fact = kcp_factors(1, 64, 8, 24, 32, 8, 32, 3, 3).to(dtype=torch.bfloat16)
     x = torch.empty(32, 256, 14, 14, dtype=torch.bfloat16)
-    th, tw, nb, smem = _C().kcp_cta_tile(x, fact.factors, [1, 1], [1, 1], [1, 1])
+    th, tw, nb, _, smem = _C().kcp_cta_tile(x, fact.factors, [1, 1], [1, 1], [1, 1])
     assert smem <= 227 * 1024 and (th * tw) % 16 == 0 and nb % 16 == 0
     # a smaller budget gives a smaller tile, and one that cannot hold any tile is refused
-    th2, tw2, _, smem2 = _C().kcp_cta_tile(x, fact.factors, [1, 1], [1, 1], [1, 1], smem_limit=smem - 1)
+    smem2 = _C().kcp_cta_tile(x, fact.factors, [1, 1], [1, 1], [1, 1], smem_limit=smem - 1)[-1]
     assert smem2 < smem
     with pytest.raises(ValueError, match="no tile fits"):
         _C().kcp_cta_tile(x, fact.factors, [1, 1], [1, 1], [1, 1], smem_limit=1024)
+
+
+def test_split_blocks_match_the_unsplit_answer():
+    # QN = 2 * 32: four blocks of 16 over 1, 2, 3 (two blocks, one block, one block) and 4 CTAs per tile
+    sizes = (2, 32, 2, 8, 16, 2, 16, 3, 3)
+    fact = kcp_factors(*sizes).to(dtype=torch.bfloat16)
+    x = torch.randn(1, 32, 9, 10, dtype=torch.bfloat16)
+    bias = torch.randn(32, dtype=torch.bfloat16)
+    base = _run(fact, x, 1, 1, 1, bias, tile_h=4, tile_w=4, nb=16, splits=1)
+    for splits in (2, 3, 4, 9):   # 9: more than the blocks, clamped to 4
+        y = _run(fact, x, 1, 1, 1, bias, tile_h=4, tile_w=4, nb=16, splits=splits)
+        # the same products; only where the fp32 partial sums meet differs
+        torch.testing.assert_close(y, base, rtol=1e-2, atol=1e-2)
+        rev = _run(fact, x, 1, 1, 1, bias, tile_h=4, tile_w=4, nb=16, splits=splits, reverse=True)
+        assert torch.equal(rev, y)
+    with pytest.raises(ValueError, match="split count"):
+        _run(fact, x, 1, 1, 1, tile_h=4, tile_w=4, nb=16, splits=-1)
+
+
+def test_few_tiles_are_split_and_many_are_not():
+    # layer4 at ratio 4 (7 x 7, 8 blocks of 16 qn): batch 1 has 4 tiles for 132 SMs, batch 32 has 128
+    (q, n, s1, r, s2, t1, t2), h, stride = SUITE["L4"]
+    bf = kcp_factors(q, n, s1, r, s2, t1, t2, 3, 3).to(dtype=torch.bfloat16).factors
+    one = _C().kcp_cta_tile(torch.empty(1, s1 * s2, h, h, dtype=torch.bfloat16), bf, [1, 1], [1, 1], [1, 1])
+    many = _C().kcp_cta_tile(torch.empty(32, s1 * s2, h, h, dtype=torch.bfloat16), bf, [1, 1], [1, 1], [1, 1])
+    assert one[3] > 1 and many[3] == 1, (one, many)
 
 
 @pytest.mark.parametrize("what, change, match", [

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <algorithm>
 #include <functional>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -103,7 +104,8 @@ struct HostExec {
 };
 
 template <typename S>
-void run_all(const KcpParams& p, long long ctas, const std::vector<at::Tensor>& keep, bool reverse) {
+void run_all(const KcpParams& p, const std::vector<at::Tensor>& keep, bool reverse) {
+  const long long ctas = kcp_cta_count(p);
   std::vector<std::pair<const char*, const char*>> factor_spans;
   for (const auto& t : keep) {
     const char* lo = static_cast<const char*>(t.data_ptr());
@@ -130,6 +132,11 @@ void run_all(const KcpParams& p, long long ctas, const std::vector<at::Tensor>& 
                     " bytes of shared memory");
     }
   });
+  if (p.splits > 1) {  // the second launch: every output element from the splits' partial sums
+    at::parallel_for(0, p.ws_split, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) kcp_cta_finalize<S>(p, i);
+    });
+  }
 }
 
 Plan kcp_plan(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
@@ -141,23 +148,27 @@ Plan kcp_plan(const at::Tensor& input, at::TensorList factors, const c10::option
 
 at::Tensor kcp_cta_emulate(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t tile_h,
-                           int64_t tile_w, int64_t nb, bool reverse) {
+                           int64_t tile_w, int64_t nb, int64_t splits, bool reverse) {
   TORCH_CHECK_VALUE(input.device().is_cpu(), "kcp_cta_emulate: input must be a CPU tensor, got ", input.device());
   const Plan plan = kcp_plan(input, factors, bias, stride, padding, dilation);
   KcpParams p;
   std::string why;
-  const KcpTile force{static_cast<int>(tile_h), static_cast<int>(tile_w), static_cast<int>(nb)};
-  const bool forced = tile_h > 0 || tile_w > 0 || nb > 0;
+  const KcpTile force{static_cast<int>(tile_h), static_cast<int>(tile_w), static_cast<int>(nb),
+                      static_cast<int>(splits)};
+  const bool forced = tile_h > 0 || tile_w > 0 || nb > 0 || splits > 0;
   TORCH_CHECK_VALUE(kcp_cta_geometry(input, factors, plan, kH100Smem, kH100Sms, p, &why, forced ? &force : nullptr),
                     "kcp_cta_emulate: the kernel does not run these arguments: ", why);
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(output_memory_format(input)));
   if (out.numel() == 0) return out;
   const std::vector<at::Tensor> keep = kcp_cta_pack(factors, bias, p, /*cache=*/false);
   kcp_cta_bind(input, out, p);
+  // NaN: a workspace element no split wrote shows in the output
+  const at::Tensor ws = kcp_cta_workspace(input, p);
+  if (ws.defined()) ws.fill_(std::numeric_limits<float>::quiet_NaN());
   if (input.scalar_type() == at::kHalf) {
-    run_all<c10::Half>(p, kcp_cta_count(input, p), keep, reverse);
+    run_all<c10::Half>(p, keep, reverse);
   } else {
-    run_all<c10::BFloat16>(p, kcp_cta_count(input, p), keep, reverse);
+    run_all<c10::BFloat16>(p, keep, reverse);
   }
   return out;
 }
@@ -169,7 +180,7 @@ std::vector<int64_t> kcp_cta_tile(const at::Tensor& input, at::TensorList factor
   std::string why;
   TORCH_CHECK_VALUE(kcp_cta_geometry(input, factors, plan, smem_limit, sms, p, &why),
                     "kcp_cta_tile: the kernel does not run these arguments: ", why);
-  return {p.tile_h, p.tile_w, p.nb, p.smem_bytes};
+  return {p.tile_h, p.tile_w, p.nb, p.splits, p.smem_bytes};
 }
 
 }  // namespace hsv

@@ -13,18 +13,20 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace hsv {
 
 // Same arguments as hsv::conv2d(kind="kcp"), fp16/bf16 CPU tensors. tile_h,
-// tile_w, nb: a forced tile (0: the cost model's choice for an H100's 227 KiB
-// of shared memory and 132 multiprocessors). Throws c10::ValueError with the
-// reason where the kernel would not run these arguments.
+// tile_w, nb, splits: a forced tile (all 0: the cost model's choice for an H100's
+// 227 KiB of shared memory and 132 multiprocessors). With splits > 1 the second
+// launch (kcp_cta_finalize) runs too. Throws c10::ValueError with the reason
+// where the kernel would not run these arguments.
 at::Tensor kcp_cta_emulate(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t tile_h,
-                           int64_t tile_w, int64_t nb, bool reverse);
+                           int64_t tile_w, int64_t nb, int64_t splits, bool reverse);
 
-// The tile the cost model picks for these arguments: (tile_h, tile_w, nb, shared-memory bytes).
+// The tile the cost model picks for these arguments: (tile_h, tile_w, nb, splits, shared-memory bytes).
 std::vector<int64_t> kcp_cta_tile(const at::Tensor& input, at::TensorList factors, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t smem_limit, int64_t sms);
 

@@ -18,13 +18,19 @@ struct KcpParams {
   long long sn, sc, sh, sw;
   void* out;                       // output (B, Cout, Ho, Wo), written through its strides
   long long on, oc, oh, ow;
-  int h, w, ho, wo;
+  int batch, h, w, ho, wo;
   int kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int in_channels_fastest, out_channels_fastest;  // channels_last: copy loops run along the channels
   // kcp sizes (chain/kind_kcp.cpp) and their padding to what the 16 x 16 x 16 tiles need
   int Q, N, S1, S2, R, T1, T2, cout, merged;
   int qn, qnp, s1p, rp, t1p, coutp;
   int nb;                          // (q, n) pairs per block, a multiple of 16
+  // The qn blocks of a tile are split over `splits` CTAs, split_blocks blocks each (the last may have
+  // fewer); with splits > 1 they write partial sums to ws (fp32, [split][b][cout][ho][wo], ws_split
+  // floats per split) and kcp_cta_finalize makes the output.
+  int splits, split_blocks;
+  float* ws;
+  long long ws_split;
   // A CTA computes tile_h x tile_w output pixels (p of them, a multiple of 16) of one image.
   int tile_h, tile_w, tiles_y, tiles_x, p;
   // The input rows (columns) its taps read, relative to the tile's first: halo

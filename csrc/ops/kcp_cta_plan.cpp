@@ -58,21 +58,34 @@ bool lay_out(KcpParams& p, int tile_h, int tile_w, int nb, int hc) {
   return true;
 }
 
-// Relative time of a launch with p's tile: tensor-core MACs plus the depthwise
-// taps at 8x their cost (SIMT), per CTA, times the waves of CTAs the device
-// runs at once (as many per multiprocessor as fit in its shared memory).
-double cost(const KcpParams& p, long long batch, int64_t smem_limit, int64_t sms) {
-  const double qnp = p.qnp;
-  double per_cta = qnp * (double(p.s1p) * p.hp * p.S2 + double(p.rp) * p.S2 * p.hpp +
-                          8.0 * p.rp * p.p * p.kh * p.kw);
-  per_cta += (qnp / p.nb) * (double(p.s1p) * p.hp * p.S2 * 4 + 64.0 * ((p.hp + p.hc - 1) / p.hc));  // loads, barriers
-  per_cta += p.merged ? double(p.coutp) * qnp * p.rp * p.p
-                      : qnp * (double(p.T2) * p.rp * p.p + double(p.t1p) * p.T2 * p.p);
-  per_cta += 2.0 * p.y_rows * p.p * (qnp / p.nb) * 4;  // the fp32 output tile in and out of the tensor cores
-  const long long ctas = batch * p.tiles_y * p.tiles_x;
+// Splits the qn blocks of a tile over `splits` CTAs (fewer where that would leave one empty).
+void set_splits(KcpParams& p, int splits) {
+  const int blocks = p.qnp / p.nb;
+  p.split_blocks = (blocks + splits - 1) / splits;
+  p.splits = (blocks + p.split_blocks - 1) / p.split_blocks;
+  p.ws_split = static_cast<long long>(p.batch) * p.cout * p.ho * p.wo;
+}
+
+// Relative time of a launch with p's tile and splits, in units of about a
+// thousandth of an SM clock: tensor-core MACs (about 1000 per SM clock for 16-bit
+// operands), the depthwise taps at 8 units (SIMT), per CTA, times the waves of CTAs
+// the device runs at once (as many per multiprocessor as fit in its shared memory);
+// with splits, the workspace's traffic (~69 units per byte per SM from HBM) and the
+// second launch (~2 us).
+double cost(const KcpParams& p, int64_t smem_limit, int64_t sms) {
+  double per_block = double(p.nb) * (double(p.s1p) * p.hp * p.S2 + double(p.rp) * p.S2 * p.hpp +
+                                     8.0 * p.rp * p.p * p.kh * p.kw);
+  per_block += double(p.s1p) * p.hp * p.S2 * 4 + 64.0 * ((p.hp + p.hc - 1) / p.hc);  // loads, barriers
+  per_block += p.merged ? double(p.coutp) * p.nb * p.rp * p.p
+                        : double(p.nb) * (double(p.T2) * p.rp * p.p + double(p.t1p) * p.T2 * p.p);
+  per_block += 2.0 * p.y_rows * p.p * 4;  // the fp32 output tile in and out of the tensor cores
+  const double per_cta = per_block * p.split_blocks;
+  const long long ctas = static_cast<long long>(p.batch) * p.tiles_y * p.tiles_x * p.splits;
   const long long per_sm = std::max<long long>(1, std::min<long long>(smem_limit / p.smem_bytes, 8));
   const long long slots = std::max<long long>(1, sms) * per_sm;
-  return double((ctas + slots - 1) / slots) * per_sm * per_cta;
+  double total = double((ctas + slots - 1) / slots) * per_sm * per_cta;
+  if (p.splits > 1) total += (8.0 * p.splits + 2.0) * p.ws_split * 69.0 / std::max<int64_t>(1, sms) + 2e6;
+  return total;
 }
 
 at::Tensor padded(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
@@ -115,6 +128,7 @@ bool kcp_cta_geometry(const at::Tensor& input, at::TensorList factors, const Pla
   p.rp = round_up(p.R, 16);
   p.t1p = round_up(p.T1, 16);
   p.coutp = round_up(p.cout, 16);
+  p.batch = static_cast<int>(input.size(0));
   p.h = static_cast<int>(input.size(2));
   p.w = static_cast<int>(input.size(3));
   p.ho = static_cast<int>(plan.out_shape[2]);
@@ -132,11 +146,14 @@ bool kcp_cta_geometry(const at::Tensor& input, at::TensorList factors, const Pla
   if (int64_t{p.qn} * p.R * std::max(p.cout, p.T2) > std::numeric_limits<int>::max() / 4)
     return no("factors past the kernel's 32-bit offsets");
 
+  if (input.size(0) > std::numeric_limits<int>::max()) return no("batch past the kernel's 32-bit index");
   if (force != nullptr) {
     if (force->tile_h * force->tile_w % 16 != 0 || force->nb % 16 != 0 || force->nb <= 0)
       return no("a forced tile needs tile_h * tile_w and nb to be positive multiples of 16");
+    if (force->splits < 0) return no("a forced split count must be positive");
     if (!lay_out(p, force->tile_h, force->tile_w, force->nb, 32)) return no("the forced tile has too many taps");
     if (p.smem_bytes > smem_limit) return no("the forced tile needs more shared memory than allowed");
+    set_splits(p, std::max(1, std::min(force->splits, p.qnp / p.nb)));
     return true;
   }
   static const int kTiles[][2] = {{8, 8}, {4, 16}, {4, 8}, {2, 16}, {2, 8}, {4, 4}, {1, 16}};
@@ -147,10 +164,15 @@ bool kcp_cta_geometry(const at::Tensor& input, at::TensorList factors, const Pla
       for (int hc : {64, 32, 16}) {
         KcpParams c = p;
         if (!lay_out(c, t[0], t[1], nb, hc) || c.smem_bytes > smem_limit) continue;
-        const double v = cost(c, input.size(0), smem_limit, sms);
-        if (best_cost < 0 || v < best_cost) {
-          best_cost = v;
-          best = c;
+        for (int splits : {1, 2, 3, 4, 6, 8, 12, 16}) {
+          if (splits > c.qnp / c.nb) break;
+          set_splits(c, splits);
+          if (c.splits != splits) continue;  // the same as a smaller count
+          const double v = cost(c, smem_limit, sms);
+          if (best_cost < 0 || v < best_cost) {
+            best_cost = v;
+            best = c;
+          }
         }
       }
   }
@@ -200,6 +222,14 @@ std::vector<at::Tensor> kcp_cta_pack(at::TensorList factors, const c10::optional
     p.bias = keep.back().data_ptr<float>();
   }
   return keep;
+}
+
+at::Tensor kcp_cta_workspace(const at::Tensor& input, KcpParams& p) {
+  p.ws = nullptr;
+  if (p.splits <= 1) return at::Tensor();
+  at::Tensor ws = at::empty({p.splits * p.ws_split}, input.options().dtype(at::kFloat));
+  p.ws = ws.data_ptr<float>();
+  return ws;
 }
 
 void kcp_cta_bind(const at::Tensor& input, const at::Tensor& out, KcpParams& p) {

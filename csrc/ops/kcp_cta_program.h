@@ -30,6 +30,9 @@
 //   merged y[t][p]        += sum_(qn,r) M[t][qn][r] z3[qn][r][p]         (instead of G4, G5)
 // and at the end out = y + bias. The intermediates are rounded to the operand
 // dtype between stages, as the composite chain rounds its activations.
+// Where the tiles alone give too few CTAs (batch 1), the qn blocks are split
+// over `splits` CTAs per tile: each writes its partial y to a fp32 workspace,
+// and kcp_cta_finalize (a second launch) sums the splits in order and adds the bias.
 // The input is read once per block (from L2 after the first): holding it for
 // the whole CTA took more shared memory than the tiles worth running.
 // Every tap's input pixel is a halo pixel, so the depthwise stages need no
@@ -49,8 +52,12 @@ namespace hsv {
 template <typename S, typename Exec>
 KCP_FN void kcp_cta_run(const KcpParams& p, long long cta, unsigned char* smem, Exec& ex) {
   const int per_image = p.tiles_y * p.tiles_x;
-  const long long b = cta / per_image;
-  const int tile = static_cast<int>(cta - b * per_image);
+  const long long per_split = static_cast<long long>(p.batch) * per_image;
+  const int split = static_cast<int>(cta / per_split);
+  const long long b = (cta - split * per_split) / per_image;
+  const int tile = static_cast<int>(cta - split * per_split - b * per_image);
+  const int qn_begin = split * p.split_blocks * p.nb;
+  const int qn_end = qn_begin + p.split_blocks * p.nb < p.qnp ? qn_begin + p.split_blocks * p.nb : p.qnp;
   const int oy0 = (tile / p.tiles_x) * p.tile_h, ox0 = (tile % p.tiles_x) * p.tile_w;
   const int iy0 = oy0 * p.stride_h - p.pad_h, ix0 = ox0 * p.stride_w - p.pad_w;
   S* const xs = reinterpret_cast<S*>(smem + p.off_a);
@@ -64,7 +71,7 @@ KCP_FN void kcp_cta_run(const KcpParams& p, long long cta, unsigned char* smem, 
 
   S* const z0 = xs + chans * p.hc;  // after the chunk's input in region a
   const int ld0 = p.hc * S2;        // z0: one (hc x S2) block per qn
-  for (int qn0 = 0; qn0 < p.qnp; qn0 += p.nb) {
+  for (int qn0 = qn_begin; qn0 < qn_end; qn0 += p.nb) {
     // G0 and G1 walk the halo in chunks of hc pixels, so that only a chunk's input and z0 are held.
     for (int hc0 = 0; hc0 < p.hp; hc0 += p.hc) {
       const int nh = p.hp - hc0 < p.hc ? p.hp - hc0 : p.hc;
@@ -161,6 +168,16 @@ KCP_FN void kcp_cta_run(const KcpParams& p, long long cta, unsigned char* smem, 
     }
   }
 
+  if (p.splits > 1) {  // this split's partial y, to the workspace (ws[split][b][t][oy][ox])
+    float* const ws = p.ws + split * p.ws_split + b * p.cout * static_cast<long long>(p.ho) * p.wo;
+    ex.threads(p.cout * P, [&](int i) {
+      const int px = i % P, t = i / P;
+      const int oy = oy0 + px / p.tile_w, ox = ox0 + px % p.tile_w;
+      if (oy < p.ho && ox < p.wo) ws[(static_cast<long long>(t) * p.ho + oy) * p.wo + ox] = y[t * P + px];
+    });
+    ex.sync();
+    return;
+  }
   // out = y + bias (rows t = t1 * T2 + t2 of y are the output channels either way)
   S* const out = static_cast<S*>(p.out) + b * p.on;
   ex.threads(p.cout * P, [&](int i) {
@@ -179,6 +196,19 @@ KCP_FN void kcp_cta_run(const KcpParams& p, long long cta, unsigned char* smem, 
     }
   });
   ex.sync();
+}
+
+// Element i (of batch x cout x ho x wo, in that order) of the output when splits > 1:
+// the splits' partial sums in order, plus the bias.
+template <typename S>
+KCP_FN void kcp_cta_finalize(const KcpParams& p, long long i) {
+  const long long hw = static_cast<long long>(p.ho) * p.wo;
+  const long long b = i / (p.cout * hw), rest = i - b * p.cout * hw;
+  const int t = static_cast<int>(rest / hw);
+  const int oy = static_cast<int>((rest % hw) / p.wo), ox = static_cast<int>(rest % p.wo);
+  float v = p.bias != nullptr ? p.bias[t] : 0.0f;
+  for (int s = 0; s < p.splits; ++s) v += p.ws[s * p.ws_split + i];
+  static_cast<S*>(p.out)[b * p.on + t * p.oc + oy * p.oh + ox * p.ow] = static_cast<S>(v);
 }
 
 }  // namespace hsv

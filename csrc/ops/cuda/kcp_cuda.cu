@@ -13,6 +13,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
 #include <type_traits>
@@ -100,15 +101,27 @@ __global__ void __launch_bounds__(kKcpThreads) kcp_kernel(const KcpParams p) {
 #endif
 }
 
-std::atomic<int64_t> last_tile_h{0}, last_tile_w{0}, last_nb{0}, last_smem{0};
+std::atomic<int64_t> last_tile_h{0}, last_tile_w{0}, last_nb{0}, last_splits{0}, last_smem{0};
+
+// With splits: every output element from the splits' partial sums in the workspace.
+template <typename S>
+__global__ void __launch_bounds__(256) kcp_finalize_kernel(const KcpParams p) {
+  const long long n = p.ws_split;  // batch x cout x ho x wo
+  for (long long i = blockIdx.x * 256LL + threadIdx.x; i < n; i += 256LL * gridDim.x) kcp_cta_finalize<S>(p, i);
+}
 
 template <typename S>
-void launch(const KcpParams& p, long long ctas, cudaStream_t stream) {
+void launch(const KcpParams& p, long long ctas, int sms, cudaStream_t stream) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   tiles::allow_max_dynamic_smem(reinterpret_cast<const void*>(&kcp_kernel<S>), device);
   kcp_kernel<S><<<static_cast<unsigned>(ctas), kKcpThreads, p.smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const long long blocks = std::min<long long>((p.ws_split + 255) / 256, 8LL * sms);
+    kcp_finalize_kernel<S><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace
@@ -140,25 +153,27 @@ at::Tensor kcp_forward(const at::Tensor& input, at::TensorList factors, const c1
               "hsv::conv2d(kind='kcp'): the fused kernel cannot run these arguments (", why, ")");
   const std::vector<at::Tensor> keep = kcp_cta_pack(factors, bias, p, cache);
   kcp_cta_bind(input, out, p);
-  const long long ctas = kcp_cta_count(input, p);
+  const at::Tensor ws = kcp_cta_workspace(input, p);  // the splits' partial sums; kept until the launches are queued
+  const long long ctas = kcp_cta_count(p);
   TORCH_CHECK(ctas <= std::numeric_limits<int>::max(), "hsv::conv2d(kind='kcp'): ", ctas, " tiles exceed the grid");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (input.scalar_type() == at::kHalf) {
-    launch<c10::Half>(p, ctas, stream);
+    launch<c10::Half>(p, ctas, dev.sms, stream);
   } else {
-    launch<c10::BFloat16>(p, ctas, stream);
+    launch<c10::BFloat16>(p, ctas, dev.sms, stream);
   }
   count_fused_launch();
   count_kcp_launch();
   last_tile_h.store(p.tile_h);
   last_tile_w.store(p.tile_w);
   last_nb.store(p.nb);
+  last_splits.store(p.splits);
   last_smem.store(p.smem_bytes);
   return out;
 }
 
 std::vector<int64_t> kcp_last_config() {
-  return {last_tile_h.load(), last_tile_w.load(), last_nb.load(), last_smem.load()};
+  return {last_tile_h.load(), last_tile_w.load(), last_nb.load(), last_splits.load(), last_smem.load()};
 }
 
 }  // namespace cuda

@@ -26,7 +26,7 @@ bool kcp_supports(const at::Tensor& input, at::TensorList factors, const Plan& p
 at::Tensor kcp_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                        const Plan& plan, bool cache);
 
-// The last launch's (tile_h, tile_w, nb, shared-memory bytes), for benchmarks.
+// The last launch's (tile_h, tile_w, nb, splits, shared-memory bytes), for benchmarks.
 std::vector<int64_t> kcp_last_config();
 
 }  // namespace cuda
