@@ -6,12 +6,14 @@
 #include <limits>
 #include <string>
 
+#include "cpu/kernel_util.h"
 #include "cpu/pack.h"
 
 namespace hsv {
 namespace {
 
-int round_up(int64_t v, int64_t m) { return static_cast<int>((v + m - 1) / m * m); }
+// KcpParams holds ints (the kernel's indices).
+int round_up(int64_t v, int64_t m) { return static_cast<int>(cpu::round_up(v, m)); }
 int align128(int64_t v) { return round_up(v, 128); }
 
 // The distinct input offsets taps o * stride + i * dil (o < tile, i < k) read, in
@@ -107,6 +109,7 @@ bool kcp_cta_geometry(const at::Tensor& input, at::TensorList factors, const Pla
   const auto dtype = input.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return no("dtype is not fp16/bf16");
   if (plan.stages.size() < 5) return no("not a kcp plan");
+  if (input.size(0) > std::numeric_limits<int>::max()) return no("batch past the kernel's 32-bit index");
   p = KcpParams{};
   p.merged = factors.size() == 5;
   p.Q = static_cast<int>(factors[0].size(0));
@@ -146,7 +149,6 @@ bool kcp_cta_geometry(const at::Tensor& input, at::TensorList factors, const Pla
   if (int64_t{p.qn} * p.R * std::max(p.cout, p.T2) > std::numeric_limits<int>::max() / 4)
     return no("factors past the kernel's 32-bit offsets");
 
-  if (input.size(0) > std::numeric_limits<int>::max()) return no("batch past the kernel's 32-bit index");
   if (force != nullptr) {
     if (force->tile_h * force->tile_w % 16 != 0 || force->nb % 16 != 0 || force->nb <= 0)
       return no("a forced tile needs tile_h * tile_w and nb to be positive multiples of 16");

@@ -177,13 +177,14 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
       if (!cuda::two_stage_supports(input, folded->factors, folded_plan, folded->kind)) folded.reset();
     }
   }
-  const bool kcp = k == "kcp" && cuda::kcp_from_env() && cuda::kcp_supports(input, factors, plan, k);
+  KcpParams kcp_geometry;
+  const bool kcp = k == "kcp" && cuda::kcp_from_env() && cuda::kcp_supports(input, factors, plan, k, &kcp_geometry);
   if (!two_stage && !folded && !kcp && !cuda::tucker2_supports(input, factors, plan, k)) {
     return chain_forward(input, factors, bias, plan);
   }
   auto fused = [&] {
     if (two_stage) return cuda::two_stage_forward(input, factors, bias, plan, k);
-    if (kcp) return cuda::kcp_forward(input, factors, bias, plan, /*cache=*/!capturing);
+    if (kcp) return cuda::kcp_forward(input, factors, bias, plan, kcp_geometry, /*cache=*/!capturing);
     if (!folded) return cuda::tucker2_forward(input, factors, bias, plan);
     at::Tensor y = cuda::two_stage_forward(input, folded->factors, bias, folded_plan, folded->kind);
     cuda::count_fold_launch();

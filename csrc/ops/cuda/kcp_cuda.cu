@@ -127,7 +127,7 @@ void launch(const KcpParams& p, long long ctas, int sms, cudaStream_t stream) {
 }  // namespace
 
 bool kcp_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
-                  std::string* reason) {
+                  KcpParams* geometry, std::string* reason) {
   if (kind != "kcp" || !input.is_cuda()) {
     if (reason) *reason = kind != "kcp" ? "not kind kcp" : "input is not on a CUDA device";
     return false;
@@ -137,20 +137,15 @@ bool kcp_supports(const at::Tensor& input, at::TensorList factors, const Plan& p
     if (reason) *reason = "needs compute capability 8.0 or newer";
     return false;
   }
-  KcpParams p;
-  return kcp_cta_geometry(input, factors, plan, dev.smem_optin, dev.sms, p, reason);
+  return kcp_cta_geometry(input, factors, plan, dev.smem_optin, dev.sms, *geometry, reason);
 }
 
 at::Tensor kcp_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                       const Plan& plan, bool cache) {
+                       const Plan& plan, KcpParams p, bool cache) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(output_memory_format(input)));
   if (out.numel() == 0) return out;
   const tiles::DeviceInfo dev = tiles::device_info(input.device().index());
-  KcpParams p;
-  std::string why;
-  TORCH_CHECK(kcp_cta_geometry(input, factors, plan, dev.smem_optin, dev.sms, p, &why),
-              "hsv::conv2d(kind='kcp'): the fused kernel cannot run these arguments (", why, ")");
   const std::vector<at::Tensor> keep = kcp_cta_pack(factors, bias, p, cache);
   kcp_cta_bind(input, out, p);
   const at::Tensor ws = kcp_cta_workspace(input, p);  // the splits' partial sums; kept until the launches are queued

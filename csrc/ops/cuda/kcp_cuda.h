@@ -12,19 +12,22 @@
 #include <vector>
 
 #include "../chain/conv_chain.h"
+#include "../kcp_cta_params.h"
 
 namespace hsv {
 namespace cuda {
 
-// Whether kcp_forward runs these arguments on this device; if not and reason
-// is given, it says why (dtype, S2 or T2 not a multiple of 16, shared memory, ...).
+// Whether kcp_forward runs these arguments on this device, and if so its launch
+// geometry (tile, splits, shared-memory layout) in *geometry; if not and reason is
+// given, it says why (dtype, S2 or T2 not a multiple of 16, shared memory, ...).
 bool kcp_supports(const at::Tensor& input, at::TensorList factors, const Plan& plan, const std::string& kind,
-                  std::string* reason = nullptr);
+                  KcpParams* geometry, std::string* reason = nullptr);
 
-// plan from make_plan, kcp_supports holding. cache: keep the packed factors
-// against the factors (false while a CUDA graph is captured).
+// plan from make_plan, geometry from kcp_supports for the same arguments (the
+// cost model runs once per call). cache: keep the packed factors against the
+// factors (false while a CUDA graph is captured).
 at::Tensor kcp_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                       const Plan& plan, bool cache);
+                       const Plan& plan, KcpParams geometry, bool cache);
 
 // The last launch's (tile_h, tile_w, nb, splits, shared-memory bytes), for benchmarks.
 std::vector<int64_t> kcp_last_config();
