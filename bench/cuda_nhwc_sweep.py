@@ -135,7 +135,7 @@ def main(argv=None):
                 targets = dict(ratio=args.ratio)
                 if layers.accepts(hsvkernels.METHODS[method], "macs_ratio"):   # hsv, kcp, svd
                     targets["macs_ratio"] = args.macs_ratio
-                if method == "kcp":   # timing needs the ranks, not a converged fit: 200 ALS sweeps x 3 took minutes
+                if method == "kcp":   # timing needs the ranks, not a converged fit (3 fits of 200 sweeps: ~1 min)
                     targets.update(cp_iters=20, verify=1)
                 fact = hsvkernels.decompose(w, method, **targets)
                 factors = [f.to("cuda", dtype) for f in fact.factors]

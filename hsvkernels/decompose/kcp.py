@@ -5,7 +5,7 @@
 1. KT rank N: SVD of the rearranged matrix R(W) (T1*S1, T2*S2*kh*kw) whose rows
    are vec(B) and columns vec(A) (Van Loan-Pitsianis), truncated to N terms.
 2. Each B_n: truncated SVD to rank Q (optimal).
-3. Each A_n: CP-ALS (tensorly parafac, SVD init, fixed random_state) to rank R.
+3. Each A_n: CP-ALS to rank R (_cp_batched: one ALS batched over the N terms, SVD init).
    Size-1 modes (1x1 kernels, degenerate splits) are dropped first; with two or
    fewer modes left the CP is a matrix SVD, which is optimal. At the CP bound
    R = prod(dims) / max(dims) we write the exact CP directly (one term per fiber
@@ -23,12 +23,11 @@ They are always available, so choosing a split never fails; only a target that
 no configuration reaches raises.
 """
 import math
-import warnings
 
-import numpy as np
 import torch
 
 from .._threads import single_threaded
+from . import _cp_batched
 from ..factorization import Factorization
 from ..formats.kcp import KCP
 from .candidates import Candidate
@@ -116,75 +115,58 @@ def rearrange(w, t1, s1):
             .reshape(t1 * s1, -1))
 
 
-# CP of one spatial factor ---------------------------------------------------------
+# CP of the spatial factors, batched over the KT terms ------------------------------
 
 def _exact_cp(x):
-    """Exact CP with cp_bound(x.shape) terms: unit vectors on all modes but the largest."""
-    dims = list(x.shape)
+    """Exact CP of each x[n] with cp_bound terms: unit vectors on all modes but the largest."""
+    b, dims = x.shape[0], list(x.shape[1:])
     big = dims.index(max(dims))
     rest = [d for k, d in enumerate(dims) if k != big]
-    fibers = x.movedim(big, -1).reshape(-1, dims[big])          # (prod rest, d_big)
-    idx = torch.unravel_index(torch.arange(fibers.shape[0]), tuple(rest)) if rest else ()
+    fibers = x.movedim(big + 1, -1).reshape(b, -1, dims[big])      # (B, prod rest, d_big)
+    idx = torch.unravel_index(torch.arange(fibers.shape[1]), tuple(rest)) if rest else ()
     factors, j = [], 0
     for k, d in enumerate(dims):
         if k == big:
-            factors.append(fibers.T.contiguous())
+            factors.append(fibers.transpose(1, 2).contiguous())
         else:
-            factors.append(torch.nn.functional.one_hot(idx[j], d).T.to(x.dtype))
+            unit = torch.nn.functional.one_hot(idx[j], d).T.to(x.dtype)
+            factors.append(unit.expand(b, -1, -1).contiguous())
             j += 1
     return factors
 
 
 def _cp(x, rank, iters, tol):
-    """Rank-`rank` CP of a tensor with no size-1 modes: list of (d_k, rank) factors."""
-    dims = list(x.shape)
+    """Rank-`rank` CP of each x[n] (x has no size-1 modes): list of (B, d_k, rank) factors."""
+    dims = list(x.shape[1:])
     if rank >= cp_bound(dims):
         factors = _exact_cp(x)
-        pad = rank - factors[0].shape[1]
-        return [torch.cat([f, f.new_zeros(f.shape[0], pad)], 1) for f in factors]
+        pad = rank - factors[0].shape[2]
+        return [torch.cat([f, f.new_zeros(f.shape[0], f.shape[1], pad)], 2) for f in factors]
     if len(dims) <= 2:
-        mat = x.reshape(dims[0], -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-        if len(dims) == 1:
-            return [u * s]
-        return [u * s, vh.T.contiguous()]
-    from tensorly.decomposition import parafac  # imported late: only kcp needs tensorly
-    with warnings.catch_warnings():  # the SVD init pads ranks above a mode size with seeded noise, and says so
-        warnings.simplefilter("ignore", UserWarning)
-        weights, factors = parafac(x.numpy(), rank, n_iter_max=iters, init="svd", tol=tol, random_state=0)
-    factors = [torch.from_numpy(np.ascontiguousarray(f)) for f in factors]
-    factors[0] = factors[0] * torch.from_numpy(np.asarray(weights))
-    return factors
+        u, s, vh = torch.linalg.svd(x.reshape(x.shape[0], dims[0], -1), full_matrices=False)
+        u, s, vh = u[:, :, :rank], s[:, :rank], vh[:, :rank]
+        return [u * s[:, None, :]] + ([vh.transpose(1, 2).contiguous()] if len(dims) == 2 else [])
+    return _cp_batched.als(x, rank, iters, tol)[0]
 
 
 def _balance(factors):
     """Gives every mode of each CP term the same norm (keeps fp32/bf16 factors well scaled)."""
-    norms = torch.stack([f.norm(dim=0) for f in factors])        # (modes, R)
+    norms = torch.stack([f.norm(dim=1) for f in factors])        # (modes, B, R)
     target = norms.clamp_min(1e-300).log().mean(0).exp()
     target = torch.where((norms == 0).any(0), torch.zeros_like(target), target)
-    return [f * (target / n.clamp_min(1e-300)) for f, n in zip(factors, norms)]
+    return [f * (target / n.clamp_min(1e-300))[:, None, :] for f, n in zip(factors, norms)]
 
 
 def cp_spatial(a, rank, iters=200, tol=1e-10):
-    """CP of A (T2, S2, kh, kw) -> its four factors (T2, R), (S2, R), (kh, R), (kw, R)."""
-    dims = list(a.shape)
+    """CP of every A_n in a (N, T2, S2, kh, kw) -> four factors (N, T2, R), (N, S2, R), (N, kh, R), (N, kw, R)."""
+    n, dims = a.shape[0], list(a.shape[1:])
     live = [k for k, d in enumerate(dims) if d > 1]
-    if not live:
-        live_factors = []
-        scale = a.reshape(1)
-    else:
-        live_factors = _balance(_cp(a.reshape([dims[k] for k in live]), rank, iters, tol))
-        scale = None
-    out, it = [], iter(live_factors)
-    for k, d in enumerate(dims):
-        if k in live:
-            out.append(next(it))
-        else:
-            out.append(torch.ones(1, rank, dtype=a.dtype))
-    if scale is not None:  # all modes have size 1: one scalar term
-        out[0] = out[0] * scale
-    return out
+    if not live:  # all modes have size 1: one scalar term per A_n
+        out = [a.new_ones(n, 1, rank) for _ in dims]
+        out[0] = out[0] * a.reshape(n, 1, 1)
+        return out
+    live_factors = iter(_balance(_cp(a.reshape([n] + [dims[k] for k in live]), rank, iters, tol)))
+    return [next(live_factors) if k in live else a.new_ones(n, 1, rank) for k in range(len(dims))]
 
 
 # The decomposition --------------------------------------------------------------
@@ -205,9 +187,7 @@ def factorize(weight, split, rank, merged=False, cp_iters=200, cp_tol=1e-10):
     broot = bsv[:, :q].sqrt()
     bt = (bu[:, :, :q] * broot[:, None, :]).permute(1, 2, 0)            # (T1, Q, N)
     bs = (broot[:, :, None] * bvh[:, :q]).permute(1, 0, 2)              # (Q, N, S1)
-    at, as_, ah, aw = (torch.empty(n, d, r, dtype=torch.float64) for d in (t2, s2, kh, kw))
-    for k in range(n):
-        at[k], as_[k], ah[k], aw[k] = cp_spatial(a_terms[k], r, cp_iters, cp_tol)
+    at, as_, ah, aw = cp_spatial(a_terms, r, cp_iters, cp_tol)
     factors = [bs, as_.transpose(1, 2), ah.transpose(1, 2), aw.transpose(1, 2), at]  # at stays (N, T2, R)
     factors = [f.contiguous() for f in factors]
     if merged:
@@ -285,49 +265,22 @@ def _grid(hi, grid=_GRID):
 def _als_errors(x, ranks, iters=8):
     """Relative squared CP errors of a batch of unit-norm tensors x (N, dims...) at each rank: (len(ranks), N).
 
-    A short batched CP-ALS (HOSVD init, seeded padding): an estimate used to rank
-    candidates, not the decomposition itself.
+    A short batched CP-ALS: an estimate used to rank candidates, not the decomposition itself.
     """
     n = x.shape[0]
     dims = [d for d in x.shape[1:] if d > 1]
     x = x.reshape(n, *dims)
-    gen = torch.Generator().manual_seed(0)
     total = x.flatten(1).square().sum(1).clamp_min(1e-30)
-    # leading left singular vectors of every unfolding, shared by all ranks
-    bases = [torch.linalg.svd(x.movedim(k + 1, 1).reshape(n, d, -1), full_matrices=False)[0]
-             for k, d in enumerate(dims)] if len(dims) > 2 else []
+    bases = _cp_batched.unfolding_bases(x) if len(dims) > 2 else None   # shared by all ranks
     out = []
     for rank in ranks:
         if not dims or rank >= cp_bound(dims):
             out.append(torch.zeros(n, dtype=x.dtype))
-            continue
-        if len(dims) <= 2:
+        elif len(dims) <= 2:
             s = torch.linalg.svdvals(x.reshape(n, dims[0], -1))
             out.append(s[:, rank:].square().sum(1) / total)
-            continue
-        m = len(dims)
-        letters = "abcd"[:m]
-        factors = []
-        for k in range(m):
-            u = bases[k][:, :, :rank]
-            if u.shape[2] < rank:
-                extra = torch.randn(n, dims[k], rank - u.shape[2], generator=gen, dtype=x.dtype)
-                u = torch.cat([u, extra], 2)
-            factors.append(u)
-        eye = torch.eye(rank, dtype=x.dtype)
-        for _ in range(iters):
-            for k in range(m):
-                others = [j for j in range(m) if j != k]
-                spec = "n%s,%s->n%sr" % (letters, ",".join("n%sr" % letters[j] for j in others), letters[k])
-                mk = torch.einsum(spec, x, *[factors[j] for j in others])
-                gram = torch.ones(n, rank, rank, dtype=x.dtype)
-                for j in others:
-                    gram = gram * (factors[j].transpose(1, 2) @ factors[j])
-                ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
-                factors[k] = torch.linalg.solve(gram + ridge * eye, mk.transpose(1, 2)).transpose(1, 2)
-        spec = "%s->n%s" % (",".join("n%sr" % l for l in letters), letters)
-        recon = torch.einsum(spec, *factors)
-        out.append((x - recon).flatten(1).square().sum(1) / total)
+        else:
+            out.append(_cp_batched.als(x, rank, iters, tol=0.0, ridge=1e-6, bases=bases)[1].square())
     return torch.stack(out).clamp(0, 1)
 
 
