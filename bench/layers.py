@@ -13,6 +13,10 @@ On CPU, --fused adds the hand-written fused kernels as a fourth path (the op
 with HSV_CPU_IMPL=fused; "op" is then pinned to HSV_CPU_IMPL=composite), with
 fused/dense, fused/op (= fused/composite) and achieved GFLOP/s as a share of
 this machine's measured FMA peak (bench/peak.py, single core x threads).
+
+On CUDA (or with --roofline on) every path also gets its achieved TFLOP/s and
+GB/s against the device's measured ceilings (bench/ceilings.py: a large matmul
+in the same dtype and flags, a large copy) and its share of the roofline bound.
 """
 import argparse
 import contextlib
@@ -34,7 +38,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc  # noqa: E402
-from bench import suite, timing  # noqa: E402
+from bench import ceilings, suite, timing  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +79,10 @@ def parse_args(argv):
                    help="CPU: also time the fused kernels (HSV_CPU_IMPL=fused) against the composite op")
     p.add_argument("--peak-seconds", type=float, default=1.0,
                    help="with --fused: seconds spent measuring the FMA peak (bench/peak.py)")
+    p.add_argument("--roofline", choices=["auto", "on", "off"], default="auto",
+                   help="measure the device's ceilings (bench/ceilings.py) and report every path against them; "
+                        "auto: on CUDA only")
+    p.add_argument("--ceiling-seconds", type=float, default=1.0, help="seconds spent measuring the ceilings")
     p.add_argument("--out", help="output path without extension (default bench/results/layers-<device>-<date>)")
     suite.add_filter_args(p)
     _host_malloc.add_argument(p)
@@ -268,6 +276,10 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                        macs_dense=shape.dense_macs(batch), macs_fact=batch * fact.macs(ho, wo, shape.h, shape.w))
             row["params_ratio"] = row["params_dense"] / row["params_fact"]
             row["macs_ratio"] = row["macs_dense"] / row["macs_fact"]
+            # compulsory traffic: input, weight (factors) and output, each moved once
+            io_elems = x.numel() + batch * shape.cout * ho * wo
+            row["bytes_dense"] = x.element_size() * (io_elems + w_dense.numel())
+            row["bytes_fact"] = x.element_size() * (io_elems + sum(t.numel() for t in factors))
 
             def op_call(factors=factors, kind=kind, impl="composite" if args.fused else None):
                 with cpu_impl(impl):
@@ -350,8 +362,25 @@ def bench_layer(shape, args, device, dtype, methods, layer_index):
                     row["peak_share_dense"] = row["gflops_dense"] / args.peak_gflops
                     row["peak_share_fused"] = ratio(row["gflops_fused"], args.peak_gflops)
                     row["peak_share_op"] = ratio(row["gflops_op"], args.peak_gflops)
+            if args.ceilings:
+                row["roofline"] = roofline_of(row, args.ceilings)
             print_row(row, args.fused)
     return rows
+
+
+def roofline_of(row, ceil):
+    """Each timed path of a row against the ceilings: the dense conv with its own MACs and bytes, the rest
+    with the factorization's."""
+    t = row.get("time") or {}
+    paths = {k: (t.get(k) or {}).get("median") for k in ("dense", "op", "reference", "fused")}
+    paths.update({"impl:" + impl: (v or {}).get("median") for impl, v in (row.get("time_impls") or {}).items()})
+    out = {}
+    for name, seconds in paths.items():
+        if seconds:
+            flops, nbytes = ((2 * row["macs_dense"], row["bytes_dense"]) if name == "dense"
+                             else (2 * row["macs_fact"], row["bytes_fact"]))
+            out[name] = ceilings.roofline(flops, nbytes, seconds, ceil)
+    return out
 
 
 @contextlib.contextmanager
@@ -527,6 +556,8 @@ def markdown(result):
     lines.append("|" + "---|" * len(cols))
     for row in result["rows"]:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row_cells(row, fused)) + " |")
+    if settings.get("ceilings"):
+        lines += roofline_markdown(result)
     if result["summary"]:
         lines += ["", "Geometric means over the layers that ran:", "",
                   "| method | N | layers | op/dense | ref/dense | op/ref | fused/dense | fused/op |",
@@ -536,6 +567,23 @@ def markdown(result):
                 s["method"], s["batch"], s["layers"], fmt(s["geomean_op_dense"]), fmt(s["geomean_ref_dense"]),
                 fmt(s["geomean_op_ref"]), fmt(s.get("geomean_fused_dense")), fmt(s.get("geomean_fused_op"))))
     return "\n".join(lines) + "\n"
+
+
+def roofline_markdown(result):
+    ceil = result["settings"]["ceilings"]
+    lines = ["", "Roofline: " + ceilings.describe(ceil) + ". TFLOP/s count 2 x MACs (dense MACs for dense, the "
+             "factorization's for the rest); GB/s count the compulsory traffic (input, weights or factors, output, "
+             "each once), so a chain's intermediates are not in them; bound = max(FLOPs / matmul ceiling, bytes / "
+             "copy ceiling); roofline = bound / time (1.00 = at the roofline).", "",
+             "| layer | N | method | path | time | TFLOP/s | GB/s | % matmul | % copy | bound | roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        for path, r in (row.get("roofline") or {}).items():
+            lines.append("| %s | %d | %s | %s | %s | %.2f | %.1f | %.0f%% | %.0f%% | %s | %.2f |" % (
+                row["layer"], row["batch"], row["method"], path, fmt_time(r["bound_s"] / r["roofline_share"]),
+                r["tflops"], r["gbps"], 100 * r["compute_share"], 100 * r["memory_share"], fmt_time(r["bound_s"]),
+                r["roofline_share"]))
+    return lines
 
 
 def default_out(args):
@@ -568,6 +616,10 @@ def main(argv=None):
         raise SystemExit("layers.py: unknown method(s) %s; hsvkernels.METHODS has %s"
                          % (unknown, sorted(hsvkernels.METHODS)))
     layers = select_layers(args)
+    args.ceilings = None
+    if args.roofline == "on" or (args.roofline == "auto" and device.type == "cuda"):
+        args.ceilings = ceilings.measure(device, dtype, args.ceiling_seconds)
+        print(ceilings.describe(args.ceilings), flush=True)
     args.peak_gflops = args.core_peak_gflops = args.fused_isa = None
     if args.fused:
         if device.type != "cpu":

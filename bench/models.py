@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc  # noqa: E402
-from bench import timing  # noqa: E402
+from bench import ceilings, timing  # noqa: E402
 from hsvkernels import benchmark, convert, models  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
@@ -89,6 +89,9 @@ def main(argv=None):
                     help="fold BatchNorms into their convs in the dense model before converting (both models then run "
                          "without BN passes)")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
+    ap.add_argument("--roofline", choices=["auto", "on", "off"], default="auto",
+                    help="measure the device's matmul ceiling (bench/ceilings.py) and give each model's conv TFLOP/s "
+                         "as a share of it; auto: on CUDA only")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
     _host_malloc.add_argument(ap)
     args = ap.parse_args(argv)
@@ -117,6 +120,10 @@ def main(argv=None):
     bad = [i for i in impls if i not in allowed]
     if bad:
         raise SystemExit("models.py: %s values %s: each must be one of %s" % (impl_var, bad, allowed))
+    ceil = None
+    if args.roofline == "on" or (args.roofline == "auto" and cuda):
+        ceil = ceilings.measure(args.device, dtype)
+        print(ceilings.describe(ceil), flush=True)
     rows = []
     print("%s, threads %d, %s, %s, ratio %g, macs_ratio %g, %s %s"
           % (args.device, torch.get_num_threads(), args.dtype, fmt, args.ratio, args.macs_ratio, impl_var,
@@ -143,7 +150,8 @@ def main(argv=None):
                              dense_ms=r.latency_dense_ms, factorized_ms=r.latency_factorized_ms)
                         for r in report.layers if r.latency_dense_ms is not None] if args.measure else []
             params = sum(p.numel() for p in dense.parameters()) / sum(p.numel() for p in compressed.parameters())
-            macs_x = report.totals()["macs_before"] / report.totals()["macs_after"]
+            totals = report.totals()
+            macs_x = totals["macs_before"] / totals["macs_after"]
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
             print("%s %s: %d convs factorized%s%s" % (name, method, factorized,
                                                       ", the rest kept dense (measured slower or not eligible)"
@@ -176,6 +184,13 @@ def main(argv=None):
                                dtype=args.dtype, impl_var=impl_var, impl=impl,
                                model_params_x=1.0 if aa else params,
                                conv_macs_x=1.0 if aa else macs_x, **t)
+                    # achieved conv TFLOP/s: the convs' MACs over the whole model's time (the rest of the model
+                    # does little arithmetic but takes time, so this understates the convs' own rate)
+                    macs_after = totals["macs_before"] if aa else totals["macs_after"]
+                    row["conv_tflops_dense"] = 2 * totals["macs_before"] * n / t["dense_s"] / 1e12
+                    row["conv_tflops_compressed"] = 2 * macs_after * n / t["compressed_s"] / 1e12
+                    if ceil:
+                        row["matmul_ceiling_tflops"] = ceil["tflops"]
                     if measured and not aa:
                         row["layers"] = measured
                     rows.append(row)
@@ -186,7 +201,7 @@ def main(argv=None):
                              row["conv_macs_x"]), flush=True)
     if args.out:
         with open(args.out + ".json", "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+            json.dump({"env": env, "ceilings": ceil, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
             f.write("End to end, %s, %s, %d threads, %s, input %d%s%s. Command: `%s`\n\n```\n%s\n```\n\n"
                     % (args.device, args.dtype, torch.get_num_threads(),
@@ -194,13 +209,19 @@ def main(argv=None):
                        ", each model replayed from a CUDA graph" if args.graph else "",
                        ", BatchNorms folded into the convs in both models" if args.fold_bn else "",
                        " ".join(sys.argv), "\n".join(head)))
+            if ceil:
+                f.write(ceilings.describe(ceil) + ". Conv TFLOP/s: 2 x the convs' MACs per second of the whole "
+                        "model's time; (% of matmul): that as a share of the matmul ceiling.\n\n")
             f.write("| model | method | batch | " + impl_var + " | dense ms | compressed ms | compressed / dense | "
-                    "model params x | conv MACs x | convs factorized |\n|---|---|---|---|---|---|---|---|---|---|\n")
+                    "model params x | conv MACs x | convs factorized | conv TFLOP/s dense | conv TFLOP/s compressed"
+                    " |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
             for r in rows:
-                f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f | %.2f | %.2f | %d%s |\n" % (
+                share = ((lambda v: " (%.0f%%)" % (100 * v / ceil["tflops"])) if ceil else (lambda v: ""))
+                f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f | %.2f | %.2f | %d%s | %.3f%s | %.3f%s |\n" % (
                     r["model"], r["method"], r["batch"], r["impl"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"],
                     r["ratio"], r["model_params_x"], r["conv_macs_x"], r["factorized"],
-                    " (measured)" if r["measure"] else ""))
+                    " (measured)" if r["measure"] else "", r["conv_tflops_dense"], share(r["conv_tflops_dense"]),
+                    r["conv_tflops_compressed"], share(r["conv_tflops_compressed"])))
             if args.aa:
                 f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
                         "timing's own bias.\n")

@@ -95,3 +95,53 @@ def test_layers_fused_columns(tmp_path):
         assert r["peak_share_op"] == pytest.approx(r["peak_share_fused"] * r["ratio_fused_op"], rel=1e-9)
     md = (tmp_path / "fused.md").read_text()
     assert "fused/dense" in md and "%peak fused" in md and "%peak op" in md and "Dense F.conv2d backend(s)" in md
+
+
+def test_layers_roofline(tmp_path):
+    # --roofline on (automatic on CUDA): every timed path against the measured ceilings; tiny ceilings to be fast
+    from bench import ceilings
+    out = tmp_path / "roof"
+    os.environ.pop("HSV_CPU_IMPL", None)
+    result = layers.main(TINY[:2] + FAST + ["--methods", "svd", "--impls", "composite", "--roofline", "on",
+                                            "--ceiling-seconds", "0.02", "--out", str(out)])
+    ceil = result["settings"]["ceilings"]
+    assert ceil["tflops"] > 0 and ceil["gbps"] > 0 and ceil["device"] == "cpu"
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert ok
+    for r in ok:
+        assert set(r["roofline"]) == {"dense", "op", "reference", "impl:composite"}
+        x_elems = r["batch"] * r["cin"] * r["h"] * r["w"]
+        y_elems = r["batch"] * r["cout"] * r["ho"] * r["wo"]
+        assert r["bytes_dense"] == 4 * (x_elems + y_elems + r["params_dense"])
+        assert r["bytes_fact"] == 4 * (x_elems + y_elems + r["params_fact"])
+        for path, roof in r["roofline"].items():
+            t = r["time"][path]["median"] if not path.startswith("impl:") else r["time_impls"]["composite"]["median"]
+            macs, nbytes = (r["macs_dense"], r["bytes_dense"]) if path == "dense" else (r["macs_fact"], r["bytes_fact"])
+            assert roof["tflops"] == pytest.approx(2 * macs / t / 1e12, rel=1e-9)
+            assert roof["gbps"] == pytest.approx(nbytes / t / 1e9, rel=1e-9)
+            assert roof["bound_s"] == pytest.approx(max(2 * macs / (ceil["tflops"] * 1e12),
+                                                        nbytes / (ceil["gbps"] * 1e9)), rel=1e-9)
+            assert roof["roofline_share"] == pytest.approx(roof["bound_s"] / t, rel=1e-9)
+    assert r["gflops_dense"] == pytest.approx(1e3 * r["roofline"]["dense"]["tflops"], rel=1e-9)
+    md = (tmp_path / "roof.md").read_text()
+    assert "Roofline: measured ceilings on cpu" in md and "| impl:composite |" in md
+    assert ceilings.roofline(2e12, 1e9, 2.0, {"tflops": 1.0, "gbps": 1.0})["roofline_share"] == pytest.approx(1.0)
+
+
+def test_models_conv_tflops(tmp_path):
+    # end to end: the convs' achieved TFLOP/s next to the matmul ceiling (on CPU only with --roofline on)
+    pytest.importorskip("torchvision")
+    from bench import models
+    out = tmp_path / "models"
+    assert models.main(["--models", "resnet18", "--methods", "svd", "--batch", "1", "--input-size", "32",
+                        "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "composite", "--roofline", "on",
+                        "--host-malloc", "default", "--out", str(out)]) == 0
+    data = json.loads((tmp_path / "models.json").read_text())
+    (row,) = data["rows"]
+    assert data["ceilings"]["tflops"] > 0 and row["matmul_ceiling_tflops"] == data["ceilings"]["tflops"]
+    assert row["conv_tflops_compressed"] > 0 and row["factorized"] > 0
+    # the same conv work per second, scaled by the MACs each model does
+    assert row["conv_tflops_dense"] / row["conv_tflops_compressed"] == pytest.approx(
+        row["conv_macs_x"] * row["compressed_s"] / row["dense_s"], rel=1e-9)
+    md = (tmp_path / "models.md").read_text()
+    assert "measured ceilings on cpu" in md and "conv TFLOP/s compressed" in md
