@@ -213,17 +213,22 @@ def main(argv=None):
                         fns[name], configs[name] = captured(fn, env, args.reps)
                     times = timing.time_interleaved(fns, min_run_time=args.min_run_time, rounds=3)
                 t = {name: times[name]["median"] / args.reps * 1e6 for name in fns}
+                # achieved TFLOP/s: 2 x dense MACs for dense, 2 x the factorization's MACs for every other path
+                ho, wo = shape.out_hw
+                flops = {"dense": 2 * shape.dense_macs(batch), "fact": 2 * batch * fact.macs(ho, wo, shape.h, shape.w)}
+                tflops = {name: flops["dense" if name == "dense" else "fact"] / (v * 1e-6) / 1e12
+                          for name, v in t.items()}
                 best = min((v, k) for k, v in t.items() if k.startswith(("mma", "wgmma")))
                 row = dict(layer=shape.name, batch=batch, method=method, times=t, mma_config=configs["mma"],
                            wgmma_config=configs.get("wgmma"), best=best[1], err_vs_composite=err, folded=folded,
-                           kcp_tile=kcp_tile)
+                           kcp_tile=kcp_tile, tflops=tflops)
                 rows.append(row)
                 print("\n%s b%d %s %s: mma vs composite error %.2g, mma config %s%s" % (
                     shape.name, batch, method, "x".join(str(tuple(f.shape)) for f in factors), err, configs["mma"],
                     ", folded" if folded else ""))
                 for name, v in t.items():
-                    print("  %-18s %9.1f us  /dense %6.3f  /composite %6.3f  %s" % (
-                        name, v, v / t["dense"], v / t["composite"],
+                    print("  %-18s %9.1f us  /dense %6.3f  /composite %6.3f  %7.1f TFLOP/s  %s" % (
+                        name, v, v / t["dense"], v / t["composite"], tflops[name],
                         configs[name] if name.startswith(("mma", "wgmma")) else kcp_tile if name == "kcp" else ""))
     nan = float("nan")
     print("\n| layer | N | method | dense us | composite us | wmma us | mma us | wgmma us | mma/dense | wgmma/dense | "
