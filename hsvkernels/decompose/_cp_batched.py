@@ -32,7 +32,7 @@ def initial_factors(bases, rank, seed=0):
     for u in bases:
         u = u[:, :, :rank]
         if u.shape[2] < rank:
-            extra = torch.randn(u.shape[1], rank - u.shape[2], generator=gen, dtype=u.dtype)
+            extra = torch.randn(u.shape[1], rank - u.shape[2], generator=gen, dtype=u.dtype).to(u.device)
             extra = (extra / extra.norm(dim=0).clamp_min(1e-30)).expand(u.shape[0], -1, -1)
             u = torch.cat([u, extra], 2)
         out.append(u.contiguous())
@@ -81,12 +81,13 @@ def reconstruct(factors):
     return torch.einsum("%s->n%s" % (",".join("n%sr" % l for l in letters), letters), *factors)
 
 
-def als(x, rank, iters=200, tol=1e-10, ridge=1e-12, seed=0, bases=None):
-    """Rank-`rank` CP-ALS of every tensor in x (B, d_1, ..., d_m), m >= 2.
+def als(x, rank, iters=200, tol=1e-10, ridge=1e-12, seed=0, bases=None, relative_tol=False):
+    """Rank-`rank` CP-ALS of every tensor in x (B, d_1, ..., d_m), m >= 2, on x's device.
 
     Returns (factors [(B, d_k, rank)], relative errors (B,), sweeps run). The
     column norms end up in the last factor. `bases` (from unfolding_bases) may be
-    passed when several ranks are fitted to the same x.
+    passed when several ranks are fitted to the same x. A tensor stops when its
+    relative error changes by at most tol (by at most tol x error with relative_tol).
     """
     if x.dim() < 3:
         raise ValueError("cp als needs a batch of tensors with at least 2 modes, got shape %s" % (tuple(x.shape),))
@@ -94,11 +95,11 @@ def als(x, rank, iters=200, tol=1e-10, ridge=1e-12, seed=0, bases=None):
     factors = initial_factors(unfolding_bases(x) if bases is None else bases, rank, seed)
     mttkrp_of = _Mttkrp(x)
     norm_sq = x.flatten(1).square().sum(1).clamp_min(1e-300)
-    eye = torch.eye(rank, dtype=x.dtype)
+    eye = torch.eye(rank, dtype=x.dtype, device=x.device)
     weights = x.new_ones(b, rank)
     err = x.new_ones(b)
     previous = x.new_full((b,), float("inf"))
-    active = torch.ones(b, dtype=torch.bool)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
     grams = [f.transpose(1, 2) @ f for f in factors]
     sweep = 0
     for sweep in range(1, iters + 1):
@@ -122,7 +123,8 @@ def als(x, rank, iters=200, tol=1e-10, ridge=1e-12, seed=0, bases=None):
             resid = (x - reconstruct(factors[:-1] + [last])).flatten(1).square().sum(1)
             e = torch.where(small, (resid / norm_sq).sqrt(), e)
         err = torch.where(active, e, err)
-        active = active & ~(((previous - err).abs() <= tol) | (err < 1e-12))
+        threshold = tol * err + 1e-15 if relative_tol else tol
+        active = active & ~(((previous - err).abs() <= threshold) | (err < 1e-12))
         previous = err
         if not active.any():
             break

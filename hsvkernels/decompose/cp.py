@@ -15,9 +15,8 @@ side. ratio= gives the largest R with R*(Cin + kh + kw + Cout) <= dense / ratio.
 import torch
 
 from ..factorization import Factorization
-from ._linalg import align, leading_left, unfold
-
-EINSUM_MTTKRP = ("tsij,sr,ir,jr->tr", "tsij,tr,ir,jr->sr", "tsij,tr,sr,jr->ir", "tsij,tr,sr,ir->jr")
+from . import _cp_batched
+from ._linalg import align
 
 
 def max_rank(shape):
@@ -51,50 +50,13 @@ def exact_factors(w):
     return [a_t, a_s, a_h, a_w]
 
 
-def _init(w, r, seed):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    factors = []
-    for mode in range(4):
-        m = unfold(w, mode)
-        k = min(r, *m.shape)
-        a = leading_left(m, k)
-        if k < r:
-            extra = torch.randn(m.shape[0], r - k, generator=gen, dtype=torch.float64).to(w.device)
-            a = torch.cat([a, extra / extra.norm(dim=0, keepdim=True)], dim=1)
-        factors.append(a)
-    return factors
-
-
 def als(w, r, iters=500, tol=1e-6, ridge=1e-12, seed=0):
-    """CP-ALS of a float64 4-way tensor: ([A_T, A_S, A_h, A_w], relative error, sweeps run)."""
-    factors = _init(w, r, seed)
-    norm_sq = w.square().sum().clamp_min(1e-300)
-    weights = torch.ones(r, dtype=w.dtype, device=w.device)
-    eye = torch.eye(r, dtype=w.dtype, device=w.device)
-    previous = float("inf")
-    err = 1.0
-    for sweep in range(1, iters + 1):
-        for mode in range(4):
-            others = [factors[m] for m in range(4) if m != mode]
-            gram = others[0].T @ others[0] * (others[1].T @ others[1]) * (others[2].T @ others[2])
-            mttkrp = torch.einsum(EINSUM_MTTKRP[mode], w, *others)
-            reg = ridge * gram.diagonal().mean().clamp_min(1e-300)
-            a = torch.linalg.solve(gram + reg * eye, mttkrp.T).T
-            weights = a.norm(dim=0).clamp_min(1e-300)
-            factors[mode] = a / weights
-        # ||W - What||^2 from the last solve: <W, What> and ||What||^2 need no reconstruction.
-        last = factors[3] * weights
-        inner = (mttkrp * last).sum()
-        model_sq = (gram * (last.T @ last)).sum()
-        err = ((norm_sq - 2 * inner + model_sq).clamp_min(0) / norm_sq).sqrt().item()
-        if err < 1e-5:  # the expansion cancels below ~1e-8; measure small errors on the residual itself
-            residual = w - torch.einsum("tr,sr,ir,jr->tsij", factors[0], factors[1], factors[2], last)
-            err = (residual.square().sum() / norm_sq).sqrt().item()
-        if abs(previous - err) <= tol * err + 1e-15 or err < 1e-12:
-            break
-        previous = err
-    factors[3] = factors[3] * weights
-    return factors, err, sweep
+    """CP-ALS of a float64 4-way tensor: ([A_T, A_S, A_h, A_w], relative error, sweeps run).
+
+    The batched ALS that KCP uses (_cp_batched.py) on a batch of one, stopping on the relative change of the fit.
+    """
+    factors, err, sweeps = _cp_batched.als(w[None], r, iters, tol, ridge, seed, relative_tol=True)
+    return [f[0] for f in factors], err[0].item(), sweeps
 
 
 def balance(factors):
