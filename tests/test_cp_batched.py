@@ -78,3 +78,13 @@ def test_on_par_with_tensorly_parafac():
         diff = ours - torch.tensor(theirs, dtype=torch.float64)
         # ALS finds local optima, so single tensors differ a little either way; on the whole it must not be worse
         assert diff.median() <= 2e-3 and diff.max() <= 0.05, (dims, rank, diff)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_the_inputs_device():
+    x = torch.randn(3, 6, 5, 3, 3, dtype=torch.float64)
+    on_cpu, err_cpu, sweeps_cpu = _cp_batched.als(x, 4, iters=40)
+    on_gpu, err_gpu, sweeps_gpu = _cp_batched.als(x.cuda(), 4, iters=40)
+    assert all(f.is_cuda for f in on_gpu) and err_gpu.is_cuda and sweeps_gpu == sweeps_cpu
+    assert torch.allclose(err_gpu.cpu(), err_cpu, atol=1e-9)
+    assert torch.allclose(_cp_batched.reconstruct(on_gpu).cpu(), _cp_batched.reconstruct(on_cpu), atol=1e-7)
