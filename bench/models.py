@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc  # noqa: E402
 from bench import ceilings, timing  # noqa: E402
-from hsvkernels import benchmark, convert, models  # noqa: E402
+from hsvkernels import benchmark, convert, models, ranks  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
@@ -89,6 +89,11 @@ def main(argv=None):
                     help="fold BatchNorms into their convs in the dense model before converting (both models then run "
                          "without BN passes)")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
+    ap.add_argument("--latency-ratio", type=float, default=None,
+                    help="choose each layer's config by hsvkernels.ranks.select under this measured latency budget "
+                         "(summed layer latency / dense), with --ratio as the parameter budget; layers timed on the "
+                         "device, in the dtype, layout and largest batch of the run")
+    ap.add_argument("--latency-points", type=int, default=4, help="with --latency-ratio: options timed per layer")
     ap.add_argument("--roofline", choices=["auto", "on", "off"], default="auto",
                     help="measure the device's matmul ceiling (bench/ceilings.py) and give each model's conv TFLOP/s "
                          "as a share of it; auto: on CUDA only")
@@ -138,10 +143,18 @@ def main(argv=None):
             if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
                 options["macs_ratio"] = args.macs_ratio
             compressed = copy.deepcopy(dense)
-            if args.measure:  # layers timed where they will run: on the device, in its dtype, layout and batch
+            if args.measure or args.latency_ratio:  # layers timed where they will run: device, dtype, layout, batch
                 compressed = to_format(compressed.to(args.device, dtype), fmt)
                 example = torch.randn(max(int(b) for b in args.batch.split(",")), 3, args.input_size,
                                       args.input_size, device=args.device, dtype=dtype).contiguous(memory_format=fmt)
+            plan = None
+            if args.latency_ratio:
+                plan = ranks.select(compressed, method, ratio=args.ratio, latency_ratio=args.latency_ratio,
+                                    example_input=example, latency_points=args.latency_points, progress=False)
+                options = {"ranks": plan}
+                print("%s %s: plan for latency_ratio %g: %.2fx measured layer latency, %.2fx params, %.2fx MACs"
+                      % (name, method, args.latency_ratio, plan.latency_reduction(), plan.compression(),
+                         plan.mac_reduction()), flush=True)
             report = convert.convert_(compressed, method, example_input=example, progress=False, decompose_threads=1,
                                       measure=args.measure, **options)
             factorized = len(report.factorized)
@@ -178,7 +191,9 @@ def main(argv=None):
                         else:
                             os.environ[impl_var] = saved
                     aa = impl == "A/A"
-                    row = dict(model=name, method=method, options=options, measure=args.measure,
+                    row = dict(model=name, method=method,
+                               options={"latency_ratio": args.latency_ratio, "ratio": args.ratio} if plan else options,
+                               plan_latency_x=plan.latency_reduction() if plan else None, measure=args.measure,
                                factorized=0 if aa else factorized, bn_folded=folds,
                                batch=n, device=args.device, graph=args.graph,
                                dtype=args.dtype, impl_var=impl_var, impl=impl,

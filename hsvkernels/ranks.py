@@ -23,6 +23,7 @@ each layer alone is replaced by its chosen approximation and the relative
 squared error of the model output, per unit of weight error, is its
 sensitivity; the allocation is then run again with those weights.
 """
+import copy
 import inspect
 import math
 import sys
@@ -52,6 +53,8 @@ class Choice:
     dense_params: int
     dense_macs: int
     sensitivity: float = 1.0      # w_l used for the choice
+    latency_ms: float = None      # measured, with latency_ratio: this choice's and the dense conv's time per call
+    dense_latency_ms: float = None
 
 
 class Plan(dict):
@@ -74,6 +77,12 @@ class Plan(dict):
 
     def mac_reduction(self):
         return self.dense_macs() / self.macs()
+
+    def latency_reduction(self):
+        """Dense over chosen latency, summed over the layers (None unless selected with latency_ratio)."""
+        if any(c.latency_ms is None for c in self.values()):
+            return None
+        return sum(c.dense_latency_ms for c in self.values()) / sum(c.latency_ms for c in self.values())
 
     def objective(self):
         return sum(c.sensitivity * c.rel_err_sq for c in self.values())
@@ -154,6 +163,9 @@ class _Table:
         self.macs = np.array([o[3] for o in opts], dtype=np.float64)
         self.err = np.array([o[4] for o in opts], dtype=np.float64)
         self.dense_params, self.dense_macs = dense_params, dense_macs
+        # the second cost the solver budgets: MACs, or measured milliseconds (_timed_table)
+        self.cost, self.dense_cost = self.macs, float(dense_macs)
+        self.latency_ms = self.dense_latency_ms = None
 
 
 def _allocate(tables, weights, budgets, scales, mix):
@@ -163,7 +175,7 @@ def _allocate(tables, weights, budgets, scales, mix):
     scales: finite normalisers of the two costs; mix: their weights in the cost.
     Returns None when even the cheapest options exceed a budget.
     """
-    costs = [mix[0] * t.params / scales[0] + mix[1] * t.macs / scales[1] for t in tables]
+    costs = [mix[0] * t.params / scales[0] + mix[1] * t.cost / scales[1] for t in tables]
     errs = [w * t.err for w, t in zip(weights, tables)]
 
     def pick(lam):
@@ -171,12 +183,13 @@ def _allocate(tables, weights, budgets, scales, mix):
 
     def feasible(idx):
         p = sum(t.params[i] for t, i in zip(tables, idx))
-        m = sum(t.macs[i] for t, i in zip(tables, idx))
+        m = sum(t.cost[i] for t, i in zip(tables, idx))
         return p <= budgets[0] * (1 + 1e-12) and m <= budgets[1] * (1 + 1e-12)
 
     cheapest = []
+    on = [float(math.isfinite(b)) for b in budgets]   # only the budgeted costs count (latency need not follow params)
     for t in tables:  # per layer the option that is cheapest in both costs, if one is
-        order = np.lexsort((t.err, t.macs / scales[1] + t.params / scales[0]))
+        order = np.lexsort((t.err, on[1] * t.cost / scales[1] + on[0] * t.params / scales[0]))
         cheapest.append(int(order[0]))
     if not feasible(cheapest):
         return None
@@ -198,13 +211,13 @@ def _fill(tables, errs, idx, budgets, scales):
     """Greedy upgrades within the budget left, best error drop per unit of (normalised) cost first."""
     idx = list(idx)
     p = sum(t.params[i] for t, i in zip(tables, idx))
-    m = sum(t.macs[i] for t, i in zip(tables, idx))
+    m = sum(t.cost[i] for t, i in zip(tables, idx))
     cap_p, cap_m = budgets[0] * (1 + 1e-12), budgets[1] * (1 + 1e-12)
     while True:
         best = None
         for l, (t, e) in enumerate(zip(tables, errs)):
             i = idx[l]
-            dp, dm, de = t.params - t.params[i], t.macs - t.macs[i], e[i] - e
+            dp, dm, de = t.params - t.params[i], t.cost - t.cost[i], e[i] - e
             ok = (p + dp <= cap_p) & (m + dm <= cap_m) & (de > 0)
             if not ok.any():
                 continue
@@ -217,13 +230,14 @@ def _fill(tables, errs, idx, budgets, scales):
             return idx
         _, l, j = best
         p += tables[l].params[j] - tables[l].params[idx[l]]
-        m += tables[l].macs[j] - tables[l].macs[idx[l]]
+        m += tables[l].cost[j] - tables[l].cost[idx[l]]
         idx[l] = j
 
 
-def _solve(tables, weights, ratio, macs_ratio):
+def _solve(tables, weights, ratio, macs_ratio, latency=False):
+    """latency: the tables' second cost is measured milliseconds and macs_ratio is the latency target."""
     dense_p = sum(t.dense_params for t in tables)
-    dense_m = sum(t.dense_macs for t in tables)
+    dense_m = sum(t.dense_cost for t in tables)
     budgets = (dense_p / ratio if ratio is not None else math.inf,
                dense_m / macs_ratio if macs_ratio is not None else math.inf)
     scales = (dense_p / (ratio or 1), dense_m / (macs_ratio or 1))
@@ -241,10 +255,11 @@ def _solve(tables, weights, ratio, macs_ratio):
             best = (obj, idx)
     if best is None:
         cheap_p = sum(t.params.min() for t in tables)
-        cheap_m = sum(t.macs.min() for t in tables)
+        cheap_m = sum(t.cost.min() for t in tables)
+        second = ("measured latency reduction", "latency_ratio") if latency else ("MAC reduction", "macs_ratio")
         raise ValueError("budget out of reach: the cheapest candidates give at most %.3gx parameter compression and "
-                         "%.3gx MAC reduction (asked ratio=%s, macs_ratio=%s)"
-                         % (dense_p / cheap_p, dense_m / cheap_m, ratio, macs_ratio))
+                         "%.3gx %s (asked ratio=%s, %s=%s)"
+                         % (dense_p / cheap_p, dense_m / cheap_m, second[0], ratio, second[1], macs_ratio))
     return best[1]
 
 
@@ -252,8 +267,9 @@ def _plan(layers, tables, idx, weights):
     plan = Plan()
     for layer, t, i, w in zip(layers, tables, idx, weights):
         method, config, params, macs, err = t.opts[i]
+        lat = None if t.latency_ms is None else float(t.latency_ms[i])
         plan[layer.name] = Choice(method, dict(config), int(params), int(macs), float(err), t.dense_params,
-                                  t.dense_macs, float(w))
+                                  t.dense_macs, float(w), lat, t.dense_latency_ms)
     return plan
 
 
@@ -266,9 +282,12 @@ def _probe(table, chosen, ratio, macs_ratio):
     if table.opts[chosen][0] != DENSE and table.err[chosen] > 0:
         return chosen
     target = table.dense_params / ratio if ratio is not None else table.dense_params
-    mtarget = table.dense_macs / macs_ratio if macs_ratio is not None else table.dense_macs
-    score = np.abs(np.log(np.maximum(table.params, 1) / target)) + np.abs(np.log(np.maximum(table.macs, 1) / mtarget))
-    order = [int(i) for i in np.argsort(score, kind="stable") if table.opts[int(i)][0] != DENSE and table.err[int(i)] > 0]
+    mtarget = table.dense_cost / macs_ratio if macs_ratio is not None else table.dense_cost
+    floor = 1e-12 * table.dense_cost   # the cost may be milliseconds, well below 1
+    score = (np.abs(np.log(np.maximum(table.params, 1) / target))
+             + np.abs(np.log(np.maximum(table.cost, floor) / mtarget)))
+    order = [int(i) for i in np.argsort(score, kind="stable")
+             if table.opts[int(i)][0] != DENSE and table.err[int(i)] > 0]
     return order[0] if order else None
 
 
@@ -304,8 +323,8 @@ def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_
     return [(w / mean if w is not None else 1.0) for w in weights]
 
 
-def select(layers, method="svd", *, ratio=None, macs_ratio=None, example_input=None, calibration=None,
-           sensitivities=None, allow_dense=True, progress=True):
+def select(layers, method="svd", *, ratio=None, macs_ratio=None, latency_ratio=None, example_input=None,
+           calibration=None, sensitivities=None, allow_dense=True, progress=True, latency_points=6, timer=None):
     """Chooses one configuration per layer under a global budget; returns a Plan.
 
     layers: an nn.Module (its nn.Conv2d layers with groups == 1; sizes measured
@@ -318,16 +337,35 @@ def select(layers, method="svd", *, ratio=None, macs_ratio=None, example_input=N
     allow_dense: a layer may stay dense when that serves the budget best.
     With ratio alone, no layer may cost more MACs than its dense conv (as in
     decompose); with macs_ratio the MAC budget itself governs.
+    latency_ratio: a measured budget instead of macs_ratio (model only): the
+        summed latency of the selected layers must fall by this factor. Each
+        layer's options are cut to `latency_points` along its error-vs-MACs
+        front, each is decomposed and timed on the layer's input (random, of the
+        example batch's size, on the model's device and dtype) by
+        timer(module, x) -> milliseconds (default: hsvkernels._timing.latency_ms,
+        CUDA-graph device time on a GPU), and so is the dense conv; the choice is
+        among the timed options. A layer whose factorizations all run slower than
+        dense stays dense unless the budget needs it. Measure with the model
+        where it will run: device, dtype, memory format and batch size change the answer.
     progress: show tqdm bars (auto-hidden when not on a terminal).
     """
     _check_target("ratio", ratio)
     _check_target("macs_ratio", macs_ratio)
-    if ratio is None and macs_ratio is None:
-        raise ValueError("select: give ratio= and/or macs_ratio=")
+    _check_target("latency_ratio", latency_ratio)
+    if ratio is None and macs_ratio is None and latency_ratio is None:
+        raise ValueError("select: give ratio=, macs_ratio= and/or latency_ratio=")
     fn = candidates_function(method)
     model = layers if isinstance(layers, nn.Module) else None
     if calibration is not None and model is None:
         raise ValueError("calibration= needs a model (an nn.Module), not a list of weights")
+    if latency_ratio is not None:
+        if macs_ratio is not None:
+            raise ValueError("select: give macs_ratio= or latency_ratio=, not both (latency is the measured cost "
+                             "that replaces MACs)")
+        if model is None:
+            raise ValueError("latency_ratio= needs a model (an nn.Module) to time its layers, not a list of weights")
+        if isinstance(latency_points, bool) or not isinstance(latency_points, int) or latency_points < 2:
+            raise ValueError("latency_points must be an int >= 2, got %r" % (latency_points,))
     layers = _as_layers(layers, example_input if example_input is not None else calibration)
     if not layers:
         raise ValueError("select: no layers to compress (nn.Conv2d with groups == 1)")
@@ -343,12 +381,61 @@ def select(layers, method="svd", *, ratio=None, macs_ratio=None, example_input=N
             kwargs = {"in_hw": layer.in_hw} if takes_in_hw else {}
             tables.append(_Table(layer, method, fn(layer.weight, layer.out_hw, **kwargs), allow_dense,
                                  macs_capped=macs_ratio is None))
+    second = macs_ratio
+    if latency_ratio is not None:   # timed with the caller's threads: the layers will run with them
+        batch = example_input if example_input is not None else calibration
+        batch = batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() > 0 else 1
+        tables = [_timed_table(layer, t, method, batch, latency_points, timer)
+                  for layer, t in tqdm(list(zip(layers, tables)), desc="latency (%s)" % method, disable=disable)]
+        second = latency_ratio
+    with single_thread():
         weights = sensitivities or [1.0] * len(layers)
-        idx = _solve(tables, weights, ratio, macs_ratio)
+        idx = _solve(tables, weights, ratio, second, latency=latency_ratio is not None)
         if calibration is not None and sensitivities is None:
-            weights = _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_ratio, disable)
-            idx = _solve(tables, weights, ratio, macs_ratio)
+            weights = _sensitivities(model, layers, tables, idx, method, calibration, ratio, second, disable)
+            idx = _solve(tables, weights, ratio, second, latency=latency_ratio is not None)
     return _plan(layers, tables, idx, weights)
+
+
+def _front(table, points):
+    """Up to `points` non-dense options spread along the table's error-vs-MACs front (cheapest and best kept)."""
+    order = sorted((i for i, o in enumerate(table.opts) if o[0] != DENSE), key=lambda i: (table.macs[i], table.err[i]))
+    front, best = [], math.inf
+    for i in order:
+        if table.err[i] < best:
+            front.append(i)
+            best = table.err[i]
+    if len(front) > points:
+        front = [front[k] for k in sorted({round(j * (len(front) - 1) / (points - 1)) for j in range(points)})]
+    return front
+
+
+def _timed_table(layer, table, method, batch, points, timer):
+    """The table cut to the options of _front plus dense, with measured milliseconds as their cost."""
+    from ._timing import latency_ms
+    from .nn import FactorizedConv2d
+    timer = timer or latency_ms
+    conv, w = layer.module, layer.module.weight
+    layout = (torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+              else torch.contiguous_format)
+    x = torch.randn(batch, conv.in_channels, *layer.in_hw, device=w.device, dtype=w.dtype)
+    x = x.contiguous(memory_format=layout)
+    keep = _front(table, points) + [i for i, o in enumerate(table.opts) if o[0] == DENSE]
+    with torch.no_grad():
+        dense_ms = float(timer(conv, x))
+        ms = []
+        for i in keep:
+            if table.opts[i][0] == DENSE:
+                ms.append(dense_ms)
+            else:
+                module = FactorizedConv2d.from_conv(conv, method, **table.opts[i][1]).to(memory_format=layout)
+                ms.append(float(timer(module, x)))
+    out = copy.copy(table)
+    out.opts = [table.opts[i] for i in keep]
+    out.params, out.macs, out.err = table.params[keep], table.macs[keep], table.err[keep]
+    out.cost = out.latency_ms = np.array(ms, dtype=np.float64)
+    out.dense_cost = out.dense_latency_ms = dense_ms
+    return out
 
 
 def apply(model, plan):

@@ -128,16 +128,20 @@ def test_layers_roofline(tmp_path):
     assert ceilings.roofline(2e12, 1e9, 2.0, {"tflops": 1.0, "gbps": 1.0})["roofline_share"] == pytest.approx(1.0)
 
 
-def test_models_conv_tflops(tmp_path):
-    # end to end: the convs' achieved TFLOP/s next to the matmul ceiling (on CPU only with --roofline on)
+def test_models_conv_tflops_and_latency_budget(tmp_path):
+    # end to end: the convs' achieved TFLOP/s next to the matmul ceiling (on CPU only with --roofline on), with
+    # the layers chosen under a measured latency budget (ranks.select(latency_ratio=...))
     pytest.importorskip("torchvision")
     from bench import models
     out = tmp_path / "models"
     assert models.main(["--models", "resnet18", "--methods", "svd", "--batch", "1", "--input-size", "32",
                         "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "composite", "--roofline", "on",
+                        "--ratio", "2", "--latency-ratio", "1.2", "--latency-points", "2",
                         "--host-malloc", "default", "--out", str(out)]) == 0
     data = json.loads((tmp_path / "models.json").read_text())
     (row,) = data["rows"]
+    assert row["options"] == {"latency_ratio": 1.2, "ratio": 2.0} and row["plan_latency_x"] >= 1.2
+    assert row["model_params_x"] > 1.5   # the whole model's parameters; the budget is over the convs
     assert data["ceilings"]["tflops"] > 0 and row["matmul_ceiling_tflops"] == data["ceilings"]["tflops"]
     assert row["conv_tflops_compressed"] > 0 and row["factorized"] > 0
     # the same conv work per second, scaled by the MACs each model does

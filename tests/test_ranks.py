@@ -148,7 +148,7 @@ def test_argument_errors():
     layers = [(torch.randn(8, 8, 3, 3), (4, 4))]
     with pytest.raises(ValueError, match=">= 1"):
         ranks.select(layers, "svd", ratio=0.5)
-    with pytest.raises(ValueError, match="ratio= and/or macs_ratio="):
+    with pytest.raises(ValueError, match="macs_ratio= and/or latency_ratio="):
         ranks.select(layers, "svd")
     with pytest.raises(ValueError, match="unknown method"):
         ranks.select(layers, "nope", ratio=2)
@@ -160,6 +160,80 @@ def test_argument_errors():
         ranks.select(layers, "svd", ratio=1000, allow_dense=False, progress=False)
     with pytest.raises(ValueError, match="one per layer"):
         ranks.select(layers, "svd", ratio=2, sensitivities=[1.0, 2.0], progress=False)
+
+
+def _params_timer(calls):
+    """A deterministic stand-in for the latency timer: "milliseconds" = the module's parameter count."""
+    def timer(module, x):
+        calls.append((type(module).__name__, tuple(x.shape)))
+        return float(sum(p.numel() for p in module.parameters()))
+    return timer
+
+
+@pytest.mark.parametrize("method", ["svd", "hsv"])
+def test_latency_budget_with_a_deterministic_timer(method):
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    plan = ranks.select(net, method, latency_ratio=2, example_input=x, progress=False, latency_points=4,
+                        timer=_params_timer(calls))
+    assert list(plan) == ["a", "b", "c", "d"]
+    assert plan.latency_reduction() >= 2
+    for name, c in plan.items():
+        conv = getattr(net, name)
+        assert c.dense_latency_ms == conv.weight.numel() + conv.bias.numel()
+        assert c.latency_ms == (c.dense_latency_ms if c.method == ranks.DENSE else c.params + conv.bias.numel())
+    # each layer: its dense conv once and at most latency_points factorizations, on its own input size
+    assert len(calls) <= 4 * (1 + 4)
+    assert ("Conv2d", (2, 32, 8, 8)) in calls and all(shape[0] == 2 for _, shape in calls)
+    # choosing among the timed options only can never beat choosing among all of them at the same budget
+    by_params = ranks.select(net, method, ratio=2, example_input=x, progress=False)
+    assert plan.objective() >= by_params.objective() - 1e-12
+    with torch.no_grad():
+        assert ranks.apply(copy.deepcopy(net), plan)(x).shape == net(x).shape
+    # sensitivity-weighted: the probes pick options by their (millisecond) cost too
+    weighted = ranks.select(net, method, latency_ratio=2, calibration=x, progress=False, latency_points=4,
+                            timer=_params_timer([]))
+    assert weighted.latency_reduction() >= 2 and any(c.sensitivity != 1.0 for c in weighted.values())
+
+
+def test_latency_budget_keeps_layers_dense_where_factorizing_is_slower():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(2, 3, 16, 16)
+
+    def slow_factorized(module, x):
+        return 5.0 if isinstance(module, nn.Conv2d) else 7.0
+    plan = ranks.select(net, "svd", latency_ratio=1, example_input=x, progress=False, timer=slow_factorized)
+    assert all(c.method == ranks.DENSE for c in plan.values()) and plan.latency_reduction() == 1
+    with pytest.raises(ValueError, match="latency reduction .*latency_ratio=1.2"):
+        ranks.select(net, "svd", latency_ratio=1.2, example_input=x, progress=False, timer=slow_factorized)
+
+
+def test_latency_budget_with_the_real_timer():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(2, 3, 16, 16)
+    plan = ranks.select(net, "svd", ratio=1.5, latency_ratio=1.1, example_input=x, progress=False,
+                        latency_points=2)
+    assert plan.latency_reduction() >= 1.1 and plan.compression() >= 1.5
+    assert all(c.latency_ms > 0 and c.dense_latency_ms > 0 for c in plan.values())
+
+
+def test_latency_budget_argument_errors():
+    layers = [(torch.randn(8, 8, 3, 3), (4, 4))]
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="needs a model"):
+        ranks.select(layers, "svd", latency_ratio=2)
+    with pytest.raises(ValueError, match="not both"):
+        ranks.select(_Net(), "svd", macs_ratio=2, latency_ratio=2, example_input=x)
+    with pytest.raises(ValueError, match="latency_ratio.*>= 1"):
+        ranks.select(_Net(), "svd", latency_ratio=0.5, example_input=x)
+    with pytest.raises(ValueError, match="latency_points"):
+        ranks.select(_Net(), "svd", latency_ratio=2, example_input=x, latency_points=1)
+    with pytest.raises(ValueError, match="example_input"):
+        ranks.select(_Net(), "svd", latency_ratio=2)
 
 
 @pytest.mark.slow
