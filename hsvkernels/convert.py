@@ -284,7 +284,8 @@ def _check_budget(budget):
         budget = {"ratio": budget}
     if not isinstance(budget, dict) or not budget or set(budget) - {"ratio", "macs_ratio"}:
         raise ValueError("convert_: budget must be a number (parameter compression) or a dict with 'ratio' and/or "
-                         "'macs_ratio', got %r" % (budget,))
+                         "'macs_ratio', got %r (for a measured latency budget: plan = ranks.select(model, method, "
+                         "latency_ratio=..., example_input=x), then convert_(model, ranks=plan))" % (budget,))
     return dict(budget)
 
 

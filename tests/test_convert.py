@@ -297,6 +297,8 @@ def test_budget_argument_errors():
         convert_(small_net(), "svd", budget=2, ratio=2, **FAST)
     with pytest.raises(ValueError, match="budget must be a number"):
         convert_(small_net(), "svd", budget={"params": 2}, **FAST)
+    with pytest.raises(ValueError, match="latency_ratio=.*convert_\\(model, ranks=plan\\)"):
+        convert_(small_net(), "svd", budget={"latency_ratio": 2}, **FAST)
     with pytest.raises(TypeError, match="ranks must be a hsvkernels.ranks.Plan"):
         convert_(small_net(), "svd", ranks=[3], **FAST)
     with pytest.raises(ValueError, match="ratio"):
