@@ -50,6 +50,11 @@ def build_parser():
                         "(hsvkernels.ranks; instead of --ratio/--rank)")
     c.add_argument("--macs-budget", type=float, metavar="RATIO", help="model-wide MAC reduction (with or without "
                                                                        "--budget)")
+    c.add_argument("--latency-budget", type=float, metavar="RATIO",
+                   help="model-wide reduction of the convs' latency measured on --device at --input-size (with or "
+                        "without --budget; instead of --macs-budget): hsvkernels.ranks.select(latency_ratio=)")
+    c.add_argument("--latency-points", type=_positive_int, default=6,
+                   help="with --latency-budget: options decomposed and timed per layer (default 6)")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option, forwarded to decompose (VALUE parsed as JSON when it can be)")
     c.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="fnmatch pattern of layers to keep dense")
@@ -189,12 +194,16 @@ def cmd_compress(args):
     if args.ratio is not None and args.rank is not None:
         raise ValueError("give --ratio or --rank, not both")
     budget = {k: v for k, v in (("ratio", args.budget), ("macs_ratio", args.macs_budget)) if v is not None}
-    if budget and (args.ratio is not None or args.rank is not None):
-        raise ValueError("--budget/--macs-budget size every layer; do not also give --ratio or --rank")
+    if (budget or args.latency_budget is not None) and (args.ratio is not None or args.rank is not None):
+        raise ValueError("--budget/--macs-budget/--latency-budget size every layer; do not also give --ratio or --rank")
+    if args.latency_budget is not None and args.macs_budget is not None:
+        raise ValueError("give --macs-budget or --latency-budget, not both")
     if (args.val or args.distill) and not args.finetune:
         raise ValueError("--val and --distill need --finetune DATA")
     options = dict(_parse_option(o) for o in args.option)
-    if budget:
+    if args.latency_budget is not None:
+        pass  # a ranks plan, made below once the model is loaded
+    elif budget:
         options["budget"] = budget
     elif args.rank is not None:
         options["rank"] = args.rank
@@ -212,8 +221,17 @@ def cmd_compress(args):
     original = copy.deepcopy(model) if args.verify or args.distill else None
     gen = torch.Generator().manual_seed(args.seed)
     calib = torch.randn(args.input_size, generator=gen).to(device)
+    if args.latency_budget is not None:
+        from . import ranks
+        plan = ranks.select(model, args.method, ratio=args.budget, latency_ratio=args.latency_budget,
+                            example_input=calib, latency_points=args.latency_points, progress=not args.json)
+        print("plan: %.2fx measured conv latency, %.2fx conv parameters, %.2fx conv MACs"
+              % (plan.latency_reduction(), plan.compression(), plan.mac_reduction()), file=_aux(args))
+        options["ranks"] = plan
     report = convert.convert_(model, args.method, skip=args.skip, example_input=calib, measure=args.measure,
                               fold_bn=args.fold_bn, decompose_threads=args.decompose_threads or None, **options)
+    if args.latency_budget is not None:   # the plan is what convert_ saw; the report says where it came from
+        report.options["budget"] = dict(budget, latency_ratio=args.latency_budget)
     _print_report(report, args)
     if data is not None:
         _finetune(model, original if args.distill else None, data, args, device)

@@ -157,6 +157,18 @@ def test_compress_with_budget(capsys):
     assert "do not also give --ratio" in capsys.readouterr().err
 
 
+def test_compress_with_a_latency_budget(capsys):
+    assert main(["compress", "torchvision:resnet18", "--latency-budget", "1.2", "--budget", "2", "--input-size", "32",
+                 "--latency-points", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["options"]["budget"] == {"ratio": 2.0, "latency_ratio": 1.2}
+    assert report["totals"]["compression"] >= 2 * 0.98
+    assert "measured conv latency" in captured.err
+    assert main(["compress", "torchvision:resnet18", "--latency-budget", "2", "--macs-budget", "2"]) == 1
+    assert "not both" in capsys.readouterr().err
+
+
 def test_compress_then_finetune_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
     for k, name in enumerate(["a", "b"]):
