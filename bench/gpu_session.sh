@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh build info wgmma            # the wgmma kernel (sm_90a): its tests, then a sweep
 #   bash bench/gpu_session.sh build fold                  # folded tucker2/ht2/cp on the two-stage kernels
 #   bash bench/gpu_session.sh build info kcp              # the fused kcp kernel: its tests, then a sweep
+#   bash bench/gpu_session.sh build models-latency        # end to end, layers chosen under a measured latency budget
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -203,6 +204,12 @@ if want models-measured; then
   # convert_(measure=True): each layer timed on the GPU (graph replays), kept dense where factorized is slower
   step "models bf16 measured" 300 "$OUT/session.log" \
     "$PY" "${models[@]}" --batch 32 --measure --out "$OUT/models-bf16-measured"
+fi
+if want models-latency; then
+  # ranks.select(latency_ratio=): each layer's options timed on the GPU (graph replays) and chosen under a
+  # measured latency budget with params 4x smaller, the layers' configs picked where they run fastest
+  step "models bf16 latency budget" 500 "$OUT/session.log" \
+    "$PY" "${models[@]}" --batch 32 --ratio 4 --latency-ratio 1.5 --cuda-impl auto --out "$OUT/models-bf16-latency"
 fi
 
 {

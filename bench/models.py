@@ -149,8 +149,13 @@ def main(argv=None):
                                       args.input_size, device=args.device, dtype=dtype).contiguous(memory_format=fmt)
             plan = None
             if args.latency_ratio:
-                plan = ranks.select(compressed, method, ratio=args.ratio, latency_ratio=args.latency_ratio,
-                                    example_input=example, latency_points=args.latency_points, progress=False)
+                try:
+                    plan = ranks.select(compressed, method, ratio=args.ratio, latency_ratio=args.latency_ratio,
+                                        example_input=example, latency_points=args.latency_points, progress=False)
+                except ValueError as exc:   # out of reach on this device: say so, go on with the next
+                    print("%s %s: no plan for latency_ratio %g with ratio %g: %s"
+                          % (name, method, args.latency_ratio, args.ratio, exc), flush=True)
+                    continue
                 options = {"ranks": plan}
                 print("%s %s: plan for latency_ratio %g: %.2fx measured layer latency, %.2fx params, %.2fx MACs"
                       % (name, method, args.latency_ratio, plan.latency_reduction(), plan.compression(),
