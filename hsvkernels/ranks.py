@@ -95,6 +95,7 @@ class _Layer:
     out_hw: tuple
     in_hw: tuple
     module: nn.Module = None
+    channels_last: bool = False   # the layer's input was channels_last in the probe
 
 
 def conv_layers(model, example_input):
@@ -106,7 +107,9 @@ def conv_layers(model, example_input):
     sizes, hooks = {}, []
     for name, m in convs:
         def hook(mod, inputs, output, name=name):
-            sizes.setdefault(name, (tuple(inputs[0].shape[2:]), tuple(output.shape[2:])))
+            x = inputs[0]
+            sizes.setdefault(name, (tuple(x.shape[2:]), tuple(output.shape[2:]),
+                                    x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
         hooks.append(m.register_forward_hook(hook))
     was_training = model.training
     try:
@@ -117,7 +120,8 @@ def conv_layers(model, example_input):
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return [_Layer(name, m.weight.detach(), sizes[name][1], sizes[name][0], m) for name, m in convs if name in sizes]
+    return [_Layer(name, m.weight.detach(), sizes[name][1], sizes[name][0], m, sizes[name][2])
+            for name, m in convs if name in sizes]
 
 
 def _as_layers(layers, example_input):
@@ -416,8 +420,7 @@ def _timed_table(layer, table, method, batch, points, timer):
     from .nn import FactorizedConv2d
     timer = timer or latency_ms
     conv, w = layer.module, layer.module.weight
-    layout = (torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-              else torch.contiguous_format)
+    layout = torch.channels_last if layer.channels_last else torch.contiguous_format
     x = torch.randn(batch, conv.in_channels, *layer.in_hw, device=w.device, dtype=w.dtype)
     x = x.contiguous(memory_format=layout)
     keep = _front(table, points) + [i for i, o in enumerate(table.opts) if o[0] == DENSE]
@@ -428,7 +431,9 @@ def _timed_table(layer, table, method, batch, points, timer):
             if table.opts[i][0] == DENSE:
                 ms.append(dense_ms)
             else:
-                module = FactorizedConv2d.from_conv(conv, method, **table.opts[i][1]).to(memory_format=layout)
+                module = FactorizedConv2d.from_conv(conv, method, **table.opts[i][1])
+                # the layout the model's own 4-D tensors have (Module.to(memory_format=) refuses 5-D hsv factors)
+                module._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
                 ms.append(float(timer(module, x)))
     out = copy.copy(table)
     out.opts = [table.opts[i] for i in keep]

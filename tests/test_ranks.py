@@ -198,6 +198,20 @@ def test_latency_budget_with_a_deterministic_timer(method):
     assert weighted.latency_reduction() >= 2 and any(c.sensitivity != 1.0 for c in weighted.values())
 
 
+def test_latency_budget_on_a_channels_last_model():
+    # hsv's 5-D factors cannot take Module.to(memory_format=channels_last): the timed modules must still be built
+    torch.manual_seed(0)
+    net = _Net().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    seen = []
+
+    def timer(module, x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return float(sum(p.numel() for p in module.parameters()))
+    plan = ranks.select(net, "hsv", latency_ratio=2, example_input=x, progress=False, latency_points=3, timer=timer)
+    assert plan.latency_reduction() >= 2 and all(seen)
+
+
 def test_latency_budget_keeps_layers_dense_where_factorizing_is_slower():
     torch.manual_seed(0)
     net = _Net()
