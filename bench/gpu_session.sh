@@ -15,7 +15,8 @@
 #   bash bench/gpu_session.sh build info wgmma            # the wgmma kernel (sm_90a): its tests, then a sweep
 #   bash bench/gpu_session.sh build fold                  # folded tucker2/ht2/cp on the two-stage kernels
 #   bash bench/gpu_session.sh build info kcp              # the fused kcp kernel: its tests, then a sweep
-#   bash bench/gpu_session.sh build models-latency        # end to end, layers chosen under a measured latency budget
+#   bash bench/gpu_session.sh build models-latency        # end to end, layers chosen under a measured latency
+#                                                         # budget (alone: its 6 files + 2 fill the 8 that return)
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -208,8 +209,12 @@ fi
 if want models-latency; then
   # ranks.select(latency_ratio=): each layer's options timed on the GPU (graph replays) and chosen under a
   # measured latency budget with params 4x smaller, the layers' configs picked where they run fastest
-  step "models bf16 latency budget" 500 "$OUT/session.log" \
-    "$PY" "${models[@]}" --batch 32 --ratio 4 --latency-ratio 1.5 --cuda-impl auto --out "$OUT/models-bf16-latency"
+  # one step per model, each with its own output files: a step that runs out of time loses only its model
+  # (6 files; with session.log and build.log that is the device tool's 8: run this part with build alone)
+  for m in resnet18 resnet50 vgg16; do
+    step "models bf16 latency budget $m" 240 "$OUT/session.log" "$PY" "${models[@]}" --models "$m" --batch 32 \
+      --ratio 4 --latency-ratio 1.5 --cuda-impl auto --out "$OUT/models-bf16-latency-$m"
+  done
 fi
 
 {
