@@ -71,13 +71,24 @@ def _expected_format(x):
 
 def assert_fused_matches_composite(x, args, isa, threads):
     """torch.ops.hsv.conv2d(x, *args) on the fused path (isa, threads) equals the composite chain,
-    in shape, memory format and value."""
+    in shape, memory format and value.
+
+    The error may be TOL32 of the output's largest value, or 1e-6 (about 16 fp32 roundings) of the chain's
+    magnitude before cancellation (the same chain on |x|, |factors|, |bias|), whichever is larger: an output of
+    one small element that is the difference of large terms (hypothesis drew one: 1 x 1 x 1 x 1, value 0.0076,
+    off by 1e-6) fails the first on rounding alone. On random data the magnitude is 10-80x the output, so the
+    second bound is at most a few times the first; a wrong index or a missing term errs far above both."""
     with cpu_env("composite"):
         yc = torch.ops.hsv.conv2d(x, *args)
+        factors, bias = args[0], args[1]
+        magnitude = torch.ops.hsv.conv2d(x.abs(), [f.abs() for f in factors], None if bias is None else bias.abs(),
+                                         *args[2:])
     with cpu_env("fused", isa, threads):
         yf = torch.ops.hsv.conv2d(x, *args)
     assert yf.shape == yc.shape and yf.is_contiguous(memory_format=_expected_format(x))
-    assert _rel_err(yf, yc) <= TOL32
+    if yc.numel():
+        bound = max(TOL32 * yc.double().abs().max().item(), 1e-6 * magnitude.double().abs().max().item(), 1e-30)
+        assert (yf.double() - yc.double()).abs().max().item() <= bound
 
 
 def assert_impls_agree_in_autograd(x, factors, kind, stride, padding, dilation):
