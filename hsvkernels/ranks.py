@@ -238,14 +238,14 @@ def _fill(tables, errs, idx, budgets, scales):
         idx[l] = j
 
 
-def _solve(tables, weights, ratio, macs_ratio, latency=False):
-    """latency: the tables' second cost is measured milliseconds and macs_ratio is the latency target."""
+def _solve(tables, weights, ratio, cost_ratio):
+    """cost_ratio: the target on the tables' second cost (MACs, or milliseconds for _timed_table's tables)."""
     dense_p = sum(t.dense_params for t in tables)
     dense_m = sum(t.dense_cost for t in tables)
     budgets = (dense_p / ratio if ratio is not None else math.inf,
-               dense_m / macs_ratio if macs_ratio is not None else math.inf)
-    scales = (dense_p / (ratio or 1), dense_m / (macs_ratio or 1))
-    if ratio is not None and macs_ratio is not None:
+               dense_m / cost_ratio if cost_ratio is not None else math.inf)
+    scales = (dense_p / (ratio or 1), dense_m / (cost_ratio or 1))
+    if ratio is not None and cost_ratio is not None:
         mixes = [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
     else:
         mixes = [(1.0, 0.0)] if ratio is not None else [(0.0, 1.0)]
@@ -260,10 +260,11 @@ def _solve(tables, weights, ratio, macs_ratio, latency=False):
     if best is None:
         cheap_p = sum(t.params.min() for t in tables)
         cheap_m = sum(t.cost.min() for t in tables)
-        second = ("measured latency reduction", "latency_ratio") if latency else ("MAC reduction", "macs_ratio")
+        timed = tables[0].latency_ms is not None
+        second = ("measured latency reduction", "latency_ratio") if timed else ("MAC reduction", "macs_ratio")
         raise ValueError("budget out of reach: the cheapest candidates give at most %.3gx parameter compression and "
                          "%.3gx %s (asked ratio=%s, %s=%s)"
-                         % (dense_p / cheap_p, dense_m / cheap_m, second[0], ratio, second[1], macs_ratio))
+                         % (dense_p / cheap_p, dense_m / cheap_m, second[0], ratio, second[1], cost_ratio))
     return best[1]
 
 
@@ -277,7 +278,7 @@ def _plan(layers, tables, idx, weights):
     return plan
 
 
-def _probe(table, chosen, ratio, macs_ratio):
+def _probe(table, chosen, ratio, cost_ratio):
     """The option whose effect on the output measures the layer's sensitivity.
 
     The chosen one, unless it is dense or exact; then the non-dense option nearest
@@ -286,7 +287,7 @@ def _probe(table, chosen, ratio, macs_ratio):
     if table.opts[chosen][0] != DENSE and table.err[chosen] > 0:
         return chosen
     target = table.dense_params / ratio if ratio is not None else table.dense_params
-    mtarget = table.dense_cost / macs_ratio if macs_ratio is not None else table.dense_cost
+    mtarget = table.dense_cost / cost_ratio if cost_ratio is not None else table.dense_cost
     floor = 1e-12 * table.dense_cost   # the cost may be milliseconds, well below 1
     score = (np.abs(np.log(np.maximum(table.params, 1) / target))
              + np.abs(np.log(np.maximum(table.cost, floor) / mtarget)))
@@ -295,7 +296,7 @@ def _probe(table, chosen, ratio, macs_ratio):
     return order[0] if order else None
 
 
-def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_ratio, disable):
+def _sensitivities(model, layers, tables, idx, method, calibration, ratio, cost_ratio, disable):
     """Output error per unit weight error of each layer decomposed alone (mean 1 over the layers)."""
     was_training = model.training
     model.eval()
@@ -305,7 +306,7 @@ def _sensitivities(model, layers, tables, idx, method, calibration, ratio, macs_
             ref = model(calibration).double()
             ref_norm = ref.square().sum().clamp_min(1e-300)
             for layer, t, i in tqdm(list(zip(layers, tables, idx)), desc="sensitivities", disable=disable):
-                j = _probe(t, i, ratio, macs_ratio)
+                j = _probe(t, i, ratio, cost_ratio)
                 if j is None:
                     weights.append(None)
                     continue
@@ -394,10 +395,10 @@ def select(layers, method="svd", *, ratio=None, macs_ratio=None, latency_ratio=N
         second = latency_ratio
     with single_thread():
         weights = sensitivities or [1.0] * len(layers)
-        idx = _solve(tables, weights, ratio, second, latency=latency_ratio is not None)
+        idx = _solve(tables, weights, ratio, second)
         if calibration is not None and sensitivities is None:
             weights = _sensitivities(model, layers, tables, idx, method, calibration, ratio, second, disable)
-            idx = _solve(tables, weights, ratio, second, latency=latency_ratio is not None)
+            idx = _solve(tables, weights, ratio, second)
     return _plan(layers, tables, idx, weights)
 
 
