@@ -1,4 +1,4 @@
-"""python -m hsvkernels {info, compress, report, bench, demo}.
+"""python -m hsvkernels {info, compress, export, report, bench, demo}.
 
 Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line
 message on stderr. User mistakes (unknown model, unreadable file, bad option)
@@ -85,6 +85,21 @@ def build_parser():
                    help="CPU threads while decomposing (default 1: threaded LAPACK SVD is slow on shared cores)")
     _output_flags(c)
     c.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("export", help="write a model as a graph of standard ops: ONNX and/or torch.export .pt2")
+    e.add_argument("model", help="a directory written by compress --out (or torchvision:NAME, exported dense)")
+    e.add_argument("--onnx", metavar="FILE", help="write an ONNX model (needs the packages onnx and onnxscript)")
+    e.add_argument("--pt2", metavar="FILE", help="write a torch.export program (torch.export.load reads it)")
+    e.add_argument("--input-size", default="224", type=_input_size, metavar="[N x][C x]H[xW]",
+                   help="example input the graph is traced with (default: 1x3x224x224)")
+    e.add_argument("--static-batch", action="store_true",
+                   help="fix the batch size to the example's (default: any batch size)")
+    e.add_argument("--verify", action="store_true",
+                   help="run the ONNX file in onnxruntime on a fresh input, compare with the model in torch, and "
+                        "fail if they differ by more than --rtol of the output's largest value")
+    e.add_argument("--rtol", type=float, default=1e-4, help="with --verify (default 1e-4, for float32)")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="time a compressed model against its dense counterpart, end to end")
     b.add_argument("model", help="torchvision:NAME (converted here with --method/--ratio) or a directory written by "
@@ -416,6 +431,43 @@ def cmd_bench(args):
     print("%6s %12s %14s %8s" % ("batch", "dense ms", "compressed ms", "ratio"))
     for r in rows:
         print("%6d %12.3f %14.3f %8.3f" % (r["batch"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"], r["ratio"]))
+    return 0
+
+
+# export -------------------------------------------------------------------------------------
+
+def cmd_export(args):
+    import torch
+
+    from . import export
+
+    if not args.onnx and not args.pt2:
+        raise ValueError("give --onnx FILE and/or --pt2 FILE")
+    if args.verify and not args.onnx:
+        raise ValueError("--verify checks the ONNX file; give --onnx FILE")
+    missing = export.missing_packages(*(("onnx", "onnxscript") if args.onnx else ()),
+                                      *(("onnxruntime",) if args.verify else ()))
+    if missing:   # before the model is loaded and traced
+        raise ValueError(export.missing_message(missing))
+    torch.manual_seed(args.seed)
+    model = _load_model(args.model, None).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.input_size, generator=gen)
+    dynamic = not args.static_batch
+    if args.pt2:
+        torch.export.save(export.export(model, (x,), dynamic_batch=dynamic), args.pt2)
+        print("wrote %s" % args.pt2)
+    if args.onnx:
+        export.to_onnx(model, (x,), args.onnx, dynamic_batch=dynamic)
+        print("wrote %s" % args.onnx)
+    if args.verify:
+        # Another batch size than the traced one, when the batch is free, so a baked-in size shows.
+        shape = (args.input_size[0] + 1 if dynamic else args.input_size[0],) + tuple(args.input_size[1:])
+        err = export.compare_onnx(args.onnx, model, (torch.randn(shape, generator=gen),))
+        ok = err["max_rel"] <= args.rtol
+        print("onnxruntime vs torch at input %s: max abs diff %.3g, max rel diff %.3g (%s, rtol %g)"
+              % ("x".join(map(str, shape)), err["max_abs"], err["max_rel"], "ok" if ok else "FAILED", args.rtol))
+        return 0 if ok else 1
     return 0
 
 

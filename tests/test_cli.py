@@ -112,7 +112,7 @@ def test_bench_times_dense_and_compressed():
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
 
 
-SUBCOMMANDS = ["info", "compress", "bench", "report", "demo"]
+SUBCOMMANDS = ["info", "compress", "export", "bench", "report", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

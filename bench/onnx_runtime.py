@@ -1,0 +1,159 @@
+"""Exported models in onnxruntime: compressed against dense, beside the same pair in torch, one process.
+
+Each torchvision model (random init: latency does not depend on the weights) is converted with each
+method, and both the dense and the converted model are exported with hsvkernels.export.to_onnx
+(standard ONNX ops; the factorized convs become their chain of Conv/Reshape/MatMul nodes). The
+four callables (onnxruntime dense, onnxruntime compressed, torch dense, torch compressed with the
+fused kernels) are timed in interleaved rounds on the same input; medians are reported. The
+exported file is also checked against the torch model before it is timed.
+
+    python bench/onnx_runtime.py --models resnet18,resnet50,vgg16 --methods hsv --batch 1,8 \
+        --out bench/results/onnx-runtime-cpu
+
+CPU only (onnxruntime's CPUExecutionProvider), fp32, NCHW, all optimizations of the session on,
+intra-op threads = torch's thread count (--threads), inter-op 1.
+"""
+import argparse
+import copy
+import inspect
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hsvkernels  # noqa: E402
+from hsvkernels import _host_malloc, convert, export, models  # noqa: E402
+
+from bench import timing  # noqa: E402
+
+
+def session(path, threads):
+    import onnxruntime
+
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_call(sess, x):
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def torch_call(model, x):
+    def run():
+        with torch.inference_mode():
+            model(x)
+    return run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,resnet50,vgg16")
+    ap.add_argument("--methods", default="hsv")
+    ap.add_argument("--ratio", type=float, default=4.0)
+    ap.add_argument("--macs-ratio", type=float, default=4.0, help="for methods that take it (0: never)")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per callable and batch")
+    ap.add_argument("--out", default=None, help="path without extension for .json and .md")
+    _host_malloc.add_argument(ap)   # torch's outputs; onnxruntime reuses its own arena either way
+    args = ap.parse_args(argv)
+    _host_malloc.configure(args.host_malloc)
+    missing = export.missing_packages("onnx", "onnxscript", "onnxruntime")
+    if missing:
+        raise SystemExit("onnx_runtime.py: " + export.missing_message(missing))
+    import onnxruntime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    env = timing.environment("cpu")
+    env["onnxruntime"] = onnxruntime.__version__
+    for line in timing.describe_environment(env):
+        print(line)
+    print("onnxruntime %s, intra-op threads %d, inter-op 1, ORT_ENABLE_ALL; torch threads %d, HSV_CPU_IMPL=%s"
+          % (onnxruntime.__version__, threads, threads, os.environ.get("HSV_CPU_IMPL", "fused (default)")),
+          flush=True)
+    batches = [int(b) for b in args.batch.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            torch.manual_seed(0)
+            dense = models.build("torchvision:" + name).eval()
+            example = torch.randn(1, 3, args.input_size, args.input_size)
+            dense_path = os.path.join(tmp, name + "-dense.onnx")
+            export.to_onnx(dense, (example,), dense_path)
+            for method in args.methods.split(","):
+                options = {"ratio": args.ratio}
+                if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
+                    options["macs_ratio"] = args.macs_ratio
+                compressed = copy.deepcopy(dense)
+                report = convert.convert_(compressed, method, example_input=example, progress=False,
+                                          decompose_threads=1, **options)
+                totals = report.totals()
+                path = os.path.join(tmp, "%s-%s.onnx" % (name, method))
+                export.to_onnx(compressed, (example,), path)
+                check = export.compare_onnx(path, compressed, (torch.randn(2, 3, args.input_size, args.input_size),))
+                if check["max_rel"] > 1e-4:
+                    raise SystemExit("onnx_runtime.py: %s %s: the ONNX file differs from the model by %.3g of its "
+                                     "largest output" % (name, method, check["max_rel"]))
+                sessions = {"ort_dense": session(dense_path, threads), "ort_compressed": session(path, threads)}
+                for n in batches:
+                    x = torch.randn(n, 3, args.input_size, args.input_size)
+                    fns = {"ort_dense": ort_call(sessions["ort_dense"], x),
+                           "ort_compressed": ort_call(sessions["ort_compressed"], x),
+                           "torch_dense": torch_call(dense, x), "torch_compressed": torch_call(compressed, x)}
+                    t = timing.time_interleaved(fns, min_run_time=args.min_run_time, num_threads=threads)
+                    med = {k: v["median"] for k, v in t.items()}
+                    row = dict(model=name, method=method, options=options, batch=n, threads=threads,
+                               conv_macs_x=totals["macs_before"] / totals["macs_after"],
+                               onnx_bytes_dense=os.path.getsize(dense_path), onnx_bytes_compressed=os.path.getsize(path),
+                               onnx_max_rel_diff=check["max_rel"], times=t,
+                               ort_ratio=med["ort_compressed"] / med["ort_dense"],
+                               torch_ratio=med["torch_compressed"] / med["torch_dense"],
+                               ort_vs_torch_compressed=med["ort_compressed"] / med["torch_compressed"],
+                               ort_vs_torch_dense=med["ort_dense"] / med["torch_dense"])
+                    rows.append(row)
+                    print("%-9s %-5s N=%-3d ort dense %8.2f ms compressed %8.2f ms ratio %.3f | torch dense %8.2f ms "
+                          "compressed %8.2f ms ratio %.3f | file %.1f -> %.1f MB"
+                          % (name, method, n, 1e3 * med["ort_dense"], 1e3 * med["ort_compressed"], row["ort_ratio"],
+                             1e3 * med["torch_dense"], 1e3 * med["torch_compressed"], row["torch_ratio"],
+                             row["onnx_bytes_dense"] / 1e6, row["onnx_bytes_compressed"] / 1e6), flush=True)
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(rows, env, args))
+        print("wrote %s.json and %s.md" % (args.out, args.out))
+    return 0
+
+
+def markdown(rows, env, args):
+    lines = ["Exported models in onnxruntime %s (CPUExecutionProvider, %d intra-op threads, ORT_ENABLE_ALL) beside "
+             "torch %s (%d threads, hsv::conv2d's fused CPU kernels), fp32, NCHW, input %d, medians of interleaved "
+             "rounds; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
+             % (env["onnxruntime"], rows[0]["threads"] if rows else 0, env["torch"],
+                rows[0]["threads"] if rows else 0, args.input_size, env["host_malloc"], env["cpu_model"],
+                env["cpu_count"], env["command"], env["git_commit"]), "",
+             "| model | method | batch | conv MACs | ONNX MB dense -> compressed | ORT dense ms | ORT compressed ms "
+             "| ORT ratio | torch dense ms | torch compressed ms | torch ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = {k: 1e3 * v["median"] for k, v in r["times"].items()}
+        lines.append("| %s | %s | %d | %.2fx | %.1f -> %.1f | %.2f | %.2f | %.3f | %.2f | %.2f | %.3f |"
+                     % (r["model"], r["method"], r["batch"], r["conv_macs_x"], r["onnx_bytes_dense"] / 1e6,
+                        r["onnx_bytes_compressed"] / 1e6, t["ort_dense"], t["ort_compressed"], r["ort_ratio"],
+                        t["torch_dense"], t["torch_compressed"], r["torch_ratio"]))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
