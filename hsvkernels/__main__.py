@@ -53,8 +53,8 @@ def build_parser():
     c.add_argument("--latency-budget", type=float, metavar="RATIO",
                    help="model-wide reduction of the convs' latency measured on --device at --input-size (with or "
                         "without --budget; instead of --macs-budget): hsvkernels.ranks.select(latency_ratio=)")
-    c.add_argument("--latency-points", type=_positive_int, default=6,
-                   help="with --latency-budget: options decomposed and timed per layer (default 6)")
+    c.add_argument("--latency-points", type=_positive_int,
+                   help="with --latency-budget: options decomposed and timed per layer (>= 2, default 6)")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option, forwarded to decompose (VALUE parsed as JSON when it can be)")
     c.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="fnmatch pattern of layers to keep dense")
@@ -213,6 +213,14 @@ def cmd_compress(args):
         raise ValueError("--budget/--macs-budget/--latency-budget size every layer; do not also give --ratio or --rank")
     if args.latency_budget is not None and args.macs_budget is not None:
         raise ValueError("give --macs-budget or --latency-budget, not both")
+    if args.latency_budget is not None and not args.latency_budget >= 1:
+        raise ValueError("--latency-budget is a latency reduction factor >= 1 (2: half the measured conv latency), "
+                         "got %g" % args.latency_budget)
+    if args.latency_points is not None and args.latency_budget is None:
+        raise ValueError("--latency-points sets how --latency-budget times each layer; give --latency-budget too")
+    if args.latency_points is not None and args.latency_points < 2:
+        raise ValueError("--latency-points must be at least 2 (the cheapest and the most accurate options), got %d"
+                         % args.latency_points)
     if (args.val or args.distill) and not args.finetune:
         raise ValueError("--val and --distill need --finetune DATA")
     options = dict(_parse_option(o) for o in args.option)
@@ -239,7 +247,7 @@ def cmd_compress(args):
     if args.latency_budget is not None:
         from . import ranks
         plan = ranks.select(model, args.method, ratio=args.budget, latency_ratio=args.latency_budget,
-                            example_input=calib, latency_points=args.latency_points, progress=not args.json)
+                            example_input=calib, latency_points=args.latency_points or 6, progress=not args.json)
         print("plan: %.2fx measured conv latency, %.2fx conv parameters, %.2fx conv MACs"
               % (plan.latency_reduction(), plan.compression(), plan.mac_reduction()), file=_aux(args))
         options["ranks"] = plan

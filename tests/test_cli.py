@@ -167,6 +167,13 @@ def test_compress_with_a_latency_budget(capsys):
     assert "measured conv latency" in captured.err
     assert main(["compress", "torchvision:resnet18", "--latency-budget", "2", "--macs-budget", "2"]) == 1
     assert "not both" in capsys.readouterr().err
+    # flags checked by their own names before anything is converted
+    assert main(["compress", "torchvision:resnet18", "--latency-budget", "0.5"]) == 1
+    assert "--latency-budget is a latency reduction factor >= 1" in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--latency-points", "3"]) == 1
+    assert "give --latency-budget too" in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--latency-budget", "2", "--latency-points", "1"]) == 1
+    assert "--latency-points must be at least 2" in capsys.readouterr().err
 
 
 def test_compress_then_finetune_on_an_image_folder(tmp_path, capsys):
