@@ -169,8 +169,9 @@ def test_split_blocks_match_the_unsplit_answer():
         torch.testing.assert_close(y, base, rtol=1e-2, atol=1e-2)
         rev = _run(fact, x, 1, 1, 1, bias, tile_h=4, tile_w=4, nb=16, splits=splits, reverse=True)
         assert torch.equal(rev, y)
-    with pytest.raises(ValueError, match="split count"):
+    with pytest.raises(ValueError, match="split count must not be negative"):
         _run(fact, x, 1, 1, 1, tile_h=4, tile_w=4, nb=16, splits=-1)
+    torch.testing.assert_close(_run(fact, x, 1, 1, 1, bias, tile_h=4, tile_w=4, nb=16, splits=0), base)
 
 
 def test_few_tiles_are_split_and_many_are_not():

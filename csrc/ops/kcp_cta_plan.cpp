@@ -152,7 +152,7 @@ bool kcp_cta_geometry(const at::Tensor& input, at::TensorList factors, const Pla
   if (force != nullptr) {
     if (force->tile_h * force->tile_w % 16 != 0 || force->nb % 16 != 0 || force->nb <= 0)
       return no("a forced tile needs tile_h * tile_w and nb to be positive multiples of 16");
-    if (force->splits < 0) return no("a forced split count must be positive");
+    if (force->splits < 0) return no("a forced split count must not be negative (0 or 1: not split)");
     if (!lay_out(p, force->tile_h, force->tile_w, force->nb, 32)) return no("the forced tile has too many taps");
     if (p.smem_bytes > smem_limit) return no("the forced tile needs more shared memory than allowed");
     set_splits(p, std::max(1, std::min(force->splits, p.qnp / p.nb)));
