@@ -10,11 +10,16 @@ exported file is also checked against the torch model before it is timed.
     python bench/onnx_runtime.py --models resnet18,resnet50,vgg16 --methods hsv --batch 1,8 \
         --out bench/results/onnx-runtime-cpu
 
+--layers times each distinct converted conv alone instead (the kernels against each other, without
+the rest of the model): its factorized layer and the dense conv rebuilt from its factors, each in
+onnxruntime and in torch, on the layer's input at each batch size.
+
 CPU only (onnxruntime's CPUExecutionProvider), fp32, NCHW, all optimizations of the session on,
 intra-op threads = torch's thread count (--threads), inter-op 1.
 """
 import argparse
 import copy
+import fnmatch
 import inspect
 import json
 import os
@@ -27,8 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc, convert, export, models  # noqa: E402
+from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 from bench import timing  # noqa: E402
+from bench.models import to_format  # noqa: E402
 
 
 def session(path, threads):
@@ -63,6 +70,15 @@ def main(argv=None):
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per callable and batch")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="fold BatchNorms into the convs before converting, so neither torch model runs BN passes "
+                         "(onnxruntime folds them itself either way)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="run the torch models and their inputs channels_last (onnxruntime takes NCHW and picks its "
+                         "own layout)")
+    ap.add_argument("--layers", action="store_true", help="time each distinct converted conv alone (see above)")
+    ap.add_argument("--layer-filter", default="*", metavar="PATTERN",
+                    help="with --layers: only layers whose names match this fnmatch pattern (default: all)")
     ap.add_argument("--out", default=None, help="path without extension for .json and .md")
     _host_malloc.add_argument(ap)   # torch's outputs; onnxruntime reuses its own arena either way
     args = ap.parse_args(argv)
@@ -75,6 +91,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last and args.layers:
+        raise SystemExit("onnx_runtime.py: --channels-last is for whole models; --layers times NCHW layers")
     env = timing.environment("cpu")
     env["onnxruntime"] = onnxruntime.__version__
     for line in timing.describe_environment(env):
@@ -88,9 +107,11 @@ def main(argv=None):
         for name in args.models.split(","):
             torch.manual_seed(0)
             dense = models.build("torchvision:" + name).eval()
+            folds = len(fold_batch_norms_(dense)) if args.fold_bn else 0
             example = torch.randn(1, 3, args.input_size, args.input_size)
             dense_path = os.path.join(tmp, name + "-dense.onnx")
-            export.to_onnx(dense, (example,), dense_path)
+            if not args.layers:
+                export.to_onnx(dense, (example,), dense_path)
             for method in args.methods.split(","):
                 options = {"ratio": args.ratio}
                 if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
@@ -99,6 +120,9 @@ def main(argv=None):
                 report = convert.convert_(compressed, method, example_input=example, progress=False,
                                           decompose_threads=1, **options)
                 totals = report.totals()
+                if args.layers:
+                    rows += time_layers(name, method, compressed, example, batches, threads, tmp, args)
+                    continue
                 path = os.path.join(tmp, "%s-%s.onnx" % (name, method))
                 export.to_onnx(compressed, (example,), path)
                 check = export.compare_onnx(path, compressed, (torch.randn(2, 3, args.input_size, args.input_size),))
@@ -106,16 +130,20 @@ def main(argv=None):
                     raise SystemExit("onnx_runtime.py: %s %s: the ONNX file differs from the model by %.3g of its "
                                      "largest output" % (name, method, check["max_rel"]))
                 sessions = {"ort_dense": session(dense_path, threads), "ort_compressed": session(path, threads)}
+                dense_t, compressed_t = (to_format(m, fmt) for m in (dense, compressed))
                 for n in batches:
                     x = torch.randn(n, 3, args.input_size, args.input_size)
+                    xt = x.contiguous(memory_format=fmt)
                     fns = {"ort_dense": ort_call(sessions["ort_dense"], x),
                            "ort_compressed": ort_call(sessions["ort_compressed"], x),
-                           "torch_dense": torch_call(dense, x), "torch_compressed": torch_call(compressed, x)}
+                           "torch_dense": torch_call(dense_t, xt), "torch_compressed": torch_call(compressed_t, xt)}
                     t = timing.time_interleaved(fns, min_run_time=args.min_run_time, num_threads=threads)
                     med = {k: v["median"] for k, v in t.items()}
-                    row = dict(model=name, method=method, options=options, batch=n, threads=threads,
+                    row = dict(model=name, method=method, options=options, batch=n, threads=threads, bn_folded=folds,
+                               torch_channels_last=args.channels_last,
                                conv_macs_x=totals["macs_before"] / totals["macs_after"],
-                               onnx_bytes_dense=os.path.getsize(dense_path), onnx_bytes_compressed=os.path.getsize(path),
+                               onnx_bytes_dense=os.path.getsize(dense_path),
+                               onnx_bytes_compressed=os.path.getsize(path),
                                onnx_max_rel_diff=check["max_rel"], times=t,
                                ort_ratio=med["ort_compressed"] / med["ort_dense"],
                                torch_ratio=med["torch_compressed"] / med["torch_dense"],
@@ -131,18 +159,97 @@ def main(argv=None):
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
-            f.write(markdown(rows, env, args))
+            f.write(layers_markdown(rows, env, args) if args.layers else markdown(rows, env, args))
         print("wrote %s.json and %s.md" % (args.out, args.out))
     return 0
 
 
+def distinct_layers(model, example):
+    """(name, FactorizedConv2d, input shape) for each distinct layer config, in model order."""
+    seen, out, hooks = set(), [], []
+    for name, m in model.named_modules():
+        if isinstance(m, hsvkernels.FactorizedConv2d):
+            def hook(mod, inputs, output, name=name):
+                key = (tuple(inputs[0].shape[1:]), mod.stride, mod.padding, mod.dilation,
+                       tuple(tuple(f.shape) for f in mod.factors))
+                if key not in seen:
+                    seen.add(key)
+                    out.append((name, mod, tuple(inputs[0].shape[1:])))
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def time_layers(model_name, method, compressed, example, batches, threads, tmp, args):
+    rows = []
+    for name, layer, in_shape in distinct_layers(compressed, example):
+        if not fnmatch.fnmatchcase(name, args.layer_filter):
+            continue
+        dense = layer.to_dense().eval()
+        paths = {}
+        for tag, m in (("dense", dense), ("fact", layer)):
+            paths[tag] = os.path.join(tmp, "layer-%s-%s.onnx" % (name, tag))
+            export.to_onnx(m, (torch.randn((1,) + in_shape),), paths[tag])
+        sessions = {tag: session(p, threads) for tag, p in paths.items()}
+        dense_macs = dense.weight.numel()   # per output pixel
+        for n in batches:
+            x = torch.randn((n,) + in_shape)
+            with torch.no_grad():
+                out_hw = tuple(layer(x[:1]).shape[2:])
+            fns = {"ort_dense": ort_call(sessions["dense"], x), "ort_compressed": ort_call(sessions["fact"], x),
+                   "torch_dense": torch_call(dense, x), "torch_compressed": torch_call(layer, x)}
+            t = timing.time_interleaved(fns, min_run_time=args.min_run_time, num_threads=threads)
+            med = {k: v["median"] for k, v in t.items()}
+            macs = layer.macs(*out_hw, *in_shape[1:])
+            row = dict(model=model_name, method=method, layer=name, kind=layer.kind, input=list(in_shape),
+                       weight=[layer.out_channels, layer.in_channels, *layer.kernel_size], stride=list(layer.stride),
+                       batch=n, threads=threads, macs_x=dense_macs * out_hw[0] * out_hw[1] / macs, times=t,
+                       gflops_compressed={k: 2 * macs * n / med[k] / 1e9 for k in ("ort_compressed",
+                                                                                    "torch_compressed")},
+                       ort_ratio=med["ort_compressed"] / med["ort_dense"],
+                       torch_ratio=med["torch_compressed"] / med["torch_dense"],
+                       ort_vs_torch_compressed=med["ort_compressed"] / med["torch_compressed"])
+            rows.append(row)
+            print("%-9s %-22s %-18s N=%-3d ort dense %7.3f fact %7.3f ms | torch dense %7.3f fused %7.3f ms | "
+                  "ort/torch fact %.2f" % (model_name, name, "x".join(map(str, row["weight"])), n,
+                                          1e3 * med["ort_dense"], 1e3 * med["ort_compressed"], 1e3 * med["torch_dense"],
+                                          1e3 * med["torch_compressed"], row["ort_vs_torch_compressed"]), flush=True)
+    return rows
+
+
+def layers_markdown(rows, env, args):
+    lines = ["Each distinct converted conv alone: onnxruntime %s (CPUExecutionProvider, ORT_ENABLE_ALL) and torch %s "
+             "(hsv::conv2d's fused CPU kernels; dense = F.conv2d on the rebuilt weight), %d threads, fp32, NCHW, "
+             "medians of interleaved rounds; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
+             % (env["onnxruntime"], env["torch"], rows[0]["threads"] if rows else 0, env["host_malloc"],
+                env["cpu_model"], env["cpu_count"], env["command"], env["git_commit"]), "",
+             "| model | layer | weight | input | stride | batch | MACs x | ORT dense ms | ORT fact ms | torch dense ms "
+             "| torch fused ms | ORT fact / torch fused | GFLOP/s ORT fact | GFLOP/s torch fused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = {k: 1e3 * v["median"] for k, v in r["times"].items()}
+        lines.append("| %s | %s | %s | %s | %s | %d | %.2f | %.3f | %.3f | %.3f | %.3f | %.2f | %.1f | %.1f |"
+                     % (r["model"], r["layer"], "x".join(map(str, r["weight"])), "x".join(map(str, r["input"])),
+                        r["stride"][0], r["batch"], r["macs_x"], t["ort_dense"], t["ort_compressed"], t["torch_dense"],
+                        t["torch_compressed"], r["ort_vs_torch_compressed"], r["gflops_compressed"]["ort_compressed"],
+                        r["gflops_compressed"]["torch_compressed"]))
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, env, args):
     lines = ["Exported models in onnxruntime %s (CPUExecutionProvider, %d intra-op threads, ORT_ENABLE_ALL) beside "
-             "torch %s (%d threads, hsv::conv2d's fused CPU kernels), fp32, NCHW, input %d, medians of interleaved "
-             "rounds; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
+             "torch %s (%d threads, hsv::conv2d's fused CPU kernels), fp32, %s, input %d, medians of interleaved "
+             "rounds%s; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
              % (env["onnxruntime"], rows[0]["threads"] if rows else 0, env["torch"],
-                rows[0]["threads"] if rows else 0, args.input_size, env["host_malloc"], env["cpu_model"],
-                env["cpu_count"], env["command"], env["git_commit"]), "",
+                rows[0]["threads"] if rows else 0,
+                "torch channels_last (onnxruntime NCHW input)" if args.channels_last else "NCHW", args.input_size,
+                ", BatchNorms folded into the convs before converting" if args.fold_bn else "", env["host_malloc"],
+                env["cpu_model"], env["cpu_count"], env["command"], env["git_commit"]), "",
              "| model | method | batch | conv MACs | ONNX MB dense -> compressed | ORT dense ms | ORT compressed ms "
              "| ORT ratio | torch dense ms | torch compressed ms | torch ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

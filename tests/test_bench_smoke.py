@@ -149,3 +149,27 @@ def test_models_conv_tflops_and_latency_budget(tmp_path):
         row["conv_macs_x"] * row["compressed_s"] / row["dense_s"], rel=1e-9)
     md = (tmp_path / "models.md").read_text()
     assert "measured ceilings on cpu" in md and "conv TFLOP/s compressed" in md
+
+
+@pytest.mark.skipif(not hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") == [],
+                    reason="needs onnx, onnxscript and onnxruntime (requirements-dev.txt installs them)")
+def test_onnx_runtime_model_and_layers(tmp_path):
+    pytest.importorskip("torchvision")
+    from bench import onnx_runtime
+    common = ["--models", "resnet18", "--methods", "svd", "--batch", "2", "--input-size", "32", "--min-run-time",
+              "0.01", "--threads", "1", "--host-malloc", "default"]
+    assert onnx_runtime.main(common + ["--fold-bn", "--out", str(tmp_path / "model")]) == 0
+    (row,) = json.loads((tmp_path / "model.json").read_text())["rows"]
+    assert row["bn_folded"] == 20 and row["onnx_bytes_compressed"] < row["onnx_bytes_dense"]
+    assert row["onnx_max_rel_diff"] < 1e-4 and row["conv_macs_x"] > 1
+    for k in ("ort_dense", "ort_compressed", "torch_dense", "torch_compressed"):
+        assert row["times"][k]["median"] > 0
+    assert row["ort_ratio"] == pytest.approx(row["times"]["ort_compressed"]["median"]
+                                             / row["times"]["ort_dense"]["median"])
+    layers = ["--layers", "--layer-filter", "layer2.*", "--out", str(tmp_path / "layers")]
+    assert onnx_runtime.main(common + layers) == 0
+    rows = json.loads((tmp_path / "layers.json").read_text())["rows"]
+    # one row per distinct layer config: layer2.1's two convs repeat layer2.0.conv2
+    assert [r["layer"] for r in rows] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert all(r["batch"] == 2 and r["gflops_compressed"]["torch_compressed"] > 0 for r in rows)
+    assert "| resnet18 | layer2.0.conv1 |" in (tmp_path / "layers.md").read_text()
