@@ -19,7 +19,7 @@ from ._progress import progress as progress_bar
 from .decompose import METHODS
 from .fold import fold_batch_norms_, replace_module as _replace
 from .nn import FactorizedConv2d
-from .ranks import DENSE as _PLAN_DENSE, select as _select
+from .ranks import DENSE as _PLAN_DENSE, built_layer as _built_layer, select as _select
 from .report import DENSE, FACTORIZED, LayerRow, Report
 
 log = logging.getLogger("hsvkernels.convert")
@@ -177,9 +177,13 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
                 continue
         layer_method = kwargs.pop("method")
         row.method = layer_method
+        # A latency plan decomposed the chosen option already, to time it. Extra method options or an
+        # override would make a different factorization, so only the plan's own config is reused.
+        reuse = _built_layer(choice, conv) if plan is not None and choice is not None and \
+            choice.method == layer_method and kwargs == choice.config else None
         try:
             with _threads(decompose_threads):
-                layer = FactorizedConv2d.from_conv(conv, method=layer_method, **kwargs)
+                layer = reuse or FactorizedConv2d.from_conv(conv, method=layer_method, **kwargs)
         except Exception as exc:  # one bad layer must not stop the conversion of the others
             row.reason = "decomposition failed: %s: %s" % (type(exc).__name__, exc)
             failures.append(row.reason)

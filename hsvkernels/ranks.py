@@ -27,6 +27,7 @@ import copy
 import inspect
 import math
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,12 @@ class Choice:
     sensitivity: float = 1.0      # w_l used for the choice
     latency_ms: float = None      # measured, with latency_ratio: this choice's and the dense conv's time per call
     dense_latency_ms: float = None
+    # With latency_ratio the chosen factorization was already decomposed to be timed: (layer, weak reference to
+    # the conv's weight, fingerprint of it). built_layer() hands it out while that weight is unchanged.
+    built: tuple = field(default=None, hash=False, compare=False, repr=False)
+
+    def __getstate__(self):   # pickled and deep-copied plans drop the built layer (and its weak reference)
+        return dict(self.__dict__, built=None)
 
 
 class Plan(dict):
@@ -170,6 +177,7 @@ class _Table:
         # the second cost the solver budgets: MACs, or measured milliseconds (_timed_table)
         self.cost, self.dense_cost = self.macs, float(dense_macs)
         self.latency_ms = self.dense_latency_ms = None
+        self.built = None   # per option, the FactorizedConv2d _timed_table decomposed (None: not built)
 
 
 def _allocate(tables, weights, budgets, scales, mix):
@@ -273,9 +281,35 @@ def _plan(layers, tables, idx, weights):
     for layer, t, i, w in zip(layers, tables, idx, weights):
         method, config, params, macs, err = t.opts[i]
         lat = None if t.latency_ms is None else float(t.latency_ms[i])
+        built = None
+        if t.built is not None and t.built[i] is not None:
+            conv = layer.module
+            built = (t.built[i], weakref.ref(conv.weight), _fingerprint(conv))
         plan[layer.name] = Choice(method, dict(config), int(params), int(macs), float(err), t.dense_params,
-                                  t.dense_macs, float(w), lat, t.dense_latency_ms)
+                                  t.dense_macs, float(w), lat, t.dense_latency_ms, built)
     return plan
+
+
+def _fingerprint(conv):
+    """Cheap, exact-enough identity of a conv's values: sums of its weight and bias, and of their squares."""
+    with torch.no_grad():
+        return tuple(float(f(t.detach().double())) for t in (conv.weight, conv.bias) if t is not None
+                     for f in (torch.sum, lambda v: torch.sum(v * v)))
+
+
+def built_layer(choice, conv):
+    """The FactorizedConv2d a latency plan decomposed (to time it) for `conv`, or None.
+
+    None unless the plan was made from this very conv and its weight and bias still hold the
+    values they had then; convert_ and apply use it instead of decomposing the weight again.
+    """
+    if choice.built is None:
+        return None
+    layer, weight_ref, fingerprint = choice.built
+    if weight_ref() is not conv.weight or _fingerprint(conv) != fingerprint:
+        return None
+    # the timing made its 4-D factors the input's layout; a fresh decomposition gives contiguous ones
+    return layer._apply(lambda t: t.contiguous())
 
 
 def _probe(table, chosen, ratio, cost_ratio):
@@ -427,19 +461,22 @@ def _timed_table(layer, table, method, batch, points, timer):
     keep = _front(table, points) + [i for i, o in enumerate(table.opts) if o[0] == DENSE]
     with torch.no_grad():
         dense_ms = float(timer(conv, x))
-        ms = []
+        ms, built = [], []
         for i in keep:
             if table.opts[i][0] == DENSE:
                 ms.append(dense_ms)
+                built.append(None)
             else:
                 module = FactorizedConv2d.from_conv(conv, method, **table.opts[i][1])
                 # the layout the model's own 4-D tensors have (Module.to(memory_format=) refuses 5-D hsv factors)
                 module._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
                 ms.append(float(timer(module, x)))
+                built.append(module)
     out = copy.copy(table)
     out.opts = [table.opts[i] for i in keep]
     out.params, out.macs, out.err = table.params[keep], table.macs[keep], table.err[keep]
     out.cost = out.latency_ms = np.array(ms, dtype=np.float64)
+    out.built = built   # kept (one module per timed option) until _plan takes the chosen ones
     out.dense_cost = out.dense_latency_ms = dense_ms
     return out
 
@@ -453,7 +490,8 @@ def apply(model, plan):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, child)
-        setattr(parent, child, FactorizedConv2d.from_conv(conv, choice.method, **choice.config))
+        layer = built_layer(choice, conv) or FactorizedConv2d.from_conv(conv, choice.method, **choice.config)
+        setattr(parent, child, layer.train(conv.training))
     return model
 
 

@@ -1,5 +1,6 @@
 """hsvkernels.ranks: budgets met, determinism, sensitivities, speed, argument errors."""
 import copy
+import pickle
 import sys
 import time
 
@@ -284,3 +285,42 @@ def test_resnet50_hsv_selection_under_a_minute(resnet50_layers):
     elapsed = time.perf_counter() - start
     _check_budget(plan, 4, 4)
     assert elapsed < 60, elapsed
+
+
+def test_a_latency_plan_hands_its_timed_layers_to_convert(monkeypatch):
+    # the chosen factorizations were decomposed to be timed; convert_ and apply use them instead of decomposing again
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(2, 3, 16, 16)
+    plan = ranks.select(net, "svd", latency_ratio=2, example_input=x, progress=False, latency_points=3,
+                        timer=_params_timer([]))
+    chosen = {name: c.built[0] for name, c in plan.items() if c.method != ranks.DENSE}
+    assert chosen
+    fresh = copy.deepcopy(net)   # other weights (equal values): decomposed anew
+    copied = pickle.loads(pickle.dumps(plan))
+    assert all(c.built is None for c in copied.values()) and copied == plan
+    calls = []
+    real = hsvkernels.FactorizedConv2d.from_conv.__func__
+    monkeypatch.setattr(hsvkernels.FactorizedConv2d, "from_conv",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
+    hsvkernels.convert_(net, ranks=plan, example_input=x, progress=False)
+    assert calls == [] and all(getattr(net, name) is layer for name, layer in chosen.items())
+    hsvkernels.convert_(fresh, ranks=plan, example_input=x, progress=False)
+    assert len(calls) == len(chosen)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), fresh(x))
+
+
+def test_a_changed_weight_is_decomposed_again():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(2, 3, 16, 16)
+    plan = ranks.select(net, "svd", latency_ratio=2, example_input=x, progress=False, latency_points=3,
+                        timer=_params_timer([]))
+    name = next(n for n, c in plan.items() if c.method != ranks.DENSE)
+    timed = plan[name].built[0]
+    getattr(net, name).weight.data.mul_(-2)   # .data: no version bump, the values decide
+    want = hsvkernels.FactorizedConv2d.from_conv(getattr(net, name), "svd", **plan[name].config)
+    ranks.apply(net, plan)
+    assert getattr(net, name) is not timed
+    torch.testing.assert_close(getattr(net, name).weight, want.weight)
