@@ -223,42 +223,48 @@ def time_layers(model_name, method, compressed, example, batches, threads, tmp, 
 
 
 def layers_markdown(rows, env, args):
-    lines = ["Each distinct converted conv alone: onnxruntime %s (CPUExecutionProvider, ORT_ENABLE_ALL) and torch %s "
+    intro = ("Each distinct converted conv alone: onnxruntime %s (CPUExecutionProvider, ORT_ENABLE_ALL) and torch %s "
              "(hsv::conv2d's fused CPU kernels; dense = F.conv2d on the rebuilt weight), %d threads, fp32, NCHW, "
-             "medians of interleaved rounds; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
-             % (env["onnxruntime"], env["torch"], rows[0]["threads"] if rows else 0, env["host_malloc"],
-                env["cpu_model"], env["cpu_count"], env["command"], env["git_commit"]), "",
-             "| model | layer | weight | input | stride | batch | MACs x | ORT dense ms | ORT fact ms | torch dense ms "
-             "| torch fused ms | ORT fact / torch fused | GFLOP/s ORT fact | GFLOP/s torch fused |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "medians of interleaved rounds" % (env["onnxruntime"], env["torch"], rows[0]["threads"] if rows else 0))
+    head = ["model", "layer", "weight", "input", "stride", "batch", "MACs x", "ORT dense ms", "ORT fact ms",
+            "torch dense ms", "torch fused ms", "ORT fact / torch fused", "GFLOP/s ORT fact", "GFLOP/s torch fused"]
+    body = []
     for r in rows:
         t = {k: 1e3 * v["median"] for k, v in r["times"].items()}
-        lines.append("| %s | %s | %s | %s | %s | %d | %.2f | %.3f | %.3f | %.3f | %.3f | %.2f | %.1f | %.1f |"
-                     % (r["model"], r["layer"], "x".join(map(str, r["weight"])), "x".join(map(str, r["input"])),
-                        r["stride"][0], r["batch"], r["macs_x"], t["ort_dense"], t["ort_compressed"], t["torch_dense"],
-                        t["torch_compressed"], r["ort_vs_torch_compressed"], r["gflops_compressed"]["ort_compressed"],
-                        r["gflops_compressed"]["torch_compressed"]))
-    return "\n".join(lines) + "\n"
+        body.append([r["model"], r["layer"], "x".join(map(str, r["weight"])), "x".join(map(str, r["input"])),
+                     r["stride"][0], r["batch"], "%.2f" % r["macs_x"]]
+                    + ["%.3f" % t[k] for k in ("ort_dense", "ort_compressed", "torch_dense", "torch_compressed")]
+                    + ["%.2f" % r["ort_vs_torch_compressed"]]
+                    + ["%.1f" % r["gflops_compressed"][k] for k in ("ort_compressed", "torch_compressed")])
+    return _document(intro, env, head, body)
 
 
 def markdown(rows, env, args):
-    lines = ["Exported models in onnxruntime %s (CPUExecutionProvider, %d intra-op threads, ORT_ENABLE_ALL) beside "
+    threads = rows[0]["threads"] if rows else 0
+    intro = ("Exported models in onnxruntime %s (CPUExecutionProvider, %d intra-op threads, ORT_ENABLE_ALL) beside "
              "torch %s (%d threads, hsv::conv2d's fused CPU kernels), fp32, %s, input %d, medians of interleaved "
-             "rounds%s; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
-             % (env["onnxruntime"], rows[0]["threads"] if rows else 0, env["torch"],
-                rows[0]["threads"] if rows else 0,
-                "torch channels_last (onnxruntime NCHW input)" if args.channels_last else "NCHW", args.input_size,
-                ", BatchNorms folded into the convs before converting" if args.fold_bn else "", env["host_malloc"],
-                env["cpu_model"], env["cpu_count"], env["command"], env["git_commit"]), "",
-             "| model | method | batch | conv MACs | ONNX MB dense -> compressed | ORT dense ms | ORT compressed ms "
-             "| ORT ratio | torch dense ms | torch compressed ms | torch ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rounds%s" % (env["onnxruntime"], threads, env["torch"], threads,
+                           "torch channels_last (onnxruntime NCHW input)" if args.channels_last else "NCHW",
+                           args.input_size,
+                           ", BatchNorms folded into the convs before converting" if args.fold_bn else ""))
+    head = ["model", "method", "batch", "conv MACs", "ONNX MB dense -> compressed", "ORT dense ms",
+            "ORT compressed ms", "ORT ratio", "torch dense ms", "torch compressed ms", "torch ratio"]
+    body = []
     for r in rows:
         t = {k: 1e3 * v["median"] for k, v in r["times"].items()}
-        lines.append("| %s | %s | %d | %.2fx | %.1f -> %.1f | %.2f | %.2f | %.3f | %.2f | %.2f | %.3f |"
-                     % (r["model"], r["method"], r["batch"], r["conv_macs_x"], r["onnx_bytes_dense"] / 1e6,
-                        r["onnx_bytes_compressed"] / 1e6, t["ort_dense"], t["ort_compressed"], r["ort_ratio"],
-                        t["torch_dense"], t["torch_compressed"], r["torch_ratio"]))
+        body.append([r["model"], r["method"], r["batch"], "%.2fx" % r["conv_macs_x"],
+                     "%.1f -> %.1f" % (r["onnx_bytes_dense"] / 1e6, r["onnx_bytes_compressed"] / 1e6),
+                     "%.2f" % t["ort_dense"], "%.2f" % t["ort_compressed"], "%.3f" % r["ort_ratio"],
+                     "%.2f" % t["torch_dense"], "%.2f" % t["torch_compressed"], "%.3f" % r["torch_ratio"]])
+    return _document(intro, env, head, body)
+
+
+def _document(intro, env, head, body):
+    """The intro sentence with the machine and the command, then the table."""
+    lines = ["%s; host malloc: %s. Machine: %s, %s logical CPUs. Command: `%s` (commit %s)."
+             % (intro, env["host_malloc"], env["cpu_model"], env["cpu_count"], env["command"], env["git_commit"]), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
