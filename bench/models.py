@@ -58,16 +58,30 @@ class Graphed:
         return self.y
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(ap, methods):
+    """The arguments every whole-model benchmark takes: which models and methods, the targets, sizes, threads."""
     ap.add_argument("--models", default="resnet18,resnet50,vgg16")
-    ap.add_argument("--methods", default="svd,hsv")
+    ap.add_argument("--methods", default=methods)
     ap.add_argument("--ratio", type=float, default=4.0)
     ap.add_argument("--macs-ratio", type=float, default=4.0, help="for methods that take it (0: never)")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--min-run-time", type=float, default=2.0)
+    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per model (or callable) and "
+                                                                      "batch")
+
+
+def method_options(method, ratio, macs_ratio):
+    """convert_ options for the --ratio and --macs-ratio targets (macs_ratio only where the method takes it)."""
+    options = {"ratio": ratio}
+    if macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
+        options["macs_ratio"] = macs_ratio
+    return options
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(ap, "svd,hsv")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--cpu-impl", default="fused",
                     help="comma list of HSV_CPU_IMPL values to time the converted model under (composite,fused,auto; "
@@ -139,9 +153,7 @@ def main(argv=None):
         folds = len(fold_batch_norms_(dense)) if args.fold_bn else 0
         example = torch.randn(1, 3, args.input_size, args.input_size)
         for method in args.methods.split(","):
-            options = {"ratio": args.ratio}
-            if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
-                options["macs_ratio"] = args.macs_ratio
+            options = method_options(method, args.ratio, args.macs_ratio)
             compressed = copy.deepcopy(dense)
             if args.measure or args.latency_ratio:  # layers timed where they will run: device, dtype, layout, batch
                 compressed = to_format(compressed.to(args.device, dtype), fmt)

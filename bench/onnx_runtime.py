@@ -20,7 +20,6 @@ intra-op threads = torch's thread count (--threads), inter-op 1.
 import argparse
 import copy
 import fnmatch
-import inspect
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from hsvkernels import _host_malloc, convert, export, models  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 from bench import timing  # noqa: E402
-from bench.models import to_format  # noqa: E402
+from bench.models import add_model_arguments, method_options, to_format  # noqa: E402
 
 
 def session(path, threads):
@@ -62,14 +61,7 @@ def torch_call(model, x):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet18,resnet50,vgg16")
-    ap.add_argument("--methods", default="hsv")
-    ap.add_argument("--ratio", type=float, default=4.0)
-    ap.add_argument("--macs-ratio", type=float, default=4.0, help="for methods that take it (0: never)")
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--input-size", type=int, default=224)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per callable and batch")
+    add_model_arguments(ap, "hsv")
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorms into the convs before converting, so neither torch model runs BN passes "
                          "(onnxruntime folds them itself either way)")
@@ -113,9 +105,7 @@ def main(argv=None):
             if not args.layers:
                 export.to_onnx(dense, (example,), dense_path)
             for method in args.methods.split(","):
-                options = {"ratio": args.ratio}
-                if args.macs_ratio and "macs_ratio" in inspect.signature(hsvkernels.METHODS[method]).parameters:
-                    options["macs_ratio"] = args.macs_ratio
+                options = method_options(method, args.ratio, args.macs_ratio)
                 compressed = copy.deepcopy(dense)
                 report = convert.convert_(compressed, method, example_input=example, progress=False,
                                           decompose_threads=1, **options)
