@@ -94,6 +94,8 @@ def build_parser():
                    help="example input the graph is traced with (default: 1x3x224x224)")
     e.add_argument("--static-batch", action="store_true",
                    help="fix the batch size to the example's (default: any batch size)")
+    e.add_argument("--dynamic-size", action="store_true",
+                   help="leave the image height and width free too (default: the example's)")
     e.add_argument("--verify", action="store_true",
                    help="run the ONNX file in onnxruntime on a fresh input, compare with the model in torch, and "
                         "fail if they differ by more than --rtol of the output's largest value")
@@ -463,14 +465,15 @@ def cmd_export(args):
     x = torch.randn(args.input_size, generator=gen)
     dynamic = not args.static_batch
     if args.pt2:
-        torch.export.save(export.export(model, (x,), dynamic_batch=dynamic), args.pt2)
+        torch.export.save(export.export(model, (x,), dynamic_batch=dynamic, dynamic_size=args.dynamic_size), args.pt2)
         print("wrote %s" % args.pt2)
     if args.onnx:
-        export.to_onnx(model, (x,), args.onnx, dynamic_batch=dynamic)
+        export.to_onnx(model, (x,), args.onnx, dynamic_batch=dynamic, dynamic_size=args.dynamic_size)
         print("wrote %s" % args.onnx)
     if args.verify:
-        # Another batch size than the traced one, when the batch is free, so a baked-in size shows.
-        shape = (args.input_size[0] + 1 if dynamic else args.input_size[0],) + tuple(args.input_size[1:])
+        # Other sizes than the traced ones where they are free, so a baked-in size shows.
+        n, c, h, w = args.input_size
+        shape = (n + 1 if dynamic else n, c) + ((h + 8, w + 16) if args.dynamic_size else (h, w))
         err = export.compare_onnx(args.onnx, model, (torch.randn(shape, generator=gen),))
         ok = err["max_rel"] <= args.rtol
         print("onnxruntime vs torch at input %s: max abs diff %.3g, max rel diff %.3g (%s, rtol %g)"

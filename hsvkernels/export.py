@@ -8,6 +8,7 @@ kernel; the runtime runs the chain with its own convolutions.
 """
 import importlib.util
 import inspect
+import warnings
 
 import torch
 
@@ -37,34 +38,77 @@ def decompose_hsv_ops(program):
 _REFERENCE = {"conv2d": reference.conv2d_factors}
 
 
-def export(model, args, kwargs=None, *, dynamic_batch=False, strict=False):
+def export(model, args, kwargs=None, *, dynamic_batch=False, dynamic_size=False, strict=False):
     """torch.export.export(model, args, kwargs) with the hsv ops expanded into standard aten ops.
 
     dynamic_batch: dimension 0 of every tensor in args/kwargs becomes one symbolic size, so the
     program takes any batch (examples of batch 0 or 1 are traced at batch 2: torch.export fixes
-    sizes 0 and 1). Call model.eval() first for an inference graph (BatchNorm, Dropout).
+    sizes 0 and 1). dynamic_size: the height and width of every 4-D tensor are left to
+    torch.export to make symbolic (Dim.AUTO: free where the model allows). The layout rule of
+    hsv::conv2d looks at size-1 dims, so the program keeps the example's answer to "is this
+    feature map 1 x 1": sizes that change it fail a guard when run, and an example with 1 x 1
+    maps bounds the sizes (a warning says so; trace with a larger example). Call model.eval()
+    first for an inference graph (BatchNorm, Dropout).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
     args = _as_args(args)
     kwargs = dict(kwargs or {})
     dynamic_shapes = None
+    if dynamic_batch or dynamic_size:
+        dynamic_shapes = _dynamic_shapes(model, args, kwargs, dynamic_batch, dynamic_size)
     if dynamic_batch:
-        dynamic_shapes = _batch_shapes(model, args, kwargs)
         args, kwargs = _batch_of_two(args), dict(zip(kwargs, _batch_of_two(kwargs.values())))
     program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    if dynamic_size:
+        _warn_bounded_sizes(program)
     return decompose_hsv_ops(program) if hsv_ops_in(program) else program
 
 
-def to_onnx(model, args, path=None, *, kwargs=None, dynamic_batch=True, opset_version=None, optimize=True):
+def bounded_input_sizes(program):
+    """[(input index, dim, lower, upper)] for input sizes the program accepts only up to a finite bound."""
+    bounds = {str(sym): vr for sym, vr in program.range_constraints.items()}
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder"
+              and n.name in program.graph_signature.user_inputs]
+    out = []
+    for i, node in enumerate(inputs):
+        val = node.meta.get("val")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            vr = bounds.get(str(size))
+            upper = _finite_int(vr.upper) if vr is not None else None
+            if upper is not None:
+                out.append((i, d, int(vr.lower), upper))
+    return out
+
+
+def _finite_int(value):
+    try:   # torch's symbolic infinity (int_oo) refuses int()
+        return int(value)
+    except (OverflowError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _warn_bounded_sizes(program):
+    # A feature map of 1 x 1 in the example (a small image through a deep net) makes torch.export
+    # specialise the layout checks on it, and the program then refuses larger images.
+    bounded = bounded_input_sizes(program)
+    if bounded:
+        warnings.warn("dynamic_size: the exported program accepts only %s; the example input made some feature map "
+                      "1 x 1, so trace with a larger example for free sizes"
+                      % ", ".join("input %d dim %d in [%d, %d]" % b for b in bounded), stacklevel=3)
+
+
+def to_onnx(model, args, path=None, *, kwargs=None, dynamic_batch=True, dynamic_size=False, opset_version=None,
+            optimize=True):
     """Exports `model` to ONNX with standard ops only (torch.onnx's dynamo exporter).
 
     Returns the torch.onnx.ONNXProgram (callable through onnxruntime when it is installed) and
-    writes it to `path` when given. dynamic_batch (default True) leaves the batch size free.
+    writes it to `path` when given. dynamic_batch (default True) leaves the batch size free,
+    dynamic_size the image height and width (as in export()).
     Needs the packages onnx and onnxscript (pip install "hsvkernels[onnx]").
     """
     _require("onnx", "onnxscript")
-    program = export(model, args, kwargs, dynamic_batch=dynamic_batch)
+    program = export(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
     onnx_program = torch.onnx.export(program, _as_args(args), kwargs=kwargs, dynamo=True, opset_version=opset_version,
                                      optimize=optimize, verbose=False)
     if path is not None:
@@ -108,14 +152,24 @@ def _as_args(args):
     return tuple(args)
 
 
-def _batch_shapes(model, args, kwargs):
-    batch = torch.export.Dim("batch")
+def _dynamic_shapes(model, args, kwargs, batch, size):
+    dims = {}
+    if batch:
+        dims[0] = torch.export.Dim("batch")
 
     def spec(a):
-        return {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+            return None
+        out = {d: v for d, v in dims.items() if d < a.dim()}
+        if size and a.dim() == 4:
+            out.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+        return out or None
 
-    if not any(spec(a) for a in (*args, *kwargs.values())):
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if batch and not any(a.dim() > 0 for a in tensors):
         raise ValueError("dynamic_batch needs a tensor input with a batch dimension")
+    if size and not any(a.dim() == 4 for a in tensors):
+        raise ValueError("dynamic_size needs a 4-D (N, C, H, W) tensor input")
     if not kwargs:
         return tuple(spec(a) for a in args)
     # With keyword inputs torch.export wants the specs keyed by forward's parameter names.

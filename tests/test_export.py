@@ -147,15 +147,21 @@ def test_cli_compress_then_export_and_verify(tmp_path, capsys):
     assert main(["compress", "torchvision:resnet18", "--method", "svd", "--ratio", "4", "--input-size", "32",
                  "--out", d, "--json"]) == 0
     capsys.readouterr()
-    assert main(["export", d, "--onnx", onnx_path, "--pt2", pt2, "--input-size", "32", "--verify"]) == 0
+    # at 32 x 32 layer4's maps are 1 x 1, which bounds the sizes the program takes: said, not silent
+    with pytest.warns(UserWarning, match=r"accepts only input 0 dim 2 in \[2, 32\]"):
+        main(["export", d, "--pt2", pt2, "--input-size", "32", "--dynamic-size"])
+    assert main(["export", d, "--onnx", onnx_path, "--pt2", pt2, "--input-size", "64", "--dynamic-size",
+                 "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "onnxruntime vs torch at input 2x3x32x32" in out and "(ok, rtol" in out
+    assert "onnxruntime vs torch at input 2x3x72x80" in out and "(ok, rtol" in out   # other sizes than traced
     program = torch.export.load(pt2)
     assert export.hsv_ops_in(program) == []
     model = hsvkernels.load(d).eval()
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(3, 3, 72, 80)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match="Guard failed"):   # layer4's maps would be 1 x 1: refused, not wrong
+        program.module()(torch.randn(1, 3, 64, 24))
 
 
 def test_cli_export_usage_errors(tmp_path, capsys):
@@ -163,3 +169,26 @@ def test_cli_export_usage_errors(tmp_path, capsys):
     assert "give --onnx FILE and/or --pt2 FILE" in capsys.readouterr().err
     assert main(["export", "torchvision:resnet18", "--pt2", str(tmp_path / "a.pt2"), "--verify"]) == 1
     assert "--verify checks the ONNX file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dynamic_size_takes_other_images(kind):
+    layer = _layer(kind)
+    program = export.export(layer, (torch.randn(2, 8, 12, 10),), dynamic_batch=True, dynamic_size=True)
+    assert export.hsv_ops_in(program) == []
+    for shape in ((3, 8, 17, 9), (1, 8, 32, 40)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dynamic_size needs a 4-D"):
+        export.export(nn.Linear(4, 4), (torch.randn(2, 4),), dynamic_size=True)
+
+
+@needs_onnx
+def test_onnx_with_dynamic_size(tmp_path, capsys):
+    net = _net()
+    hsvkernels.convert_(net, "hsv", ratio=4, example_input=torch.randn(1, 3, 16, 16), progress=False, min_params=0)
+    path = tmp_path / "net.onnx"
+    export.to_onnx(net, (torch.randn(1, 3, 16, 16),), path, dynamic_size=True)
+    for shape in ((2, 3, 24, 20), (5, 3, 16, 16)):
+        assert export.compare_onnx(path, net, (torch.randn(shape),))["max_rel"] < 1e-5
