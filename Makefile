@@ -1,5 +1,6 @@
 # make demo   : set up, build, train a small CNN on bundled digits and compare every method
-#               (accuracy before/after fine-tuning, size, latency), then compress, verify, benchmark
+#               (accuracy before/after fine-tuning, size, latency), then compress, verify, export to
+#               ONNX (checked in onnxruntime), benchmark
 # make test   : set up, build, run the whole test suite
 # Set-up is a virtual environment in .venv with torch from TORCH_SPEC; the
 # extension builds with CUDA when torch is a CUDA build and nvcc is found (or
@@ -37,7 +38,9 @@ test: build
 
 demo: build
 	$(PY) -m hsvkernels demo
-	$(PY) -m hsvkernels compress torchvision:resnet18 --method svd --ratio 4 --input-size 224 --verify
+	$(PY) -m hsvkernels compress torchvision:resnet18 --method svd --ratio 4 --input-size 224 --verify \
+		--out build/demo-resnet18
+	$(PY) -m hsvkernels export build/demo-resnet18 --onnx build/demo-resnet18.onnx --verify
 	$(PY) bench/layers.py --quick --methods svd
 
 bench: build
