@@ -187,6 +187,7 @@ def _cmd_info(args):
     info["cuda_available"] = torch.cuda.is_available()
     info["cuda_kernels_can_run_here"] = cuda_runnable
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    info["onnx_export_packages"] = _versions("onnx", "onnxscript", "onnxruntime")   # None: not installed
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -197,6 +198,18 @@ def _cmd_info(args):
     elif info.get("with_cuda") and not cuda_runnable:
         print("\nCUDA kernels are compiled in but cannot run here: no CUDA device is visible.")
     return 0
+
+
+def _versions(*packages):
+    from importlib import metadata
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 # compress -----------------------------------------------------------------------------------

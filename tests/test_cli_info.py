@@ -10,6 +10,10 @@ def test_info_json():
     assert info["extension"] is True
     assert "svd" in info["kinds"]
     assert info["cuda_kernels_can_run_here"] in (True, False)
+    # what hsvkernels.export.to_onnx needs, as installed here (None where missing)
+    from importlib.util import find_spec
+    assert set(info["onnx_export_packages"]) == {"onnx", "onnxscript", "onnxruntime"}
+    assert all((v is None) == (find_spec(k) is None) for k, v in info["onnx_export_packages"].items())
 
 
 def test_info_text_and_bad_command():
