@@ -261,8 +261,9 @@ def cmd_compress(args):
     calib = torch.randn(args.input_size, generator=gen).to(device)
     if args.latency_budget is not None:
         from . import ranks
+        points = {} if args.latency_points is None else {"latency_points": args.latency_points}   # else select's
         plan = ranks.select(model, args.method, ratio=args.budget, latency_ratio=args.latency_budget,
-                            example_input=calib, latency_points=args.latency_points or 6, progress=not args.json)
+                            example_input=calib, progress=not args.json, **points)
         print("plan: %.2fx measured conv latency, %.2fx conv parameters, %.2fx conv MACs"
               % (plan.latency_reduction(), plan.compression(), plan.mac_reduction()), file=_aux(args))
         options["ranks"] = plan

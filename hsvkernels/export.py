@@ -12,10 +12,12 @@ import warnings
 
 import torch
 
-from . import reference
+from . import formats, reference
 
-# Only the forward op: exported inference graphs never hold hsv::conv2d_backward.
-HSV_OPS = ("conv2d",)
+# hsv op name -> the pure-PyTorch function export puts in its place. Only the forward op: exported
+# inference graphs never hold hsv::conv2d_backward. (Without _C the op is itself this chain,
+# CompositeImplicitAutograd, and export inlines it anyway.)
+DECOMPOSITIONS = {"conv2d": reference.conv2d_factors}
 
 
 def hsv_ops_in(program):
@@ -30,12 +32,8 @@ def decompose_hsv_ops(program):
     result to lower them further)."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError("program must be a torch.export.ExportedProgram, got %s" % type(program).__name__)
-    table = {getattr(torch.ops.hsv, name).default: _REFERENCE[name] for name in HSV_OPS}
-    return program.run_decompositions(table)
-
-
-# Without _C the op is itself this chain (CompositeImplicitAutograd) and export inlines it anyway.
-_REFERENCE = {"conv2d": reference.conv2d_factors}
+    return program.run_decompositions({getattr(torch.ops.hsv, name).default: fn
+                                       for name, fn in DECOMPOSITIONS.items()})
 
 
 def export(model, args, kwargs=None, *, dynamic_batch=False, dynamic_size=False, strict=False):
@@ -123,9 +121,13 @@ def compare_onnx(path, model, args):
     import onnxruntime
 
     args = _as_args(args)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    odd = sorted({str(t.dtype) for t in tensors if t.dtype == torch.bfloat16})
+    if odd:   # numpy has no bfloat16: say so instead of failing inside .numpy()
+        raise ValueError("compare_onnx: args holds %s tensors, which numpy and onnxruntime's CPU provider do not take; "
+                         "compare a float32 copy of the model and inputs" % ", ".join(odd))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if len(names) != len(tensors):
         raise ValueError("the ONNX file takes %d inputs, args has %d tensors" % (len(names), len(tensors)))
     got = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)})
@@ -137,9 +139,11 @@ def compare_onnx(path, model, args):
     max_abs = max_rel = 0.0
     for g, w in zip(got, want):
         w = w.detach().float().cpu()
-        diff = (torch.from_numpy(g).float() - w).abs().max().item() if w.numel() else 0.0
+        if not w.numel():
+            continue
+        diff = (torch.from_numpy(g).float() - w).abs().max().item()
         max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(w.abs().max().item(), 1e-30) if w.numel() else 0.0)
+        max_rel = max(max_rel, diff / max(w.abs().max().item(), 1e-30))
     return {"max_abs": max_abs, "max_rel": max_rel}
 
 
@@ -153,14 +157,12 @@ def _as_args(args):
 
 
 def _dynamic_shapes(model, args, kwargs, batch, size):
-    dims = {}
-    if batch:
-        dims[0] = torch.export.Dim("batch")
+    batch_dim = torch.export.Dim("batch") if batch else None
 
     def spec(a):
         if not isinstance(a, torch.Tensor) or a.dim() == 0:
             return None
-        out = {d: v for d, v in dims.items() if d < a.dim()}
+        out = {0: batch_dim} if batch else {}
         if size and a.dim() == 4:
             out.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
         return out or None
@@ -181,11 +183,10 @@ def _batch_of_two(values):
     out = []
     for a in values:
         if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] < 2:
-            channels_last = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
-                and not a.is_contiguous()
+            # the layout the op would give the example (the traced graph keeps it)
+            layout = formats.memory_format_of_output(a) if a.dim() == 4 else torch.contiguous_format
             row = a if a.shape[0] == 1 else a.new_zeros((1,) + tuple(a.shape[1:]))
-            a = torch.cat([row, row]).contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            a = torch.cat([row, row]).contiguous(memory_format=layout)
         out.append(a)
     return tuple(out)
 

@@ -138,6 +138,8 @@ def test_onnx_of_a_converted_network_is_smaller_and_matches(tmp_path):
     # a wrong input count is refused, not fed silently
     with pytest.raises(ValueError, match="takes 1 inputs"):
         export.compare_onnx(path, net, (x, x))
+    with pytest.raises(ValueError, match="torch.bfloat16 tensors"):   # numpy has none: named, not a TypeError
+        export.compare_onnx(path, net, (x.bfloat16(),))
 
 
 @needs_onnx
