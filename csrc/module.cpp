@@ -17,6 +17,7 @@
 #include "ops/cuda/two_stage_wgmma.h"
 #endif
 #include "ops/cpu/channels_last_copy.h"
+#include "ops/cpu/im2col_panels.h"
 #include "ops/cpu/pack.h"
 #include "ops/cpu/peak.h"
 #include "ops/cpu/pointwise_nchw.h"
@@ -96,6 +97,9 @@ PYBIND11_MODULE(_C, m) {
         "How many fused CUDA kernels this process launched (tells a fused run from a fallback)");
   m.def("cpu_pointwise_nchw_runs", &hsv::cpu::pointwise_nchw_runs,
         "How many times the fused CPU path ran a 1x1 layer on NCHW input with pixels as the vector axis");
+  m.def("cpu_im2col_panels_runs", &hsv::cpu::im2col_panels_runs,
+        "How many times the fused CPU path ran a conv with few input channels on NCHW input with pixels as the "
+        "vector axis");
   m.def("cuda_nhwc_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::nhwc_launch_count(), 0); },
         "How many of those took the two-stage kernel's channels_last fast path");
   m.def("cuda_mma_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::mma_launch_count(), 0); },
@@ -124,8 +128,8 @@ PYBIND11_MODULE(_C, m) {
         "Single-core fp32 FMA peak (GFLOP/s) for isa 'avx512', 'avx2' or 'scalar': best chunk of a ~seconds run");
   m.def("microkernel_gflops", &hsv::cpu::microkernel_gflops, py::arg("isa"), py::arg("k") = 128,
         py::arg("seconds") = 0.5, py::arg("variant") = "wide", py::call_guard<py::gil_scoped_release>(),
-        "GFLOP/s of the fused kernels' MR x NR microkernel (variant 'wide', 'narrow' or 'three') on L1-resident "
-        "operands, K = k");
+        "GFLOP/s of the fused kernels' MR x NR microkernel (variant 'wide', 'narrow', 'three', 'strided', "
+        "'strided_short', 'b_rows' or 'b_rows_short') on L1-resident operands, K = k");
   m.def("clear_packed_cache", &hsv::cpu::clear_packed_cache,
         "Drops the fused CPU kernels' packed factors (needed only after writes that bypass the version counter, "
         "e.g. through .data); returns how many there were");

@@ -252,6 +252,122 @@ def test_fused_few_input_channels(spec, layout, isa):
             _check_against_dense(spec, layout, with_bias=False)
 
 
+def im2col_panels_runs():
+    """How often the fused path ran a conv with few input channels with pixels as the vector axis."""
+    return _extension._C.cpu_im2col_panels_runs()
+
+
+@contextmanager
+def im2col_panels(setting):
+    saved = os.environ.get("HSV_CPU_IM2COL_PANELS")
+    os.environ["HSV_CPU_IM2COL_PANELS"] = setting
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HSV_CPU_IM2COL_PANELS", None)
+        else:
+            os.environ["HSV_CPU_IM2COL_PANELS"] = saved
+
+
+# n, cin, cout, r, h, w, kh, kw, stride, padding, dilation
+IM2COL_PANEL_DIMS = [
+    (2, 3, 64, 11, 37, 45, 7, 7, 2, 3, 1),             # a stem at 4x (r 11); 19 x 23 outputs: partial panels
+    (1, 3, 13, 5, 20, 70, 3, 3, 1, 1, 1),              # 70-wide rows: several panels per row; Cout, r no multiple of MR
+    (3, 1, 7, 2, 9, 5, 3, 3, (1, 2), (2, 0), 1),       # one channel, padding taller than the stride
+    (2, 4, 20, 28, 12, 31, 3, 5, (2, 3), (1, 2), (2, 1)),  # 4 channels, dilated rows, three column phases
+    (1, 8, 16, 9, 11, 50, 3, 3, 1, 1, 1),              # 8 channels (at stride 1 only)
+    (1, 4, 6, 3, 6, 40, 1, 3, 1, (0, 1), (1, 2)),      # a 1 x kw conv (ht2's last stage), dilated columns
+    (2, 2, 9, 6, 3, 4, 5, 5, 1, 2, 1),                 # image smaller than the kernel
+    (0, 3, 8, 4, 9, 9, 3, 3, 1, 1, 1),                 # batch 0
+]
+IM2COL_PANEL_IDS = ["stem", "wide-rows", "1ch", "4ch-dilated", "8ch", "1xk", "small-image", "batch0"]
+
+
+def _svd_dense(v, u):
+    return (u @ v.flatten(1)).view(u.shape[0], *v.shape[1:])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"])
+@pytest.mark.parametrize("dims", IM2COL_PANEL_DIMS, ids=IM2COL_PANEL_IDS)
+def test_fused_im2col_panels(dims, layout, isa):
+    # Convs with <= 8 input channels (<= 4 when strided) run with pixels as the vector axis (im2col_panels.cpp),
+    # for kind svd and hsv in its SVD layout, in any input layout: against float64 truth and the general kernel.
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = dims
+    x = _make_input(n, cin, h, w, layout)
+    v, u = torch.randn(r, cin, kh, kw, dtype=torch.float64), torch.randn(cout, r, dtype=torch.float64)
+    bias = torch.randn(cout, dtype=torch.float64)
+    truth = F.conv2d(x.double(), _svd_dense(v, u), bias, stride, padding, dilation)
+    pair = lambda t: list(t) if isinstance(t, tuple) else [t, t]  # noqa: E731
+    conv_args = (pair(stride), pair(padding), pair(dilation), 1)
+    for kind, factors in (("svd", [v, u]), ("hsv", [v.unsqueeze(1), u.unsqueeze(1)])):
+        factors = [f.float() for f in factors]
+        for threads in (1, 3):
+            for b in (bias, None):
+                args = (factors, None if b is None else b.float(), *conv_args, kind)
+                with cpu_env("fused", isa, threads):
+                    before = im2col_panels_runs()
+                    y = torch.ops.hsv.conv2d(x, *args)
+                    ran = im2col_panels_runs() > before
+                    with im2col_panels("off"):
+                        y_general = torch.ops.hsv.conv2d(x, *args)
+                    assert im2col_panels_runs() == before + ran
+                assert ran == (n > 0)
+                assert y.shape == truth.shape and y.is_contiguous(memory_format=_expected_format(x))
+                expected = truth if b is not None else truth - bias.view(1, -1, 1, 1)
+                assert _rel_err(y, expected) <= TOL32
+                assert _rel_err(y, y_general) <= TOL32
+
+
+def test_fused_im2col_panels_only_where_it_applies():
+    # 9 input channels, 5 at stride 2, a 1x1 conv, hsv with T2 > 1, and the setting "off" take the other
+    # kernels; a bad setting is refused by name.
+    cases = [
+        (torch.randn(2, 9, 10, 10), [torch.randn(4, 9, 3, 3), torch.randn(6, 4)], "svd", 1, False),
+        (torch.randn(2, 5, 10, 10), [torch.randn(4, 5, 3, 3), torch.randn(6, 4)], "svd", 1, False),
+        (torch.randn(2, 3, 10, 10), [torch.randn(4, 3, 1, 1), torch.randn(6, 4)], "svd", 0, False),
+        (torch.randn(2, 3, 10, 10), [torch.randn(4, 2, 3, 3, 3), torch.randn(3, 1, 4)], "hsv", 1, False),
+        (torch.randn(2, 3, 10, 10), [torch.randn(4, 3, 3, 3), torch.randn(6, 4)], "svd", 1, True),
+    ]
+    for i, (x, factors, kind, pad, applies) in enumerate(cases):
+        stride = [2, 2] if i == 1 else [1, 1]
+        with cpu_env("fused"):
+            before = im2col_panels_runs()
+            y = torch.ops.hsv.conv2d(x, factors, None, stride, [pad, pad], [1, 1], 1, kind)
+            assert (im2col_panels_runs() > before) == applies
+            with im2col_panels("off"):
+                before = im2col_panels_runs()
+                y_off = torch.ops.hsv.conv2d(x, factors, None, stride, [pad, pad], [1, 1], 1, kind)
+                assert im2col_panels_runs() == before
+        assert _rel_err(y, y_off) <= TOL32
+    with cpu_env("fused"), im2col_panels("yes"), pytest.raises(ValueError, match="HSV_CPU_IM2COL_PANELS='yes'"):
+        torch.ops.hsv.conv2d(cases[4][0], cases[4][1], None, [1, 1], [1, 1], [1, 1], 1, "svd")
+
+
+@st.composite
+def few_channel_specs(draw):
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=7, size=40)
+    cin, cout, r = draw(st.integers(1, 8)), draw(st.integers(1, 70)), draw(st.integers(1, 30))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))
+    return (n, cin, cout, r, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, draw(st.sampled_from(ISAS)),
+            draw(st.sampled_from([1, 2])), draw(st.booleans()))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(few_channel_specs())
+def test_fused_im2col_panels_random_shapes(spec):
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, layout, isa, threads, with_bias = spec
+    v = torch.randn(r, cin, kh, kw) / (cin * kh * kw) ** 0.5
+    u = torch.randn(cout, r) / r ** 0.5
+    x = _make_input(n, cin, h, w, layout)
+    bias = torch.randn(cout) if with_bias else None
+    args = ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd")
+    before = im2col_panels_runs()
+    assert_fused_matches_composite(x, args, isa, threads)
+    assert (im2col_panels_runs() > before) == (n > 0 and kh * kw > 1 and (cin <= 4 or stride == (1, 1)))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "batch_slice", "width_slice"])
 @pytest.mark.parametrize("dims", [

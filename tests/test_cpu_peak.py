@@ -30,8 +30,8 @@ def test_peak_and_microkernel_rates_are_sane(isa):
         peak = max(peak, hsvkernels._C.fma_peak_gflops(isa, 0.5))
     assert uk < 1.5 * peak
     # (the scalar strided kernel vectorizes (SSE), so the scalar peak does not bound it; it runs, below)
-    variants = {"avx512": ("narrow", "three", "strided", "strided_short"),
-                "avx2": ("narrow", "three", "strided", "strided_short"), "scalar": ()}[isa]
+    variants = {"avx512": ("narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short"),
+                "avx2": ("narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short"), "scalar": ()}[isa]
     for variant in variants:
         rate = hsvkernels._C.microkernel_gflops(isa, 64, 0.05, variant=variant)
         if rate >= 1.5 * peak:
@@ -40,14 +40,17 @@ def test_peak_and_microkernel_rates_are_sane(isa):
 
 
 def test_microkernel_variant_errors():
-    with pytest.raises(ValueError, match="variant must be 'wide', 'narrow', 'three', 'strided' or 'strided_short', "
-                                         "got 'tall'"):
+    with pytest.raises(ValueError, match="variant must be 'wide', 'narrow', 'three', 'strided', 'strided_short', "
+                                         "'b_rows' or 'b_rows_short', got 'tall'"):
         hsvkernels._C.microkernel_gflops(ISAS[-1], 64, 0.01, variant="tall")
     with pytest.raises(ValueError, match="the scalar microkernel has no three variant"):
         hsvkernels._C.microkernel_gflops("scalar", 64, 0.01, variant="three")
     assert hsvkernels._C.microkernel_gflops("scalar", 64, 0.01, variant="strided") > 0.0
     with pytest.raises(ValueError, match="the scalar microkernel has no strided_short variant"):
         hsvkernels._C.microkernel_gflops("scalar", 64, 0.01, variant="strided_short")
+    assert hsvkernels._C.microkernel_gflops("scalar", 64, 0.01, variant="b_rows") > 0.0
+    with pytest.raises(ValueError, match="the scalar microkernel has no b_rows_short variant"):
+        hsvkernels._C.microkernel_gflops("scalar", 64, 0.01, variant="b_rows_short")
 
 
 def test_wider_isa_has_higher_peak():

@@ -54,7 +54,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, at::TensorList factors, const c10
     return fused();
   }
   auto composite = [&] { return chain_forward(input, factors, bias, plan); };
-  const std::string key = auto_key(input, factors, bias, plan, k, "t" + std::to_string(at::get_num_threads()) + ' ' + uk.isa);
+  const std::string key =
+      auto_key(input, factors, bias, plan, k, "t" + std::to_string(at::get_num_threads()) + ' ' + uk.isa);
   const int cached = auto_cached(key);
   if (cached >= 0) return cached ? fused() : composite();
   return auto_time(key, fused, composite, [](const std::function<at::Tensor()>& fn, at::Tensor* out) {

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "channels_last_copy.h"
+#include "im2col_panels.h"
 #include "kernel_util.h"
 #include "pack.h"
 #include "pointwise_nchw.h"
@@ -516,6 +517,11 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a && out_format == at::MemoryFormat::Contiguous &&
       pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding)) {
     return pointwise_nchw_forward(input, factors[0], A, bias, cv0.stride, uk);
+  }
+  // An RGB stem (or another conv with few input channels): pixels as the vector axis there too.
+  if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a &&
+      im2col_panels_applies(input, kh, pb.kw, cv0.stride, uk)) {
+    return im2col_panels_forward(input, factors[0], A, bias, kh, pb.kw, cv0, plan.out_shape, out_format, uk);
   }
 
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);

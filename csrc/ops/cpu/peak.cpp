@@ -127,20 +127,33 @@ double microkernel_gflops(const std::string& isa, int64_t k, double seconds, con
                                              : microkernel_scalar();
   TORCH_CHECK(wide != nullptr, "microkernel_gflops: this build has no ", isa, " microkernel");
   const bool strided = variant == "strided" || variant == "strided_short";
-  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three" || strided,
-                    "microkernel_gflops: variant must be 'wide', 'narrow', 'three', 'strided' or 'strided_short', "
-                    "got '", variant, "'");
-  if (strided) {
+  const bool b_rows = variant == "b_rows" || variant == "b_rows_short";
+  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three" || strided || b_rows,
+                    "microkernel_gflops: variant must be 'wide', 'narrow', 'three', 'strided', 'strided_short', "
+                    "'b_rows' or 'b_rows_short', got '", variant, "'");
+  if (strided || b_rows) {
     // The strided kernels (MicrokernelStridedFn): A packed (MR x K), B at row
     // stride NR (so L1-resident, as the first GEMM's later row blocks and the
-    // second GEMM read it), C stored per call.
-    const MicrokernelStridedFn fn = variant == "strided" ? wide->strided : wide->strided_short;
-    const int64_t mr = variant == "strided" ? wide->mr : wide->strided_short_mr;
-    TORCH_CHECK_VALUE(fn != nullptr, "microkernel_gflops: the ", isa, " microkernel has no ", variant, " variant");
+    // second GEMM read it), C stored per call. The b_rows kernels
+    // (MicrokernelBRowsFn) read the same B through one pointer per row.
+    const bool is_short = variant == "strided_short" || variant == "b_rows_short";
+    const MicrokernelStridedFn fn = strided ? (is_short ? wide->strided_short : wide->strided) : nullptr;
+    const MicrokernelBRowsFn fn_rows = b_rows ? (is_short ? wide->b_rows_short : wide->b_rows) : nullptr;
+    const int64_t mr = is_short ? wide->strided_short_mr : wide->mr;
+    TORCH_CHECK_VALUE(fn != nullptr || fn_rows != nullptr, "microkernel_gflops: the ", isa, " microkernel has no ",
+                      variant, " variant");
     std::vector<float> a(static_cast<size_t>(mr * k), 1e-3f), b(static_cast<size_t>(k * wide->nr), 1e-3f),
         c(static_cast<size_t>(mr * wide->nr), 0.0f);
+    std::vector<const float*> rows(static_cast<size_t>(k));
+    for (int64_t i = 0; i < k; ++i) rows[i] = b.data() + i * wide->nr;
     auto work = [&](int64_t calls) {
-      for (int64_t j = 0; j < calls; ++j) fn(k, a.data(), b.data(), wide->nr, c.data(), wide->nr, nullptr);
+      for (int64_t j = 0; j < calls; ++j) {
+        if (fn != nullptr) {
+          fn(k, a.data(), b.data(), wide->nr, c.data(), wide->nr, nullptr);
+        } else {
+          fn_rows(k, a.data(), rows.data(), 0, c.data(), wide->nr);
+        }
+      }
     };
     const double rate = best_rate(work, 2.0 * mr * wide->nr * static_cast<double>(k), seconds);
     g_sink = c[0];

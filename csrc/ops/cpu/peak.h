@@ -19,7 +19,9 @@ double fma_peak_gflops(const std::string& isa, double seconds);
 // repeated with the C block accumulated in place: A rows (unit stride), packed
 // B and C all stay in L1 for K up to a few hundred. Best of its timed chunks, as above.
 // Variants "strided" and "strided_short" time the wide kernel's strided GEMMs
-// (MicrokernelStridedFn) the same way, with B at row stride NR and C stored.
+// (MicrokernelStridedFn) the same way, with B at row stride NR and C stored;
+// "b_rows" and "b_rows_short" the same B read through one pointer per row
+// (MicrokernelBRowsFn).
 double microkernel_gflops(const std::string& isa, int64_t k, double seconds, const std::string& variant);
 
 }  // namespace cpu

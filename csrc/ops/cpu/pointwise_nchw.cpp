@@ -105,21 +105,10 @@ at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, 
   if (n == 0 || hw == 0) return out;
   g_runs.fetch_add(1, std::memory_order_relaxed);
   const int64_t nr = uk.nr;
-  // Each GEMM's row blocks (r rows of V, Cout of U) on the short kernel where
-  // that saves at least a tenth of the padded rows, else on MR rows: each row
-  // block is one more pass over B, and a rank of 80 (84 rows on 12, 80 on 8)
-  // ran 4-6% faster on 12 rows (1024 -> 512 at 14x14, batch 8, 1 thread),
-  // where 16 and 40 (24 and 48 rows on 12) ran 4-17% faster on 8.
-  auto rows_kernel = [&](int64_t rows) {
-    const int64_t m = uk.strided_short_mr;
-    const bool short_saves = uk.strided_short != nullptr &&
-                             10 * (div_up(rows, m) * m) < 9 * (div_up(rows, uk.mr) * uk.mr);
-    return short_saves ? std::pair<int64_t, MicrokernelStridedFn>(m, uk.strided_short)
-                       : std::pair<int64_t, MicrokernelStridedFn>(uk.mr, uk.strided);
-  };
-  const std::pair<int64_t, MicrokernelStridedFn> k1 = rows_kernel(r), k2 = rows_kernel(cout);
-  const int64_t mr1 = k1.first, mr = k2.first;
-  const MicrokernelStridedFn gemm1 = k1.second, gemm2 = k2.second;
+  // Each GEMM's row blocks (r rows of V, Cout of U): see packed_a_rows.
+  const PackedARows k1 = packed_a_rows(uk, r), k2 = packed_a_rows(uk, cout);
+  const int64_t mr1 = k1.mr, mr = k2.mr;
+  const MicrokernelStridedFn gemm1 = k1.strided, gemm2 = k2.strided;
   const int64_t r_pad = div_up(r, mr1) * mr1;
   const at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;

@@ -31,6 +31,14 @@ using MicrokernelFn = void (*)(int64_t K, const float* const* a, int64_t ka, con
 using MicrokernelStridedFn = void (*)(int64_t K, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
                                       const float* pf);
 
+// An MR x NR block of C = A @ B with A packed and each row of B found by pointer:
+//   C[i][j] = sum_{k < K} a[k * MR + i] * b[k][boff + j]      i < MR, j < NR
+// For convs whose pixels are the vector axis (im2col_panels.cpp): row k
+// is one (channel, tap)'s run of input pixels, so the im2col panel is read
+// where it lies and never copied; boff walks one row list along an output row.
+using MicrokernelBRowsFn = void (*)(int64_t K, const float* a, const float* const* b, int64_t boff, float* c,
+                                    int64_t ldc);
+
 // Per-channel weighted sums of `taps` rows over npix pixels (a depthwise
 // conv's inner loop, with channels as the vector axis):
 //   y[p*ys + c] = sum_{t < taps, x[t] != nullptr} w[t][c] * x[t][p*xs + c]      p < npix, c < C
@@ -72,7 +80,24 @@ struct Microkernel {
   // 12-row kernel, 16 or 40 on an 8-row one). nullptr when there is none.
   MicrokernelStridedFn strided_short = nullptr;
   int strided_short_mr = 0;
+  // The same blocks with B's rows by pointer (see MicrokernelBRowsFn), MR and
+  // strided_short_mr rows; set on the wide kernels only (b_rows_short may be null).
+  MicrokernelBRowsFn b_rows = nullptr;
+  MicrokernelBRowsFn b_rows_short = nullptr;
 };
+
+// A GEMM with A packed in row blocks (the strided and b_rows kernels): the
+// block height and kernels for `rows` rows of A. The short kernels where they
+// save at least a tenth of the padded rows, else MR: each row block is one
+// more pass over B, and a rank of 80 (84 rows on 12, 80 on 8) ran 4-6% faster
+// on 12 rows (1024 -> 512 at 14x14, batch 8, 1 thread), where 16 and 40 (24
+// and 48 rows on 12) ran 4-17% faster on 8.
+struct PackedARows {
+  int64_t mr;
+  MicrokernelStridedFn strided;
+  MicrokernelBRowsFn b_rows;
+};
+PackedARows packed_a_rows(const Microkernel& uk, int64_t rows);
 
 // The kernel for a GEMM with n output columns: uk, or its narrow variant when
 // padding n to uk's NR would waste a quarter or more of the work; with any_mr,

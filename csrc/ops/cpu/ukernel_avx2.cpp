@@ -81,6 +81,24 @@ __attribute__((target("avx2,fma"))) void kernel_strided(int64_t K, const float* 
   }
 }
 
+// MicrokernelBRowsFn: as kernel_strided, B's row k at b[k] + boff.
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) void kernel_b_rows(int64_t K, const float* a, const float* const* b, int64_t boff,
+                                                    float* c, int64_t ldc) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k, a += MR) k_step<MR, NV>(acc, [&](int i) { return a + i; }, b[k] + boff);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+  }
+}
+
 // The narrow (MR x 8) kernel with K split into even and odd steps, each with
 // its own MR accumulators (summed at the end): MR = 6 chains alone cannot
 // cover FMA latency x 2 ports; two sets give 12 in flight.
@@ -184,7 +202,8 @@ const Microkernel* microkernel_avx2() {
   static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel three{"avx2", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
-                                &three, &kernel_strided<kMR, 2>, &kernel_strided<4, 2>, 4};
+                                &three, &kernel_strided<kMR, 2>, &kernel_strided<4, 2>, 4,
+                                &kernel_b_rows<kMR, 2>, &kernel_b_rows<4, 2>};
   return &wide;
 }
 

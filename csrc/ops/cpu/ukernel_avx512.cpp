@@ -103,6 +103,24 @@ __attribute__((target("avx512f"))) void kernel_strided(int64_t K, const float* a
   }
 }
 
+// MicrokernelBRowsFn: as kernel_strided without the prefetch, B's row k at b[k] + boff.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void kernel_b_rows(int64_t K, const float* a, const float* const* b, int64_t boff,
+                                                  float* c, int64_t ldc) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k, a += MR) k_step<MR, NV>(acc, [&](int i) { return a[i]; }, b[k] + boff);
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
+  }
+}
+
 // The narrow (MR x 16) kernel with K split into even and odd steps, each with
 // its own MR accumulators (summed at the end): one vector of B per k step
 // feeds only MR FMAs, and two independent sets keep more FMAs in flight.
@@ -207,7 +225,8 @@ const Microkernel* microkernel_avx512() {
   static const Microkernel narrow{"avx512", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel three{"avx512", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
   static const Microkernel wide{"avx512", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
-                                &three, &kernel_strided<kMR, 2>, &kernel_strided<8, 2>, 8};
+                                &three, &kernel_strided<kMR, 2>, &kernel_strided<8, 2>, 8,
+                                &kernel_b_rows<kMR, 2>, &kernel_b_rows<8, 2>};
   return &wide;
 }
 

@@ -37,6 +37,15 @@ void kernel_strided(int64_t K, const float* a, const float* b, int64_t ldb, floa
     for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
 }
 
+void kernel_b_rows(int64_t K, const float* a, const float* const* b, int64_t boff, float* c, int64_t ldc) {
+  float acc[kMR][kNR] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int i = 0; i < kMR; ++i)
+      for (int j = 0; j < kNR; ++j) acc[i][j] += a[k * kMR + i] * b[k][boff + j];
+  for (int i = 0; i < kMR; ++i)
+    for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
+}
+
 void depthwise(int64_t C, int64_t npix, int64_t taps, const float* const* x, int64_t xs, const float* const* w,
                float* y, int64_t ys) {
   for (int64_t p = 0; p < npix; ++p) {
@@ -63,7 +72,7 @@ void to_pixel_major_scalar(int64_t C, int64_t npix, const float* src, int64_t sr
 
 const Microkernel* microkernel_scalar() {
   static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise, &to_pixel_major_scalar, nullptr,
-                             &kernel_strided};
+                             &kernel_strided, nullptr, 0, &kernel_b_rows};
   return &k;
 }
 
@@ -73,6 +82,14 @@ const Microkernel& microkernel_for_width(const Microkernel& uk, int64_t n, bool 
   if (4 * (padded - n) < padded) return uk;
   if (any_mr && uk.three != nullptr && n > uk.nr && n <= uk.three->nr) return *uk.three;
   return *uk.narrow;
+}
+
+PackedARows packed_a_rows(const Microkernel& uk, int64_t rows) {
+  const int64_t m = uk.strided_short_mr;
+  const auto padded = [&](int64_t mr) { return (rows + mr - 1) / mr * mr; };
+  if (uk.strided_short != nullptr && 10 * padded(m) < 9 * padded(uk.mr))
+    return {m, uk.strided_short, uk.b_rows_short};
+  return {uk.mr, uk.strided, uk.b_rows};
 }
 
 }  // namespace cpu
