@@ -173,3 +173,17 @@ def test_onnx_runtime_model_and_layers(tmp_path):
     assert [r["layer"] for r in rows] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
     assert all(r["batch"] == 2 and r["gflops_compressed"]["torch_compressed"] > 0 for r in rows)
     assert "| resnet18 | layer2.0.conv1 |" in (tmp_path / "layers.md").read_text()
+
+
+def test_cpu_few_channels(tmp_path):
+    # every path is checked against dense before it is timed; the rows carry the ratios the table prints
+    from bench import cpu_few_channels
+    out = tmp_path / "few"
+    assert cpu_few_channels.main(["--threads", "1", "--batch", "1", "--input-size", "40", "--min-run-time", "0.01",
+                                  "--host-malloc", "default", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "few.json").read_text())["rows"]
+    assert [r["rank"] for r in rows] == [11, 4]
+    for r in rows:
+        assert all(t > 0 for t in r["ms"].values())
+        assert r["panels_over_general"] == pytest.approx(r["ms"]["panels"] / r["ms"]["general"])
+    assert "| resnet conv1 (7x7/2) | 3 | 64 | 40 |" in (tmp_path / "few.md").read_text()
