@@ -10,7 +10,8 @@ init (no downloads); latency does not depend on the weights' values.
 
 --cpu-impl composite,fused times the converted model once per CPU
 implementation of the op (HSV_CPU_IMPL, read by the op on every call), each
-against a fresh dense timing in the same interleaved pair. On a GPU
+against a fresh dense timing in the same interleaved pair. An entry may set
+other HSV_* variables for its run, e.g. --cpu-impl fused,fused+HSV_CPU_IM2COL_PANELS=off. On a GPU
 (--device cuda, cuDNN autotuning on, TF32 as --tf32 says) --cuda-impl does the
 same with HSV_CUDA_IMPL, and --dtype picks fp32, fp16 or bf16:
 
@@ -79,13 +80,28 @@ def method_options(method, ratio, macs_ratio):
     return options
 
 
+def impl_settings(impl_var, entry, allowed):
+    """The environment one --cpu-impl/--cuda-impl entry runs under: "fused" -> {impl_var: "fused"},
+    "fused+HSV_X=off" -> also HSV_X=off. Only HSV_* variables, each NAME=VALUE."""
+    impl, *extra = entry.split("+")
+    if impl not in allowed:
+        raise SystemExit("models.py: %s value %r: must be one of %s" % (impl_var, impl, allowed))
+    env = {impl_var: impl}
+    for item in extra:
+        name, eq, value = item.partition("=")
+        if not (eq and name.startswith("HSV_") and value):
+            raise SystemExit("models.py: %r in %r: expected +HSV_NAME=VALUE" % (item, entry))
+        env[name] = value
+    return env
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(ap, "svd,hsv")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--cpu-impl", default="fused",
                     help="comma list of HSV_CPU_IMPL values to time the converted model under (composite,fused,auto; "
-                         "default: fused, the op's CPU default)")
+                         "default: fused, the op's CPU default); an entry may add +HSV_NAME=VALUE settings")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--cuda-impl", default="auto",
@@ -136,9 +152,7 @@ def main(argv=None):
     impl_var, impl_arg, allowed = (("HSV_CUDA_IMPL", args.cuda_impl, ("composite", "fused", "auto")) if cuda else
                                    ("HSV_CPU_IMPL", args.cpu_impl, ("composite", "fused", "auto")))
     impls = [i for i in impl_arg.split(",") if i]
-    bad = [i for i in impls if i not in allowed]
-    if bad:
-        raise SystemExit("models.py: %s values %s: each must be one of %s" % (impl_var, bad, allowed))
+    settings = {i: impl_settings(impl_var, i, allowed) for i in impls}
     ceil = None
     if args.roofline == "on" or (args.roofline == "auto" and cuda):
         ceil = ceilings.measure(args.device, dtype)
@@ -195,18 +209,19 @@ def main(argv=None):
                 if args.aa:
                     runs.append(("A/A", [on_device[0], copy.deepcopy(on_device[0])]))
                 for impl, pair in runs:
-                    saved = os.environ.get(impl_var)
-                    if impl != "A/A":
-                        os.environ[impl_var] = impl
+                    env_run = settings.get(impl, {})
+                    saved = {k: os.environ.get(k) for k in env_run}
+                    os.environ.update(env_run)
                     try:
                         if args.graph:   # captured with this implementation (the op reads it at capture)
                             pair = [Graphed(m, x) for m in pair]
                         t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time)
                     finally:
-                        if saved is None:
-                            os.environ.pop(impl_var, None)
-                        else:
-                            os.environ[impl_var] = saved
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
                     aa = impl == "A/A"
                     row = dict(model=name, method=method,
                                options={"latency_ratio": args.latency_ratio, "ratio": args.ratio} if plan else options,

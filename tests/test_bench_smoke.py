@@ -187,3 +187,16 @@ def test_cpu_few_channels(tmp_path):
         assert all(t > 0 for t in r["ms"].values())
         assert r["panels_over_general"] == pytest.approx(r["ms"]["panels"] / r["ms"]["general"])
     assert "| resnet conv1 (7x7/2) | 3 | 64 | 40 |" in (tmp_path / "few.md").read_text()
+
+
+def test_models_impl_entries_set_extra_variables():
+    # --cpu-impl fused+HSV_CPU_IM2COL_PANELS=off: a second fused row with another setting, in the same process
+    from bench import models
+    allowed = ("composite", "fused", "auto")
+    assert models.impl_settings("HSV_CPU_IMPL", "fused", allowed) == {"HSV_CPU_IMPL": "fused"}
+    assert models.impl_settings("HSV_CPU_IMPL", "fused+HSV_CPU_IM2COL_PANELS=off+HSV_CPU_ISA=avx2", allowed) == {
+        "HSV_CPU_IMPL": "fused", "HSV_CPU_IM2COL_PANELS": "off", "HSV_CPU_ISA": "avx2"}
+    for bad, msg in (("fastest", "must be one of"), ("fused+PATH=/x", "expected \\+HSV_NAME=VALUE"),
+                     ("fused+HSV_CPU_ISA", "expected \\+HSV_NAME=VALUE"), ("fused+HSV_CPU_ISA=", "expected")):
+        with pytest.raises(SystemExit, match=msg):
+            models.impl_settings("HSV_CPU_IMPL", bad, allowed)
