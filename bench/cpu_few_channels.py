@@ -37,16 +37,8 @@ def grid():
 def env_path(fn, **env):
     """fn with the HSV_* variables in env set around each call."""
     def run():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with timing.env_set(env):
             return fn()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return run
 
 

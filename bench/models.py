@@ -209,19 +209,10 @@ def main(argv=None):
                 if args.aa:
                     runs.append(("A/A", [on_device[0], copy.deepcopy(on_device[0])]))
                 for impl, pair in runs:
-                    env_run = settings.get(impl, {})
-                    saved = {k: os.environ.get(k) for k in env_run}
-                    os.environ.update(env_run)
-                    try:
+                    with timing.env_set(settings.get(impl, {})):
                         if args.graph:   # captured with this implementation (the op reads it at capture)
                             pair = [Graphed(m, x) for m in pair]
                         t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time)
-                    finally:
-                        for k, v in saved.items():
-                            if v is None:
-                                os.environ.pop(k, None)
-                            else:
-                                os.environ[k] = v
                     aa = impl == "A/A"
                     row = dict(model=name, method=method,
                                options={"latency_ratio": args.latency_ratio, "ratio": args.ratio} if plan else options,

@@ -6,6 +6,7 @@ always pass torch.get_num_threads() (or an explicit count) and record it.
 Several callables are timed in interleaved rounds (A B C A B C ...), so that
 clock or load drift hits all of them alike and their ratios stay fair.
 """
+import contextlib
 import datetime
 import os
 import platform
@@ -19,6 +20,22 @@ import torch
 from torch.utils import benchmark
 
 from hsvkernels import _host_malloc
+
+
+@contextlib.contextmanager
+def env_set(env):
+    """The environment variables in `env` set for the block (the op reads its HSV_* settings on every call),
+    each as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def summarize(block_times, runs):

@@ -345,29 +345,6 @@ def test_fused_im2col_panels_only_where_it_applies():
         torch.ops.hsv.conv2d(cases[4][0], cases[4][1], None, [1, 1], [1, 1], [1, 1], 1, "svd")
 
 
-@st.composite
-def few_channel_specs(draw):
-    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=7, size=40)
-    cin, cout, r = draw(st.integers(1, 8)), draw(st.integers(1, 70)), draw(st.integers(1, 30))
-    layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))
-    return (n, cin, cout, r, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, draw(st.sampled_from(ISAS)),
-            draw(st.sampled_from([1, 2])), draw(st.booleans()))
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(few_channel_specs())
-def test_fused_im2col_panels_random_shapes(spec):
-    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, layout, isa, threads, with_bias = spec
-    v = torch.randn(r, cin, kh, kw) / (cin * kh * kw) ** 0.5
-    u = torch.randn(cout, r) / r ** 0.5
-    x = _make_input(n, cin, h, w, layout)
-    bias = torch.randn(cout) if with_bias else None
-    args = ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd")
-    before = im2col_panels_runs()
-    assert_fused_matches_composite(x, args, isa, threads)
-    assert (im2col_panels_runs() > before) == (n > 0 and kh * kw > 1 and (cin <= 4 or stride == (1, 1)))
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "batch_slice", "width_slice"])
 @pytest.mark.parametrize("dims", [
@@ -555,9 +532,9 @@ def test_fused_argument_errors_match_composite():
 
 
 @st.composite
-def conv_specs(draw):
-    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw)
-    cin, cout, r = draw(st.integers(1, 20)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+def conv_specs(draw, cin_max=20, cout_max=40, r_max=40, kernel=4, size=12):
+    n, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw) = draw_conv_geometry(draw, kernel=kernel, size=size)
+    cin, cout, r = draw(st.integers(1, cin_max)), draw(st.integers(1, cout_max)), draw(st.integers(1, r_max))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous", "channels_last_noncontiguous"]))
     isa = draw(st.sampled_from(ISAS))
     threads = draw(st.sampled_from([1, 2]))
@@ -565,16 +542,30 @@ def conv_specs(draw):
     return (n, cin, cout, r, h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw), layout, isa, threads, with_bias)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv_specs())
-def test_fused_vs_composite_random_shapes(spec):
+def random_svd_case(spec):
+    """conv_specs' draw as the op's input, its arguments (random svd factors), ISA and thread count."""
     n, cin, cout, r, h, w, kh, kw, stride, padding, dilation, layout, isa, threads, with_bias = spec
     v = torch.randn(r, cin, kh, kw) / (cin * kh * kw) ** 0.5
     u = torch.randn(cout, r) / r ** 0.5
     x = _make_input(n, cin, h, w, layout)
     bias = torch.randn(cout) if with_bias else None
-    args = ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd")
-    assert_fused_matches_composite(x, args, isa, threads)
+    return x, ([v, u], bias, list(stride), list(padding), list(dilation), 1, "svd"), isa, threads
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_specs())
+def test_fused_vs_composite_random_shapes(spec):
+    assert_fused_matches_composite(*random_svd_case(spec))
+
+
+# Few input channels on wider images (several panels per output row): the few-channel path where it applies.
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_specs(cin_max=8, cout_max=70, r_max=30, kernel=7, size=40))
+def test_fused_im2col_panels_random_shapes(spec):
+    n, cin, kh, kw, stride = spec[0], spec[1], spec[6], spec[7], spec[8]
+    before = im2col_panels_runs()
+    assert_fused_matches_composite(*random_svd_case(spec))
+    assert (im2col_panels_runs() > before) == (n > 0 and kh * kw > 1 and (cin <= 4 or stride == (1, 1)))
 
 
 # Conv-stage ranks whose last panel is a narrow one (Panels::tail): AVX-512 cuts
