@@ -92,6 +92,8 @@ at::Tensor im2col_panels_forward(const at::Tensor& input, const at::Tensor& v, c
   const int64_t nr = uk.nr;
   const PackedARows k1 = packed_a_rows(uk, r), k2 = packed_a_rows(uk, cout);
   const int64_t mr1 = k1.mr, mr = k2.mr, r_pad = round_up(r, mr1);
+  TORCH_CHECK(k1.b_rows != nullptr && (out_nhwc || k2.strided != nullptr),
+              "hsv::conv2d: inconsistent CPU microkernel table (b_rows / strided kernels)");
   // V, and for NCHW output U, in the packed-A layout (row blocks of MR, each k-major), cached against the factors.
   const at::Tensor vp = packed_cached(v, "im2col_panels.A/" + std::to_string(mr1),
                                       [&] { return pack_panels(v, r, K, 1, mr1); });

@@ -81,7 +81,8 @@ struct Microkernel {
   MicrokernelStridedFn strided_short = nullptr;
   int strided_short_mr = 0;
   // The same blocks with B's rows by pointer (see MicrokernelBRowsFn), MR and
-  // strided_short_mr rows; set on the wide kernels only (b_rows_short may be null).
+  // strided_short_mr rows; set on the wide kernels only, b_rows_short wherever
+  // strided_short is (packed_a_rows picks them together).
   MicrokernelBRowsFn b_rows = nullptr;
   MicrokernelBRowsFn b_rows_short = nullptr;
 };
