@@ -511,17 +511,16 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   pb.s1p = pb.S1 * pb.P;
   pb.cout = pb.T1 * pb.T2;
 
-  // A 1x1 layer in the SVD layout on NCHW input: two GEMMs with pixels as the
-  // vector axis (pointwise_nchw.cpp) instead of strided channel reads here.
+  // The SVD layout (one kh x kw conv Cin -> r, one 1x1 r -> Cout) has two paths with the pixels as the vector
+  // axis: 1x1 layers on NCHW input as two GEMMs (pointwise_nchw.cpp) instead of strided channel reads here,
+  // and convs with few input channels, e.g. an RGB stem (im2col_panels.cpp).
   const ConvParams& cv0 = plan.stages[0].conv;
-  if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a && out_format == at::MemoryFormat::Contiguous &&
-      pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding)) {
-    return pointwise_nchw_forward(input, factors[0], A, bias, cv0.stride, uk);
-  }
-  // An RGB stem (or another conv with few input channels): pixels as the vector axis there too.
-  if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a &&
-      im2col_panels_applies(input, kh, pb.kw, cv0.stride, uk)) {
-    return im2col_panels_forward(input, factors[0], A, bias, kh, pb.kw, cv0, plan.out_shape, out_format, uk);
+  if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a) {
+    if (out_format == at::MemoryFormat::Contiguous &&
+        pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding))
+      return pointwise_nchw_forward(input, factors[0], A, bias, cv0.stride, uk);
+    if (im2col_panels_applies(input, kh, pb.kw, cv0.stride, uk))
+      return im2col_panels_forward(input, factors[0], A, bias, kh, pb.kw, cv0, plan.out_shape, out_format, uk);
   }
 
   const std::vector<int64_t> rows_t2p = t2_major_rows(pb.P, pb.T2);

@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "../env_choice.h"
@@ -94,12 +93,8 @@ at::Tensor im2col_panels_forward(const at::Tensor& input, const at::Tensor& v, c
   const int64_t mr1 = k1.mr, mr = k2.mr, r_pad = round_up(r, mr1);
   TORCH_CHECK(k1.b_rows != nullptr && (out_nhwc || k2.strided != nullptr),
               "hsv::conv2d: inconsistent CPU microkernel table (b_rows / strided kernels)");
-  // V, and for NCHW output U, in the packed-A layout (row blocks of MR, each k-major), cached against the factors.
-  const at::Tensor vp = packed_cached(v, "im2col_panels.A/" + std::to_string(mr1),
-                                      [&] { return pack_panels(v, r, K, 1, mr1); });
-  const at::Tensor up = out_nhwc ? at::Tensor()
-                                 : packed_cached(u, "im2col_panels.A/" + std::to_string(mr),
-                                                 [&] { return pack_panels(u, cout, r, 1, mr); });
+  // V, and for NCHW output U, in the packed-A layout, cached against the factors.
+  const at::Tensor vp = packed_a_cached(v, mr1), up = out_nhwc ? at::Tensor() : packed_a_cached(u, mr);
   const float* vps = vp.data_ptr<float>();
   const float* ups = out_nhwc ? nullptr : up.data_ptr<float>();
   // NHWC output: U^T in NR-wide B panels (the general kernel's layout), and the bias as their init row.

@@ -166,6 +166,11 @@ bool deps_match(const Entry& e, at::TensorList deps) {
 
 }  // namespace
 
+at::Tensor packed_a_cached(const at::Tensor& w, int64_t mr) {
+  const int64_t rows = w.size(0), k = w.numel() / rows;
+  return packed_cached(w, "packed_a:mr" + std::to_string(mr), [&] { return pack_panels(w, rows, k, 1, mr); });
+}
+
 at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make,
                          at::TensorList deps) {
   if (w.is_inference()) return make();

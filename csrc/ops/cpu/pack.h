@@ -71,6 +71,11 @@ std::vector<int64_t> panel_widths(const Microkernel& uk, int64_t rows, bool any_
 at::Tensor packed_cached(const at::Tensor& w, const std::string& layout, const std::function<at::Tensor()>& make,
                          at::TensorList deps = {});
 
+// w read as (w.size(0), the rest) row-major, in the packed-A layout of the
+// strided and b_rows microkernels (row blocks of mr rows, each k-major:
+// pack_panels with mr for nr), cached against w (packed_cached).
+at::Tensor packed_a_cached(const at::Tensor& w, int64_t mr);
+
 // Drops every cached packed factor. Returns how many there were.
 int64_t clear_packed_cache();
 

@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -112,12 +111,8 @@ at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, 
   const int64_t r_pad = div_up(r, mr1) * mr1;
   const at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  // V and U in the strided kernels' A layout, cached against the factors: row
-  // blocks of MR, each k-major, which is pack_panels' layout with MR for NR.
-  const at::Tensor vp = packed_cached(v, "pointwise_nchw.A/" + std::to_string(mr1),
-                                      [&] { return pack_panels(v, r, cin, 1, mr1); });
-  const at::Tensor up = packed_cached(u, "pointwise_nchw.A/" + std::to_string(mr),
-                                      [&] { return pack_panels(u, cout, r, 1, mr); });
+  // V and U in the strided kernels' A layout, cached against the factors.
+  const at::Tensor vp = packed_a_cached(v, mr1), up = packed_a_cached(u, mr);
   const float* vps = vp.data_ptr<float>();
   const float* ups = up.data_ptr<float>();
   const float* x = input.data_ptr<float>();
