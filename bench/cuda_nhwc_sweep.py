@@ -19,7 +19,6 @@ checked against composite (and that it ran) before it is timed, with its tile.
     python bench/cuda_nhwc_sweep.py --tags L1,L2,L3,L4,L5,L6,L7,L8 --batch 32,1 --methods kcp --no-wmma --kcp
 """
 import argparse
-import contextlib
 import os
 import sys
 
@@ -35,30 +34,13 @@ from bench import layers, suite, timing  # noqa: E402
 from hsvkernels._extension import _C  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-ENV = ("HSV_CUDA_IMPL", "HSV_CUDA_NHWC", "HSV_CUDA_MMA_MI", "HSV_CUDA_MMA_KSTEP", "HSV_CUDA_SPLIT_K",
-       "HSV_CUDA_PACK", "HSV_CUDA_MMA_HALO", "HSV_CUDA_WGMMA_WG", "HSV_CUDA_FOLD", "HSV_CUDA_KCP")
-
-
-@contextlib.contextmanager
-def env_set(env):
-    """The variables `env` set for the block; every ENV variable as it was afterwards."""
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def captured(fn, env, reps):
     """fn run `reps` times in one CUDA graph, captured with the variables `env` set; returns its replay and
     the config of the kernel it launched (empty where neither the mma nor the wgmma kernel ran)."""
     config = []
-    with env_set(env):
+    with timing.env_set(env):
         wg = env.get("HSV_CUDA_NHWC") == "wgmma"
         last = _C.cuda_wgmma_last_config if wg else _C.cuda_mma_last_config
         count = _C.cuda_wgmma_launch_count if wg else _C.cuda_mma_launch_count
@@ -74,10 +56,10 @@ def captured(fn, env, reps):
 def check_kcp(op, method, shape, batch):
     """The kcp kernel's (tile_h, tile_w, nb, shared-memory bytes) after checking that it ran and agrees with
     the composite chain; None where it does not take the layer (it falls back: timing it would time the chain)."""
-    with env_set({"HSV_CUDA_IMPL": "composite"}):
+    with timing.env_set({"HSV_CUDA_IMPL": "composite"}):
         y_comp = op()
     before = _C.cuda_kcp_launch_count()
-    with env_set({"HSV_CUDA_IMPL": "fused", "HSV_CUDA_KCP": "on"}):
+    with timing.env_set({"HSV_CUDA_IMPL": "fused", "HSV_CUDA_KCP": "on"}):
         y = op()
     if _C.cuda_kcp_launch_count() == before:
         print("%s b%d %s: the kcp kernel does not take this layer" % (shape.name, batch, method))
@@ -183,10 +165,10 @@ def main(argv=None):
                     if kcp_tile is not None:
                         paths["kcp"] = (op, {"HSV_CUDA_IMPL": "fused", "HSV_CUDA_KCP": "on"})
                 with torch.inference_mode():
-                    with env_set({"HSV_CUDA_IMPL": "composite"}):
+                    with timing.env_set({"HSV_CUDA_IMPL": "composite"}):
                         y_comp = op()
                     folds = _C.cuda_fold_launch_count()
-                    with env_set(dict(HSV_CUDA_IMPL="fused", **fold_env)):
+                    with timing.env_set(dict(HSV_CUDA_IMPL="fused", **fold_env)):
                         y_mma = op()
                     folded = _C.cuda_fold_launch_count() > folds
                     err = layers.normalized_error(y_mma, y_comp)
@@ -202,7 +184,7 @@ def main(argv=None):
                         if not torch.equal(y_aten, y_mma):
                             sys.exit("HSV_CUDA_PACK=aten changed the output on %s" % shape.name)
                     for name, env in wgmma_envs.items():   # never time a wrong answer
-                        with env_set(env):
+                        with timing.env_set(env):
                             y_wg = op()
                         wg_err = layers.normalized_error(y_wg, y_comp)
                         if not wg_err <= 5e-2:

@@ -27,24 +27,32 @@ TOL32 = 2e-5
 
 
 @contextmanager
-def cpu_env(impl=None, isa=None, threads=None):
-    saved = {k: os.environ.get(k) for k in ("HSV_CPU_IMPL", "HSV_CPU_ISA")}
-    saved_threads = torch.get_num_threads()
-    try:
-        for key, val in (("HSV_CPU_IMPL", impl), ("HSV_CPU_ISA", isa)):
+def env_vars(**settings):
+    """The environment variables set for the block (None: unset), each as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in settings}
+
+    def apply(values):
+        for key, val in values.items():
             if val is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = val
-        if threads is not None:
-            torch.set_num_threads(threads)
+    try:
+        apply(settings)
         yield
     finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+        apply(saved)
+
+
+@contextmanager
+def cpu_env(impl=None, isa=None, threads=None):
+    saved_threads = torch.get_num_threads()
+    try:
+        with env_vars(HSV_CPU_IMPL=impl, HSV_CPU_ISA=isa):
+            if threads is not None:
+                torch.set_num_threads(threads)
+            yield
+    finally:
         torch.set_num_threads(saved_threads)
 
 
@@ -257,17 +265,8 @@ def im2col_panels_runs():
     return _extension._C.cpu_im2col_panels_runs()
 
 
-@contextmanager
 def im2col_panels(setting):
-    saved = os.environ.get("HSV_CPU_IM2COL_PANELS")
-    os.environ["HSV_CPU_IM2COL_PANELS"] = setting
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("HSV_CPU_IM2COL_PANELS", None)
-        else:
-            os.environ["HSV_CPU_IM2COL_PANELS"] = saved
+    return env_vars(HSV_CPU_IM2COL_PANELS=setting)
 
 
 # n, cin, cout, r, h, w, kh, kw, stride, padding, dilation
