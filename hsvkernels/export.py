@@ -122,10 +122,9 @@ def compare_onnx(path, model, args):
 
     args = _as_args(args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    odd = sorted({str(t.dtype) for t in tensors if t.dtype == torch.bfloat16})
-    if odd:   # numpy has no bfloat16: say so instead of failing inside .numpy()
-        raise ValueError("compare_onnx: args holds %s tensors, which numpy and onnxruntime's CPU provider do not take; "
-                         "compare a float32 copy of the model and inputs" % ", ".join(odd))
+    if any(t.dtype == torch.bfloat16 for t in tensors):   # numpy has no bfloat16: say so, not fail inside .numpy()
+        raise ValueError("compare_onnx: args holds torch.bfloat16 tensors, which numpy and onnxruntime's CPU provider "
+                         "do not take; compare a float32 copy of the model and inputs")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):
