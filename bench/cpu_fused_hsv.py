@@ -15,6 +15,7 @@ bench/layers.py (no Timer blocks), but quick enough to steer kernel work.
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -57,8 +58,17 @@ def main(argv=None):
     ap.add_argument("--layers", default=None, help="comma list of name prefixes (default: all)")
     ap.add_argument("--peak-seconds", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="path without extension: writes .md")
+    ap.add_argument("--ab", default=None, metavar="VAR=VALUE",
+                    help="also time the fused kernel with this HSV_* setting (e.g. HSV_CPU_CONV_TAPS=per_tap), "
+                         "interleaved with the rest: columns 'ab ms' and 'f/ab'")
     _host_malloc.add_argument(ap)
     args = ap.parse_args(argv)
+    ab = None
+    if args.ab is not None:
+        var, sep, val = args.ab.partition("=")
+        if not sep or not var.startswith("HSV_") or not val:
+            ap.error("--ab: expected HSV_NAME=VALUE, got %r" % args.ab)
+        ab = (var, val)
     _host_malloc.configure(args.host_malloc)
     torch.set_num_threads(args.threads)
     env = timing.environment("cpu")
@@ -69,15 +79,17 @@ def main(argv=None):
     core_peak = peak.fma_peaks(args.peak_seconds)[isa]
     head.append("fused ISA %s; measured single-core fp32 FMA peak %.1f GFLOP/s x %d threads = %.1f GFLOP/s"
                 % (isa, core_peak, args.threads, core_peak * args.threads))
-    head.append("reps %d per path, interleaved; medians; dense = F.conv2d (oneDNN where torch picks it) on the "
-                "reconstructed weight" % args.reps)
+    head.append("reps %d per path, interleaved (a random order each rep); medians; dense = F.conv2d (oneDNN where "
+                "torch picks it) on the reconstructed weight" % args.reps)
     if args.threads > 1:
         head.append("threads > 1: the process-CPU (cpu) columns also count OpenMP threads spin-waiting; "
                     "read the wall columns")
     for line in head:
         print(line)
+    if ab:
+        head.append("ab: the fused kernel with %s=%s ('fused' has it unset)" % ab)
     cols = ("layer", "split (T1,S1,T2,S2) P", "N", "layout", "fused ms", "comp ms", "dense ms", "f/comp", "f/dense",
-            "cpu f/comp", "cpu f/dense", "GFLOP/s fused", "%peak")
+            "cpu f/comp", "cpu f/dense", "GFLOP/s fused", "%peak") + (("ab ms", "f/ab") if ab else ())
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print(lines[0], flush=True)
     torch.manual_seed(0)
@@ -99,9 +111,12 @@ def main(argv=None):
                         x = x.contiguous(memory_format=torch.channels_last)
                     call = lambda: torch.ops.hsv.conv2d(x, factors, None, [s, s], [p, p], [1, 1], 1,  # noqa: E731
                                                         "hsv")
-                    runs = {"fused": (call, {"HSV_CPU_IMPL": "fused"}),
+                    unset = {ab[0]: ""} if ab else {}  # an empty HSV_* setting counts as unset
+                    runs = {"fused": (call, {"HSV_CPU_IMPL": "fused", **unset}),
                             "composite": (call, {"HSV_CPU_IMPL": "composite"}),
                             "dense": (lambda: F.conv2d(x, dense_w, None, s, p), {})}
+                    if ab:
+                        runs["ab"] = (call, {"HSV_CPU_IMPL": "fused", ab[0]: ab[1]})
                     with torch.inference_mode():
                         os.environ["HSV_CPU_IMPL"] = "fused"
                         err = ((call() - F.conv2d(x, dense_w, None, s, p)).abs().max()
@@ -111,10 +126,17 @@ def main(argv=None):
                         for _ in range(2):
                             for fn, e in runs.values():
                                 timed(fn, e)
+                        # A fresh order each rep: a path that always ran right after dense (whose large
+                        # weight and output evict the others' data) measured up to 16% slower than the
+                        # same kernel elsewhere in the cycle (an A/A run of --ab at 512@7, batch 1).
+                        order = random.Random(0)
                         for _ in range(args.reps):
-                            for key, (fn, e) in runs.items():
+                            for key in order.sample(list(runs), len(runs)):
+                                fn, e = runs[key]
                                 times[key].append(timed(fn, e))
                     os.environ.pop("HSV_CPU_IMPL", None)
+                    if ab:
+                        os.environ.pop(ab[0], None)
                     wall = {key: statistics.median(t[0] for t in v) for key, v in times.items()}
                     cpu = {key: statistics.median(t[1] for t in v) for key, v in times.items()}
                     ho = (h + 2 * p - k) // s + 1
@@ -127,6 +149,8 @@ def main(argv=None):
                            "%.2f" % (wall["fused"] / wall["dense"]), "%.2f" % (cpu["fused"] / cpu["composite"]),
                            "%.2f" % (cpu["fused"] / cpu["dense"]), "%.1f" % gflops,
                            "%.0f%%" % (100 * gflops / (core_peak * args.threads)))
+                    if ab:
+                        row += ("%.3f" % (1e3 * wall["ab"]), "%.2f" % (wall["fused"] / wall["ab"]))
                     lines.append("| " + " | ".join(row) + " |")
                     print(lines[-1], flush=True)
     if args.out:

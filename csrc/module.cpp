@@ -17,6 +17,7 @@
 #include "ops/cuda/two_stage_wgmma.h"
 #endif
 #include "ops/cpu/channels_last_copy.h"
+#include "ops/cpu/hsv_fused.h"
 #include "ops/cpu/im2col_panels.h"
 #include "ops/cpu/pack.h"
 #include "ops/cpu/peak.h"
@@ -100,6 +101,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_im2col_panels_runs", &hsv::cpu::im2col_panels_runs,
         "How many times the fused CPU path ran a conv with few input channels on NCHW input with pixels as the "
         "vector axis");
+  m.def("cpu_conv_tap_group_runs", &hsv::cpu::conv_tap_group_runs,
+        "How many times the fused CPU path ran a conv stage with several taps per microkernel call");
   m.def("cuda_nhwc_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::nhwc_launch_count(), 0); },
         "How many of those took the two-stage kernel's channels_last fast path");
   m.def("cuda_mma_launch_count", []() -> int64_t { return HSV_CUDA_OR(hsv::cuda::mma_launch_count(), 0); },

@@ -200,3 +200,20 @@ def test_models_impl_entries_set_extra_variables():
                      ("fused+HSV_CPU_ISA", "expected \\+HSV_NAME=VALUE"), ("fused+HSV_CPU_ISA=", "expected")):
         with pytest.raises(SystemExit, match=msg):
             models.impl_settings("HSV_CPU_IMPL", bad, allowed)
+
+
+def test_cpu_fused_hsv_ab_column(tmp_path, monkeypatch):
+    # --ab VAR=VALUE: a fused path with that setting, interleaved; the setting is not left behind
+    from bench import cpu_fused_hsv
+    monkeypatch.delenv("HSV_CPU_CONV_TAPS", raising=False)
+    out = tmp_path / "hsv"
+    assert cpu_fused_hsv.main(["--threads", "1", "--reps", "1", "--batch", "1", "--layouts", "nhwc", "--layers",
+                               "128@28", "--peak-seconds", "0.05", "--host-malloc", "default",
+                               "--ab", "HSV_CPU_CONV_TAPS=per_tap", "--out", str(out)]) == 0
+    assert "HSV_CPU_CONV_TAPS" not in os.environ
+    text = (tmp_path / "hsv.md").read_text()
+    assert "| ab ms | f/ab |" in text and "ab: the fused kernel with HSV_CPU_CONV_TAPS=per_tap" in text
+    row = [line for line in text.splitlines() if line.startswith("| 128@28 3x3 |")]
+    assert len(row) == 1 and len(row[0].strip("|").split("|")) == 15
+    with pytest.raises(SystemExit):
+        cpu_fused_hsv.main(["--ab", "HSV_CPU_CONV_TAPS"])

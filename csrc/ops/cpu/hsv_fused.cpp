@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <numeric>
@@ -39,6 +40,7 @@
 #endif
 #include <vector>
 
+#include "../env_choice.h"
 #include "channels_last_copy.h"
 #include "im2col_panels.h"
 #include "kernel_util.h"
@@ -58,6 +60,16 @@ constexpr int64_t kMaxTilePixels = 128;
 constexpr int64_t kMaxTilePixelsNchwOut = 512;
 // Inputs with at most this many channels take tile_conv_rows (Problem::row_taps).
 constexpr int64_t kRowTapsMaxChannels = 8;
+// tile_conv_taps: taps per call until the call's K (taps x S2) reaches about
+// this. One call per tap and Cin chunk (at most 384 channels, its B slice in
+// L1) reloads and stores the C block every 64-384 k steps, and the first FMAs
+// wait on those loads. Grouping took ResNet-style 3x3 layers (AVX2, 1 and 2
+// threads, batch 1 and 8, bench/cpu_fused_hsv.py --ab) to 0.90-0.99 of their
+// per-tap time in the SVD layout (K = 576 at 64@56 up to 1024 at 512@7) and
+// 0.78-0.95 with S1 = 4 splits; K budgets of 600, 1200 and 2400 measured alike.
+constexpr int64_t kTapCallK = 1152;
+constexpr int64_t kMaxTapRows = 256;  // row pointers per call: taps x MR
+std::atomic<int64_t> g_tap_group_runs{0};
 
 // A read-only all-zero buffer of at least n floats, or null where unsupported.
 // It stands in for a padding row of a strided-channel (NCHW) input, read at
@@ -105,6 +117,9 @@ struct Problem {
   // Few input channels (e.g. an RGB stem): per tap the GEMM's K would be S2
   // (3), far too short for the microkernel; see tile_conv_rows.
   bool row_taps;
+  // Taps per microkernel call in tile_conv_taps; 0: one call per tap and Cin
+  // chunk (HSV_CPU_CONV_TAPS=per_tap, or kernels without MicrokernelTapsFn).
+  int64_t tap_group;
   ConvParams cv;
   const float* x;
   int64_t sn, sc, sh, sw;  // input strides (elements): image, channel, row, column
@@ -217,6 +232,32 @@ void tile_conv_rows(const Problem& pb, const Tile& t, const Source& src, float* 
   }
 }
 
+// Panel jb of tile_conv, pb.tap_group taps (all of each tap's S2 channels) per
+// microkernel call: C stays in registers across them (MicrokernelTapsFn).
+// src has unit-stride channels (see where tap_group is set).
+void tile_conv_taps(const Problem& pb, const Tile& t, const Source& src, float* c, int64_t jb) {
+  const Panels& g = pb.conv;
+  const Microkernel& kj = g.kernel(jb);
+  const int64_t mr = g.uk->mr, tg = pb.tap_group;
+  const float* rows[kMaxTapRows];
+  for (int64_t t0 = 0; t0 < pb.taps; t0 += tg) {
+    const int64_t nt = std::min(tg, pb.taps - t0);
+    const float* bslice = g.panel(0, jb) + t0 * pb.S2 * kj.nr;
+    for (int64_t ib = 0; ib < t.np; ib += mr) {
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t tap = t0 + j;
+        const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
+        for (int64_t i = 0; i < mr; ++i) {
+          const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
+          const bool inside = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w;
+          rows[j * mr + i] = inside ? src.x + src.xoff[ib + i] + iy * src.sh + ix * src.sw : pb.zeros;
+        }
+      }
+      kj.taps(nt, pb.S2, rows, 1, bslice, c + ib * g.n_pad + jb * g.uk->nr, g.n_pad, t0 > 0, nullptr);
+    }
+  }
+}
+
 void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, float* gather) {
   if (pb.row_taps) return tile_conv_rows(pb, t, src, c, gather);
   const Panels& g = pb.conv;
@@ -226,6 +267,10 @@ void tile_conv(const Problem& pb, const Tile& t, const Source& src, float* c, fl
   const int64_t sc = src.sc;
   for (int64_t jb = 0; jb < g.panels(); ++jb) {
     const Microkernel& kj = g.kernel(jb);  // the last panel may be a narrow one (Panels::tail)
+    if (pb.tap_group > 0 && kj.taps != nullptr) {
+      tile_conv_taps(pb, t, src, c, jb);
+      continue;
+    }
     for (int64_t tap = 0; tap < pb.taps; ++tap) {
       const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
       for (int64_t c0 = 0; c0 < pb.S2; c0 += pb.kc) {
@@ -605,6 +650,16 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const std::vector<float> zeros(static_cast<size_t>(std::max(pb.kc, pb.kw * pb.S2)), 0.0f);
   pb.zeros = zeros.data();
   pb.zeros_strided = (pb.sc != 1 && !pb.stage) ? zero_span(pb.kc * pb.sc) : nullptr;
+  // Tap groups read unit-stride channels (NHWC input or the staged patch),
+  // with pb.zeros (>= S2 floats) as the padding row. The first panel's kernel
+  // is the full-width one; only a narrow tail panel may lack taps.
+  pb.tap_group = 0;
+  if (pb.taps > 1 && !pb.row_taps && (pb.sc == 1 || pb.stage) && pb.conv.uk->taps != nullptr &&
+      env_choice("HSV_CPU_CONV_TAPS", {"grouped", "per_tap"}) == 0) {
+    const int64_t most = std::max<int64_t>(1, std::min(kTapCallK / pb.S2, kMaxTapRows / pb.conv.uk->mr));
+    pb.tap_group = div_up(pb.taps, div_up(pb.taps, most));  // even groups
+  }
+  if (pb.tap_group > 0 && n > 0 && pb.hw > 0) g_tap_group_runs.fetch_add(1, std::memory_order_relaxed);
 
   // Tiles of at most max_tile pixels (see the constants), as many as a multiple of the thread
   // count so every thread gets the same number (at::parallel_for hands out
@@ -629,6 +684,8 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   });
   return out;
 }
+
+int64_t conv_tap_group_runs() { return g_tap_group_runs.load(std::memory_order_relaxed); }
 
 }  // namespace cpu
 }  // namespace hsv

@@ -20,5 +20,9 @@ bool hsv_fused_supports(const at::Tensor& input, const std::string& kind);
 at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
                              const Plan& plan, const Microkernel& uk, const std::string& kind);
 
+// How many hsv_fused_forward calls ran their conv stage with several taps per
+// microkernel call (MicrokernelTapsFn; HSV_CPU_CONV_TAPS=per_tap turns it off).
+int64_t conv_tap_group_runs();
+
 }  // namespace cpu
 }  // namespace hsv

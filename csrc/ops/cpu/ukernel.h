@@ -39,6 +39,14 @@ using MicrokernelStridedFn = void (*)(int64_t K, const float* a, const float* b,
 using MicrokernelBRowsFn = void (*)(int64_t K, const float* a, const float* const* b, int64_t boff, float* c,
                                     int64_t ldc);
 
+// MicrokernelFn over `taps` K-slices with their own row pointers, C kept in
+// registers across them:
+//   C[i][j] = C0[i][j] + sum_{t < taps} sum_{k < K} a[t * MR + i][k * ka] * b[(t * K + k) * NR + j]
+// For implicit-im2col convs: slice t is one kernel tap's channels, so one
+// call covers several taps where one call per tap reloaded and stored C.
+using MicrokernelTapsFn = void (*)(int64_t taps, int64_t K, const float* const* a, int64_t ka, const float* b,
+                                   float* c, int64_t ldc, bool accumulate, const float* init);
+
 // Per-channel weighted sums of `taps` rows over npix pixels (a depthwise
 // conv's inner loop, with channels as the vector axis):
 //   y[p*ys + c] = sum_{t < taps, x[t] != nullptr} w[t][c] * x[t][p*xs + c]      p < npix, c < C
@@ -85,6 +93,8 @@ struct Microkernel {
   // strided_short is (packed_a_rows picks them together).
   MicrokernelBRowsFn b_rows = nullptr;
   MicrokernelBRowsFn b_rows_short = nullptr;
+  // fn over several taps (see MicrokernelTapsFn); nullptr when there is none.
+  MicrokernelTapsFn taps = nullptr;
 };
 
 // A GEMM with A packed in row blocks (the strided and b_rows kernels): the

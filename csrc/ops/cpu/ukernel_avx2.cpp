@@ -34,26 +34,59 @@ __attribute__((target("avx2,fma"), always_inline)) inline void k_step(__m256 (&a
   }
 }
 
-// MR rows, NV vectors per row: NR = NV * kW.
+// acc = C (accumulate), else init in every row, else zeros.
 template <int MR, int NV>
-__attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
-                                           int64_t ldc, bool accumulate, const float* init) {
-  constexpr int kNR = NV * kW;
-  __m256 acc[MR][NV];
-  const float* ap[MR];
+__attribute__((target("avx2,fma"), always_inline)) inline void load_c(__m256 (&acc)[MR][NV], const float* c,
+                                                                      int64_t ldc, bool accumulate,
+                                                                      const float* init) {
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    ap[i] = a[i];
     const float* src = accumulate ? c + i * ldc : init;
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = src ? _mm256_loadu_ps(src + v * kW) : _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) k_step<MR, NV>(acc, [&](int i) { return ap[i] + k * ka; }, b + k * kNR);
+}
+
+template <int MR, int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void store_c(__m256 (&acc)[MR][NV], float* c,
+                                                                       int64_t ldc) {
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + i * ldc + v * kW, acc[i][v]);
   }
+}
+
+// K steps of rows a[0..MR) (element k of row i at a[i] + k * ka) against B.
+template <int MR, int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void k_loop(__m256 (&acc)[MR][NV], int64_t K,
+                                                                      const float* const* a, int64_t ka,
+                                                                      const float* b) {
+  const float* ap[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) ap[i] = a[i];
+  for (int64_t k = 0; k < K; ++k) k_step<MR, NV>(acc, [&](int i) { return ap[i] + k * ka; }, b + k * NV * kW);
+}
+
+// MR rows, NV vectors per row: NR = NV * kW.
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c,
+                                           int64_t ldc, bool accumulate, const float* init) {
+  __m256 acc[MR][NV];
+  load_c<MR, NV>(acc, c, ldc, accumulate, init);
+  k_loop<MR, NV>(acc, K, a, ka, b);
+  store_c<MR, NV>(acc, c, ldc);
+}
+
+// MicrokernelTapsFn: kernel over `taps` K-slices, C in registers throughout.
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) void kernel_taps(int64_t taps, int64_t K, const float* const* a, int64_t ka,
+                                                 const float* b, float* c, int64_t ldc, bool accumulate,
+                                                 const float* init) {
+  __m256 acc[MR][NV];
+  load_c<MR, NV>(acc, c, ldc, accumulate, init);
+  for (int64_t t = 0; t < taps; ++t) k_loop<MR, NV>(acc, K, a + t * MR, ka, b + t * K * NV * kW);
+  store_c<MR, NV>(acc, c, ldc);
 }
 
 // MicrokernelStridedFn: MR x NV*8 of C = A @ B, A packed (a[k * MR + i]), B
@@ -102,33 +135,42 @@ __attribute__((target("avx2,fma"))) void kernel_b_rows(int64_t K, const float* a
 // The narrow (MR x 8) kernel with K split into even and odd steps, each with
 // its own MR accumulators (summed at the end): MR = 6 chains alone cannot
 // cover FMA latency x 2 ports; two sets give 12 in flight.
-__attribute__((target("avx2,fma"))) void kernel_narrow(int64_t K, const float* const* a, int64_t ka, const float* b,
-                                                   float* c, int64_t ldc, bool accumulate, const float* init) {
+__attribute__((target("avx2,fma"))) void kernel_narrow_taps(int64_t taps, int64_t K, const float* const* a,
+                                                        int64_t ka, const float* b, float* c, int64_t ldc,
+                                                        bool accumulate, const float* init) {
   __m256 acc0[kMR], acc1[kMR];
-  const float* ap[kMR];
 #pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) {
-    ap[i] = a[i];
     const float* src = accumulate ? c + i * ldc : init;
     acc0[i] = src ? _mm256_loadu_ps(src) : _mm256_setzero_ps();
     acc1[i] = _mm256_setzero_ps();
   }
-  int64_t k = 0;
-  for (; k + 1 < K; k += 2) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kW), b1 = _mm256_loadu_ps(b + (k + 1) * kW);
+  for (int64_t t = 0; t < taps; ++t, a += kMR, b += K * kW) {
+    const float* ap[kMR];
 #pragma GCC unroll 8
-    for (int i = 0; i < kMR; ++i) {
-      acc0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap[i] + k * ka), b0, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap[i] + (k + 1) * ka), b1, acc1[i]);
+    for (int i = 0; i < kMR; ++i) ap[i] = a[i];
+    int64_t k = 0;
+    for (; k + 1 < K; k += 2) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * kW), b1 = _mm256_loadu_ps(b + (k + 1) * kW);
+#pragma GCC unroll 8
+      for (int i = 0; i < kMR; ++i) {
+        acc0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap[i] + k * ka), b0, acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap[i] + (k + 1) * ka), b1, acc1[i]);
+      }
     }
-  }
-  if (k < K) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kW);
+    if (k < K) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * kW);
 #pragma GCC unroll 8
-    for (int i = 0; i < kMR; ++i) acc0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap[i] + k * ka), b0, acc0[i]);
+      for (int i = 0; i < kMR; ++i) acc0[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap[i] + k * ka), b0, acc0[i]);
+    }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) _mm256_storeu_ps(c + i * ldc, _mm256_add_ps(acc0[i], acc1[i]));
+}
+
+__attribute__((target("avx2,fma"))) void kernel_narrow(int64_t K, const float* const* a, int64_t ka, const float* b,
+                                                   float* c, int64_t ldc, bool accumulate, const float* init) {
+  kernel_narrow_taps(1, K, a, ka, b, c, ldc, accumulate, init);
 }
 
 // Depthwise rows (DepthwiseFn): 8 channels per vector, a scalar tail.
@@ -199,11 +241,13 @@ __attribute__((target("avx2,fma"))) void to_pixel_major(int64_t C, int64_t npix,
 }  // namespace
 
 const Microkernel* microkernel_avx2() {
-  static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major};
-  static const Microkernel three{"avx2", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major};
+  static const Microkernel narrow{"avx2", kMR, kW, &kernel_narrow, nullptr, &depthwise, &to_pixel_major,
+                                  nullptr, nullptr, nullptr, 0, nullptr, nullptr, &kernel_narrow_taps};
+  static const Microkernel three{"avx2", kMR3, 3 * kW, &kernel<kMR3, 3>, nullptr, &depthwise, &to_pixel_major,
+                                 nullptr, nullptr, nullptr, 0, nullptr, nullptr, &kernel_taps<kMR3, 3>};
   static const Microkernel wide{"avx2", kMR, 2 * kW, &kernel<kMR, 2>, &narrow, &depthwise, &to_pixel_major,
                                 &three, &kernel_strided<kMR, 2>, &kernel_strided<4, 2>, 4,
-                                &kernel_b_rows<kMR, 2>, &kernel_b_rows<4, 2>};
+                                &kernel_b_rows<kMR, 2>, &kernel_b_rows<4, 2>, &kernel_taps<kMR, 2>};
   return &wide;
 }
 

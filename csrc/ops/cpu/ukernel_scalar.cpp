@@ -10,13 +10,8 @@ namespace {
 constexpr int kMR = 4;
 constexpr int kNR = 8;
 
-void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c, int64_t ldc, bool accumulate,
-            const float* init) {
-  float acc[kMR][kNR];
-  for (int i = 0; i < kMR; ++i) {
-    const float* src = accumulate ? c + i * ldc : init;
-    for (int j = 0; j < kNR; ++j) acc[i][j] = src ? src[j] : 0.0f;
-  }
+// acc += K steps of rows a[0..kMR) (element k of row i at a[i][k * ka]) against B.
+void k_loop(float (&acc)[kMR][kNR], int64_t K, const float* const* a, int64_t ka, const float* b) {
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * kNR;
     for (int i = 0; i < kMR; ++i) {
@@ -24,8 +19,23 @@ void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float*
       for (int j = 0; j < kNR; ++j) acc[i][j] += ai * bk[j];
     }
   }
+}
+
+void kernel_taps(int64_t taps, int64_t K, const float* const* a, int64_t ka, const float* b, float* c, int64_t ldc,
+                 bool accumulate, const float* init) {
+  float acc[kMR][kNR];
+  for (int i = 0; i < kMR; ++i) {
+    const float* src = accumulate ? c + i * ldc : init;
+    for (int j = 0; j < kNR; ++j) acc[i][j] = src ? src[j] : 0.0f;
+  }
+  for (int64_t t = 0; t < taps; ++t) k_loop(acc, K, a + t * kMR, ka, b + t * K * kNR);
   for (int i = 0; i < kMR; ++i)
     for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
+}
+
+void kernel(int64_t K, const float* const* a, int64_t ka, const float* b, float* c, int64_t ldc, bool accumulate,
+            const float* init) {
+  kernel_taps(1, K, a, ka, b, c, ldc, accumulate, init);
 }
 
 void kernel_strided(int64_t K, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc, const float*) {
@@ -72,7 +82,7 @@ void to_pixel_major_scalar(int64_t C, int64_t npix, const float* src, int64_t sr
 
 const Microkernel* microkernel_scalar() {
   static const Microkernel k{"scalar", kMR, kNR, &kernel, nullptr, &depthwise, &to_pixel_major_scalar, nullptr,
-                             &kernel_strided, nullptr, 0, &kernel_b_rows};
+                             &kernel_strided, nullptr, 0, &kernel_b_rows, nullptr, &kernel_taps};
   return &k;
 }
 
