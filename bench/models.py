@@ -115,6 +115,8 @@ def main(argv=None):
                     help="CUDA only: time replays of each whole model captured in a CUDA graph (no host overhead)")
     ap.add_argument("--aa", action="store_true",
                     help="also time the dense model against a copy of itself (an A/A row: the method's own bias)")
+    ap.add_argument("--grad-mode", default="inference_mode", choices=sorted(benchmark.GRAD_MODES),
+                    help="the context both models run under")
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorms into their convs in the dense model before converting (both models then run "
                          "without BN passes)")
@@ -212,14 +214,14 @@ def main(argv=None):
                     with timing.env_set(settings.get(impl, {})):
                         if args.graph:   # captured with this implementation (the op reads it at capture)
                             pair = [Graphed(m, x) for m in pair]
-                        t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time)
+                        t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time, grad_mode=args.grad_mode)
                     aa = impl == "A/A"
                     row = dict(model=name, method=method,
                                options={"latency_ratio": args.latency_ratio, "ratio": args.ratio} if plan else options,
                                plan_latency_x=plan.latency_reduction() if plan else None, measure=args.measure,
                                factorized=0 if aa else factorized, bn_folded=folds,
                                batch=n, device=args.device, graph=args.graph,
-                               dtype=args.dtype, impl_var=impl_var, impl=impl,
+                               dtype=args.dtype, grad_mode=args.grad_mode, impl_var=impl_var, impl=impl,
                                model_params_x=1.0 if aa else params,
                                conv_macs_x=1.0 if aa else macs_x, **t)
                     # achieved conv TFLOP/s: the convs' MACs over the whole model's time (the rest of the model
@@ -241,9 +243,10 @@ def main(argv=None):
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "ceilings": ceil, "rows": rows}, f, indent=1, default=str)
         with open(args.out + ".md", "w") as f:
-            f.write("End to end, %s, %s, %d threads, %s, input %d%s%s. Command: `%s`\n\n```\n%s\n```\n\n"
+            f.write("End to end, %s, %s, %d threads, %s, input %d, under torch.%s%s%s. Command: `%s`\n\n```\n"
+                    "%s\n```\n\n"
                     % (args.device, args.dtype, torch.get_num_threads(),
-                       "channels_last" if args.channels_last else "NCHW", args.input_size,
+                       "channels_last" if args.channels_last else "NCHW", args.input_size, args.grad_mode,
                        ", each model replayed from a CUDA graph" if args.graph else "",
                        ", BatchNorms folded into the convs in both models" if args.fold_bn else "",
                        " ".join(sys.argv), "\n".join(head)))

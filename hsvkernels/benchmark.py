@@ -13,12 +13,18 @@ from torch.utils import benchmark
 from . import _host_malloc
 
 
-def time_pair(dense, compressed, x, *, min_run_time=1.0, rounds=3, num_threads=None):
-    """Median seconds per forward of both models (no grad) and their ratio compressed / dense."""
+GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+
+
+def time_pair(dense, compressed, x, *, min_run_time=1.0, rounds=3, num_threads=None, grad_mode="inference_mode"):
+    """Median seconds per forward of both models and their ratio compressed / dense, under grad_mode
+    ("inference_mode" or "no_grad": deployments use either, and per-call overheads differ between them)."""
+    if grad_mode not in GRAD_MODES:
+        raise ValueError("grad_mode must be one of %s, got %r" % (sorted(GRAD_MODES), grad_mode))
     threads = torch.get_num_threads() if num_threads is None else num_threads
     fns = {"dense": dense, "compressed": compressed}
     blocks = {name: [] for name in fns}
-    with torch.inference_mode():
+    with GRAD_MODES[grad_mode]():
         for model in fns.values():
             for _ in range(2):  # warm-up: lazy init, allocator, oneDNN primitive caches
                 model(x)

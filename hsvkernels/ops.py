@@ -122,6 +122,22 @@ def _register_autocast(lib, device_type, dispatch_key):
 
 # The public wrapper --------------------------------------------------------------------
 
+# torch.library's autograd kernel is Python: with grad mode off (torch.no_grad) it only
+# redispatches below autograd, and the trip through it cost ~11 us per call (2-core EPYC,
+# a 16-channel conv on a 2x2 image: 25 us against 14 here), ~5% of a compressed
+# ResNet-18 at batch 1. Under inference_mode the autograd keys are excluded already.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None) if HAS_EXTENSION else None
+
+
+def call_conv2d(input, factors, bias, stride, padding, dilation, groups, kind):
+    """torch.ops.hsv.conv2d, past the autograd kernel when grad mode is off (never while
+    torch.compile traces: it traces the op itself)."""
+    if _BELOW_AUTOGRAD is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.ops.hsv.conv2d(input, factors, bias, stride, padding, dilation, groups, kind)
+    with _BELOW_AUTOGRAD():
+        return torch.ops.hsv.conv2d(input, factors, bias, stride, padding, dilation, groups, kind)
+
+
 def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Factorized 2-D convolution: F.conv2d(input, fact.to_dense(), bias, ...) computed from the factors.
 
@@ -130,8 +146,8 @@ def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     if not hasattr(fact, "factors") or not hasattr(fact, "kind"):
         raise TypeError("fact must be a hsvkernels.Factorization, got %s" % type(fact).__name__)
-    return torch.ops.hsv.conv2d(input, list(fact.factors), bias, pair(stride, "stride"), pair(padding, "padding"),
-                                pair(dilation, "dilation"), groups, fact.kind)
+    return call_conv2d(input, list(fact.factors), bias, pair(stride, "stride"), pair(padding, "padding"),
+                       pair(dilation, "dilation"), groups, fact.kind)
 
 
 # Registration ------------------------------------------------------------------------

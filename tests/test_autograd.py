@@ -157,6 +157,44 @@ def test_torch_compile_fullgraph(kind):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_under_no_grad():
+    # the no_grad shortcut past the autograd kernel (ops.call_conv2d) must not break dynamo's graph
+    torch._dynamo.reset()
+    net = _Net("svd")
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(net, fullgraph=True)(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["svd", "hsv"])
+def test_no_grad_calls_skip_the_autograd_kernel(kind, monkeypatch):
+    # With grad mode off, FactorizedConv2d and hsvkernels.conv2d dispatch below autograd (the Python autograd
+    # kernel would only redispatch there); with grad on they go through it and stay differentiable.
+    from hsvkernels import ops
+    if ops._BELOW_AUTOGRAD is None:
+        pytest.skip("no native extension: the op is the reference chain (CompositeImplicitAutograd)")
+    entered = []
+    real = ops._BELOW_AUTOGRAD
+
+    def counting():
+        entered.append(torch.is_grad_enabled())
+        return real()
+    monkeypatch.setattr(ops, "_BELOW_AUTOGRAD", counting)
+    layer = _Net(kind).fconv
+    x = torch.randn(2, 8, 7, 9)
+    y = layer(x)
+    assert entered == [] and y.requires_grad and y.grad_fn is not None
+    with torch.no_grad():
+        y_no_grad = layer(x)
+        y_functional = hsvkernels.conv2d(x, layer.factorization, layer.bias, padding=1)
+    assert entered == [False, False] and not y_no_grad.requires_grad
+    torch.testing.assert_close(y_no_grad, y.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(y_functional, y.detach(), rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), y.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_autocast_cpu_runs_in_bfloat16(kind):
     fact = CASES[kind].random((16, 8, 3, 3), dtype=torch.float32)

@@ -136,11 +136,12 @@ def test_models_conv_tflops_and_latency_budget(tmp_path):
     out = tmp_path / "models"
     assert models.main(["--models", "resnet18", "--methods", "svd", "--batch", "1", "--input-size", "32",
                         "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "composite", "--roofline", "on",
-                        "--ratio", "2", "--latency-ratio", "1.2", "--latency-points", "2",
+                        "--ratio", "2", "--latency-ratio", "1.2", "--latency-points", "2", "--grad-mode", "no_grad",
                         "--host-malloc", "default", "--out", str(out)]) == 0
     data = json.loads((tmp_path / "models.json").read_text())
     (row,) = data["rows"]
     assert row["options"] == {"latency_ratio": 1.2, "ratio": 2.0} and row["plan_latency_x"] >= 1.2
+    assert row["grad_mode"] == "no_grad"
     assert row["model_params_x"] > 1.5   # the whole model's parameters; the budget is over the convs
     assert data["ceilings"]["tflops"] > 0 and row["matmul_ceiling_tflops"] == data["ceilings"]["tflops"]
     assert row["conv_tflops_compressed"] > 0 and row["factorized"] > 0
@@ -148,7 +149,7 @@ def test_models_conv_tflops_and_latency_budget(tmp_path):
     assert row["conv_tflops_dense"] / row["conv_tflops_compressed"] == pytest.approx(
         row["conv_macs_x"] * row["compressed_s"] / row["dense_s"], rel=1e-9)
     md = (tmp_path / "models.md").read_text()
-    assert "measured ceilings on cpu" in md and "conv TFLOP/s compressed" in md
+    assert "measured ceilings on cpu" in md and "conv TFLOP/s compressed" in md and "under torch.no_grad" in md
 
 
 @pytest.mark.skipif(not hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") == [],

@@ -43,3 +43,20 @@ def test_cuda_latency_falls_back_to_eager_when_capture_fails():
     assert ms > 0 and math.isfinite(ms)
     assert torch.cuda.current_stream().query()   # the stream is usable again
     assert (x + 1).sum().item() != 0
+
+
+def test_time_pair_runs_under_the_grad_mode_asked_for():
+    from hsvkernels import benchmark
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+            return x * 2
+
+    for mode, expected in (("inference_mode", (False, True)), ("no_grad", (False, False))):
+        seen.clear()
+        t = benchmark.time_pair(Probe(), Probe(), torch.ones(2), min_run_time=0.003, rounds=1, grad_mode=mode)
+        assert t["ratio"] > 0 and set(seen) == {expected}
+    with pytest.raises(ValueError, match="grad_mode must be one of \\['inference_mode', 'no_grad'\\], got 'eval'"):
+        benchmark.time_pair(Probe(), Probe(), torch.ones(2), grad_mode="eval")
