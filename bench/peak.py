@@ -31,11 +31,12 @@ def runnable_isas():
 
 
 # the microkernel variants each ISA has (ukernel.h): wide MR x NR, narrow (NR / 2), three (three vectors, its own
-# MR), and the 1x1 NCHW path's strided GEMMs (packed A; MR rows, and the short one's fewer). The scalar strided
-# kernel is left out: the compiler vectorizes its loop (SSE), so the scalar peak is no yardstick for it.
+# MR), the 1x1 NCHW path's strided GEMMs (packed A; MR rows, and the short one's fewer), and the conv stage's
+# call over 9 taps of K each ("taps"; its rate counts all 9K steps). The scalar strided kernel is left out: the
+# compiler vectorizes its loop (SSE), so the scalar peak is no yardstick for it.
 VARIANTS = {"avx512": ("wide", "narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short"),
-            "avx2": ("wide", "narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short"),
-            "scalar": ("wide",)}
+            "avx2": ("wide", "narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short", "taps"),
+            "scalar": ("wide", "taps")}
 
 
 def fma_peaks(seconds=1.0):

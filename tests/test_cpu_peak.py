@@ -31,7 +31,8 @@ def test_peak_and_microkernel_rates_are_sane(isa):
     assert uk < 1.5 * peak
     # (the scalar strided kernel vectorizes (SSE), so the scalar peak does not bound it; it runs, below)
     variants = {"avx512": ("narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short"),
-                "avx2": ("narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short"), "scalar": ()}[isa]
+                "avx2": ("narrow", "three", "strided", "strided_short", "b_rows", "b_rows_short", "taps"),
+                "scalar": ("taps",)}[isa]
     for variant in variants:
         rate = hsvkernels._C.microkernel_gflops(isa, 64, 0.05, variant=variant)
         if rate >= 1.5 * peak:
@@ -41,7 +42,7 @@ def test_peak_and_microkernel_rates_are_sane(isa):
 
 def test_microkernel_variant_errors():
     with pytest.raises(ValueError, match="variant must be 'wide', 'narrow', 'three', 'strided', 'strided_short', "
-                                         "'b_rows' or 'b_rows_short', got 'tall'"):
+                                         "'b_rows', 'b_rows_short' or 'taps', got 'tall'"):
         hsvkernels._C.microkernel_gflops(ISAS[-1], 64, 0.01, variant="tall")
     with pytest.raises(ValueError, match="the scalar microkernel has no three variant"):
         hsvkernels._C.microkernel_gflops("scalar", 64, 0.01, variant="three")

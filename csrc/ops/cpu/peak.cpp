@@ -128,9 +128,10 @@ double microkernel_gflops(const std::string& isa, int64_t k, double seconds, con
   TORCH_CHECK(wide != nullptr, "microkernel_gflops: this build has no ", isa, " microkernel");
   const bool strided = variant == "strided" || variant == "strided_short";
   const bool b_rows = variant == "b_rows" || variant == "b_rows_short";
-  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three" || strided || b_rows,
+  TORCH_CHECK_VALUE(variant == "wide" || variant == "narrow" || variant == "three" || strided || b_rows ||
+                        variant == "taps",
                     "microkernel_gflops: variant must be 'wide', 'narrow', 'three', 'strided', 'strided_short', "
-                    "'b_rows' or 'b_rows_short', got '", variant, "'");
+                    "'b_rows', 'b_rows_short' or 'taps', got '", variant, "'");
   if (strided || b_rows) {
     // The strided kernels (MicrokernelStridedFn): A packed (MR x K), B at row
     // stride NR (so L1-resident, as the first GEMM's later row blocks and the
@@ -156,6 +157,25 @@ double microkernel_gflops(const std::string& isa, int64_t k, double seconds, con
       }
     };
     const double rate = best_rate(work, 2.0 * mr * wide->nr * static_cast<double>(k), seconds);
+    g_sink = c[0];
+    return rate;
+  }
+  if (variant == "taps") {
+    // MicrokernelTapsFn over 9 taps of K = k each (a 3x3 conv's call): the
+    // taps share the A rows (L1), B is the 9k x NR panel (L2 beyond k ~ 50).
+    TORCH_CHECK_VALUE(wide->taps != nullptr, "microkernel_gflops: the ", isa, " microkernel has no taps variant");
+    constexpr int64_t kTaps = 9;
+    std::vector<float> a(static_cast<size_t>(wide->mr * k), 1e-3f);
+    std::vector<float> b(static_cast<size_t>(kTaps * k * wide->nr), 1e-3f);
+    std::vector<float> c(static_cast<size_t>(wide->mr * wide->nr), 0.0f);
+    std::vector<const float*> rows(static_cast<size_t>(kTaps * wide->mr));
+    for (int64_t t = 0; t < kTaps; ++t)
+      for (int i = 0; i < wide->mr; ++i) rows[t * wide->mr + i] = a.data() + i * k;
+    auto work = [&](int64_t calls) {
+      for (int64_t j = 0; j < calls; ++j)
+        wide->taps(kTaps, k, rows.data(), 1, b.data(), c.data(), wide->nr, true, nullptr);
+    };
+    const double rate = best_rate(work, 2.0 * wide->mr * wide->nr * kTaps * static_cast<double>(k), seconds);
     g_sink = c[0];
     return rate;
   }
