@@ -240,17 +240,30 @@ void tile_conv_taps(const Problem& pb, const Tile& t, const Source& src, float* 
   const Microkernel& kj = g.kernel(jb);
   const int64_t mr = g.uk->mr, tg = pb.tap_group;
   const float* rows[kMaxTapRows];
+  int64_t dys[kMaxTapRows], dxs[kMaxTapRows], offs[kMaxTapRows];
+  // A pixel whose receptive field lies inside the image takes every tap at a fixed offset from its corner.
+  const int64_t span_y = (pb.kh - 1) * pb.cv.dilation[0], span_x = (pb.kw - 1) * pb.cv.dilation[1];
   for (int64_t t0 = 0; t0 < pb.taps; t0 += tg) {
     const int64_t nt = std::min(tg, pb.taps - t0);
     const float* bslice = g.panel(0, jb) + t0 * pb.S2 * kj.nr;
+    for (int64_t j = 0; j < nt; ++j) {
+      dys[j] = ((t0 + j) / pb.kw) * pb.cv.dilation[0];
+      dxs[j] = ((t0 + j) % pb.kw) * pb.cv.dilation[1];
+      offs[j] = dys[j] * src.sh + dxs[j] * src.sw;
+    }
     for (int64_t ib = 0; ib < t.np; ib += mr) {
-      for (int64_t j = 0; j < nt; ++j) {
-        const int64_t tap = t0 + j;
-        const int64_t dy = (tap / pb.kw) * pb.cv.dilation[0], dx = (tap % pb.kw) * pb.cv.dilation[1];
-        for (int64_t i = 0; i < mr; ++i) {
-          const int64_t iy = t.iy0[ib + i] + dy, ix = t.ix0[ib + i] + dx;
-          const bool inside = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w;
-          rows[j * mr + i] = inside ? src.x + src.xoff[ib + i] + iy * src.sh + ix * src.sw : pb.zeros;
+      for (int64_t i = 0; i < mr; ++i) {
+        const int64_t iy0 = t.iy0[ib + i], ix0 = t.ix0[ib + i];
+        const float* image = src.x + src.xoff[ib + i];
+        if (iy0 >= 0 && iy0 + span_y < pb.h && ix0 >= 0 && ix0 + span_x < pb.w) {
+          const float* corner = image + iy0 * src.sh + ix0 * src.sw;
+          for (int64_t j = 0; j < nt; ++j) rows[j * mr + i] = corner + offs[j];
+          continue;
+        }
+        for (int64_t j = 0; j < nt; ++j) {  // (the corner itself may lie far outside: never formed)
+          const int64_t iy = iy0 + dys[j], ix = ix0 + dxs[j];
+          rows[j * mr + i] = iy >= 0 && iy < pb.h && ix >= 0 && ix < pb.w ? image + iy * src.sh + ix * src.sw
+                                                                           : pb.zeros;
         }
       }
       kj.taps(nt, pb.S2, rows, 1, bslice, c + ib * g.n_pad + jb * g.uk->nr, g.n_pad, t0 > 0, nullptr);
