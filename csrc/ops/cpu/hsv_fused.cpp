@@ -112,6 +112,10 @@ struct Problem {
   const Microkernel* ukt;  // the ISA's wide kernel (NR over pixels)
   const float* wf;         // A as (T1, S1*P) or A2 (T1, q2), row-major
   int64_t kf;              // its K
+  // With a bias: per t2, Wf with bias[t1*T2 + t2] as one more column ([T2][T1][kf + 1]),
+  // and final_nchw's pixel panels get a row of ones, so the GEMM adds the bias.
+  const float* wf_bias;    // null without a bias
+  int64_t kfb;             // kf + 1 with a bias, else kf
   int64_t h, w, kh, kw, taps, kc, hw, wo, pixels, p_tile, cout;
   bool stage;  // strided-channel input: staged per tile into an NHWC patch (stage_patch)
   // Few input channels (e.g. an RGB stem): per tap the GEMM's K would be S2
@@ -393,9 +397,9 @@ struct Buffers {
     if (pb.out_nhwc) {
       z.resize(n(pb.T2 * pb.t1_pad));
     } else {
-      yt.resize(static_cast<size_t>(round_up(pb.p_tile, pb.ukt->nr) * pb.kf));
+      yt.resize(static_cast<size_t>(round_up(pb.p_tile, pb.ukt->nr) * pb.kfb));
       block.resize(static_cast<size_t>(pb.ukt->mr * pb.ukt->nr));
-      zero_row.resize(static_cast<size_t>(pb.kf), 0.0f);
+      zero_row.resize(static_cast<size_t>(pb.kfb), 0.0f);
     }
   }
 };
@@ -422,42 +426,42 @@ void write_tile_nhwc(const Problem& pb, const Tile& t, const float* z) {
 // MR x NR result block is MR runs of output planes. A block of MR whole rows
 // and NR pixels of one image is written straight into the output; edge blocks
 // go through a scratch block, copied out as runs (split where the tile crosses
-// an image); the bias is added to the rows just written. Writing the output as
+// an image). The bias comes in as one more K step (Problem::wf_bias): adding it
+// to each written block afterwards was 1.7% of a 64@56 layer's samples. Writing the output as
 // pixel-major blocks instead would need a scalar transpose of the whole output,
 // which measured slower than the GEMMs for a 1x1 256->1024 layer; copying every block out
 // (before the direct writes) made a 1x1 64->256 layer at 56x56 1.5-2x slower
 // than the composite chain, whose K = 12 GEMM writes its output in place.
 void final_nchw(const Problem& pb, const Tile& t, const float* yin, int64_t ld, int64_t t2, Buffers& buf) {
   const Microkernel& uk = *pb.ukt;
-  const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf;
+  const int64_t nr = uk.nr, mr = uk.mr, kf = pb.kf, kfb = pb.kfb;
   const int64_t panels = div_up(t.np, nr);
   for (int64_t pn = 0; pn < panels; ++pn) {
     // panel[k][j] = Yin[pn * nr + j][k]: the register-transpose copy with the
     // panel's pixels as its "channels"; a last partial panel's pixel columns are zeros
-    float* dst = buf.yt.data() + pn * kf * nr;
+    float* dst = buf.yt.data() + pn * kfb * nr;
     const int64_t valid = std::min(nr, t.np - pn * nr);
     if (valid < nr) std::fill(dst, dst + kf * nr, 0.0f);
     uk.to_pixel_major(valid, kf, yin + pn * nr * ld, ld, dst, nr);
+    if (kfb > kf) std::fill(dst + kf * nr, dst + kfb * nr, 1.0f);  // the bias column's row
   }
   const float* rows[64];
-  const float* bias = pb.bias_t + t2 * pb.t1_pad;
+  const float* wf = pb.wf_bias ? pb.wf_bias + t2 * pb.T1 * kfb : pb.wf;
   float* block = buf.block.data();
   const int64_t ldo = pb.T2 * pb.hw;  // between output channels c and c + T2
   for (int64_t c0 = 0; c0 < pb.T1; c0 += mr) {
     const int64_t nrows = std::min(mr, pb.T1 - c0);
-    for (int64_t i = 0; i < mr; ++i) rows[i] = i < nrows ? pb.wf + (c0 + i) * kf : buf.zero_row.data();
+    for (int64_t i = 0; i < mr; ++i) rows[i] = i < nrows ? wf + (c0 + i) * kfb : buf.zero_row.data();
     for (int64_t pn = 0; pn < panels; ++pn) {
-      const float* panel = buf.yt.data() + pn * kf * nr;
+      const float* panel = buf.yt.data() + pn * kfb * nr;
       const int64_t j0 = pn * nr, j1 = std::min(t.np, j0 + nr);
       const int64_t g = t.g0 + j0, img = g / pb.hw, q = g % pb.hw;
       float* o = pb.out + (img * pb.cout + c0 * pb.T2 + t2) * pb.hw + q;
       if (nrows == mr && j1 - j0 == nr && q + nr <= pb.hw) {
-        uk.fn(kf, rows, 1, panel, o, ldo, false, nullptr);
-        add_row_bias(o, ldo, nrows, nr, bias + c0);
+        uk.fn(kfb, rows, 1, panel, o, ldo, false, nullptr);
         continue;
       }
-      uk.fn(kf, rows, 1, panel, block, nr, false, nullptr);
-      add_row_bias(block, nr, nrows, nr, bias + c0);
+      uk.fn(kfb, rows, 1, panel, block, nr, false, nullptr);
       for (int64_t j = j0; j < j1;) {  // runs of pixels within one image
         const int64_t gj = t.g0 + j, im = gj / pb.hw, qj = gj % pb.hw;
         const int64_t len = std::min(j1 - j, pb.hw - qj);
@@ -654,6 +658,20 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
       for (int64_t t2 = 0; t2 < pb.T2; ++t2) bias_t[t2 * pb.t1_pad + t1] = bsrc[t1 * pb.T2 + t2];
   }
   pb.bias_t = bias_t.data();
+  std::vector<float> wf_bias;
+  pb.wf_bias = nullptr;
+  pb.kfb = pb.kf;
+  if (!pb.out_nhwc && bias.has_value() && bias->defined()) {
+    pb.kfb = pb.kf + 1;
+    wf_bias.resize(static_cast<size_t>(pb.T2 * pb.T1 * pb.kfb));
+    for (int64_t t2 = 0; t2 < pb.T2; ++t2)
+      for (int64_t t1 = 0; t1 < pb.T1; ++t1) {
+        float* row = wf_bias.data() + (t2 * pb.T1 + t1) * pb.kfb;
+        std::memcpy(row, pb.wf + t1 * pb.kf, sizeof(float) * pb.kf);
+        row[pb.kf] = bias_t[t2 * pb.t1_pad + t1];
+      }
+    pb.wf_bias = wf_bias.data();
+  }
 
   // Cin chunk of the conv GEMM: about 24 KB of packed B per chunk (L1 is
   // 32-48 KB), split evenly so no chunk is a short remainder.
