@@ -66,7 +66,7 @@ constexpr int64_t kRowTapsMaxChannels = 8;
 // wait on those loads. Grouping took ResNet-style 3x3 layers (AVX2, 1 and 2
 // threads, batch 1 and 8, bench/cpu_fused_hsv.py --ab) to 0.90-0.99 of their
 // per-tap time in the SVD layout (K = 576 at 64@56 up to 1024 at 512@7) and
-// 0.78-0.95 with S1 = 4 splits; K budgets of 600, 1200 and 2400 measured alike.
+// 0.79-0.98 with S1 = 4 splits; K budgets of 600, 1200 and 2400 measured alike.
 constexpr int64_t kTapCallK = 1152;
 constexpr int64_t kMaxTapRows = 256;  // row pointers per call: taps x MR
 std::atomic<int64_t> g_tap_group_runs{0};
