@@ -41,11 +41,11 @@ LAYERS = [
 
 
 def timed(fn, env):
-    """(wall, process CPU) seconds of one call, with HSV_CPU_IMPL etc. set from env."""
-    os.environ.update(env)
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - c0
+    """(wall, process CPU) seconds of one call, with HSV_CPU_IMPL etc. set from env (as they were after)."""
+    with timing.env_set(env):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv=None):
@@ -111,16 +111,16 @@ def main(argv=None):
                         x = x.contiguous(memory_format=torch.channels_last)
                     call = lambda: torch.ops.hsv.conv2d(x, factors, None, [s, s], [p, p], [1, 1], 1,  # noqa: E731
                                                         "hsv")
-                    unset = {ab[0]: ""} if ab else {}  # an empty HSV_* setting counts as unset
+                    unset = {ab[0]: None} if ab else {}
                     runs = {"fused": (call, {"HSV_CPU_IMPL": "fused", **unset}),
                             "composite": (call, {"HSV_CPU_IMPL": "composite"}),
                             "dense": (lambda: F.conv2d(x, dense_w, None, s, p), {})}
                     if ab:
                         runs["ab"] = (call, {"HSV_CPU_IMPL": "fused", ab[0]: ab[1]})
                     with torch.inference_mode():
-                        os.environ["HSV_CPU_IMPL"] = "fused"
-                        err = ((call() - F.conv2d(x, dense_w, None, s, p)).abs().max()
-                               / F.conv2d(x, dense_w, None, s, p).abs().max()).item()
+                        with timing.env_set({"HSV_CPU_IMPL": "fused"}):
+                            err = ((call() - F.conv2d(x, dense_w, None, s, p)).abs().max()
+                                   / F.conv2d(x, dense_w, None, s, p).abs().max()).item()
                         assert err < 1e-4, "fused output wrong: %g" % err
                         times = {key: [] for key in runs}
                         for _ in range(2):
@@ -134,9 +134,6 @@ def main(argv=None):
                             for key in order.sample(list(runs), len(runs)):
                                 fn, e = runs[key]
                                 times[key].append(timed(fn, e))
-                    os.environ.pop("HSV_CPU_IMPL", None)
-                    if ab:
-                        os.environ.pop(ab[0], None)
                     wall = {key: statistics.median(t[0] for t in v) for key, v in times.items()}
                     cpu = {key: statistics.median(t[1] for t in v) for key, v in times.items()}
                     ho = (h + 2 * p - k) // s + 1

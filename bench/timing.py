@@ -24,18 +24,21 @@ from hsvkernels import _host_malloc
 
 @contextlib.contextmanager
 def env_set(env):
-    """The environment variables in `env` set for the block (the op reads its HSV_* settings on every call),
-    each as it was afterwards."""
+    """The environment variables in `env` set for the block (the op reads its HSV_* settings on every call;
+    a value None unsets the variable), each as it was afterwards."""
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
+
+    def apply(values):
+        for k, v in values.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    apply(env)
+    try:
+        yield
+    finally:
+        apply(saved)
 
 
 def summarize(block_times, runs):

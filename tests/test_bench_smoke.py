@@ -218,3 +218,12 @@ def test_cpu_fused_hsv_ab_column(tmp_path, monkeypatch):
     assert len(row) == 1 and len(row[0].strip("|").split("|")) == 15
     with pytest.raises(SystemExit):
         cpu_fused_hsv.main(["--ab", "HSV_CPU_CONV_TAPS"])
+
+
+def test_env_set_sets_unsets_and_restores(monkeypatch):
+    from bench import timing
+    monkeypatch.setenv("HSV_TEST_A", "outer")
+    monkeypatch.delenv("HSV_TEST_B", raising=False)
+    with timing.env_set({"HSV_TEST_A": None, "HSV_TEST_B": "inner"}):
+        assert "HSV_TEST_A" not in os.environ and os.environ["HSV_TEST_B"] == "inner"
+    assert os.environ["HSV_TEST_A"] == "outer" and "HSV_TEST_B" not in os.environ
