@@ -108,6 +108,26 @@ def test_fused_hsv_repacks_after_inplace_factor_update():
     assert hsvkernels._C.packed_cache_size() == 0
 
 
+def test_fused_hsv_nchw_bias_column_follows_inplace_bias_update():
+    # NCHW output adds the bias as one more K step of the last GEMM (a copy of A with the bias as a column):
+    # an in-place bias update must reach the next call, and it adds exactly to every output.
+    fact = _factors(8, 2, 2, 6, 4, 3, 3)
+    factors = [f.float().clone() for f in fact.factors]
+    bias = torch.randn(16)
+    x = torch.randn(2, 12, 7, 9)
+    args = ([1, 1], [1, 1], [1, 1], 1, "hsv")
+    with cpu_env("fused"):
+        y1 = torch.ops.hsv.conv2d(x, factors, bias, *args)
+        assert torch.equal(torch.ops.hsv.conv2d(x, factors, bias, *args), y1)
+        with torch.no_grad():
+            bias.add_(1.0)
+        y2 = torch.ops.hsv.conv2d(x, factors, bias, *args)
+    with cpu_env("composite"):
+        ref = torch.ops.hsv.conv2d(x, factors, bias, *args)
+    assert _rel_err(y2, ref) <= TOL32
+    torch.testing.assert_close(y2 - y1, torch.ones_like(y1), rtol=0, atol=1e-5)
+
+
 def test_fused_hsv_inference_mode_factors():
     fact = _factors(12, 2, 2, 6, 4, 3, 3)
     with torch.inference_mode():
