@@ -75,6 +75,9 @@ def save(model, directory, *, model_ref=None, report=None):
     return plan
 
 
+# Ordinary tensors even when called under torch.inference_mode: inference tensors have no
+# version counter, so the fused kernels could not cache the loaded factors' packed form.
+@torch.inference_mode(False)
 def load(directory, model=None, *, device="cpu"):
     """Rebuilds a model saved by save(): FactorizedConv2d layers are recreated from the plan.
 

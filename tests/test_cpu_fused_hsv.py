@@ -131,7 +131,8 @@ def test_fused_hsv_nchw_bias_column_follows_inplace_bias_update():
 def test_fused_hsv_inference_mode_factors():
     fact = _factors(12, 2, 2, 6, 4, 3, 3)
     with torch.inference_mode():
-        factors = [f.float() for f in fact.factors]  # inference tensors: no version counter
+        factors = [f.float().clone() for f in fact.factors]  # inference tensors: no version counter
+        assert all(f.is_inference() for f in factors)
         x = torch.randn(1, 12, 7, 8)
         with cpu_env("fused"):
             y = torch.ops.hsv.conv2d(x, factors, None, [1, 1], [1, 1], [1, 1], 1, "hsv")

@@ -1,4 +1,6 @@
 """FactorizedConv2d: from_conv, padding variants, padding modes, refusals, to_dense, state_dict."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +89,47 @@ def test_channels_last_module_output():
     y = layer(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, F.conv2d(x, layer.weight, layer.bias, padding=1), rtol=1e-4, atol=1e-5)
+
+
+
+def _fresh_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+
+def test_built_under_inference_mode_factors_are_ordinary_tensors(tmp_path):
+    # Factors made under torch.inference_mode would be inference tensors: no version counter, so
+    # the fused kernels could never cache their packed form. The layer makes its own, everywhere.
+    saved = _fresh_model()
+    hsvkernels.convert_(saved, "hsv", ratio=4, min_params=0, progress=False)
+    hsvkernels.save(saved, str(tmp_path / "saved"))
+    with torch.inference_mode():
+        layer = FactorizedConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), method="hsv", ratio=4)
+        converted = _fresh_model()
+        hsvkernels.convert_(converted, "hsv", ratio=4, min_params=0, progress=False)
+        loaded = hsvkernels.load(str(tmp_path / "saved"), _fresh_model())
+    for m in (layer, converted, loaded):
+        factorized = [c for c in m.modules() if isinstance(c, FactorizedConv2d)]
+        assert factorized and not any(p.is_inference() for c in factorized for p in c.parameters())
+    if hsvkernels.HAS_EXTENSION:
+        from hsvkernels import _C  # the fused kernels' packed-factor cache
+        _C.clear_packed_cache()
+        with torch.inference_mode():
+            layer(torch.randn(1, 8, 9, 9))
+        assert _C.packed_cache_size() > 0, "the layer's packed factors were not cached"
+
+
+@pytest.mark.skipif(not hsvkernels.HAS_EXTENSION, reason="without _C nothing is packed or cached: no warning")
+def test_inference_tensor_factors_warn_once(monkeypatch):
+    from hsvkernels import ops
+    monkeypatch.setattr(ops, "_inference_factors_warned", False)
+    layer = FactorizedConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), method="svd", ratio=4)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.inference_mode():
+        layer.double().float()  # Module._apply under inference_mode: new, inference-tensor parameters
+        assert layer.factors[0].is_inference()
+        with pytest.warns(UserWarning, match="inference tensors .* repack them on every call"):
+            y = layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(layer(x), y)  # once per process
