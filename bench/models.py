@@ -38,8 +38,9 @@ from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 
 def to_format(model, fmt):
-    """The model with its 4-D tensors in memory format fmt; others (e.g. 5-D hsv factors) as they are.
-    (Module.to(memory_format=channels_last) refuses 5-D parameters.)"""
+    """The model with its 4-D tensors in memory format fmt; others (e.g. 5-D hsv factors) as they are: the
+    layout these benchmarks have always timed. (model.to(memory_format=) works on converted models too, and
+    gives 5-D factors the format's strides through a 4-D view; the fused kernels pack factors either way.)"""
     return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
 
 

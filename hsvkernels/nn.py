@@ -101,6 +101,21 @@ class FactorizedConv2d(nn.Module):
         # F.pad takes the last dimension first: (w_lo, w_hi, h_lo, h_hi).
         return (per_dim[1][0], per_dim[1][1], per_dim[0][0], per_dim[0][1]), (0, 0)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and refuses
+        # the 5-D ones (hsv's B, kcp's factors), so a converted model could not take the format like
+        # any CNN. A 5-D tensor that fn refuses goes through a 4-D view of itself instead (its first
+        # two dims merged); every other conversion sees the factors as they are.
+        def fn_5d(t):
+            try:
+                return fn(t)
+            except RuntimeError:
+                if t.dim() != 5:
+                    raise
+                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+        return super()._apply(fn_5d, recurse)
+
     @property
     def factorization(self):
         return Factorization(self.kind, list(self.factors), (self.out_channels, self.in_channels, *self.kernel_size),

@@ -308,7 +308,7 @@ def built_layer(choice, conv):
     layer, weight_ref, fingerprint = choice.built
     if weight_ref() is not conv.weight or _fingerprint(conv) != fingerprint:
         return None
-    # the timing made its 4-D factors the input's layout; a fresh decomposition gives contiguous ones
+    # the timing gave its factors the input's layout; a fresh decomposition gives contiguous ones
     return layer._apply(lambda t: t.contiguous())
 
 
@@ -468,8 +468,7 @@ def _timed_table(layer, table, method, batch, points, timer):
                 built.append(None)
             else:
                 module = FactorizedConv2d.from_conv(conv, method, **table.opts[i][1])
-                # the layout the model's own 4-D tensors have (Module.to(memory_format=) refuses 5-D hsv factors)
-                module._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
+                module.to(memory_format=layout)  # the layout the model's own tensors have
                 ms.append(float(timer(module, x)))
                 built.append(module)
     out = copy.copy(table)

@@ -112,6 +112,16 @@ def test_bench_times_dense_and_compressed():
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
 
 
+
+def test_bench_hsv_channels_last():
+    # hsv's 5-D factor once made model.to(memory_format=torch.channels_last) raise here.
+    out = run_cli("bench", "torchvision:resnet18", "--method", "hsv", "--channels-last", "--input-size", "32",
+                  "--batch", "1", "--min-run-time", "0.05", "--threads", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["channels_last"] and result["rows"][0]["ratio"] > 0
+
+
 SUBCOMMANDS = ["info", "compress", "export", "bench", "report", "demo"]
 
 

@@ -91,6 +91,37 @@ def test_channels_last_module_output():
     torch.testing.assert_close(y, F.conv2d(x, layer.weight, layer.bias, padding=1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["hsv", "kcp", "svd"])
+def test_model_to_channels_last(method, tmp_path):
+    # Module.to(memory_format=channels_last) refuses 5-D tensors, and hsv's B factor is 5-D: the
+    # layer passes such factors through a 4-D view, so a converted model takes the format like any CNN.
+    model = _fresh_model().eval()
+    hsvkernels.convert_(model, method, ratio=4, min_params=0, progress=False)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    if method == "hsv":
+        assert 5 in [len(s) for s in shapes]
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        y = model(x)
+        model.to(memory_format=torch.channels_last)
+        assert [tuple(p.shape) for p in model.parameters()] == shapes
+        y_cl = model(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, rtol=1e-4, atol=1e-5)
+    hsvkernels.save(model, str(tmp_path / "cl"))
+    with torch.no_grad():
+        torch.testing.assert_close(hsvkernels.load(str(tmp_path / "cl"), _fresh_model())(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_apply_still_raises_what_a_view_cannot_fix():
+    layer = FactorizedConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), method="svd", rank=4)  # 4-D factors
+
+    def refuse(t):
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        layer._apply(refuse)
+
 
 def _fresh_model():
     torch.manual_seed(0)
