@@ -441,6 +441,26 @@ def test_fused_pointwise_nchw_only_where_it_applies():
         assert _rel_err(y, truth) <= TOL32
 
 
+def test_fused_pointwise_nchw_size_rule_and_switch():
+    # Auto: only while V fits in 3/4 of the L2 cache (each pixel panel streams all of V; one from L3 ran
+    # slower than the general kernel). A 96 x 16384 V (6 MB) is past any L2; 24 x 64 is within any.
+    # HSV_CPU_POINTWISE_NCHW=on takes the path regardless, off never does; both give the same function.
+    cases = [((1, 16384, 2, 3), 96, 7), ((2, 64, 9, 9), 24, 40)]
+    for (n, cin, h, w), r, cout in cases:
+        x, v, u = torch.randn(n, cin, h, w), torch.randn(r, cin, 1, 1) / cin ** 0.5, torch.randn(cout, r)
+        truth = F.conv2d(x.double(), (u.double() @ v.double().flatten(1)).view(cout, cin, 1, 1))
+        small = r * cin <= 4096
+        for setting, applies in ((None, small), ("auto", small), ("on", True), ("off", False)):
+            with cpu_env("fused"), env_vars(HSV_CPU_POINTWISE_NCHW=setting):
+                before = pointwise_runs()
+                y = torch.ops.hsv.conv2d(x, [v, u], None, [1, 1], [0, 0], [1, 1], 1, "svd")
+                assert (pointwise_runs() > before) == applies, (cin, setting)
+            assert _rel_err(y, truth) <= TOL32
+    with cpu_env("fused"), env_vars(HSV_CPU_POINTWISE_NCHW="yes"):
+        with pytest.raises(ValueError, match="HSV_CPU_POINTWISE_NCHW='yes' is not one of 'auto', 'on', 'off'"):
+            torch.ops.hsv.conv2d(x, [v, u], None, [1, 1], [0, 0], [1, 1], 1, "svd")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_to_channels_last_copy(isa):
     """The kernels' NCHW -> NHWC copy (register transposes, edge blocks masked or

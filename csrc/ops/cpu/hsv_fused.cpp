@@ -579,7 +579,7 @@ at::Tensor hsv_fused_forward(const at::Tensor& input, at::TensorList factors, co
   const ConvParams& cv0 = plan.stages[0].conv;
   if (pb.S1 == 1 && pb.T2 == 1 && !pb.split_b && !pb.split_a) {
     if (out_format == at::MemoryFormat::Contiguous &&
-        pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding))
+        pointwise_nchw_applies(input, kh, pb.kw, cv0.stride, cv0.padding, pb.P))
       return pointwise_nchw_forward(input, factors[0], A, bias, cv0.stride, uk);
     if (im2col_panels_applies(input, kh, pb.kw, cv0.stride, uk))
       return im2col_panels_forward(input, factors[0], A, bias, kh, pb.kw, cv0, plan.out_shape, out_format, uk);

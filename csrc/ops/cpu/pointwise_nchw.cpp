@@ -31,6 +31,11 @@
 #include <utility>
 #include <vector>
 
+#if defined(__unix__)
+#include <unistd.h>
+#endif
+
+#include "../env_choice.h"
 #include "kernel_util.h"
 #include "pack.h"
 
@@ -84,13 +89,32 @@ void gather_tile(const float* x, int64_t cin, int64_t sc, int64_t col, const std
   }
 }
 
+// The L2 cache's size per core, as the OS reports it (1 MiB where it does not).
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (reported > 0) return int64_t(reported);
+#endif
+    return int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
 }  // namespace
 
 bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::IntArrayRef stride,
-                            at::IntArrayRef padding) {
+                            at::IntArrayRef padding, int64_t rank) {
   if (kh != 1 || kw != 1 || padding[0] != 0 || padding[1] != 0) return false;
   if (input.scalar_type() != at::kFloat || input.dim() != 4 || input.size(1) < 2) return false;
-  return input.stride(1) != 1;  // channels are not the unit-stride axis (NCHW, or a view of it)
+  if (input.stride(1) == 1) return false;  // channels are the unit-stride axis: not NCHW
+  const size_t choice = env_choice("HSV_CPU_POINTWISE_NCHW", {"auto", "on", "off"});
+  if (choice != 0) return choice == 1;
+  // Every NR-pixel panel streams all of V. From L2 that costs little; a V that does not fit
+  // (2048 -> 512 at 7x7, rank 96: 786 KB against a 512 KB L2) came from L3: 1.01-1.09x the
+  // general kernel's time at batch 1, 1.12-1.25x at batch 8 (1 and 2 threads; that kernel walks
+  // Cin in L1-sized chunks); 1024 -> 512 at 14x14 (rank 80, 320 KB) took 0.90-1.00x its time.
+  return rank * input.size(1) * int64_t(sizeof(float)) <= l2_bytes() * 3 / 4;
 }
 
 at::Tensor pointwise_nchw_forward(const at::Tensor& input, const at::Tensor& v, const at::Tensor& u,

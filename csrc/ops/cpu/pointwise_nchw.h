@@ -11,9 +11,11 @@ namespace cpu {
 
 // Whether pointwise_nchw_forward applies: a 1x1 unpadded conv (any stride)
 // given as V (r, Cin) and U (Cout, r) on float32 input whose channels are not
-// the unit-stride axis (NCHW, or a view of it).
+// the unit-stride axis (NCHW, or a view of it), and, unless
+// HSV_CPU_POINTWISE_NCHW=on, whose V fits in 3/4 of the L2 cache.
+// HSV_CPU_POINTWISE_NCHW=off never applies.
 bool pointwise_nchw_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::IntArrayRef stride,
-                            at::IntArrayRef padding);
+                            at::IntArrayRef padding, int64_t rank);
 
 // out (N, Cout, H, W), NCHW = U @ V @ x per pixel, + bias. v: r x Cin values
 // (e.g. the factor (r, Cin, 1, 1)), u: Cout x r values, float32, row-major
