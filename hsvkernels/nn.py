@@ -103,16 +103,20 @@ class FactorizedConv2d(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and refuses
-        # the 5-D ones (hsv's B, kcp's factors), so a converted model could not take the format like
-        # any CNN. A 5-D tensor that fn refuses goes through a 4-D view of itself instead (its first
-        # two dims merged); every other conversion sees the factors as they are.
+        # the 5-D ones (hsv's B), so a converted model could not take the format like any CNN. A 5-D
+        # tensor that fn refuses goes through a 4-D view of itself instead (its first two dims merged);
+        # every other conversion sees the factors as they are. If the view is refused too, the
+        # original error stands.
         def fn_5d(t):
             try:
                 return fn(t)
-            except RuntimeError:
+            except RuntimeError as exc:
                 if t.dim() != 5:
                     raise
-                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+                try:
+                    return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+                except RuntimeError:
+                    raise exc from None
 
         return super()._apply(fn_5d, recurse)
 

@@ -112,7 +112,6 @@ def test_bench_times_dense_and_compressed():
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
 
 
-
 def test_bench_hsv_channels_last():
     # hsv's 5-D factor once made model.to(memory_format=torch.channels_last) raise here.
     out = run_cli("bench", "torchvision:resnet18", "--method", "hsv", "--channels-last", "--input-size", "32",

@@ -117,10 +117,14 @@ def test_apply_still_raises_what_a_view_cannot_fix():
     layer = FactorizedConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), method="svd", rank=4)  # 4-D factors
 
     def refuse(t):
-        raise RuntimeError("refused")
+        raise RuntimeError("refused a %d-D tensor" % t.dim())
 
-    with pytest.raises(RuntimeError, match="refused"):
+    with pytest.raises(RuntimeError, match="refused a 4-D tensor"):
         layer._apply(refuse)
+    hsv = FactorizedConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), method="hsv", ratio=4)
+    assert hsv.factors[0].dim() == 5
+    with pytest.raises(RuntimeError, match="refused a 5-D tensor"):  # the error about the tensor itself
+        hsv._apply(refuse)
 
 
 def _fresh_model():
