@@ -34,6 +34,7 @@ test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 	# the op matrix again on the pure-PyTorch fallback (what users get when _C is missing)
 	HSV_NO_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_op.py tests/test_autograd.py tests/test_errors.py \
+		tests/test_epilogue_op.py tests/test_epilogue_fusion.py \
 		"tests/test_export.py::test_exported_program_has_only_standard_ops[hsv-nchw]" \
 		"tests/test_export.py::test_exported_program_has_only_standard_ops[kcp-channels_last]"
 

@@ -35,6 +35,7 @@ from bench import ceilings, timing  # noqa: E402
 from hsvkernels import benchmark, convert, models, ranks  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
+from hsvkernels.epilogue import fuse_epilogues  # noqa: E402
 
 
 def to_format(model, fmt):
@@ -121,6 +122,9 @@ def main(argv=None):
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorms into their convs in the dense model before converting (both models then run "
                          "without BN passes)")
+    ap.add_argument("--fuse-epilogues", action="store_true",
+                    help="also time each converted model with its convs' residual adds and ReLUs fused into the op "
+                         "(hsvkernels.epilogue.fuse_epilogues): rows IMPL+epilogues")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
     ap.add_argument("--latency-ratio", type=float, default=None,
                     help="choose each layer's config by hsvkernels.ranks.select under this measured latency budget "
@@ -200,6 +204,7 @@ def main(argv=None):
             totals = report.totals()
             macs_x = totals["macs_before"] / totals["macs_after"]
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
+            epilogues = fuse_epilogues(on_device[1]) if args.fuse_epilogues else None
             print("%s %s: %d convs factorized%s%s" % (name, method, factorized,
                                                       ", the rest kept dense (measured slower or not eligible)"
                                                       if args.measure else "",
@@ -209,10 +214,12 @@ def main(argv=None):
                 x = torch.randn(n, 3, args.input_size, args.input_size, device=args.device,
                                 dtype=dtype).contiguous(memory_format=fmt)
                 runs = [(impl, on_device) for impl in impls]
+                if epilogues is not None:
+                    runs += [(impl + "+epilogues", [on_device[0], epilogues]) for impl in impls]
                 if args.aa:
                     runs.append(("A/A", [on_device[0], copy.deepcopy(on_device[0])]))
                 for impl, pair in runs:
-                    with timing.env_set(settings.get(impl, {})):
+                    with timing.env_set(settings.get(impl.replace("+epilogues", ""), {})):
                         if args.graph:   # captured with this implementation (the op reads it at capture)
                             pair = [Graphed(m, x) for m in pair]
                         t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time, grad_mode=args.grad_mode)

@@ -16,6 +16,7 @@ from .ops import conv2d
 from .convert import convert_, revert_
 from .report import Report
 from .io import load, save
+from .epilogue import fuse_epilogues
 from . import export   # export.export / export.to_onnx: graphs of standard ops for other runtimes
 # The function shadows its submodule as an attribute; `from hsvkernels.finetune import accuracy` still works.
 from .finetune import finetune
@@ -23,5 +24,5 @@ from .finetune import finetune
 __version__ = "0.1.0"
 
 __all__ = ["FORMATS", "METHODS", "HAS_EXTENSION", "Factorization", "FactorizedConv2d", "Report", "build_info", "conv2d",
-           "convert_", "decompose", "export", "revert_", "reference", "__version__", "finetune", "load",
-           "save"]
+           "convert_", "decompose", "export", "fuse_epilogues", "revert_", "reference", "__version__", "finetune",
+           "load", "save"]

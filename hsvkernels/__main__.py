@@ -112,6 +112,11 @@ def build_parser():
     b.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     b.add_argument("--input-size", default="224", type=_input_size, metavar="[C x]H[xW]")
     b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--fold-bn", action="store_true",
+                   help="torchvision:NAME: fold BatchNorms into their convs in both models before converting")
+    b.add_argument("--fuse-epilogues", action="store_true",
+                   help="run the compressed model with its convs' residual adds and ReLUs fused into the op "
+                        "(hsvkernels.fuse_epilogues; fold BNs first, here or at compress time)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and batch")
     b.add_argument("--device", default="cpu")
@@ -426,12 +431,18 @@ def cmd_bench(args):
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise ValueError("--batch expects a comma list of integers, got %r" % args.batch) from None
+    if args.fold_bn and os.path.isdir(args.model):
+        raise ValueError("--fold-bn is for torchvision:NAME models; a compressed directory keeps the folds it was "
+                         "made with (compress --fold-bn)")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = _load_model(args.model, None).to(device).eval()
     if os.path.isdir(args.model):
         compressed, dense = model, benchmark.dense_twin(model)
     else:
+        if args.fold_bn:
+            from .fold import fold_batch_norms_
+            fold_batch_norms_(model)
         options = dict(_parse_option(o) for o in args.option)
         options.setdefault("ratio", args.ratio)
         dense, compressed = model, copy.deepcopy(model)
@@ -439,12 +450,16 @@ def cmd_bench(args):
                          progress=False, decompose_threads=1, **options)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     dense, compressed = dense.to(memory_format=fmt), compressed.to(memory_format=fmt)
+    if args.fuse_epilogues:
+        from .epilogue import fuse_epilogues
+        compressed = fuse_epilogues(compressed)
     rows = []
     for n in batches:
         x = torch.randn((n,) + tuple(args.input_size[1:]), device=device).contiguous(memory_format=fmt)
         rows.append(dict(batch=n, **benchmark.time_pair(dense, compressed, x, min_run_time=args.min_run_time)))
     result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]),
-              "channels_last": args.channels_last, "flags": benchmark.flags(), "command": " ".join(sys.argv),
+              "channels_last": args.channels_last, "fold_bn": args.fold_bn, "fuse_epilogues": args.fuse_epilogues,
+              "flags": benchmark.flags(), "command": " ".join(sys.argv),
               "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))

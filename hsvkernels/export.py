@@ -17,7 +17,7 @@ from . import formats, reference
 # hsv op name -> the pure-PyTorch function export puts in its place. Only the forward op: exported
 # inference graphs never hold hsv::conv2d_backward. (Without _C the op is itself this chain,
 # CompositeImplicitAutograd, and export inlines it anyway.)
-DECOMPOSITIONS = {"conv2d": reference.conv2d_factors}
+DECOMPOSITIONS = {"conv2d": reference.conv2d_factors, "conv2d_epilogue": reference.conv2d_epilogue}
 
 
 def hsv_ops_in(program):

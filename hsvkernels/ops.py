@@ -19,6 +19,8 @@ CONV2D_SCHEMA = ("conv2d(Tensor input, Tensor[] factors, Tensor? bias, int[2] st
 CONV2D_BACKWARD_SCHEMA = ("conv2d_backward(Tensor grad_output, Tensor input, Tensor[] factors, bool has_bias, "
                           "int[2] stride, int[2] padding, int[2] dilation, int groups, str kind, "
                           "bool[3] output_mask) -> (Tensor, Tensor[], Tensor)")
+CONV2D_EPILOGUE_SCHEMA = ("conv2d_epilogue(Tensor input, Tensor[] factors, Tensor? bias, Tensor? residual, "
+                          "int[2] stride, int[2] padding, int[2] dilation, int groups, str kind, bool relu) -> Tensor")
 
 
 def _reference_backward(grad_output, input, factors, has_bias, stride, padding, dilation, groups, kind, output_mask):
@@ -55,6 +57,13 @@ def _conv2d_backward_fake(grad_output, input, factors, has_bias, stride, padding
     return grad_input, grad_factors, grad_bias
 
 
+def _conv2d_epilogue_fake(input, factors, bias, residual, stride, padding, dilation, groups, kind, relu):
+    out = _conv2d_fake(input, factors, bias, stride, padding, dilation, groups, kind)
+    if residual is not None:
+        formats.check_residual(residual, out.shape, out.dtype, out.device)
+    return out
+
+
 # Autograd -----------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
@@ -64,20 +73,41 @@ def _setup_context(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups, kind)
 
 
-def _backward(ctx, grad_output):
-    input, *factors = ctx.saved_tensors
-    need_input, need_factors, need_bias = ctx.needs_input_grad[:3]
-    mask = [bool(need_input), any(need_factors), bool(need_bias) and ctx.has_bias]
+def _conv_grads(grad_output, input, factors, has_bias, conv, need_input, need_factors, need_bias):
+    """(grad_input, [grad per factor], grad_bias) of hsv::conv2d, None where not needed."""
+    mask = [bool(need_input), any(need_factors), bool(need_bias) and has_bias]
     grad_input, grad_factors, grad_bias = None, [None] * len(factors), None
     if any(mask):
-        stride, padding, dilation, groups, kind = ctx.conv
-        gi, gf, gb = torch.ops.hsv.conv2d_backward(grad_output, input, factors, ctx.has_bias, stride, padding,
+        stride, padding, dilation, groups, kind = conv
+        gi, gf, gb = torch.ops.hsv.conv2d_backward(grad_output, input, factors, has_bias, stride, padding,
                                                    dilation, groups, kind, mask)
         grad_input = gi if mask[0] else None
         if mask[1]:
             grad_factors = [g if need else None for g, need in zip(gf, need_factors)]
         grad_bias = gb if mask[2] else None
-    return grad_input, grad_factors, grad_bias, None, None, None, None, None
+    return grad_input, grad_factors, grad_bias
+
+
+def _backward(ctx, grad_output):
+    input, *factors = ctx.saved_tensors
+    grads = _conv_grads(grad_output, input, factors, ctx.has_bias, ctx.conv, *ctx.needs_input_grad[:3])
+    return (*grads, None, None, None, None, None)
+
+
+def _epilogue_setup_context(ctx, inputs, output):
+    input, factors, bias, residual, stride, padding, dilation, groups, kind, relu = inputs
+    # ReLU's gradient needs only where the output is positive, so the output is saved, not the sum before it.
+    ctx.save_for_backward(input, output if relu else None, *factors)
+    ctx.has_bias, ctx.relu = bias is not None, relu
+    ctx.conv = (stride, padding, dilation, groups, kind)
+
+
+def _epilogue_backward(ctx, grad_output):
+    input, output, *factors = ctx.saved_tensors
+    grad = torch.ops.aten.threshold_backward(grad_output, output, 0) if ctx.relu else grad_output
+    need = ctx.needs_input_grad
+    grads = _conv_grads(grad, input, factors, ctx.has_bias, ctx.conv, *need[:3])
+    return (*grads, grad if need[3] else None, None, None, None, None, None, None)
 
 
 # FLOP formulas (2 FLOPs per multiply-accumulate, bias adds not counted, like aten.convolution) --
@@ -103,23 +133,33 @@ def _conv2d_backward_flops(grad_shape, input_shape, factor_shapes, has_bias, str
     return 2 * input_shape[0] * total
 
 
+def _conv2d_epilogue_flops(input_shape, factor_shapes, bias_shape, residual_shape, stride, padding, dilation,
+                           groups, kind, relu, *, out_shape=None, **kwargs):
+    return _conv2d_flops(input_shape, factor_shapes, bias_shape, stride, padding, dilation, groups, kind,
+                         out_shape=out_shape)
+
+
 # Autocast: like aten.conv2d, the op runs in the autocast dtype ------------------------
 
 def _register_autocast(lib, device_type, dispatch_key):
-    def kernel(input, factors, bias, stride, padding, dilation, groups, kind):
-        dtype = torch.get_autocast_dtype(device_type)
+    def cast(t):
+        if t is not None and t.is_floating_point() and t.device.type == device_type:
+            return t.to(torch.get_autocast_dtype(device_type))
+        return t
 
-        def cast(t):
-            if t is not None and t.is_floating_point() and t.device.type == device_type:
-                return t.to(dtype)
-            return t
-
-        # Disabling autocast excludes its dispatch key, so this call reaches the real kernel.
+    # Disabling autocast excludes its dispatch key, so these calls reach the real kernels.
+    def conv2d(input, factors, bias, stride, padding, dilation, groups, kind):
         with torch.autocast(device_type, enabled=False):
             return torch.ops.hsv.conv2d(cast(input), [cast(f) for f in factors], cast(bias), stride, padding,
                                         dilation, groups, kind)
 
-    lib.impl("conv2d", kernel, dispatch_key)
+    def conv2d_epilogue(input, factors, bias, residual, stride, padding, dilation, groups, kind, relu):
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.hsv.conv2d_epilogue(cast(input), [cast(f) for f in factors], cast(bias), cast(residual),
+                                                 stride, padding, dilation, groups, kind, relu)
+
+    lib.impl("conv2d", conv2d, dispatch_key)
+    lib.impl("conv2d_epilogue", conv2d_epilogue, dispatch_key)
 
 
 # The public wrapper --------------------------------------------------------------------
@@ -146,18 +186,35 @@ INFERENCE_FACTORS_WARNING = (
 def _warn_inference_factors():
     global _inference_factors_warned
     _inference_factors_warned = True
-    warnings.warn(INFERENCE_FACTORS_WARNING, stacklevel=3)
+    warnings.warn(INFERENCE_FACTORS_WARNING, stacklevel=4)
+
+
+def _below_autograd(factors):
+    """Whether a call may skip the autograd kernel: grad mode off, and not while torch.compile traces
+    (it traces the op itself)."""
+    if _BELOW_AUTOGRAD is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not _inference_factors_warned and factors and factors[0].is_inference():
+        _warn_inference_factors()
+    return True
 
 
 def call_conv2d(input, factors, bias, stride, padding, dilation, groups, kind):
-    """torch.ops.hsv.conv2d, past the autograd kernel when grad mode is off (never while
-    torch.compile traces: it traces the op itself)."""
-    if _BELOW_AUTOGRAD is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """torch.ops.hsv.conv2d, past the autograd kernel when grad mode is off."""
+    if not _below_autograd(factors):
         return torch.ops.hsv.conv2d(input, factors, bias, stride, padding, dilation, groups, kind)
-    if not _inference_factors_warned and factors and factors[0].is_inference():
-        _warn_inference_factors()
     with _BELOW_AUTOGRAD():
         return torch.ops.hsv.conv2d(input, factors, bias, stride, padding, dilation, groups, kind)
+
+
+def call_conv2d_epilogue(input, factors, bias, residual, stride, padding, dilation, groups, kind, relu):
+    """torch.ops.hsv.conv2d_epilogue, past the autograd kernel when grad mode is off."""
+    if not _below_autograd(factors):
+        return torch.ops.hsv.conv2d_epilogue(input, factors, bias, residual, stride, padding, dilation, groups,
+                                             kind, relu)
+    with _BELOW_AUTOGRAD():
+        return torch.ops.hsv.conv2d_epilogue(input, factors, bias, residual, stride, padding, dilation, groups,
+                                             kind, relu)
 
 
 def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -177,12 +234,16 @@ def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
 if HAS_EXTENSION:
     torch.library.register_fake("hsv::conv2d", _conv2d_fake)
     torch.library.register_fake("hsv::conv2d_backward", _conv2d_backward_fake)
+    torch.library.register_fake("hsv::conv2d_epilogue", _conv2d_epilogue_fake)
     torch.library.register_autograd("hsv::conv2d", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("hsv::conv2d_epilogue", _epilogue_backward,
+                                    setup_context=_epilogue_setup_context)
     _autocast_lib = torch.library.Library("hsv", "IMPL")
     _register_autocast(_autocast_lib, "cpu", "AutocastCPU")
     _register_autocast(_autocast_lib, "cuda", "AutocastCUDA")
     register_flop_formula(torch.ops.hsv.conv2d)(_conv2d_flops)
     register_flop_formula(torch.ops.hsv.conv2d_backward)(_conv2d_backward_flops)
+    register_flop_formula(torch.ops.hsv.conv2d_epilogue)(_conv2d_epilogue_flops)
 else:
     # Without _C the ops are the reference chain itself (CompositeImplicitAutograd):
     # autograd, fake tensors, autocast and FLOP counting then come from the aten
@@ -190,5 +251,7 @@ else:
     _fallback_lib = torch.library.Library("hsv", "DEF")
     _fallback_lib.define(CONV2D_SCHEMA)
     _fallback_lib.define(CONV2D_BACKWARD_SCHEMA)
+    _fallback_lib.define(CONV2D_EPILOGUE_SCHEMA)
     _fallback_lib.impl("conv2d", reference.conv2d_factors, "CompositeImplicitAutograd")
     _fallback_lib.impl("conv2d_backward", _reference_backward, "CompositeImplicitAutograd")
+    _fallback_lib.impl("conv2d_epilogue", reference.conv2d_epilogue, "CompositeImplicitAutograd")

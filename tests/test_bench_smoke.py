@@ -152,6 +152,17 @@ def test_models_conv_tflops_and_latency_budget(tmp_path):
     assert "measured ceilings on cpu" in md and "conv TFLOP/s compressed" in md and "under torch.no_grad" in md
 
 
+def test_models_fuse_epilogues_rows(tmp_path):
+    pytest.importorskip("torchvision")
+    from bench import models
+    assert models.main(["--models", "resnet18", "--methods", "svd", "--batch", "1", "--input-size", "32",
+                        "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "fused,composite", "--fold-bn",
+                        "--fuse-epilogues", "--host-malloc", "default", "--out", str(tmp_path / "m")]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["fused", "composite", "fused+epilogues", "composite+epilogues"]
+    assert all(r["compressed_s"] > 0 and r["factorized"] > 0 for r in rows)
+
+
 @pytest.mark.skipif(not hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") == [],
                     reason="needs onnx, onnxscript and onnxruntime (requirements-dev.txt installs them)")
 def test_onnx_runtime_model_and_layers(tmp_path):

@@ -121,6 +121,17 @@ def test_bench_hsv_channels_last():
     assert result["channels_last"] and result["rows"][0]["ratio"] > 0
 
 
+def test_bench_fold_bn_fuse_epilogues(tmp_path):
+    out = run_cli("bench", "torchvision:resnet18", "--method", "svd", "--fold-bn", "--fuse-epilogues",
+                  "--input-size", "32", "--batch", "1", "--min-run-time", "0.05", "--threads", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["fold_bn"] and result["fuse_epilogues"] and result["rows"][0]["ratio"] > 0
+    (tmp_path / "model").mkdir()
+    bad = run_cli("bench", str(tmp_path / "model"), "--fold-bn")
+    assert bad.returncode == 1 and "--fold-bn is for torchvision:NAME models" in bad.stderr
+
+
 SUBCOMMANDS = ["info", "compress", "export", "bench", "report", "demo"]
 
 

@@ -5,7 +5,7 @@ as a chain of plain PyTorch convs (the reference path), how to rebuild the dense
 kernel, and what each stage costs. The C++ kernels implement the same layouts
 (csrc/ops/chain/kind_*.cpp); tests hold the two against each other.
 """
-from .base import Format, KernelShape, check_call, memory_format_of_output
+from .base import Format, KernelShape, check_call, check_residual, memory_format_of_output
 from .cp import CP
 from .hsv import HSV
 from .ht2 import HT2
@@ -29,4 +29,4 @@ def get(kind):
                          % (kind, ", ".join(repr(k) for k in sorted(FORMATS)))) from None
 
 
-__all__ = ["FORMATS", "Format", "KernelShape", "check_call", "get", "memory_format_of_output"]
+__all__ = ["FORMATS", "Format", "KernelShape", "check_call", "check_residual", "get", "memory_format_of_output"]

@@ -117,3 +117,18 @@ def check_call(input, factors, bias, stride, padding, dilation, groups, kind):
         if bias.device != input.device:
             raise ValueError("hsv::conv2d: bias is on %s but input is on %s" % (bias.device, input.device))
     return fmt, shape, tuple(out_hw)
+
+
+def check_residual(residual, out_shape, dtype, device):
+    """Validates hsv::conv2d_epilogue's residual against the conv output it is added to, as the C++ op does."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError("hsv::conv2d_epilogue: residual must be a tensor or None, got %s" % type(residual).__name__)
+    if tuple(residual.shape) != tuple(out_shape):
+        raise ValueError("hsv::conv2d_epilogue: residual must have the conv output's shape %s, got %s"
+                         % (list(out_shape), list(residual.shape)))
+    if residual.dtype != dtype:
+        raise ValueError("hsv::conv2d_epilogue: residual has dtype %s but the conv output has dtype %s"
+                         % (residual.dtype, dtype))
+    if residual.device != device:
+        raise ValueError("hsv::conv2d_epilogue: residual is on %s but the conv output is on %s"
+                         % (residual.device, device))
