@@ -241,6 +241,15 @@ def main(argv=None):
                         row["matmul_ceiling_tflops"] = ceil["tflops"]
                     if measured and not aa:
                         row["layers"] = measured
+                    if impl.endswith("+epilogues"):  # head to head: the same compressed model, unfused and fused
+                        with timing.env_set(settings.get(impl.replace("+epilogues", ""), {})):
+                            h2h = benchmark.time_pair(on_device[1], epilogues, x, min_run_time=args.min_run_time,
+                                                      grad_mode=args.grad_mode)
+                        row["epilogues_h2h"] = dict(unfused_s=h2h["dense_s"], fused_s=h2h["compressed_s"],
+                                                    ratio=h2h["ratio"])
+                        print("%-9s %-5s N=%-3d %-9s head to head: unfused %9.2f ms  fused epilogues %9.2f ms  "
+                              "ratio %.3f" % (name, method, n, impl, 1e3 * h2h["dense_s"], 1e3 * h2h["compressed_s"],
+                                              h2h["ratio"]), flush=True)
                     rows.append(row)
                     print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
                           "(params %.2fx, conv MACs %.2fx)"
@@ -274,6 +283,16 @@ def main(argv=None):
             if args.aa:
                 f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
                         "timing's own bias.\n")
+            h2h = [r for r in rows if r.get("epilogues_h2h")]
+            if h2h:
+                f.write("\nEpilogue fusion head to head (hsvkernels.fuse_epilogues): the same compressed model "
+                        "unfused and fused, timed against each other in one time_pair\n\n| model | method | batch | "
+                        "impl | unfused ms | fused epilogues ms | fused / unfused |\n|---|---|---|---|---|---|---|\n")
+                for r in h2h:
+                    e = r["epilogues_h2h"]
+                    f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f |\n" % (
+                        r["model"], r["method"], r["batch"], r["impl"], 1e3 * e["unfused_s"], 1e3 * e["fused_s"],
+                        e["ratio"]))
             timed = {(r["model"], r["method"]): r["layers"] for r in rows if r.get("layers")}
             for (model, method), layer_rows in timed.items():
                 f.write("\n%s, %s: each layer timed by convert_(measure=True) on the example batch\n\n"

@@ -161,6 +161,8 @@ def test_models_fuse_epilogues_rows(tmp_path):
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert [r["impl"] for r in rows] == ["fused", "composite", "fused+epilogues", "composite+epilogues"]
     assert all(r["compressed_s"] > 0 and r["factorized"] > 0 for r in rows)
+    assert all(r["epilogues_h2h"]["ratio"] > 0 for r in rows[2:]) and "epilogues_h2h" not in rows[0]
+    assert "Epilogue fusion head to head" in (tmp_path / "m.md").read_text()
 
 
 @pytest.mark.skipif(not hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") == [],

@@ -6,19 +6,19 @@
 
 namespace hsv {
 
-void check_residual(const at::Tensor& residual, const at::Tensor& out) {
-  TORCH_CHECK_VALUE(residual.sizes() == out.sizes(), "hsv::conv2d_epilogue: residual must have the conv output's "
-                    "shape ", out.sizes(), ", got ", residual.sizes());
-  TORCH_CHECK_VALUE(residual.scalar_type() == out.scalar_type(), "hsv::conv2d_epilogue: residual has dtype ",
-                    residual.scalar_type(), " but the conv output has dtype ", out.scalar_type());
-  TORCH_CHECK_VALUE(residual.device() == out.device(), "hsv::conv2d_epilogue: residual is on ", residual.device(),
-                    " but the conv output is on ", out.device());
+void check_residual(const at::Tensor& residual, at::IntArrayRef out_shape, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(residual.sizes() == out_shape, "hsv::conv2d_epilogue: residual must have the conv output's "
+                    "shape ", out_shape, ", got ", residual.sizes());
+  TORCH_CHECK_VALUE(residual.scalar_type() == input.scalar_type(), "hsv::conv2d_epilogue: residual has dtype ",
+                    residual.scalar_type(), " but the conv output has dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(residual.device() == input.device(), "hsv::conv2d_epilogue: residual is on ",
+                    residual.device(), " but the conv output is on ", input.device());
 }
 
 namespace {
 
 template <typename T>
-void epilogue_span(T* o, const T* r, int64_t n, bool relu) {
+void span_of(T* o, const T* r, int64_t n, bool relu) {
   // `v < 0 ? 0 : v` keeps NaN (a comparison with NaN is false), like torch.relu.
   if (r != nullptr && relu) {
     for (int64_t i = 0; i < n; ++i) {
@@ -51,10 +51,12 @@ void apply_epilogue_(at::Tensor& out, const c10::optional<at::Tensor>& residual,
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* r = has_residual ? residual->data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, out.numel(), 32768, [&](int64_t begin, int64_t end) {
-      epilogue_span<scalar_t>(o + begin, r == nullptr ? nullptr : r + begin, end - begin, relu);
+      span_of<scalar_t>(o + begin, r == nullptr ? nullptr : r + begin, end - begin, relu);
     });
   });
 }
+
+void epilogue_span(float* o, const float* r, int64_t n, bool relu) { span_of<float>(o, r, n, relu); }
 
 namespace {
 
@@ -70,7 +72,7 @@ at::Tensor conv2d_epilogue_default(const at::Tensor& input, at::TensorList facto
                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
                                            c10::string_view)>();
   at::Tensor out = conv.call(input, factors, bias, stride, padding, dilation, groups, kind);
-  if (residual.has_value() && residual->defined()) check_residual(*residual, out);
+  if (residual.has_value() && residual->defined()) check_residual(*residual, out.sizes(), input);
   apply_epilogue_(out, residual, relu);
   return out;
 }

@@ -7,12 +7,15 @@
 
 namespace hsv {
 
-// Checks residual against the conv output it is added to: same shape, dtype
-// and device as out. Throws c10::ValueError naming "residual".
-void check_residual(const at::Tensor& residual, const at::Tensor& out);
+// Checks residual against the conv output it is added to: that shape, and
+// input's dtype and device. Throws c10::ValueError naming "residual".
+void check_residual(const at::Tensor& residual, at::IntArrayRef out_shape, const at::Tensor& input);
 
 // out += residual (when defined), then out = max(out, 0) when relu, in place.
 // NaN stays NaN, as in torch.relu.
 void apply_epilogue_(at::Tensor& out, const c10::optional<at::Tensor>& residual, bool relu);
+
+// The same on n floats: o[i] = relu?(o[i] + r[i]); r may be null (no residual).
+void epilogue_span(float* o, const float* r, int64_t n, bool relu);
 
 }  // namespace hsv
