@@ -117,7 +117,7 @@ if want test; then
   # plus the linkage and argument-error tests: this machine's toolchain once made every error message a segfault
   step "tests composite" 200 "$OUT/tests.log" env HSV_CUDA_IMPL=composite \
     "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py tests/test_cuda_fused.py \
-    tests/test_linkage.py tests/test_errors.py
+    tests/test_cuda_epilogue.py tests/test_linkage.py tests/test_errors.py
   # the foundation CUDA matrix again with the fused kernels selected
   step "tests fused" 120 "$OUT/tests.log" env HSV_CUDA_IMPL=fused \
     "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py
