@@ -44,7 +44,12 @@ def save(model, directory, *, model_ref=None, report=None):
     from safetensors.torch import save_model
 
     from . import __version__
+    from .epilogue import EpilogueConv2d
 
+    if any(isinstance(m, EpilogueConv2d) for m in model.modules()):
+        # the fused GraphModule has lost the modules that record BN folds, and load() rebuilds the architecture
+        raise ValueError("save: the model went through fuse_epilogues; save the model it was made from, and fuse "
+                         "again after load()")
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     # save_model drops tensors that share storage (tied weights) and records them in

@@ -166,6 +166,15 @@ def test_fused_model_compiles():
         torch.testing.assert_close(torch.compile(gm, fullgraph=True, backend="eager")(x), model(x), rtol=0, atol=0)
 
 
+def test_save_refuses_fused_model(tmp_path):
+    model = Block().eval()
+    gm = fuse_epilogues(model)
+    with pytest.raises(ValueError, match="save: the model went through fuse_epilogues"):
+        hsvkernels.save(gm, tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    assert hsvkernels.save(model, tmp_path / "plain", model_ref="torchvision:resnet18")["layers"]
+
+
 class Untraceable(nn.Module):
     def forward(self, x):
         return x if x.sum() > 0 else -x
