@@ -158,6 +158,15 @@ def test_export_of_fused_model_has_only_standard_ops():
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") != [],
+                    reason="needs onnx, onnxscript and onnxruntime (requirements-dev.txt installs them)")
+def test_onnx_of_fused_model(tmp_path):
+    model = Block().eval()
+    x = torch.randn(2, 8, 6, 6)
+    hsvkernels.export.to_onnx(fuse_epilogues(model), (x,), str(tmp_path / "m.onnx"))
+    assert hsvkernels.export.compare_onnx(str(tmp_path / "m.onnx"), model, (x,))["max_rel"] < 1e-5
+
+
 def test_fused_model_compiles():
     model = Block().eval()
     gm = fuse_epilogues(model)
