@@ -3,12 +3,12 @@
 Ground truth is F.conv2d in float64 on the dense weight rebuilt from the same
 factors; hypothesis-drawn shapes compare fused against the composite chain.
 """
-import os
 from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench.timing import env_set
 from factories import CASES, draw_conv_geometry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,22 +26,9 @@ ISAS = [i for i in ISA_ORDER if INFO.get("extension") and _RANK[i] <= _RANK[INFO
 TOL32 = 2e-5
 
 
-@contextmanager
 def env_vars(**settings):
     """The environment variables set for the block (None: unset), each as it was afterwards."""
-    saved = {k: os.environ.get(k) for k in settings}
-
-    def apply(values):
-        for key, val in values.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
-    try:
-        apply(settings)
-        yield
-    finally:
-        apply(saved)
+    return env_set(settings)
 
 
 @contextmanager
