@@ -94,6 +94,24 @@ def kcp_case(merged, dtype, channels_last):
     return err
 
 
+def epilogue_case(case, dtype, channels_last):
+    """conv2d_epilogue with HSV_CUDA_EPILOGUE=on (the residual add and ReLU in the channels_last kernels'
+    stores, a pass after the others) against the same fused conv followed by ATen's add and relu: equal."""
+    n, cin, cout, r, h, w, kh, kw, stride, padding, dilation = case
+    opts = dict(device="cuda", dtype=dtype)
+    factors = [torch.randn(r, cin, kh, kw, **opts) / (cin * kh * kw) ** 0.5, torch.randn(cout, r, **opts) / r ** 0.5]
+    x, bias = make_x(n, cin, h, w, dtype, channels_last), torch.randn(cout, **opts)
+    geom = (_pair(stride), _pair(padding), _pair(dilation), 1)
+    os.environ["HSV_CUDA_IMPL"] = "fused"
+    conv = torch.ops.hsv.conv2d(x, factors, bias, *geom, "svd")
+    residual = torch.randn_like(conv)
+    os.environ["HSV_CUDA_EPILOGUE"] = "on"
+    y = torch.ops.hsv.conv2d_epilogue(x, factors, bias, residual, *geom, "svd", True)
+    os.environ.pop("HSV_CUDA_EPILOGUE")
+    if not torch.equal(y, (conv + residual).relu()):
+        raise SystemExit("conv2d_epilogue's tail differs from add and relu after the conv: %s %s" % (case, dtype))
+
+
 def main():
     if not torch.cuda.is_available():
         raise SystemExit("cuda_fused_smoke.py: no CUDA device")
@@ -160,6 +178,19 @@ def main():
         raise SystemExit("the mma kernel did not run where HSV_CUDA_NHWC=mma asked for it")
     if "wgmma" in kernels and _C.cuda_wgmma_launch_count() - wgmma_before != 4:
         raise SystemExit("the wgmma kernel did not run where HSV_CUDA_NHWC=wgmma asked for it")
+    # conv2d_epilogue's residual add and ReLU in each channels_last kernel's stores, the mma and wgmma
+    # kernels also split over a cluster (the wmma kernel's split-K sums with atomics, in no fixed order,
+    # and adds the tail after: the two convs compared would not be bitwise equal)
+    for kernel in kernels:
+        for splits in ("1",) if kernel == "wmma" else ("1", "3"):
+            os.environ["HSV_CUDA_NHWC"], os.environ["HSV_CUDA_SPLIT_K"] = kernel, splits
+            epilogue_case(SVD_CASES[-2], torch.bfloat16, True)
+            calls += 2
+    for name in ("HSV_CUDA_NHWC", "HSV_CUDA_SPLIT_K"):
+        os.environ.pop(name)
+    for dtype in (torch.float32, torch.float16):  # the pass after the NCHW kernel; odd sizes: the scalar loop
+        epilogue_case(SVD_CASES[0], dtype, False)
+        calls += 2
     print("cuda_fused_smoke: %d fused calls match float64 truth (worst relative error %.3g), channels_last kernels %s"
           % (calls, worst, ", ".join(kernels)))
 

@@ -17,6 +17,8 @@
 #   bash bench/gpu_session.sh build info kcp              # the fused kcp kernel: its tests, then a sweep
 #   bash bench/gpu_session.sh build models-latency        # end to end, layers chosen under a measured latency
 #                                                         # budget (alone: its 6 files + 2 fill the 8 that return)
+#   bash bench/gpu_session.sh build epilogue              # residual add + ReLU in the kernels' stores
+#                                                         # (HSV_CUDA_EPILOGUE=on): its tests, then end to end
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -215,6 +217,20 @@ if want models-latency; then
     step "models bf16 latency budget $m" 240 "$OUT/session.log" "$PY" "${models[@]}" --models "$m" --batch 32 \
       --ratio 4 --latency-ratio 1.5 --cuda-impl auto --out "$OUT/models-bf16-latency-$m"
   done
+fi
+
+if want epilogue; then
+  # conv2d_epilogue's residual add and ReLU in the channels_last kernels' stores and one pass after the other
+  # paths (HSV_CUDA_EPILOGUE=on, csrc/ops/cuda/epilogue_pass.h; first run on a GPU): its tests (each kernel,
+  # bitwise against the unfused tail), then ResNet-18/50 with BN folded and their adds and ReLUs fused
+  # (fuse_epilogues), the tail as ATen ops after the conv (off) against in the kernels (on), head to head
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step "tests epilogue" 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
+    tests/test_cuda_epilogue.py tests/test_epilogue_op.py tests/test_epilogue_fusion.py
+  step "models bf16 epilogues" 300 "$OUT/session.log" "$PY" "${models[@]}" --models resnet18,resnet50 \
+    --batch 32,1 --fold-bn --fuse-epilogues --cuda-impl auto,auto+HSV_CUDA_EPILOGUE=on \
+    --out "$OUT/models-bf16-epilogues"
 fi
 
 {

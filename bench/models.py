@@ -243,7 +243,10 @@ def main(argv=None):
                         row["layers"] = measured
                     if impl.endswith("+epilogues"):  # head to head: the same compressed model, unfused and fused
                         with timing.env_set(settings.get(impl.replace("+epilogues", ""), {})):
-                            h2h = benchmark.time_pair(on_device[1], epilogues, x, min_run_time=args.min_run_time,
+                            h2h_pair = [on_device[1], epilogues]
+                            if args.graph:  # as the rows above: each captured under this implementation
+                                h2h_pair = [Graphed(m, x) for m in h2h_pair]
+                            h2h = benchmark.time_pair(*h2h_pair, x, min_run_time=args.min_run_time,
                                                       grad_mode=args.grad_mode)
                         row["epilogues_h2h"] = dict(unfused_s=h2h["dense_s"], fused_s=h2h["compressed_s"],
                                                     ratio=h2h["ratio"])

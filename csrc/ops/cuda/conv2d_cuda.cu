@@ -11,7 +11,11 @@
 // tucker2, ht2, tt_tucker, cp and level-2 hsv through the two-stage kernel, on
 // factors folded into its form (../fold_two_stage.h). HSV_CUDA_KCP=on (off
 // until tested on a GPU) runs kind "kcp" through its own fused kernel (kcp_cuda.h).
-// The backward op is always the composite chain.
+// The backward op is always the composite chain. conv2d_epilogue: with
+// HSV_CUDA_EPILOGUE=on (off until its tests have run on a GPU), the same
+// forward with the residual add and ReLU in the channels_last kernels' stores
+// and one pass after every other path (epilogue_pass.h); off, the conv then
+// ATen's add_ and relu_ (../epilogue.h).
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -31,8 +35,10 @@
 #include "../chain/conv_chain.h"
 #include "../conv2d_composite.h"
 #include "../env_choice.h"
+#include "../epilogue.h"
 #include "../fold_two_stage.h"
 #include "cuda_impl.h"
+#include "epilogue_pass.h"
 #include "kcp_cuda.h"
 #include "tucker2_fused.h"
 #include "two_stage_fused.h"
@@ -153,16 +159,27 @@ double time_on_stream(const std::function<at::Tensor()>& fn, at::Tensor* out) {
   return ms * 1e-3;
 }
 
-at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                       c10::string_view kind) {
+// The forward of both ops: conv2d (no tail), and conv2d_epilogue's conv with
+// its tail, which the two-stage kernels take into their stores and every other
+// path applies after the conv.
+at::Tensor forward_cuda(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        c10::string_view kind, const cuda::Tail& tail) {
+  auto after = [&](at::Tensor out) {
+    // (checked again: the composite path has no plan to check against before it runs)
+    if (tail.residual != nullptr) check_residual(*tail.residual, out.sizes(), input);
+    cuda::epilogue_pass_(out, tail);
+    return out;
+  };
   const cuda::Impl impl = cuda::impl_from_env();
   if (impl == cuda::Impl::Composite) {
-    return conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind);
+    return after(conv2d_composite(input, factors, bias, stride, padding, dilation, groups, kind));
   }
   const std::string k(kind);
   // make_plan validates every argument, so errors match the composite path.
   const Plan plan = make_plan(input, factors, bias, stride, padding, dilation, groups, k);
+  // Before any kernel reads it beside its stores.
+  if (tail.residual != nullptr) check_residual(*tail.residual, plan.out_shape, input);
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const bool two_stage = cuda::two_stage_supports(input, factors, plan, k);
   // Kinds that fold into the two-stage form (../fold_two_stage.h) run its kernels
@@ -180,20 +197,21 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
   KcpParams kcp_geometry;
   const bool kcp = k == "kcp" && cuda::kcp_from_env() && cuda::kcp_supports(input, factors, plan, k, &kcp_geometry);
   if (!two_stage && !folded && !kcp && !cuda::tucker2_supports(input, factors, plan, k)) {
-    return chain_forward(input, factors, bias, plan);
+    return after(chain_forward(input, factors, bias, plan));
   }
   auto fused = [&] {
-    if (two_stage) return cuda::two_stage_forward(input, factors, bias, plan, k);
-    if (kcp) return cuda::kcp_forward(input, factors, bias, plan, kcp_geometry, /*cache=*/!capturing);
-    if (!folded) return cuda::tucker2_forward(input, factors, bias, plan);
-    at::Tensor y = cuda::two_stage_forward(input, folded->factors, bias, folded_plan, folded->kind);
+    if (two_stage) return cuda::two_stage_forward(input, factors, bias, plan, k, tail);
+    if (kcp) return after(cuda::kcp_forward(input, factors, bias, plan, kcp_geometry, /*cache=*/!capturing));
+    if (!folded) return after(cuda::tucker2_forward(input, factors, bias, plan));
+    at::Tensor y = cuda::two_stage_forward(input, folded->factors, bias, folded_plan, folded->kind, tail);
     cuda::count_fold_launch();
     return y;
   };
   if (impl == cuda::Impl::Fused || input.numel() == 0) return fused();
-  auto composite = [&] { return chain_forward(input, factors, bias, plan); };
-  // The fold is part of what is timed: its key differs from the unfolded one.
-  const std::string key = auto_key(input, factors, bias, plan, k, folded ? "fold" : "");
+  auto composite = [&] { return after(chain_forward(input, factors, bias, plan)); };
+  // The fold and the tail are part of what is timed: their keys differ from the plain conv's.
+  const std::string key =
+      auto_key(input, factors, bias, plan, k, std::string(folded ? "fold" : "") + (tail.any() ? " tail" : ""));
   const int cached = auto_cached(key);
   if (cached >= 0) return cached ? fused() : composite();
   // Timing synchronises the device, so only where the user asked for measured
@@ -209,10 +227,34 @@ at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c1
   return auto_time(key, fused, composite, time_on_stream);
 }
 
+at::Tensor conv2d_cuda(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       c10::string_view kind) {
+  return forward_cuda(input, factors, bias, stride, padding, dilation, groups, kind, {});
+}
+
+at::Tensor conv2d_epilogue_cuda(const at::Tensor& input, at::TensorList factors,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, c10::string_view kind, bool relu) {
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (!cuda::epilogue_from_env()) {  // the conv, then ATen's add_ and relu_
+    at::Tensor out = conv2d_cuda(input, factors, bias, stride, padding, dilation, groups, kind);
+    if (has_residual) check_residual(*residual, out.sizes(), input);
+    apply_epilogue_(out, residual, relu);
+    return out;
+  }
+  cuda::Tail tail;
+  tail.residual = has_residual ? &*residual : nullptr;
+  tail.relu = relu;
+  return forward_cuda(input, factors, bias, stride, padding, dilation, groups, kind, tail);
+}
+
 }  // namespace
 }  // namespace hsv
 
 TORCH_LIBRARY_IMPL(hsv, CUDA, m) {
   m.impl("conv2d", &hsv::conv2d_cuda);
   m.impl("conv2d_backward", &hsv::conv2d_backward_composite);
+  m.impl("conv2d_epilogue", &hsv::conv2d_epilogue_cuda);
 }

@@ -34,10 +34,6 @@ struct PackParams {
   float* bias_f;                // Cout floats or nullptr
 };
 
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-
 template <typename S>
 __global__ void pack_kernel(const PackParams p) {
   const long long r_all = static_cast<long long>(p.p) * p.t2, k_all = static_cast<long long>(p.kh) * p.kw * p.cin;
@@ -66,7 +62,7 @@ __global__ void pack_kernel(const PackParams p) {
       static_cast<S*>(p.up)[f] = v;
     } else {
       const long long f = e - nv - nu;
-      p.bias_f[f] = to_float(static_cast<const S*>(p.bias)[f * p.bias_s]);
+      p.bias_f[f] = tiles::to_float(static_cast<const S*>(p.bias)[f * p.bias_s]);
     }
   }
 }

@@ -558,7 +558,7 @@ bool two_stage_fused_by_default(const at::Tensor& input, at::TensorList factors,
 }
 
 at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                             const Plan& plan, const std::string& kind) {
+                             const Plan& plan, const std::string& kind, const Tail& tail) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t n = input.size(0);
   if (n == 0) return at::empty(plan.out_shape, input.options().memory_format(output_memory_format(input)));
@@ -572,21 +572,21 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   const int64_t cout_pad = round_up(cout, kTileN);
   const PackedFactors packed = packed_factors(factors, bias, kind, rp, k_pad, cout_pad);
   if (nhwc && wgmma_selected(input)) {
-    at::Tensor y = wgmma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
+    at::Tensor y = wgmma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout, tail);
     count_fused_launch();
     count_nhwc_launch();
     count_wgmma_launch();
     return y;
   }
   if (nhwc && mma_selected(input)) {
-    at::Tensor y = mma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
+    at::Tensor y = mma_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout, tail);
     count_fused_launch();
     count_nhwc_launch();
     count_mma_launch();
     return y;
   }
   if (nhwc) {
-    at::Tensor y = nhwc_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout);
+    at::Tensor y = nhwc_forward(input, packed.vp, packed.up, packed.bias_f, plan, kh, kw, cout, tail);
     count_fused_launch();
     count_nhwc_launch();
     return y;
@@ -652,6 +652,7 @@ at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, co
   if (splits > 1) {  // the parts' sum, plus bias, in the output dtype and layout
     out.copy_(bias_f.defined() ? partial + bias_f.view({1, cout, 1, 1}) : partial);
   }
+  epilogue_pass_(out, tail);
   count_fused_launch();
   return out;
 }

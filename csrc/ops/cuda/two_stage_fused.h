@@ -15,6 +15,7 @@
 #include <string>
 
 #include "../chain/conv_chain.h"
+#include "epilogue_pass.h"
 
 namespace hsv {
 namespace cuda {
@@ -37,9 +38,10 @@ bool two_stage_supports(const at::Tensor& input, at::TensorList factors, const P
 bool two_stage_fused_by_default(const at::Tensor& input, at::TensorList factors, const std::string& kind);
 
 // plan must come from make_plan (arguments already validated) and
-// two_stage_supports must hold.
+// two_stage_supports must hold. With a tail (conv2d_epilogue), relu?(y + residual):
+// the channels_last kernels apply it as they store, the others after (epilogue_pass.h).
 at::Tensor two_stage_forward(const at::Tensor& input, at::TensorList factors, const c10::optional<at::Tensor>& bias,
-                             const Plan& plan, const std::string& kind);
+                             const Plan& plan, const std::string& kind, const Tail& tail = Tail());
 
 }  // namespace cuda
 }  // namespace hsv

@@ -77,6 +77,8 @@ struct MmaParams {
   const void* up;           // (cout_pad, rp)
   const float* bias;        // cout floats or nullptr
   void* out;                // channels_last contiguous: pixel p, channel c at p * cout + c
+  const void* residual;     // conv2d_epilogue: added to out (its layout), or nullptr
+  bool relu;                // conv2d_epilogue: ReLU after the residual
   int steps_per_split;      // K steps per CTA of a cluster
   // Halo tiles (HALO kernels only): a CTA's pixels are a tile_h x tile_w block
   // of one image; tiles_y x tiles_x blocks per image; the input block under it
@@ -541,8 +543,10 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const MmaParams p) {
       }
       const int co = c * kCoChunk + piece * 8;
       if (in && co < p.cout) {
-        *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + pix * p.cout + co) =
-            *reinterpret_cast<const uint4*>(out_s + row * kLdOut + piece * 8);
+        const long long at = pix * p.cout + co;
+        const S* res = p.residual != nullptr ? static_cast<const S*>(p.residual) + at : nullptr;
+        *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + at) =
+            tiles::tail8<S>(*reinterpret_cast<const uint4*>(out_s + row * kLdOut + piece * 8), res, p.relu);
       }
     }
     __syncthreads();  // the Up buffer (refilled next chunk) and the staging rows are free
@@ -635,7 +639,7 @@ bool mma_selected(const at::Tensor& input) {
 }
 
 at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up, const at::Tensor& bias_f,
-                       const Plan& plan, int64_t kh, int64_t kw, int64_t cout) {
+                       const Plan& plan, int64_t kh, int64_t kw, int64_t cout, const Tail& tail) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t n = input.size(0);
@@ -645,6 +649,8 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
   tiles::check_packed_factors(vp, up, k, kCoChunk, "mma kernel");
   MmaParams p{};
   tiles::set_two_stage_operands(p, input, vp, up, bias_f, out, plan, k, kw, cout);
+  const bool tail_in_stores = tail.fits_stores_of(out);
+  if (tail_in_stores) tiles::set_tail(p, tail.residual_data(), tail.relu);
 
   const bool half = input.scalar_type() == at::kHalf;
   const int device = input.device().index();
@@ -728,6 +734,7 @@ at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::
     bytes = v.halo_bytes(splits > 1, p.halo_bytes);
   }
   tiles::launch_in_clusters(v.fn, p, tiles * splits, kThreads, bytes, splits, device);
+  if (!tail_in_stores) epilogue_pass_(out, tail);
   last_mi.store(mi);
   last_splits.store(splits);
   last_tiles.store(tiles);

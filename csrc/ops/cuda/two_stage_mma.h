@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../chain/conv_chain.h"
+#include "epilogue_pass.h"
 
 namespace hsv {
 namespace cuda {
@@ -35,9 +36,12 @@ bool mma_selected(const at::Tensor& input);
 // up to 8). Input blocks (a tile is a block of one image whose input is loaded
 // once per channel chunk for all taps) at stride 1 where there are at least as
 // many blocks as SMs; HSV_CUDA_MMA_HALO = 0 | 1 forces them off | on wherever
-// they apply (>= 4 taps, the block fits shared memory).
+// they apply (>= 4 taps, the block fits shared memory). With a tail, relu?(out +
+// residual), applied as each chunk is stored (after the kernel where the
+// residual does not lie like out, see Tail::fits_stores_of).
 at::Tensor mma_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up, const at::Tensor& bias_f,
-                       const Plan& plan, int64_t kh, int64_t kw, int64_t cout);
+                       const Plan& plan, int64_t kh, int64_t kw, int64_t cout,
+                       const Tail& tail = Tail());
 
 // The last launch's (pixel fragments per warp, cluster CTAs, pixel tiles, K step,
 // input blocks 0/1, block rows, block columns; the last two 0 without blocks):

@@ -64,6 +64,8 @@ struct NhwcParams {
   const void* up;           // (cout_pad, rp)
   const float* bias;        // cout floats or nullptr
   void* out;                // channels_last contiguous: pixel p, channel c at p * cout + c
+  const void* residual;     // conv2d_epilogue: added to out (its layout), or nullptr
+  bool relu;                // conv2d_epilogue: ReLU after the residual
   float* partial;           // split-K: fp32, same layout, zeroed; else nullptr
   int steps_per_split;
 };
@@ -299,7 +301,9 @@ __global__ void __launch_bounds__(kThreads) nhwc_kernel(const NhwcParams p) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] += p.bias[co + i];
         }
-        *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + pix * p.cout + co) = pack8<S>(v);
+        const long long at = pix * p.cout + co;
+        const S* res = p.residual != nullptr ? static_cast<const S*>(p.residual) + at : nullptr;
+        *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + at) = tiles::tail8<S>(pack8<S>(v), res, p.relu);
       }
     }
     __syncthreads();  // u (refilled two chunks on) and o_s (next chunk) are free
@@ -352,7 +356,8 @@ int64_t nhwc_padded_rank(int64_t rank) {
 }
 
 at::Tensor nhwc_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up,
-                        const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout) {
+                        const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout,
+                        const Tail& tail) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t n = input.size(0);
@@ -385,6 +390,9 @@ at::Tensor nhwc_forward(const at::Tensor& input, const at::Tensor& vp, const at:
     TORCH_CHECK(partial.strides() == out.strides(), "hsv::conv2d: NHWC kernel: split-K buffer layout mismatch");
     p.partial = partial.data_ptr<float>();
   }
+  // The tail goes into the stores unless split-K's parts are summed after the kernel.
+  const bool tail_in_stores = splits == 1 && tail.fits_stores_of(out);
+  if (tail_in_stores) tiles::set_tail(p, tail.residual_data(), tail.relu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   if (input.scalar_type() == at::kHalf) {
@@ -393,6 +401,7 @@ at::Tensor nhwc_forward(const at::Tensor& input, const at::Tensor& vp, const at:
     launch<__nv_bfloat16>(p, rt, mf, grid, stream, device);
   }
   if (splits > 1) out.copy_(bias_f.defined() ? partial + bias_f.view({1, cout, 1, 1}) : partial);
+  if (!tail_in_stores) epilogue_pass_(out, tail);
   return out;
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../chain/conv_chain.h"
+#include "epilogue_pass.h"
 
 namespace hsv {
 namespace cuda {
@@ -28,8 +29,11 @@ int64_t nhwc_padded_rank(int64_t rank);
 // multiple of 64; both zero-padded, contiguous and 16-byte aligned, with
 // rp = nhwc_padded_rank(rank). bias_f: fp32 (Cout) or undefined. Splits K over
 // CTAs where the pixel tiles alone leave SMs idle (HSV_CUDA_SPLIT_K forces it).
+// With a tail, relu?(out + residual): in the stores without split-K, after the
+// sum of the parts with it.
 at::Tensor nhwc_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up,
-                        const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout);
+                        const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout,
+                        const Tail& tail = Tail());
 
 }  // namespace cuda
 }  // namespace hsv

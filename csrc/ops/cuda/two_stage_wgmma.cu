@@ -66,6 +66,8 @@ struct WgParams {
   const void* up;        // (cout_pad, rp)
   const float* bias;     // cout floats or nullptr
   void* out;             // channels_last contiguous: pixel p, channel c at p * cout + c
+  const void* residual;  // conv2d_epilogue: added to out (its layout), or nullptr
+  bool relu;             // conv2d_epilogue: ReLU after the residual
   int steps_per_split;   // K steps per CTA of a cluster
 };
 
@@ -347,8 +349,10 @@ __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const WgParams p) {
       const long long pix = p0 + warp * 16 + row;
       const int co = c * kCoChunk + pc * 8;
       if (pix < p.pixels && co < p.cout) {
-        *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + pix * p.cout + co) =
-            *reinterpret_cast<const uint4*>(out_s + row * kLdOut + pc * 8);
+        const long long at = pix * p.cout + co;
+        const S* res = p.residual != nullptr ? static_cast<const S*>(p.residual) + at : nullptr;
+        *reinterpret_cast<uint4*>(static_cast<S*>(p.out) + at) =
+            tiles::tail8<S>(*reinterpret_cast<const uint4*>(out_s + row * kLdOut + pc * 8), res, p.relu);
       }
     }
     __syncthreads();  // the Up buffer (refilled next chunk) and the staging rows are free
@@ -416,7 +420,8 @@ bool wgmma_selected(const at::Tensor& input) {
 }
 
 at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up,
-                         const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout) {
+                         const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout,
+                         const Tail& tail) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty(plan.out_shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t n = input.size(0);
@@ -426,6 +431,8 @@ at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at
   tiles::check_packed_factors(vp, up, k, kCoChunk, "wgmma kernel");
   WgParams p{};
   tiles::set_two_stage_operands(p, input, vp, up, bias_f, out, plan, k, kw, cout);
+  const bool tail_in_stores = tail.fits_stores_of(out);
+  if (tail_in_stores) tiles::set_tail(p, tail.residual_data(), tail.relu);
 
   const bool half = input.scalar_type() == at::kHalf;
   const int device = input.device().index();
@@ -454,6 +461,7 @@ at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at
 
   const int bytes = splits > 1 ? v.bytes_split : v.bytes_single;
   tiles::launch_in_clusters(v.fn, p, tiles * splits, 128 * wg, bytes, splits, device);
+  if (!tail_in_stores) epilogue_pass_(out, tail);
   last_wg.store(wg);
   last_splits.store(splits);
   last_tiles.store(tiles);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../chain/conv_chain.h"
+#include "epilogue_pass.h"
 
 namespace hsv {
 namespace cuda {
@@ -33,9 +34,11 @@ bool wgmma_selected(const at::Tensor& input);
 // rp), rp in {16, 32, 64, 128}, cout_pad a multiple of 64). Pixel tiles of 64
 // per warpgroup, one or two warpgroups per CTA (HSV_CUDA_WGMMA_WG = auto | 1 | 2);
 // K steps of 64 channels where Cin % 64 == 0, else 32 (HSV_CUDA_MMA_KSTEP);
-// split-K over a cluster of CTAs as in the mma kernel (HSV_CUDA_SPLIT_K).
+// split-K over a cluster of CTAs as in the mma kernel (HSV_CUDA_SPLIT_K). A
+// tail as in mma_forward.
 at::Tensor wgmma_forward(const at::Tensor& input, const at::Tensor& vp, const at::Tensor& up,
-                         const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout);
+                         const at::Tensor& bias_f, const Plan& plan, int64_t kh, int64_t kw, int64_t cout,
+                         const Tail& tail = Tail());
 
 // The last launch's (warpgroups per CTA, cluster CTAs, pixel tiles, K step).
 std::vector<int64_t> wgmma_last_config();

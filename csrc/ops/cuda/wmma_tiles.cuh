@@ -64,6 +64,66 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ float from_float<float>(float v) { return v; }
 
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+
+// conv2d_epilogue's tail on one value (epilogue_pass.h): v = conv + residual in
+// fp32, rounded to S once (as ATen's add_ rounds it), then ReLU when asked;
+// `r < 0` is false for NaN, so NaN stays NaN as in torch.relu.
+template <typename S>
+__device__ __forceinline__ S relu_rounded(float v, bool relu) {
+  const S r = from_float<S>(v);
+  return relu && to_float(r) < 0.0f ? from_float<S>(0.0f) : r;
+}
+
+// The tail on the 8 fp16/bf16 values of one 16-byte store: y holds the conv's
+// values already rounded to S (as the unfused chain stores them); residual
+// points at the residual's 8 at the same place, or is null. With neither a
+// residual nor relu, y unchanged.
+template <typename S>
+__device__ __forceinline__ uint4 tail8(uint4 y, const S* residual, bool relu) {
+  static_assert(sizeof(S) == 2, "16-byte stores of fp16/bf16");
+  if (residual == nullptr && !relu) return y;
+  uint4 r = make_uint4(0, 0, 0, 0);
+  if (residual != nullptr) r = *reinterpret_cast<const uint4*>(residual);
+  S* yv = reinterpret_cast<S*>(&y);
+  const S* rv = reinterpret_cast<const S*>(&r);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    yv[i] = relu_rounded<S>(to_float(yv[i]) + (residual != nullptr ? to_float(rv[i]) : 0.0f), relu);
+  }
+  return y;
+}
+
+// The tail in place on 8 consecutive values in global memory, 16-byte aligned;
+// residual likewise, or null.
+template <typename S>
+__device__ __forceinline__ void tail8_global(S* out, const S* residual, bool relu) {
+  if constexpr (sizeof(S) == 2) {
+    uint4* o = reinterpret_cast<uint4*>(out);
+    *o = tail8<S>(*o, residual, relu);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float4* o = reinterpret_cast<float4*>(out) + h;
+      float4 v = *o;
+      if (residual != nullptr) {
+        const float4 r = reinterpret_cast<const float4*>(residual)[h];
+        v.x += r.x;
+        v.y += r.y;
+        v.z += r.z;
+        v.w += r.w;
+      }
+      v.x = relu_rounded<float>(v.x, relu);
+      v.y = relu_rounded<float>(v.y, relu);
+      v.z = relu_rounded<float>(v.z, relu);
+      v.w = relu_rounded<float>(v.w, relu);
+      *o = v;
+    }
+  }
+}
+
 __host__ __device__ constexpr inline int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
@@ -231,6 +291,16 @@ void set_two_stage_operands(P& p, const at::Tensor& input, const at::Tensor& vp,
   p.up = up.data_ptr();
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
+  p.residual = nullptr;  // no tail unless the caller sets one (set_tail)
+  p.relu = false;
+}
+
+// conv2d_epilogue's tail for a channels_last kernel's stores (epilogue_pass.h):
+// the residual (same layout as the output, or null) and the ReLU flag.
+template <typename P>
+void set_tail(P& p, const void* residual, bool relu) {
+  p.residual = residual;
+  p.relu = relu;
 }
 
 // The packed factors the mma and wgmma kernels take (`kernel` names which in
