@@ -17,6 +17,10 @@ same with HSV_CUDA_IMPL, and --dtype picks fp32, fp16 or bf16:
 
     python bench/models.py --device cuda --dtype bfloat16 --channels-last --batch 1,32 \
         --cuda-impl composite,fused,auto --out bench/results/models-cuda-bf16
+
+--fold-bn folds BatchNorms first (in both models), --fuse-epilogues adds rows with the
+residual adds and ReLUs fused into the op, and --compile rows with both models
+through torch.compile: how a deployment that compiles would compare them.
 """
 import argparse
 import copy
@@ -59,6 +63,26 @@ class Graphed:
         assert x is self.x, "a Graphed model replays for the input it was captured with"
         self.replay()
         return self.y
+
+
+def impl_entry(impl):
+    """The --cpu-impl/--cuda-impl entry a row's impl came from: without its +epilogues or +compile suffix."""
+    for suffix in ("+epilogues", "+compile"):
+        if impl.endswith(suffix):
+            return impl[:-len(suffix)]
+    return impl
+
+
+def check_compiled(compiled, eager, x, grad_mode):
+    """Each compiled model's output on x against its eager model's, before either is timed: a compiled
+    graph that computes something else would make its timing meaningless."""
+    with benchmark.GRAD_MODES[grad_mode]():
+        for c, e in zip(compiled, eager):
+            want, got = e(x).float(), c(x).float()
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            if not err <= 1e-2:
+                raise SystemExit("models.py: the compiled model's output is off from the eager one's by %.3g "
+                                 "(relative to its largest value)" % err)
 
 
 def add_model_arguments(ap, methods):
@@ -125,6 +149,10 @@ def main(argv=None):
     ap.add_argument("--fuse-epilogues", action="store_true",
                     help="also time each converted model with its convs' residual adds and ReLUs fused into the op "
                          "(hsvkernels.epilogue.fuse_epilogues): rows IMPL+epilogues")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both models through torch.compile (Inductor, dynamic=False; compiled during "
+                         "warm-up, so compile time is not timed): rows IMPL+compile, compiled compressed against "
+                         "compiled dense; each compiled model's output is checked against its eager one first")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
     ap.add_argument("--latency-ratio", type=float, default=None,
                     help="choose each layer's config by hsvkernels.ranks.select under this measured latency budget "
@@ -144,6 +172,9 @@ def main(argv=None):
             raise SystemExit("models.py: --device cuda but torch sees no CUDA device")
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    if args.graph and args.compile:
+        raise SystemExit("models.py: --compile and --graph time different things (compiled eager calls, graph "
+                         "replays); give one")
     if args.graph and not cuda:
         raise SystemExit("models.py: --graph needs --device cuda")
     dtype = getattr(torch, args.dtype)
@@ -205,6 +236,7 @@ def main(argv=None):
             macs_x = totals["macs_before"] / totals["macs_after"]
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
             epilogues = fuse_epilogues(on_device[1]) if args.fuse_epilogues else None
+            compiled = [torch.compile(m, dynamic=False) for m in on_device] if args.compile else None
             print("%s %s: %d convs factorized%s%s" % (name, method, factorized,
                                                       ", the rest kept dense (measured slower or not eligible)"
                                                       if args.measure else "",
@@ -216,10 +248,14 @@ def main(argv=None):
                 runs = [(impl, on_device) for impl in impls]
                 if epilogues is not None:
                     runs += [(impl + "+epilogues", [on_device[0], epilogues]) for impl in impls]
+                if compiled is not None:
+                    runs += [(impl + "+compile", compiled) for impl in impls]
                 if args.aa:
                     runs.append(("A/A", [on_device[0], copy.deepcopy(on_device[0])]))
                 for impl, pair in runs:
-                    with timing.env_set(settings.get(impl.replace("+epilogues", ""), {})):
+                    with timing.env_set(settings.get(impl_entry(impl), {})):
+                        if impl.endswith("+compile"):
+                            check_compiled(pair, on_device, x, args.grad_mode)
                         if args.graph:   # captured with this implementation (the op reads it at capture)
                             pair = [Graphed(m, x) for m in pair]
                         t = benchmark.time_pair(*pair, x, min_run_time=args.min_run_time, grad_mode=args.grad_mode)
@@ -230,6 +266,7 @@ def main(argv=None):
                                factorized=0 if aa else factorized, bn_folded=folds,
                                batch=n, device=args.device, graph=args.graph,
                                dtype=args.dtype, grad_mode=args.grad_mode, impl_var=impl_var, impl=impl,
+                               compiled=impl.endswith("+compile"),
                                model_params_x=1.0 if aa else params,
                                conv_macs_x=1.0 if aa else macs_x, **t)
                     # achieved conv TFLOP/s: the convs' MACs over the whole model's time (the rest of the model
@@ -242,7 +279,7 @@ def main(argv=None):
                     if measured and not aa:
                         row["layers"] = measured
                     if impl.endswith("+epilogues"):  # head to head: the same compressed model, unfused and fused
-                        with timing.env_set(settings.get(impl.replace("+epilogues", ""), {})):
+                        with timing.env_set(settings.get(impl_entry(impl), {})):
                             h2h_pair = [on_device[1], epilogues]
                             if args.graph:  # as the rows above: each captured under this implementation
                                 h2h_pair = [Graphed(m, x) for m in h2h_pair]
@@ -253,6 +290,15 @@ def main(argv=None):
                         print("%-9s %-5s N=%-3d %-9s head to head: unfused %9.2f ms  fused epilogues %9.2f ms  "
                               "ratio %.3f" % (name, method, n, impl, 1e3 * h2h["dense_s"], 1e3 * h2h["compressed_s"],
                                               h2h["ratio"]), flush=True)
+                    if impl.endswith("+compile"):  # head to head: each model eager against itself compiled
+                        with timing.env_set(settings.get(impl_entry(impl), {})):
+                            row["compile_h2h"] = {
+                                which: benchmark.time_pair(on_device[i], compiled[i], x, min_run_time=args.min_run_time,
+                                                           grad_mode=args.grad_mode)["ratio"]
+                                for i, which in enumerate(("dense", "compressed"))}
+                        print("%-9s %-5s N=%-3d %-9s head to head: compiled / eager, dense %.3f  compressed %.3f"
+                              % (name, method, n, impl, row["compile_h2h"]["dense"],
+                                 row["compile_h2h"]["compressed"]), flush=True)
                     rows.append(row)
                     print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
                           "(params %.2fx, conv MACs %.2fx)"
@@ -283,6 +329,9 @@ def main(argv=None):
                     r["ratio"], r["model_params_x"], r["conv_macs_x"], r["factorized"],
                     " (measured)" if r["measure"] else "", r["conv_tflops_dense"], share(r["conv_tflops_dense"]),
                     r["conv_tflops_compressed"], share(r["conv_tflops_compressed"])))
+            if args.compile:
+                f.write("\nRows IMPL+compile: both models through torch.compile (Inductor, dynamic=False), "
+                        "compiled during the warm-up calls; the ratio is compiled compressed / compiled dense.\n")
             if args.aa:
                 f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
                         "timing's own bias.\n")
@@ -296,6 +345,15 @@ def main(argv=None):
                     f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f |\n" % (
                         r["model"], r["method"], r["batch"], r["impl"], 1e3 * e["unfused_s"], 1e3 * e["fused_s"],
                         e["ratio"]))
+            compiled_rows = [r for r in rows if r.get("compile_h2h")]
+            if compiled_rows:
+                f.write("\ntorch.compile head to head: each model eager against itself compiled, timed against each "
+                        "other in one time_pair\n\n| model | method | batch | impl | dense: compiled / eager | "
+                        "compressed: compiled / eager |\n|---|---|---|---|---|---|\n")
+                for r in compiled_rows:
+                    f.write("| %s | %s | %d | %s | %.3f | %.3f |\n" % (
+                        r["model"], r["method"], r["batch"], r["impl"], r["compile_h2h"]["dense"],
+                        r["compile_h2h"]["compressed"]))
             timed = {(r["model"], r["method"]): r["layers"] for r in rows if r.get("layers")}
             for (model, method), layer_rows in timed.items():
                 f.write("\n%s, %s: each layer timed by convert_(measure=True) on the example batch\n\n"

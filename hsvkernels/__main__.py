@@ -117,6 +117,9 @@ def build_parser():
     b.add_argument("--fuse-epilogues", action="store_true",
                    help="run the compressed model with its convs' residual adds and ReLUs fused into the op "
                         "(hsvkernels.fuse_epilogues; fold BNs first, here or at compress time)")
+    b.add_argument("--compile", action="store_true",
+                   help="time both models through torch.compile (Inductor; compiled in the warm-up calls, which are "
+                        "not timed), as a deployment that compiles would run them")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and batch")
     b.add_argument("--device", default="cpu")
@@ -453,19 +456,23 @@ def cmd_bench(args):
     if args.fuse_epilogues:
         from .epilogue import fuse_epilogues
         compressed = fuse_epilogues(compressed)
+    if args.compile:
+        dense, compressed = torch.compile(dense, dynamic=False), torch.compile(compressed, dynamic=False)
     rows = []
     for n in batches:
         x = torch.randn((n,) + tuple(args.input_size[1:]), device=device).contiguous(memory_format=fmt)
         rows.append(dict(batch=n, **benchmark.time_pair(dense, compressed, x, min_run_time=args.min_run_time)))
     result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]),
               "channels_last": args.channels_last, "fold_bn": args.fold_bn, "fuse_epilogues": args.fuse_epilogues,
+              "compile": args.compile,
               "flags": benchmark.flags(), "command": " ".join(sys.argv),
               "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
+    layout = ("channels_last" if args.channels_last else "NCHW") + ("  torch.compile" if args.compile else "")
     print("%s  %s  input %s  threads %d  %s" % (args.model, args.method, "x".join(map(str, args.input_size[1:])),
-                                               result["flags"]["threads"], "channels_last" if args.channels_last else "NCHW"))
+                                               result["flags"]["threads"], layout))
     print("host malloc: %s" % result["flags"]["host_malloc"])
     print("%6s %12s %14s %8s" % ("batch", "dense ms", "compressed ms", "ratio"))
     for r in rows:

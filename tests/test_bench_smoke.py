@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import hsvkernels
 
@@ -163,6 +164,32 @@ def test_models_fuse_epilogues_rows(tmp_path):
     assert all(r["compressed_s"] > 0 and r["factorized"] > 0 for r in rows)
     assert all(r["epilogues_h2h"]["ratio"] > 0 for r in rows[2:]) and "epilogues_h2h" not in rows[0]
     assert "Epilogue fusion head to head" in (tmp_path / "m.md").read_text()
+
+
+def test_models_compile_rows(tmp_path):
+    # both models through torch.compile, checked against their eager outputs, then timed
+    pytest.importorskip("torchvision")
+    from bench import models
+    assert models.main(["--models", "resnet18", "--methods", "svd", "--batch", "1", "--input-size", "32",
+                        "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "fused", "--compile",
+                        "--host-malloc", "default", "--out", str(tmp_path / "m")]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [(r["impl"], r["compiled"]) for r in rows] == [("fused", False), ("fused+compile", True)]
+    assert all(r["compressed_s"] > 0 and r["dense_s"] > 0 for r in rows)
+    assert set(rows[1]["compile_h2h"]) == {"dense", "compressed"} and min(rows[1]["compile_h2h"].values()) > 0
+    md = (tmp_path / "m.md").read_text()
+    assert "Rows IMPL+compile" in md and "torch.compile head to head" in md
+    with pytest.raises(SystemExit, match="--compile and --graph"):
+        models.main(["--graph", "--compile"])
+
+
+def test_models_check_compiled_catches_a_wrong_graph():
+    from bench import models
+    x = torch.randn(2, 3)
+    good, bad = torch.nn.Identity(), torch.nn.Identity()
+    models.check_compiled([good], [torch.nn.Identity()], x, "inference_mode")
+    with pytest.raises(SystemExit, match="off from the eager"):
+        models.check_compiled([lambda t: t + 1], [bad], x, "inference_mode")
 
 
 @pytest.mark.skipif(not hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") == [],

@@ -132,6 +132,14 @@ def test_bench_fold_bn_fuse_epilogues(tmp_path):
     assert bad.returncode == 1 and "--fold-bn is for torchvision:NAME models" in bad.stderr
 
 
+def test_bench_compile():
+    out = run_cli("bench", "torchvision:resnet18", "--method", "svd", "--compile", "--input-size", "32",
+                  "--batch", "1", "--min-run-time", "0.05", "--threads", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["compile"] and result["rows"][0]["ratio"] > 0
+
+
 SUBCOMMANDS = ["info", "compress", "export", "bench", "report", "demo"]
 
 
