@@ -85,6 +85,19 @@ def check_compiled(compiled, eager, x, grad_mode):
                                  "(relative to its largest value)" % err)
 
 
+def write_h2h(f, rows, key, title, columns):
+    """A markdown table of the rows that have a head-to-head result under `key`: model, method, batch, impl,
+    then one column per (name, format(result)) in `columns`."""
+    rows = [r for r in rows if r.get(key)]
+    if not rows:
+        return
+    f.write("\n%s, timed against each other in one time_pair\n\n| model | method | batch | impl | %s |\n|%s\n"
+            % (title, " | ".join(columns), "---|" * (4 + len(columns))))
+    for r in rows:
+        f.write("| %s | %s | %d | %s | %s |\n" % (r["model"], r["method"], r["batch"], r["impl"],
+                                                 " | ".join(fmt(r[key]) for fmt in columns.values())))
+
+
 def add_model_arguments(ap, methods):
     """The arguments every whole-model benchmark takes: which models and methods, the targets, sizes, threads."""
     ap.add_argument("--models", default="resnet18,resnet50,vgg16")
@@ -335,25 +348,14 @@ def main(argv=None):
             if args.aa:
                 f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
                         "timing's own bias.\n")
-            h2h = [r for r in rows if r.get("epilogues_h2h")]
-            if h2h:
-                f.write("\nEpilogue fusion head to head (hsvkernels.fuse_epilogues): the same compressed model "
-                        "unfused and fused, timed against each other in one time_pair\n\n| model | method | batch | "
-                        "impl | unfused ms | fused epilogues ms | fused / unfused |\n|---|---|---|---|---|---|---|\n")
-                for r in h2h:
-                    e = r["epilogues_h2h"]
-                    f.write("| %s | %s | %d | %s | %.2f | %.2f | %.3f |\n" % (
-                        r["model"], r["method"], r["batch"], r["impl"], 1e3 * e["unfused_s"], 1e3 * e["fused_s"],
-                        e["ratio"]))
-            compiled_rows = [r for r in rows if r.get("compile_h2h")]
-            if compiled_rows:
-                f.write("\ntorch.compile head to head: each model eager against itself compiled, timed against each "
-                        "other in one time_pair\n\n| model | method | batch | impl | dense: compiled / eager | "
-                        "compressed: compiled / eager |\n|---|---|---|---|---|---|\n")
-                for r in compiled_rows:
-                    f.write("| %s | %s | %d | %s | %.3f | %.3f |\n" % (
-                        r["model"], r["method"], r["batch"], r["impl"], r["compile_h2h"]["dense"],
-                        r["compile_h2h"]["compressed"]))
+            write_h2h(f, rows, "epilogues_h2h", "Epilogue fusion head to head (hsvkernels.fuse_epilogues): the "
+                      "same compressed model unfused and fused",
+                      {"unfused ms": lambda e: "%.2f" % (1e3 * e["unfused_s"]),
+                       "fused epilogues ms": lambda e: "%.2f" % (1e3 * e["fused_s"]),
+                       "fused / unfused": lambda e: "%.3f" % e["ratio"]})
+            write_h2h(f, rows, "compile_h2h", "torch.compile head to head: each model eager against itself compiled",
+                      {"dense: compiled / eager": lambda e: "%.3f" % e["dense"],
+                       "compressed: compiled / eager": lambda e: "%.3f" % e["compressed"]})
             timed = {(r["model"], r["method"]): r["layers"] for r in rows if r.get("layers")}
             for (model, method), layer_rows in timed.items():
                 f.write("\n%s, %s: each layer timed by convert_(measure=True) on the example batch\n\n"

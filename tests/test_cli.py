@@ -112,32 +112,31 @@ def test_bench_times_dense_and_compressed():
     assert bad.returncode == 1 and "--batch expects" in bad.stderr
 
 
-def test_bench_hsv_channels_last():
-    # hsv's 5-D factor once made model.to(memory_format=torch.channels_last) raise here.
-    out = run_cli("bench", "torchvision:resnet18", "--method", "hsv", "--channels-last", "--input-size", "32",
-                  "--batch", "1", "--min-run-time", "0.05", "--threads", "1", "--json")
+def bench_json(*flags):
+    """`bench torchvision:resnet18` on 32x32 inputs at batch 1 with these flags, its JSON result."""
+    out = run_cli("bench", "torchvision:resnet18", "--input-size", "32", "--batch", "1", "--min-run-time", "0.05",
+                  "--threads", "1", "--json", *flags)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["channels_last"] and result["rows"][0]["ratio"] > 0
+    assert result["rows"][0]["ratio"] > 0
+    return result
+
+
+def test_bench_hsv_channels_last():
+    # hsv's 5-D factor once made model.to(memory_format=torch.channels_last) raise here.
+    assert bench_json("--method", "hsv", "--channels-last")["channels_last"]
 
 
 def test_bench_fold_bn_fuse_epilogues(tmp_path):
-    out = run_cli("bench", "torchvision:resnet18", "--method", "svd", "--fold-bn", "--fuse-epilogues",
-                  "--input-size", "32", "--batch", "1", "--min-run-time", "0.05", "--threads", "1", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["fold_bn"] and result["fuse_epilogues"] and result["rows"][0]["ratio"] > 0
+    result = bench_json("--method", "svd", "--fold-bn", "--fuse-epilogues")
+    assert result["fold_bn"] and result["fuse_epilogues"]
     (tmp_path / "model").mkdir()
     bad = run_cli("bench", str(tmp_path / "model"), "--fold-bn")
     assert bad.returncode == 1 and "--fold-bn is for torchvision:NAME models" in bad.stderr
 
 
 def test_bench_compile():
-    out = run_cli("bench", "torchvision:resnet18", "--method", "svd", "--compile", "--input-size", "32",
-                  "--batch", "1", "--min-run-time", "0.05", "--threads", "1", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["compile"] and result["rows"][0]["ratio"] > 0
+    assert bench_json("--method", "svd", "--compile")["compile"]
 
 
 SUBCOMMANDS = ["info", "compress", "export", "bench", "report", "demo"]
