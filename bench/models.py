@@ -19,15 +19,18 @@ same with HSV_CUDA_IMPL, and --dtype picks fp32, fp16 or bf16:
         --cuda-impl composite,fused,auto --out bench/results/models-cuda-bf16
 
 --fold-bn folds BatchNorms first (in both models), --fuse-epilogues adds rows with the
-residual adds and ReLUs fused into the op, and --compile rows with both models
-through torch.compile: how a deployment that compiles would compare them.
+residual adds and ReLUs fused into the op, --compile rows with both models
+through torch.compile and --aoti rows with both as AOTInductor packages: how a
+deployment that compiles would compare them.
 """
 import argparse
 import copy
 import inspect
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -66,11 +69,21 @@ class Graphed:
 
 
 def impl_entry(impl):
-    """The --cpu-impl/--cuda-impl entry a row's impl came from: without its +epilogues or +compile suffix."""
-    for suffix in ("+epilogues", "+compile"):
+    """The --cpu-impl/--cuda-impl entry a row's impl came from: without its +epilogues, +compile or +aoti
+    suffix."""
+    for suffix in ("+epilogues", "+compile", "+aoti"):
         if impl.endswith(suffix):
             return impl[:-len(suffix)]
     return impl
+
+
+def aoti_package(model, x, path):
+    """model exported at x's shape and built into an AOTInductor package at path, loaded: a callable that
+    runs it. The package keeps hsv::conv2d as a call through the dispatcher (tests/test_aoti.py)."""
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program,
+                                                                                           package_path=path))
 
 
 def check_compiled(compiled, eager, x, grad_mode):
@@ -166,6 +179,10 @@ def main(argv=None):
                     help="also time both models through torch.compile (Inductor, dynamic=False; compiled during "
                          "warm-up, so compile time is not timed): rows IMPL+compile, compiled compressed against "
                          "compiled dense; each compiled model's output is checked against its eager one first")
+    ap.add_argument("--aoti", action="store_true",
+                    help="also time both models as AOTInductor packages (torch.export at each batch's shape, "
+                         "torch._inductor.aoti_compile_and_package; build time not timed): rows IMPL+aoti, checked "
+                         "against eager first as with --compile")
     ap.add_argument("--tf32", default="on", choices=["on", "off"], help="TF32 for cuDNN and cuBLAS (fp32 on CUDA)")
     ap.add_argument("--latency-ratio", type=float, default=None,
                     help="choose each layer's config by hsvkernels.ranks.select under this measured latency budget "
@@ -185,8 +202,8 @@ def main(argv=None):
             raise SystemExit("models.py: --device cuda but torch sees no CUDA device")
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
-    if args.graph and args.compile:
-        raise SystemExit("models.py: --compile and --graph time different things (compiled eager calls, graph "
+    if args.graph and (args.compile or args.aoti):
+        raise SystemExit("models.py: --compile/--aoti and --graph time different things (compiled calls, graph "
                          "replays); give one")
     if args.graph and not cuda:
         raise SystemExit("models.py: --graph needs --device cuda")
@@ -212,6 +229,8 @@ def main(argv=None):
     print("%s, threads %d, %s, %s, ratio %g, macs_ratio %g, %s %s"
           % (args.device, torch.get_num_threads(), args.dtype, fmt, args.ratio, args.macs_ratio, impl_var,
              ",".join(impls)))
+    # AOTInductor packages (--aoti) live here until the process ends
+    tmp = tempfile.mkdtemp(prefix="hsv-aoti-") if args.aoti else None
     for name in args.models.split(","):
         torch.manual_seed(0)
         dense = models.build("torchvision:" + name).eval()
@@ -261,13 +280,18 @@ def main(argv=None):
                 runs = [(impl, on_device) for impl in impls]
                 if epilogues is not None:
                     runs += [(impl + "+epilogues", [on_device[0], epilogues]) for impl in impls]
+                ahead = {}  # ahead-of-time forms of both models, each timed against its eager pair
                 if compiled is not None:
-                    runs += [(impl + "+compile", compiled) for impl in impls]
+                    ahead["compile"] = compiled
+                if args.aoti:
+                    ahead["aoti"] = [aoti_package(m, x, os.path.join(tmp, "%s-%s-%d-%d.pt2" % (name, method, n, i)))
+                                     for i, m in enumerate(on_device)]
+                runs += [(impl + "+" + kind, pair) for kind, pair in ahead.items() for impl in impls]
                 if args.aa:
                     runs.append(("A/A", [on_device[0], copy.deepcopy(on_device[0])]))
                 for impl, pair in runs:
                     with timing.env_set(settings.get(impl_entry(impl), {})):
-                        if impl.endswith("+compile"):
+                        if impl.rpartition("+")[2] in ahead:
                             check_compiled(pair, on_device, x, args.grad_mode)
                         if args.graph:   # captured with this implementation (the op reads it at capture)
                             pair = [Graphed(m, x) for m in pair]
@@ -279,7 +303,7 @@ def main(argv=None):
                                factorized=0 if aa else factorized, bn_folded=folds,
                                batch=n, device=args.device, graph=args.graph,
                                dtype=args.dtype, grad_mode=args.grad_mode, impl_var=impl_var, impl=impl,
-                               compiled=impl.endswith("+compile"),
+                               compiled=impl.rpartition("+")[2] if impl.rpartition("+")[2] in ahead else None,
                                model_params_x=1.0 if aa else params,
                                conv_macs_x=1.0 if aa else macs_x, **t)
                     # achieved conv TFLOP/s: the convs' MACs over the whole model's time (the rest of the model
@@ -303,21 +327,24 @@ def main(argv=None):
                         print("%-9s %-5s N=%-3d %-9s head to head: unfused %9.2f ms  fused epilogues %9.2f ms  "
                               "ratio %.3f" % (name, method, n, impl, 1e3 * h2h["dense_s"], 1e3 * h2h["compressed_s"],
                                               h2h["ratio"]), flush=True)
-                    if impl.endswith("+compile"):  # head to head: each model eager against itself compiled
+                    kind = impl.rpartition("+")[2]
+                    if kind in ahead:  # head to head: each model eager against itself compiled
                         with timing.env_set(settings.get(impl_entry(impl), {})):
-                            row["compile_h2h"] = {
-                                which: benchmark.time_pair(on_device[i], compiled[i], x, min_run_time=args.min_run_time,
+                            row[kind + "_h2h"] = h2h = {
+                                which: benchmark.time_pair(on_device[i], ahead[kind][i], x,
+                                                           min_run_time=args.min_run_time,
                                                            grad_mode=args.grad_mode)["ratio"]
                                 for i, which in enumerate(("dense", "compressed"))}
-                        print("%-9s %-5s N=%-3d %-9s head to head: compiled / eager, dense %.3f  compressed %.3f"
-                              % (name, method, n, impl, row["compile_h2h"]["dense"],
-                                 row["compile_h2h"]["compressed"]), flush=True)
+                        print("%-9s %-5s N=%-3d %-9s head to head: %s / eager, dense %.3f  compressed %.3f"
+                              % (name, method, n, impl, kind, h2h["dense"], h2h["compressed"]), flush=True)
                     rows.append(row)
                     print("%-9s %-5s N=%-3d %-9s dense %9.2f ms  compressed %9.2f ms  ratio %.3f  "
                           "(params %.2fx, conv MACs %.2fx)"
                           % (name, method, n, impl, 1e3 * t["dense_s"], 1e3 * t["compressed_s"], t["ratio"],
                              row["model_params_x"],
                              row["conv_macs_x"]), flush=True)
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "ceilings": ceil, "rows": rows}, f, indent=1, default=str)
@@ -345,6 +372,9 @@ def main(argv=None):
             if args.compile:
                 f.write("\nRows IMPL+compile: both models through torch.compile (Inductor, dynamic=False), "
                         "compiled during the warm-up calls; the ratio is compiled compressed / compiled dense.\n")
+            if args.aoti:
+                f.write("\nRows IMPL+aoti: both models exported at the batch's shape and built as AOTInductor "
+                        "packages (not timed); the ratio is packaged compressed / packaged dense.\n")
             if args.aa:
                 f.write("\nRows A/A: the dense model against a copy of itself; their distance from 1 is the "
                         "timing's own bias.\n")
@@ -356,6 +386,9 @@ def main(argv=None):
             write_h2h(f, rows, "compile_h2h", "torch.compile head to head: each model eager against itself compiled",
                       {"dense: compiled / eager": lambda e: "%.3f" % e["dense"],
                        "compressed: compiled / eager": lambda e: "%.3f" % e["compressed"]})
+            write_h2h(f, rows, "aoti_h2h", "AOTInductor head to head: each model eager against its package",
+                      {"dense: package / eager": lambda e: "%.3f" % e["dense"],
+                       "compressed: package / eager": lambda e: "%.3f" % e["compressed"]})
             timed = {(r["model"], r["method"]): r["layers"] for r in rows if r.get("layers")}
             for (model, method), layer_rows in timed.items():
                 f.write("\n%s, %s: each layer timed by convert_(measure=True) on the example batch\n\n"

@@ -166,21 +166,27 @@ def test_models_fuse_epilogues_rows(tmp_path):
     assert "Epilogue fusion head to head" in (tmp_path / "m.md").read_text()
 
 
-def test_models_compile_rows(tmp_path):
-    # both models through torch.compile, checked against their eager outputs, then timed
+def test_models_compile_and_aoti_rows(tmp_path):
+    # both models through torch.compile and as AOTInductor packages, checked against their eager outputs,
+    # then timed
     pytest.importorskip("torchvision")
     from bench import models
     assert models.main(["--models", "resnet18", "--methods", "svd", "--batch", "1", "--input-size", "32",
-                        "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "fused", "--compile",
+                        "--min-run-time", "0.02", "--threads", "1", "--cpu-impl", "fused", "--compile", "--aoti",
                         "--host-malloc", "default", "--out", str(tmp_path / "m")]) == 0
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert [(r["impl"], r["compiled"]) for r in rows] == [("fused", False), ("fused+compile", True)]
+    assert [(r["impl"], r["compiled"]) for r in rows] == [("fused", None), ("fused+compile", "compile"),
+                                                          ("fused+aoti", "aoti")]
     assert all(r["compressed_s"] > 0 and r["dense_s"] > 0 for r in rows)
-    assert set(rows[1]["compile_h2h"]) == {"dense", "compressed"} and min(rows[1]["compile_h2h"].values()) > 0
+    for row, kind in ((rows[1], "compile"), (rows[2], "aoti")):
+        h2h = row[kind + "_h2h"]
+        assert set(h2h) == {"dense", "compressed"} and min(h2h.values()) > 0
     md = (tmp_path / "m.md").read_text()
     assert "Rows IMPL+compile" in md and "torch.compile head to head" in md
-    with pytest.raises(SystemExit, match="--compile and --graph"):
-        models.main(["--graph", "--compile"])
+    assert "Rows IMPL+aoti" in md and "AOTInductor head to head" in md
+    for flag in ("--compile", "--aoti"):
+        with pytest.raises(SystemExit, match="--compile/--aoti and --graph"):
+            models.main(["--graph", flag])
 
 
 def test_models_check_compiled_catches_a_wrong_graph():
