@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._args import conv_out_size
 from .fold import _Tracer
 from .nn import FactorizedConv2d
 from .ops import call_conv2d_epilogue
@@ -58,10 +59,8 @@ class EpilogueConv2d(FactorizedConv2d):
             return False
         if residual.dtype != input.dtype or residual.device != input.device:
             return False
-        out_hw = []
-        for d in range(2):
-            span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
-            out_hw.append((input.shape[2 + d] + 2 * self._op_padding[d] - span) // self.stride[d] + 1)
+        out_hw = (conv_out_size(input.shape[2 + d], self.kernel_size[d], self.stride[d], self._op_padding[d],
+                                self.dilation[d]) for d in range(2))
         return tuple(residual.shape) == (input.shape[0], self.out_channels, *out_hw)
 
     def extra_repr(self):

@@ -23,11 +23,9 @@ def conv2d(input, fact, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 def conv2d_epilogue(input, factors, bias, residual, stride, padding, dilation, groups, kind, relu):
     """Same arguments and result as torch.ops.hsv.conv2d_epilogue: relu(conv + residual), each part optional."""
-    _, shape, (ho, wo) = formats.check_call(input, factors, bias, stride, padding, dilation, groups, kind)
+    y = conv2d_factors(input, factors, bias, stride, padding, dilation, groups, kind)  # checks its arguments
     if residual is not None:
-        formats.check_residual(residual, (input.shape[0], shape.out_channels, ho, wo), input.dtype, input.device)
-    y = conv2d_factors(input, factors, bias, stride, padding, dilation, groups, kind)
-    if residual is not None:
+        formats.check_residual(residual, y.shape, input.dtype, input.device)
         y = y + residual.to(y.dtype)  # y is in autocast's dtype under autocast, like the op's cast residual
     if relu:
         y = y.relu()
