@@ -58,10 +58,7 @@ void apply_epilogue_(at::Tensor& out, const c10::optional<at::Tensor>& residual,
 
 void epilogue_span(float* o, const float* r, int64_t n, bool relu) { span_of<float>(o, r, n, relu); }
 
-namespace {
-
-// Every backend: the conv through the dispatcher (its fused or composite
-// kernel), then the tail. The CPU backend overrides this (cpu/conv2d_cpu.cpp).
+// The CPU backend overrides this (cpu/conv2d_cpu.cpp); CUDA calls it unless HSV_CUDA_EPILOGUE=on.
 at::Tensor conv2d_epilogue_default(const at::Tensor& input, at::TensorList factors,
                                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -77,7 +74,6 @@ at::Tensor conv2d_epilogue_default(const at::Tensor& input, at::TensorList facto
   return out;
 }
 
-}  // namespace
 }  // namespace hsv
 
 TORCH_LIBRARY_IMPL(hsv, CompositeExplicitAutograd, m) {

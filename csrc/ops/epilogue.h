@@ -18,4 +18,11 @@ void apply_epilogue_(at::Tensor& out, const c10::optional<at::Tensor>& residual,
 // The same on n floats: o[i] = relu?(o[i] + r[i]); r may be null (no residual).
 void epilogue_span(float* o, const float* r, int64_t n, bool relu);
 
+// conv2d_epilogue as hsv::conv2d through the dispatcher (the backend's conv kernel), then
+// apply_epilogue_: every backend's kernel unless it registers its own.
+at::Tensor conv2d_epilogue_default(const at::Tensor& input, at::TensorList factors,
+                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups, c10::string_view kind, bool relu);
+
 }  // namespace hsv

@@ -237,13 +237,10 @@ at::Tensor conv2d_epilogue_cuda(const at::Tensor& input, at::TensorList factors,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, c10::string_view kind, bool relu) {
-  const bool has_residual = residual.has_value() && residual->defined();
   if (!cuda::epilogue_from_env()) {  // the conv, then ATen's add_ and relu_
-    at::Tensor out = conv2d_cuda(input, factors, bias, stride, padding, dilation, groups, kind);
-    if (has_residual) check_residual(*residual, out.sizes(), input);
-    apply_epilogue_(out, residual, relu);
-    return out;
+    return conv2d_epilogue_default(input, factors, bias, residual, stride, padding, dilation, groups, kind, relu);
   }
+  const bool has_residual = residual.has_value() && residual->defined();
   cuda::Tail tail;
   tail.residual = has_residual ? &*residual : nullptr;
   tail.relu = relu;
