@@ -3,7 +3,7 @@
 // measure this CPU's FMA peak and microkernel speed.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <torch/extension.h>
+#include <torch/python.h>
 
 #include "ops/auto_select.h"
 #include "ops/fold_two_stage.h"
