@@ -7,7 +7,7 @@
 // and 1.7x on another of the same family.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <functional>
 #include <map>

@@ -3,7 +3,7 @@
 // kernels are measured against.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 #include <tuple>

@@ -3,7 +3,7 @@
 // in one pass instead of two more ops (each a full read and write of it).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace hsv {
 

@@ -2,6 +2,8 @@
 
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
+#include <ATen/ops/einsum.h>
+#include <ATen/ops/matmul.h>
 
 #include <functional>
 #include <initializer_list>

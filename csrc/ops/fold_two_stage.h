@@ -14,7 +14,7 @@
 // per layer (HSV_CUDA_IMPL=auto), never assumed.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string>

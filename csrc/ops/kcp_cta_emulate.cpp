@@ -4,6 +4,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <cstring>

@@ -10,7 +10,7 @@
 // (the buffer starts as NaN, so such a read shows up in the output).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 #include <vector>

@@ -1,6 +1,9 @@
 #include "kcp_cta_plan.h"
 
 #include <c10/core/GradMode.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <limits>

@@ -3,7 +3,7 @@
 // choice, the shared-memory layout and the packed factors. Plain ATen.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 #include <vector>

@@ -1,6 +1,12 @@
 #include "conv_chain.h"
 
 #include <c10/util/Exception.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <map>

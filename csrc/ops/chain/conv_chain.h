@@ -5,7 +5,7 @@
 // at::convolution_backward, so a new kind only has to say how to build its Plan.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <functional>

@@ -4,7 +4,7 @@
 // and factors[0]'s rank only; kind_hsv.cpp checks the rest.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace hsv {
 

@@ -1,6 +1,7 @@
 #include "channels_last_copy.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include "isa.h"
 #include "kernel_util.h"

@@ -2,7 +2,7 @@
 // transpose (Microkernel::to_pixel_major) instead of ATen's strided copy.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "ukernel.h"
 

@@ -27,6 +27,7 @@
 #include "hsv_fused.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>

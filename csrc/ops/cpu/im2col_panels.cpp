@@ -25,6 +25,7 @@
 #include "im2col_panels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>

@@ -3,7 +3,7 @@
 // and the im2col panel read by pointer, never copied (see im2col_panels.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "../chain/conv_chain.h"
 #include "ukernel.h"

@@ -30,6 +30,7 @@
 #include "kcp_fused.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstring>

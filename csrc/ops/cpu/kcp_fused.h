@@ -4,7 +4,7 @@
 // written once.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "../chain/conv_chain.h"
 #include "ukernel.h"

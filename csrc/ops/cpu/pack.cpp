@@ -2,6 +2,8 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/intrusive_ptr.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <list>

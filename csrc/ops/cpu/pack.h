@@ -2,7 +2,7 @@
 // of packed factors so a layer packs its (static) factors once, not per call.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <functional>
 #include <string>

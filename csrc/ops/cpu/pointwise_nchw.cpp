@@ -24,6 +24,7 @@
 #include "pointwise_nchw.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>

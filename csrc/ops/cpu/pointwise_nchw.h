@@ -2,7 +2,7 @@
 // input, as two GEMMs with pixels as the vector axis (see pointwise_nchw.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "ukernel.h"
 

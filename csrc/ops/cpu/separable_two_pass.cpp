@@ -9,6 +9,8 @@
 // split as tucker2_two_pass.cpp; each conv pads exactly as the chain's stage does.
 #include "separable_two_pass.h"
 
+#include <ATen/ops/conv2d.h>
+
 #include "hsv_fused.h"
 
 namespace hsv {

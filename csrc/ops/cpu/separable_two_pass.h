@@ -2,7 +2,7 @@
 // instead of the composite chain's four (see separable_two_pass.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "../chain/conv_chain.h"
 #include "ukernel.h"

@@ -10,6 +10,8 @@
 // 1x1 per tile on the tile's input halo, recomputing the halo rows.)
 #include "tucker2_two_pass.h"
 
+#include <ATen/ops/conv2d.h>
+
 #include "hsv_fused.h"
 
 namespace hsv {

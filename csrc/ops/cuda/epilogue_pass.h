@@ -6,7 +6,7 @@
 // (conv2d_cuda.cu) until its tests have run on a GPU.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace hsv {
 namespace cuda {

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>

@@ -6,7 +6,7 @@
 // the CUDA cores in fp32. Off unless HSV_CUDA_KCP=on until it has run on a GPU.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 #include <vector>

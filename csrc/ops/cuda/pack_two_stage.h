@@ -8,7 +8,7 @@
 // | aten (the ATen ops, kept as the cross-check).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

@@ -5,7 +5,7 @@
 // TF32, only where cuDNN may use TF32 too (torch.backends.cudnn.allow_tf32).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 

@@ -38,6 +38,12 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/eye.h>
+#include <ATen/ops/kron.h>
+#include <ATen/ops/zeros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>

@@ -10,7 +10,7 @@
 // TF32, so only where cuDNN may use TF32 too (torch.backends.cudnn.allow_tf32).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 

@@ -8,7 +8,7 @@
 // WMMA channels_last kernel (two_stage_nhwc.h), which stays for 8.x.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <vector>

@@ -4,7 +4,7 @@
 // The general kernel in two_stage_fused.cu covers every other case.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

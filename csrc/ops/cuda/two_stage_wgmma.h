@@ -9,7 +9,7 @@
 // default path and runs only where HSV_CUDA_NHWC=wgmma asks for it.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <vector>
