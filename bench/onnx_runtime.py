@@ -16,6 +16,10 @@ onnxruntime and in torch, on the layer's input at each batch size.
 
 CPU only (onnxruntime's CPUExecutionProvider), fp32, NCHW, all optimizations of the session on,
 intra-op threads = torch's thread count (--threads), inter-op 1.
+
+--fuse-epilogues adds a fifth callable: the torch compressed model with each factorized conv's residual
+add and ReLU run inside its op (hsvkernels.fuse_epilogues), as onnxruntime fuses Conv+Add+Relu in its
+graph optimizations; it is checked against the unfused model before it is timed.
 """
 import argparse
 import copy
@@ -31,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc, convert, export, models  # noqa: E402
+from hsvkernels.epilogue import fuse_epilogues  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 from bench import timing  # noqa: E402
@@ -52,6 +57,15 @@ def ort_call(sess, x):
     return lambda: sess.run(None, feed)
 
 
+def check_same(model, reference, x, what):
+    """Raises SystemExit unless model(x) matches reference(x) to float32 rounding."""
+    with torch.inference_mode():
+        got, want = model(x), reference(x)
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    if not err <= 1e-5:
+        raise SystemExit("onnx_runtime.py: %s differs from the model by %.3g of its largest output" % (what, err))
+
+
 def torch_call(model, x):
     def run():
         with torch.inference_mode():
@@ -68,6 +82,9 @@ def main(argv=None):
     ap.add_argument("--channels-last", action="store_true",
                     help="run the torch models and their inputs channels_last (onnxruntime takes NCHW and picks its "
                          "own layout)")
+    ap.add_argument("--fuse-epilogues", action="store_true",
+                    help="also time the torch compressed model with residual adds and ReLUs fused into the convs "
+                         "(torch_compressed_epilogues)")
     ap.add_argument("--layers", action="store_true", help="time each distinct converted conv alone (see above)")
     ap.add_argument("--layer-filter", default="*", metavar="PATTERN",
                     help="with --layers: only layers whose names match this fnmatch pattern (default: all)")
@@ -86,6 +103,8 @@ def main(argv=None):
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last and args.layers:
         raise SystemExit("onnx_runtime.py: --channels-last is for whole models; --layers times NCHW layers")
+    if args.fuse_epilogues and args.layers:
+        raise SystemExit("onnx_runtime.py: --fuse-epilogues is for whole models; --layers times each conv alone")
     env = timing.environment("cpu")
     env["onnxruntime"] = onnxruntime.__version__
     for line in timing.describe_environment(env):
@@ -121,12 +140,16 @@ def main(argv=None):
                                      "largest output" % (name, method, check["max_rel"]))
                 sessions = {"ort_dense": session(dense_path, threads), "ort_compressed": session(path, threads)}
                 dense_t, compressed_t = (to_format(m, fmt) for m in (dense, compressed))
+                fused_t = fuse_epilogues(compressed_t) if args.fuse_epilogues else None
                 for n in batches:
                     x = torch.randn(n, 3, args.input_size, args.input_size)
                     xt = x.contiguous(memory_format=fmt)
                     fns = {"ort_dense": ort_call(sessions["ort_dense"], x),
                            "ort_compressed": ort_call(sessions["ort_compressed"], x),
                            "torch_dense": torch_call(dense_t, xt), "torch_compressed": torch_call(compressed_t, xt)}
+                    if fused_t is not None:
+                        check_same(fused_t, compressed_t, xt, "%s %s with fused epilogues" % (name, method))
+                        fns["torch_compressed_epilogues"] = torch_call(fused_t, xt)
                     t = timing.time_interleaved(fns, min_run_time=args.min_run_time, num_threads=threads)
                     med = {k: v["median"] for k, v in t.items()}
                     row = dict(model=name, method=method, options=options, batch=n, threads=threads, bn_folded=folds,
@@ -139,12 +162,19 @@ def main(argv=None):
                                torch_ratio=med["torch_compressed"] / med["torch_dense"],
                                ort_vs_torch_compressed=med["ort_compressed"] / med["torch_compressed"],
                                ort_vs_torch_dense=med["ort_dense"] / med["torch_dense"])
+                    if fused_t is not None:
+                        row["ort_vs_torch_compressed_epilogues"] = (med["ort_compressed"]
+                                                                    / med["torch_compressed_epilogues"])
                     rows.append(row)
                     print("%-9s %-5s N=%-3d ort dense %8.2f ms compressed %8.2f ms ratio %.3f | torch dense %8.2f ms "
                           "compressed %8.2f ms ratio %.3f | file %.1f -> %.1f MB"
                           % (name, method, n, 1e3 * med["ort_dense"], 1e3 * med["ort_compressed"], row["ort_ratio"],
                              1e3 * med["torch_dense"], 1e3 * med["torch_compressed"], row["torch_ratio"],
                              row["onnx_bytes_dense"] / 1e6, row["onnx_bytes_compressed"] / 1e6), flush=True)
+                    if fused_t is not None:
+                        print("%-9s %-5s N=%-3d torch compressed with fused epilogues %8.2f ms: ort compressed / it "
+                              "%.3f" % (name, method, n, 1e3 * med["torch_compressed_epilogues"],
+                                        row["ort_vs_torch_compressed_epilogues"]), flush=True)
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
@@ -239,13 +269,18 @@ def markdown(rows, env, args):
                            ", BatchNorms folded into the convs before converting" if args.fold_bn else ""))
     head = ["model", "method", "batch", "conv MACs", "ONNX MB dense -> compressed", "ORT dense ms",
             "ORT compressed ms", "ORT ratio", "torch dense ms", "torch compressed ms", "torch ratio"]
+    fused = args.fuse_epilogues
+    if fused:
+        head += ["torch compressed + epilogues ms", "ORT compressed / torch compressed + epilogues"]
     body = []
     for r in rows:
         t = {k: 1e3 * v["median"] for k, v in r["times"].items()}
         body.append([r["model"], r["method"], r["batch"], "%.2fx" % r["conv_macs_x"],
                      "%.1f -> %.1f" % (r["onnx_bytes_dense"] / 1e6, r["onnx_bytes_compressed"] / 1e6),
                      "%.2f" % t["ort_dense"], "%.2f" % t["ort_compressed"], "%.3f" % r["ort_ratio"],
-                     "%.2f" % t["torch_dense"], "%.2f" % t["torch_compressed"], "%.3f" % r["torch_ratio"]])
+                     "%.2f" % t["torch_dense"], "%.2f" % t["torch_compressed"], "%.3f" % r["torch_ratio"]]
+                    + (["%.2f" % t["torch_compressed_epilogues"], "%.3f" % r["ort_vs_torch_compressed_epilogues"]]
+                       if fused else []))
     return _document(intro, env, head, body)
 
 

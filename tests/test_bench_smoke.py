@@ -205,14 +205,19 @@ def test_onnx_runtime_model_and_layers(tmp_path):
     from bench import onnx_runtime
     common = ["--models", "resnet18", "--methods", "svd", "--batch", "2", "--input-size", "32", "--min-run-time",
               "0.01", "--threads", "1", "--host-malloc", "default"]
-    assert onnx_runtime.main(common + ["--fold-bn", "--out", str(tmp_path / "model")]) == 0
+    assert onnx_runtime.main(common + ["--fold-bn", "--fuse-epilogues", "--out", str(tmp_path / "model")]) == 0
     (row,) = json.loads((tmp_path / "model.json").read_text())["rows"]
     assert row["bn_folded"] == 20 and row["onnx_bytes_compressed"] < row["onnx_bytes_dense"]
     assert row["onnx_max_rel_diff"] < 1e-4 and row["conv_macs_x"] > 1
-    for k in ("ort_dense", "ort_compressed", "torch_dense", "torch_compressed"):
+    for k in ("ort_dense", "ort_compressed", "torch_dense", "torch_compressed", "torch_compressed_epilogues"):
         assert row["times"][k]["median"] > 0
     assert row["ort_ratio"] == pytest.approx(row["times"]["ort_compressed"]["median"]
                                              / row["times"]["ort_dense"]["median"])
+    assert row["ort_vs_torch_compressed_epilogues"] == pytest.approx(
+        row["times"]["ort_compressed"]["median"] / row["times"]["torch_compressed_epilogues"]["median"])
+    assert "ORT compressed / torch compressed + epilogues" in (tmp_path / "model.md").read_text()
+    with pytest.raises(SystemExit, match="--fuse-epilogues is for whole models"):
+        onnx_runtime.main(common + ["--layers", "--fuse-epilogues"])
     layers = ["--layers", "--layer-filter", "layer2.*", "--out", str(tmp_path / "layers")]
     assert onnx_runtime.main(common + layers) == 0
     rows = json.loads((tmp_path / "layers.json").read_text())["rows"]
@@ -220,6 +225,14 @@ def test_onnx_runtime_model_and_layers(tmp_path):
     assert [r["layer"] for r in rows] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
     assert all(r["batch"] == 2 and r["gflops_compressed"]["torch_compressed"] > 0 for r in rows)
     assert "| resnet18 | layer2.0.conv1 |" in (tmp_path / "layers.md").read_text()
+
+
+def test_onnx_runtime_check_same_catches_a_wrong_model():
+    from bench import onnx_runtime
+    x = torch.randn(2, 3)
+    onnx_runtime.check_same(torch.nn.Identity(), torch.nn.Identity(), x, "same")
+    with pytest.raises(SystemExit, match="wrong differs from the model"):
+        onnx_runtime.check_same(torch.nn.Identity(), lambda t: t * 1.01, x, "wrong")
 
 
 def test_cpu_few_channels(tmp_path):
