@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc  # noqa: E402
 from bench import ceilings, timing  # noqa: E402
+from bench.layers import normalized_error  # noqa: E402
 from hsvkernels import benchmark, convert, models, ranks  # noqa: E402
 from hsvkernels._timing import capture_graph  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
@@ -91,8 +92,7 @@ def check_compiled(compiled, eager, x, grad_mode):
     graph that computes something else would make its timing meaningless."""
     with benchmark.GRAD_MODES[grad_mode]():
         for c, e in zip(compiled, eager):
-            want, got = e(x).float(), c(x).float()
-            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            err = normalized_error(c(x), e(x))
             if not err <= 1e-2:
                 raise SystemExit("models.py: the compiled model's output is off from the eager one's by %.3g "
                                  "(relative to its largest value)" % err)

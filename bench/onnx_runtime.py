@@ -39,6 +39,7 @@ from hsvkernels.epilogue import fuse_epilogues  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 from bench import timing  # noqa: E402
+from bench.layers import normalized_error  # noqa: E402
 from bench.models import add_model_arguments, method_options, to_format  # noqa: E402
 
 
@@ -60,8 +61,7 @@ def ort_call(sess, x):
 def check_same(model, reference, x, what):
     """Raises SystemExit unless model(x) matches reference(x) to float32 rounding."""
     with torch.inference_mode():
-        got, want = model(x), reference(x)
-    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        err = normalized_error(model(x), reference(x))
     if not err <= 1e-5:
         raise SystemExit("onnx_runtime.py: %s differs from the model by %.3g of its largest output" % (what, err))
 
