@@ -120,6 +120,10 @@ def build_parser():
     b.add_argument("--compile", action="store_true",
                    help="time both models through torch.compile (Inductor; compiled in the warm-up calls, which are "
                         "not timed), as a deployment that compiles would run them")
+    b.add_argument("--per-layer", action="store_true",
+                   help="also time each conv inside both models' forwards (hooks) and alone, back to back on the "
+                        "input it saw there (hsvkernels.benchmark.layer_times); not with --compile")
+    b.add_argument("--runs", type=int, default=20, help="with --per-layer: hooked forwards and alone calls per conv")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and batch")
     b.add_argument("--device", default="cpu")
@@ -434,6 +438,10 @@ def cmd_bench(args):
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise ValueError("--batch expects a comma list of integers, got %r" % args.batch) from None
+    if args.per_layer and args.compile:
+        raise ValueError("--per-layer times the convs as module calls, which torch.compile removes; drop --compile")
+    if args.runs < 1:
+        raise ValueError("--runs must be at least 1, got %d" % args.runs)
     if args.fold_bn and os.path.isdir(args.model):
         raise ValueError("--fold-bn is for torchvision:NAME models; a compressed directory keeps the folds it was "
                          "made with (compress --fold-bn)")
@@ -462,6 +470,9 @@ def cmd_bench(args):
     for n in batches:
         x = torch.randn((n,) + tuple(args.input_size[1:]), device=device).contiguous(memory_format=fmt)
         rows.append(dict(batch=n, **benchmark.time_pair(dense, compressed, x, min_run_time=args.min_run_time)))
+        if args.per_layer:
+            rows[-1]["per_layer"] = benchmark.layer_times({"dense": dense, "compressed": compressed}, x,
+                                                          runs=args.runs)
     result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]),
               "channels_last": args.channels_last, "fold_bn": args.fold_bn, "fuse_epilogues": args.fuse_epilogues,
               "compile": args.compile,
@@ -477,7 +488,34 @@ def cmd_bench(args):
     print("%6s %12s %14s %8s" % ("batch", "dense ms", "compressed ms", "ratio"))
     for r in rows:
         print("%6d %12.3f %14.3f %8.3f" % (r["batch"], 1e3 * r["dense_s"], 1e3 * r["compressed_s"], r["ratio"]))
+    for r in rows:
+        if "per_layer" in r:
+            print()
+            for line in _per_layer_lines(r["batch"], r["per_layer"]):
+                print(line)
     return 0
+
+
+def _per_layer_lines(batch, times):
+    """The table of bench --per-layer for one batch: each conv in the model and alone, dense and compressed."""
+    dense, comp = times["dense"]["layers"], times["compressed"]["layers"]
+    ms = lambda s: "%9.3f" % (1e3 * s) if s is not None else "%9s" % "-"   # noqa: E731
+    ratio = lambda a, b: "%7.2f" % (a / b) if a is not None and b else "%7s" % "-"   # noqa: E731
+    lines = ["batch %d, per conv: ms inside the forward (hooks) and alone (back to back on the same input)" % batch,
+             "%-30s %-16s %9s %9s %7s %9s %7s" % ("conv", "input", "dense", "compr.", "ratio", "c. alone",
+                                                  "in/alone")]
+    for name, c in comp.items():
+        d = dense.get(name, {})
+        shape = "x".join(map(str, c["input"][1:]))
+        lines.append("%-30s %-16s %s %s %s %s %s" % (name[-30:], shape, ms(d.get("in_model_s")), ms(c["in_model_s"]),
+                                                    ratio(c["in_model_s"], d.get("in_model_s")), ms(c["alone_s"]),
+                                                    ratio(c["in_model_s"], c["alone_s"])))
+    for label, t in (("dense", times["dense"]), ("compressed", times["compressed"])):
+        inside = sum(v["in_model_s"] for v in t["layers"].values())
+        alone = sum(v["alone_s"] for v in t["layers"].values() if v["alone_s"] is not None)
+        lines.append("%-10s forward %.3f ms: convs %.3f ms inside it (%.0f%%), %.3f ms alone" % (
+            label, 1e3 * t["forward_s"], 1e3 * inside, 100 * inside / t["forward_s"], 1e3 * alone))
+    return lines
 
 
 # export -------------------------------------------------------------------------------------

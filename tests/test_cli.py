@@ -245,3 +245,19 @@ def test_compress_fold_bn_save_and_recompress(tmp_path, capsys):
     assert main(["compress", d, "--rank", "4", "--input-size", "32", "--fold-bn", "--verify"]) == 0
     out = capsys.readouterr().out
     assert "verify: OK" in out and "TOTAL (0/0 factorized)" in out
+
+
+def test_bench_per_layer():
+    result = bench_json("--method", "svd", "--fold-bn", "--per-layer", "--runs", "2")
+    per = result["rows"][0]["per_layer"]
+    assert set(per) == {"dense", "compressed"}
+    assert set(per["dense"]["layers"]) == set(per["compressed"]["layers"]) and "conv1" in per["dense"]["layers"]
+    assert all(v["in_model_s"] > 0 and v["alone_s"] > 0 for v in per["compressed"]["layers"].values())
+    text = run_cli("bench", "torchvision:resnet18", "--input-size", "32", "--batch", "1", "--min-run-time", "0.05",
+                   "--threads", "1", "--per-layer", "--runs", "2")
+    assert text.returncode == 0, text.stderr
+    assert "layer4.1.conv2" in text.stdout and "in/alone" in text.stdout and "compressed forward" in text.stdout
+    bad = run_cli("bench", "torchvision:resnet18", "--per-layer", "--compile")
+    assert bad.returncode == 1 and "--per-layer times the convs as module calls" in bad.stderr
+    bad = run_cli("bench", "torchvision:resnet18", "--runs", "0")
+    assert bad.returncode == 1 and "--runs must be at least 1" in bad.stderr
