@@ -97,7 +97,7 @@ def _extension():
     # Python's CFLAGS bring -g: debug info for the torch headers every file includes took 2.6x the
     # compile time (a bare #include <ATen/ATen.h>: 39 s against 15 s) and made most of CI's build.
     # Symbols stay either way, so perf and crash stacks still name functions. HSV_DEBUG_INFO=1 keeps -g.
-    if os.environ.get("HSV_DEBUG_INFO", "0") in ("", "0"):
+    if not _truthy("HSV_DEBUG_INFO"):
         cxx_flags.append("-g0")
     link_flags = []
     # at::parallel_for (the fused CPU kernels' threads) is inline header code built on

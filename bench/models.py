@@ -46,6 +46,14 @@ from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 from hsvkernels.epilogue import fuse_epilogues  # noqa: E402
 
 
+def fuse_or_exit(model, name):
+    """fuse_epilogues(model), or exit with its one-line reason (a model torch.fx cannot trace)."""
+    try:
+        return fuse_epilogues(model)
+    except RuntimeError as exc:
+        raise SystemExit("%s: --fuse-epilogues on %s: %s" % (os.path.basename(sys.argv[0]), name, exc)) from None
+
+
 def to_format(model, fmt):
     """The model with its 4-D tensors in memory format fmt; others (e.g. 5-D hsv factors) as they are: the
     layout these benchmarks have always timed. (model.to(memory_format=) works on converted models too, and
@@ -267,7 +275,7 @@ def main(argv=None):
             totals = report.totals()
             macs_x = totals["macs_before"] / totals["macs_after"]
             on_device = [to_format(m.to(args.device, dtype), fmt) for m in (copy.deepcopy(dense), compressed)]
-            epilogues = fuse_epilogues(on_device[1]) if args.fuse_epilogues else None
+            epilogues = fuse_or_exit(on_device[1], name) if args.fuse_epilogues else None
             compiled = [torch.compile(m, dynamic=False) for m in on_device] if args.compile else None
             print("%s %s: %d convs factorized%s%s" % (name, method, factorized,
                                                       ", the rest kept dense (measured slower or not eligible)"

@@ -35,12 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hsvkernels  # noqa: E402
 from hsvkernels import _host_malloc, convert, export, models  # noqa: E402
-from hsvkernels.epilogue import fuse_epilogues  # noqa: E402
 from hsvkernels.fold import fold_batch_norms_  # noqa: E402
 
 from bench import timing  # noqa: E402
 from bench.layers import normalized_error  # noqa: E402
-from bench.models import add_model_arguments, method_options, to_format  # noqa: E402
+from bench.models import add_model_arguments, fuse_or_exit, method_options, to_format  # noqa: E402
 
 
 def session(path, threads):
@@ -140,7 +139,7 @@ def main(argv=None):
                                      "largest output" % (name, method, check["max_rel"]))
                 sessions = {"ort_dense": session(dense_path, threads), "ort_compressed": session(path, threads)}
                 dense_t, compressed_t = (to_format(m, fmt) for m in (dense, compressed))
-                fused_t = fuse_epilogues(compressed_t) if args.fuse_epilogues else None
+                fused_t = fuse_or_exit(compressed_t, name) if args.fuse_epilogues else None
                 for n in batches:
                     x = torch.randn(n, 3, args.input_size, args.input_size)
                     xt = x.contiguous(memory_format=fmt)

@@ -198,6 +198,17 @@ def test_models_check_compiled_catches_a_wrong_graph():
         models.check_compiled([lambda t: t + 1], [bad], x, "inference_mode")
 
 
+def test_fuse_or_exit_names_the_model_fx_cannot_trace():
+    from bench.models import fuse_or_exit
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(SystemExit, match="--fuse-epilogues on branchy: torch.fx could not trace Branchy"):
+        fuse_or_exit(Branchy(), "branchy")
+
+
 @pytest.mark.skipif(not hsvkernels.export.missing_packages("onnx", "onnxscript", "onnxruntime") == [],
                     reason="needs onnx, onnxscript and onnxruntime (requirements-dev.txt installs them)")
 def test_onnx_runtime_model_and_layers(tmp_path):
