@@ -19,6 +19,8 @@
 #                                                         # budget (alone: its 6 files + 2 fill the 8 that return)
 #   bash bench/gpu_session.sh build epilogue              # residual add + ReLU in the kernels' stores
 #                                                         # (HSV_CUDA_EPILOGUE=on): its tests, then end to end
+#   bash bench/gpu_session.sh build per-layer             # ResNet-50 bf16: each conv's time inside the eager
+#                                                         # forward (CUDA events) and alone, dense and compressed
 #
 # (All parts at once do not fit one 10-minute call: the layer benchmark alone
 # took >170 s per dtype for 6 of its 8 layers on the H100, 2026-11-22.)
@@ -231,6 +233,16 @@ if want epilogue; then
   step "models bf16 epilogues" 300 "$OUT/session.log" "$PY" "${models[@]}" --models resnet18,resnet50 \
     --batch 32,1 --fold-bn --fuse-epilogues --cuda-impl auto,auto+HSV_CUDA_EPILOGUE=on \
     --out "$OUT/models-bf16-epilogues"
+fi
+
+if want per-layer; then
+  # where an eager forward's time goes, conv by conv (hsvkernels.benchmark.layer_times: CUDA events around each
+  # conv module, then each conv alone on the input it saw), dense against compressed, bf16 channels_last
+  for n in 32 1; do
+    step "per-layer resnet50 bf16 batch $n" 150 "$OUT/per-layer-resnet50-bf16-b$n.txt" "$PY" -m hsvkernels bench \
+      torchvision:resnet50 --device cuda --dtype bfloat16 --channels-last --fold-bn --fuse-epilogues --method hsv \
+      --ratio 4 --option macs_ratio=4 --batch $n --per-layer --runs 20 --min-run-time 0.5
+  done
 fi
 
 {

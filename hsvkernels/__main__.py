@@ -112,6 +112,9 @@ def build_parser():
     b.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     b.add_argument("--input-size", default="224", type=_input_size, metavar="[C x]H[xW]")
     b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="both models and the input cast to it after converting (in float32); the fused CPU kernels "
+                        "are float32, other dtypes run the unfused chain there")
     b.add_argument("--fold-bn", action="store_true",
                    help="torchvision:NAME: fold BatchNorms into their convs in both models before converting")
     b.add_argument("--fuse-epilogues", action="store_true",
@@ -460,7 +463,8 @@ def cmd_bench(args):
         convert.convert_(compressed, args.method, example_input=torch.randn(args.input_size[1:]).unsqueeze(0).to(device),
                          progress=False, decompose_threads=1, **options)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    dense, compressed = dense.to(memory_format=fmt), compressed.to(memory_format=fmt)
+    dtype = getattr(torch, args.dtype)
+    dense, compressed = dense.to(dtype, memory_format=fmt), compressed.to(dtype, memory_format=fmt)
     if args.fuse_epilogues:
         from .epilogue import fuse_epilogues
         compressed = fuse_epilogues(compressed)
@@ -468,12 +472,12 @@ def cmd_bench(args):
         dense, compressed = torch.compile(dense, dynamic=False), torch.compile(compressed, dynamic=False)
     rows = []
     for n in batches:
-        x = torch.randn((n,) + tuple(args.input_size[1:]), device=device).contiguous(memory_format=fmt)
+        x = torch.randn((n,) + tuple(args.input_size[1:]), device=device, dtype=dtype).contiguous(memory_format=fmt)
         rows.append(dict(batch=n, **benchmark.time_pair(dense, compressed, x, min_run_time=args.min_run_time)))
         if args.per_layer:
             rows[-1]["per_layer"] = benchmark.layer_times({"dense": dense, "compressed": compressed}, x,
                                                           runs=args.runs)
-    result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]),
+    result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]), "dtype": args.dtype,
               "channels_last": args.channels_last, "fold_bn": args.fold_bn, "fuse_epilogues": args.fuse_epilogues,
               "compile": args.compile,
               "flags": benchmark.flags(), "command": " ".join(sys.argv),
@@ -482,6 +486,7 @@ def cmd_bench(args):
         print(json.dumps(result, indent=1))
         return 0
     layout = ("channels_last" if args.channels_last else "NCHW") + ("  torch.compile" if args.compile else "")
+    layout += "" if args.dtype == "float32" else "  " + args.dtype
     print("%s  %s  input %s  threads %d  %s" % (args.model, args.method, "x".join(map(str, args.input_size[1:])),
                                                result["flags"]["threads"], layout))
     print("host malloc: %s" % result["flags"]["host_malloc"])
@@ -513,7 +518,7 @@ def _per_layer_lines(batch, times):
     for label, t in (("dense", times["dense"]), ("compressed", times["compressed"])):
         inside = sum(v["in_model_s"] for v in t["layers"].values())
         alone = sum(v["alone_s"] for v in t["layers"].values() if v["alone_s"] is not None)
-        lines.append("%-10s forward %.3f ms: convs %.3f ms inside it (%.0f%%), %.3f ms alone" % (
+        lines.append("%-10s forward %.3f ms: convs %.3f ms inside it (sum of medians: %.0f%%), %.3f ms alone" % (
             label, 1e3 * t["forward_s"], 1e3 * inside, 100 * inside / t["forward_s"], 1e3 * alone))
     return lines
 

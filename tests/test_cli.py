@@ -261,3 +261,11 @@ def test_bench_per_layer():
     assert bad.returncode == 1 and "--per-layer times the convs as module calls" in bad.stderr
     bad = run_cli("bench", "torchvision:resnet18", "--runs", "0")
     assert bad.returncode == 1 and "--runs must be at least 1" in bad.stderr
+
+
+def test_bench_dtype_bfloat16():
+    result = bench_json("--method", "hsv", "--dtype", "bfloat16", "--channels-last", "--per-layer", "--runs", "1")
+    assert result["dtype"] == "bfloat16"
+    assert all(v["in_model_s"] > 0 for v in result["rows"][0]["per_layer"]["compressed"]["layers"].values())
+    bad = run_cli("bench", "torchvision:resnet18", "--dtype", "float64")
+    assert bad.returncode == 2 and "invalid choice: 'float64'" in bad.stderr
