@@ -247,25 +247,23 @@ def test_compress_fold_bn_save_and_recompress(tmp_path, capsys):
     assert "verify: OK" in out and "TOTAL (0/0 factorized)" in out
 
 
-def test_bench_per_layer():
-    result = bench_json("--method", "svd", "--fold-bn", "--per-layer", "--runs", "2")
+def test_bench_per_layer_bfloat16(capsys):
+    from hsvkernels.__main__ import _per_layer_lines
+
+    result = bench_json("--method", "hsv", "--dtype", "bfloat16", "--channels-last", "--fold-bn", "--per-layer",
+                        "--runs", "2")
+    assert result["dtype"] == "bfloat16"
     per = result["rows"][0]["per_layer"]
     assert set(per) == {"dense", "compressed"}
     assert set(per["dense"]["layers"]) == set(per["compressed"]["layers"]) and "conv1" in per["dense"]["layers"]
     assert all(v["in_model_s"] > 0 and v["alone_s"] > 0 for v in per["compressed"]["layers"].values())
-    text = run_cli("bench", "torchvision:resnet18", "--input-size", "32", "--batch", "1", "--min-run-time", "0.05",
-                   "--threads", "1", "--per-layer", "--runs", "2")
-    assert text.returncode == 0, text.stderr
-    assert "layer4.1.conv2" in text.stdout and "in/alone" in text.stdout and "compressed forward" in text.stdout
-    bad = run_cli("bench", "torchvision:resnet18", "--per-layer", "--compile")
-    assert bad.returncode == 1 and "--per-layer times the convs as module calls" in bad.stderr
-    bad = run_cli("bench", "torchvision:resnet18", "--runs", "0")
-    assert bad.returncode == 1 and "--runs must be at least 1" in bad.stderr
-
-
-def test_bench_dtype_bfloat16():
-    result = bench_json("--method", "hsv", "--dtype", "bfloat16", "--channels-last", "--per-layer", "--runs", "1")
-    assert result["dtype"] == "bfloat16"
-    assert all(v["in_model_s"] > 0 for v in result["rows"][0]["per_layer"]["compressed"]["layers"].values())
-    bad = run_cli("bench", "torchvision:resnet18", "--dtype", "float64")
-    assert bad.returncode == 2 and "invalid choice: 'float64'" in bad.stderr
+    text = "\n".join(_per_layer_lines(1, per))
+    assert "layer4.1.conv2" in text and "in/alone" in text and "compressed forward" in text
+    # usage errors, in process (they come before any model is built; --host-malloc default leaves malloc be)
+    assert main(["bench", "torchvision:resnet18", "--per-layer", "--compile", "--host-malloc", "default"]) == 1
+    assert "--per-layer times the convs as module calls" in capsys.readouterr().err
+    assert main(["bench", "torchvision:resnet18", "--runs", "0", "--host-malloc", "default"]) == 1
+    assert "--runs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "torchvision:resnet18", "--dtype", "float64"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
