@@ -90,7 +90,7 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
     interleaved (one of each per round), so drift hits all alike. Returns {label: {"forward_s": median
     forward without hooks, "layers": {conv name: {"in_model_s", "alone_s", "input"}}}}: in_model_s is
     the median time between the conv module's forward pre-hook and hook (its whole call, Python
-    included) over `runs` hooked forwards (interleaved with the plain ones); alone_s the median of
+    included; summed over its calls when a forward calls it more than once) over `runs` hooked forwards (interleaved with the plain ones); alone_s the median of
     `runs` calls of the same module on a copy of the arguments it got, each right after an untimed
     call of it, in rounds over all layers (alone=False skips them, and keeps no copies).
     Convs are nn.Conv2d and FactorizedConv2d modules, outermost only; a model traced by
@@ -112,7 +112,7 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
         convs[label] = _conv_layers(model)
         if not convs[label]:
             raise ValueError("layer_times: model %r has no nn.Conv2d or FactorizedConv2d" % label)
-    marks = {label: {} for label in models}     # conv name -> [start, end] marks of the current forward
+    marks = {label: {} for label in models}     # conv name -> [start, end, start, end, ...] of the current forward
     in_model = {label: {name: [] for name, _ in convs[label]} for label in models}
     saved = {label: {} for label in models}      # conv name -> (args, input shape) of the first hooked call
     forward = {label: [] for label in models}
@@ -123,7 +123,7 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
             if capture[0] and name not in saved[label]:
                 saved[label][name] = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
                                       if alone else None, tuple(args[0].shape))
-            marks[label][name] = [clock.mark()]
+            marks[label].setdefault(name, []).append(clock.mark())
 
         def post(module, args, output):
             marks[label][name].append(clock.mark())
@@ -157,8 +157,9 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
                     marks[label].clear()
                     model(x)
                     clock.sync()
-                    for name, (start, end) in marks[label].items():
-                        in_model[label][name].append(clock.seconds(start, end))
+                    for name, m in marks[label].items():   # a module called twice counts both calls
+                        in_model[label][name].append(sum(clock.seconds(m[i], m[i + 1])
+                                                         for i in range(0, len(m), 2)))
                 for h in handles:
                     h.remove()
                 handles = []

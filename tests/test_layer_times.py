@@ -61,6 +61,20 @@ def test_factorized_and_epilogue_models_are_broken_down_by_conv():
     assert all(v["alone_s"] is None for v in no_alone["layers"].values())
 
 
+def test_a_conv_called_twice_counts_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = SlowConv(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    t = benchmark.layer_times({"net": Twice().eval()}, torch.randn(1, 8, 8, 8), runs=2, warmup=0)["net"]
+    layer = t["layers"]["conv"]
+    assert layer["in_model_s"] >= 2 * SlowConv.delay and SlowConv.delay <= layer["alone_s"] < 2 * SlowConv.delay
+
+
 def test_hooks_are_removed_and_outputs_unchanged():
     torch.manual_seed(0)
     net = small_net()
