@@ -99,17 +99,32 @@ def test_bench_times_dense_and_compressed():
     import subprocess as _sp
     import sys as _sys
 
+    # also --fold-bn --fuse-epilogues (one subprocess: each costs seconds of imports and SVDs)
     out = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--input-size", "32",
-                   "--batch", "1,2", "--min-run-time", "0.05", "--threads", "1", "--json"],
-                  capture_output=True, text=True)
+                   "--batch", "1,2", "--min-run-time", "0.05", "--threads", "1", "--json", "--fold-bn",
+                   "--fuse-epilogues"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = _json.loads(out.stdout)
+    assert result["fold_bn"] and result["fuse_epilogues"]
     assert [r["batch"] for r in result["rows"]] == [1, 2]
     assert all(r["dense_s"] > 0 and r["compressed_s"] > 0 and r["ratio"] > 0 for r in result["rows"])
     assert result["flags"]["host_malloc"].startswith(("retain", "default: not glibc"))   # retained by default
-    bad = _sp.run([_sys.executable, "-m", "hsvkernels", "bench", "torchvision:resnet18", "--batch", "one"],
-                  capture_output=True, text=True)
-    assert bad.returncode == 1 and "--batch expects" in bad.stderr
+
+
+def test_bench_usage_errors(tmp_path, capsys):
+    # in process: they come before any model is built (--host-malloc default leaves this process's malloc be)
+    (tmp_path / "model").mkdir()
+    assert main(["bench", str(tmp_path / "model"), "--fold-bn", "--host-malloc", "default"]) == 1
+    assert "--fold-bn is for torchvision:NAME models" in capsys.readouterr().err
+    assert main(["bench", "torchvision:resnet18", "--batch", "one", "--host-malloc", "default"]) == 1
+    assert "--batch expects" in capsys.readouterr().err
+    assert main(["bench", "torchvision:resnet18", "--per-layer", "--compile", "--host-malloc", "default"]) == 1
+    assert "--per-layer times the convs as module calls" in capsys.readouterr().err
+    assert main(["bench", "torchvision:resnet18", "--runs", "0", "--host-malloc", "default"]) == 1
+    assert "--runs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "torchvision:resnet18", "--dtype", "float64"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
 
 
 def bench_json(*flags):
@@ -120,19 +135,6 @@ def bench_json(*flags):
     result = json.loads(out.stdout)
     assert result["rows"][0]["ratio"] > 0
     return result
-
-
-def test_bench_hsv_channels_last():
-    # hsv's 5-D factor once made model.to(memory_format=torch.channels_last) raise here.
-    assert bench_json("--method", "hsv", "--channels-last")["channels_last"]
-
-
-def test_bench_fold_bn_fuse_epilogues(tmp_path):
-    result = bench_json("--method", "svd", "--fold-bn", "--fuse-epilogues")
-    assert result["fold_bn"] and result["fuse_epilogues"]
-    (tmp_path / "model").mkdir()
-    bad = run_cli("bench", str(tmp_path / "model"), "--fold-bn")
-    assert bad.returncode == 1 and "--fold-bn is for torchvision:NAME models" in bad.stderr
 
 
 def test_bench_compile():
@@ -247,23 +249,17 @@ def test_compress_fold_bn_save_and_recompress(tmp_path, capsys):
     assert "verify: OK" in out and "TOTAL (0/0 factorized)" in out
 
 
-def test_bench_per_layer_bfloat16(capsys):
+def test_bench_hsv_channels_last_bfloat16_per_layer():
     from hsvkernels.__main__ import _per_layer_lines
 
+    # one hsv run for all three (its decompositions take most of the time): hsv's 5-D factor once made
+    # model.to(memory_format=torch.channels_last) raise here
     result = bench_json("--method", "hsv", "--dtype", "bfloat16", "--channels-last", "--fold-bn", "--per-layer",
                         "--runs", "2")
-    assert result["dtype"] == "bfloat16"
+    assert result["channels_last"] and result["dtype"] == "bfloat16"
     per = result["rows"][0]["per_layer"]
     assert set(per) == {"dense", "compressed"}
     assert set(per["dense"]["layers"]) == set(per["compressed"]["layers"]) and "conv1" in per["dense"]["layers"]
     assert all(v["in_model_s"] > 0 and v["alone_s"] > 0 for v in per["compressed"]["layers"].values())
     text = "\n".join(_per_layer_lines(1, per))
     assert "layer4.1.conv2" in text and "in/alone" in text and "compressed forward" in text
-    # usage errors, in process (they come before any model is built; --host-malloc default leaves malloc be)
-    assert main(["bench", "torchvision:resnet18", "--per-layer", "--compile", "--host-malloc", "default"]) == 1
-    assert "--per-layer times the convs as module calls" in capsys.readouterr().err
-    assert main(["bench", "torchvision:resnet18", "--runs", "0", "--host-malloc", "default"]) == 1
-    assert "--runs must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["bench", "torchvision:resnet18", "--dtype", "float64"])
-    assert "invalid choice: 'float64'" in capsys.readouterr().err
