@@ -8,9 +8,9 @@ layer_times() breaks a forward down by conv: each conv's time inside the model
 (forward hooks) beside its time alone, called back to back on the input it saw.
 The two differ: inside a model a layer's input, weights and output buffer were
 last touched a whole forward earlier, so they come from DRAM, not cache. On the
-2-core EPYC VM the 56x56 1x1 layers of a compressed ResNet-50 (batch 1) took
-1.5-2x their back-to-back time in the model, which a per-layer benchmark alone
-does not show.
+2-core EPYC VM the 56x56 1x1 layers of a compressed ResNet-50 (batch 1, epilogues
+not fused) took 1.5-2.2x their back-to-back time in the model, which a per-layer
+benchmark alone does not show.
 """
 import copy
 import statistics
@@ -90,9 +90,10 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
     interleaved (one of each per round), so drift hits all alike. Returns {label: {"forward_s": median
     forward without hooks, "layers": {conv name: {"in_model_s", "alone_s", "input"}}}}: in_model_s is
     the median time between the conv module's forward pre-hook and hook (its whole call, Python
-    included; summed over its calls when a forward calls it more than once) over `runs` hooked forwards (interleaved with the plain ones); alone_s the median of
-    `runs` calls of the same module on a copy of the arguments it got, each right after an untimed
-    call of it, in rounds over all layers (alone=False skips them, and keeps no copies).
+    included; summed over its calls when a forward calls it more than once) over `runs` hooked
+    forwards (interleaved with the plain ones); alone_s the median of `runs` calls of the same module
+    on a copy of the arguments it got, each right after an untimed call of it, in rounds over all
+    layers (alone=False skips them, and keeps no copies).
     Convs are nn.Conv2d and FactorizedConv2d modules, outermost only; a model traced by
     fuse_epilogues keeps them as modules, so it is covered; a torch.compile'd one is not (its convs
     are no longer module calls) and raises ValueError.
