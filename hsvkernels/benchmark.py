@@ -104,9 +104,13 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
         raise ValueError("models must be a non-empty dict {label: model}, got %r" % type(models).__name__)
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be >= 1 and warmup >= 0, got runs=%r warmup=%r" % (runs, warmup))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("layer_times: x must be the models' input tensor, got %s" % type(x).__name__)
     clock = _Clock(x.device)
     convs = {}
     for label, model in models.items():
+        if not isinstance(model, nn.Module):
+            raise TypeError("layer_times: model %r must be an nn.Module, got %s" % (label, type(model).__name__))
         if hasattr(model, "_orig_mod"):
             raise ValueError("layer_times: model %r is torch.compile'd; its convs no longer run as module calls, "
                              "so pass the module before compiling" % label)

@@ -94,6 +94,10 @@ def test_bad_arguments_are_named():
         benchmark.layer_times(net, x)
     with pytest.raises(ValueError, match="runs must be >= 1"):
         benchmark.layer_times({"net": net}, x, runs=0)
+    with pytest.raises(TypeError, match="x must be the models' input tensor, got list"):
+        benchmark.layer_times({"net": net}, [x])
+    with pytest.raises(TypeError, match="model 'f' must be an nn.Module, got function"):
+        benchmark.layer_times({"f": lambda t: t}, x)
     with pytest.raises(ValueError, match="has no nn.Conv2d"):
         benchmark.layer_times({"mlp": nn.Sequential(nn.Flatten(), nn.Linear(192, 2))}, x)
     with pytest.raises(ValueError, match="grad_mode must be one of"):
