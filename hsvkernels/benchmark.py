@@ -121,11 +121,10 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
     in_model = {label: {name: [] for name, _ in convs[label]} for label in models}
     saved = {label: {} for label in models}      # conv name -> (args, input shape) of the first hooked call
     forward = {label: [] for label in models}
-    capture = [False]
 
     def hooks_for(label, name):
         def pre(module, args):
-            if capture[0] and name not in saved[label]:
+            if name not in saved[label]:
                 saved[label][name] = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
                                       if alone else None, tuple(args[0].shape))
             marks[label].setdefault(name, []).append(clock.mark())
@@ -152,12 +151,11 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
             clock.sync()
             # Each round: one hooked forward of each model, then one plain forward of each (hooks removed),
             # so that load drift on a shared machine hits both measurements alike.
-            for r in range(runs):
+            for _ in range(runs):
                 for label, model in models.items():
                     for name, module in convs[label]:
                         pre, post = hooks_for(label, name)
                         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-                capture[0] = r == 0
                 for label, model in models.items():
                     marks[label].clear()
                     model(x)
@@ -177,7 +175,7 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
                             module(*saved[label][name][0])
                 # Rounds over the layers, each timed call right after an untimed one of the same layer
                 # (back to back: its input, weights and output buffer warm from that call).
-                for r in range(runs):
+                for _ in range(runs):
                     for label in models:
                         for name, module in convs[label]:
                             if name in saved[label]:
