@@ -14,7 +14,7 @@ from hsvkernels.fold import fold_batch_norms_
 class SlowConv(nn.Conv2d):
     """A conv that takes at least `delay` seconds per call, so its share of the forward is known."""
 
-    delay = 0.01
+    delay = 0.05   # well above a fast conv on a loaded 2-core machine (0.016 s seen under a parallel build)
 
     def forward(self, x):
         time.sleep(self.delay)
