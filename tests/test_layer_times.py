@@ -37,7 +37,7 @@ def test_the_time_goes_to_the_layer_that_took_it():
     assert list(layers) == ["0", "2", "4"]
     assert layers["2"]["in_model_s"] >= SlowConv.delay and layers["2"]["alone_s"] >= SlowConv.delay
     assert layers["0"]["in_model_s"] < SlowConv.delay and layers["4"]["in_model_s"] < SlowConv.delay
-    assert t["forward_s"] >= layers["2"]["in_model_s"]
+    assert t["forward_s"] >= SlowConv.delay   # the plain forwards include the slow conv too
     assert layers["2"]["input"] == [1, 32, 8, 8] and layers["4"]["input"] == [1, 32, 8, 8]
 
 
