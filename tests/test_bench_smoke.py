@@ -297,3 +297,20 @@ def test_env_set_sets_unsets_and_restores(monkeypatch):
     with timing.env_set({"HSV_TEST_A": None, "HSV_TEST_B": "inner"}):
         assert "HSV_TEST_A" not in os.environ and os.environ["HSV_TEST_B"] == "inner"
     assert os.environ["HSV_TEST_A"] == "outer" and "HSV_TEST_B" not in os.environ
+
+
+def test_results_index_is_current_and_check_catches_a_new_file(tmp_path, monkeypatch, capsys):
+    from bench import results_index
+    assert results_index.main(["--check"]) == 0, capsys.readouterr().err
+    (tmp_path / "a.md").write_text("# A run\n\n    command: python bench/models.py --x\n    host: vm  "
+                                   "date: 2026-11-25T01:00:00+00:00  git: 0123456789abcdef\n")
+    monkeypatch.setattr(results_index, "RESULTS", tmp_path)
+    monkeypatch.setattr(results_index, "INDEX", tmp_path / "INDEX.md")
+    assert results_index.main(["--check"]) == 1
+    assert "missing ['a.md']" in capsys.readouterr().err
+    assert results_index.main([]) == 0 and results_index.main(["--check"]) == 0
+    row = [line for line in (tmp_path / "INDEX.md").read_text().splitlines() if line.startswith("| [a.md]")]
+    assert row == ["| [a.md](a.md) | 2026-11-25 | 0123456 | A run | `bench/models.py --x` |"]
+    (tmp_path / "a.md").unlink()
+    assert results_index.main(["--check"]) == 1
+    assert "gone ['a.md']" in capsys.readouterr().err
