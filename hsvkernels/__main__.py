@@ -367,6 +367,8 @@ def _load_model(spec, weights):
 def _load_weights(model, path):
     import torch
 
+    from . import io
+
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -386,7 +388,7 @@ def _load_weights(model, path):
     if not isinstance(state, dict):
         raise ValueError("%s does not hold a state_dict (found %s)" % (path, type(state).__name__))
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(io.with_module_versions(state, model), strict=True)
     except RuntimeError as exc:
         raise ValueError("weights in %s do not fit the model: %s" % (path, str(exc).splitlines()[0])) from None
 

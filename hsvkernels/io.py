@@ -10,6 +10,7 @@ in the plan's "bn_folds" (format version 2): load() replaces them with identitie
 and gives their convs a bias, so the folded weights fit. No pickles: nothing in a
 save directory runs code on load.
 """
+import collections
 import hashlib
 import json
 import os
@@ -294,4 +295,21 @@ def _load_state(model, state, path):
                                            if len(items) > 5 else ""))
         raise SaveFileError("%s does not fit the model (%s): %s" % (path, type(model).__name__, "; ".join(parts)))
     # assign=True keeps the saved dtypes instead of casting into the fresh model's.
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(with_module_versions(state, model), strict=True, assign=True)
+
+
+def with_module_versions(state, model):
+    """`state` carrying the model's per-module state_dict versions, where it has none.
+
+    safetensors files hold tensors only, so a dict read from one lacks torch's `_metadata`, and modules
+    whose `_load_from_state_dict` checks its version (torchvision's MNASNet) refuse to load. The tensors
+    were saved by this architecture's current code, so its current versions are the right ones.
+    """
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    versions = getattr(model.state_dict(), "_metadata", None)
+    if versions is None:
+        return state
+    state = collections.OrderedDict(state)
+    state._metadata = versions
+    return state

@@ -5,6 +5,7 @@ own. Weights are never downloaded: models are built with random init and
 users load their own weights.
 """
 import difflib
+import inspect
 
 REF_ATTR = "_hsvkernels_ref"  # set on models built here, so save() can record where they came from
 
@@ -25,7 +26,10 @@ def build(ref):
         close = difflib.get_close_matches(name, known, n=3)
         hint = "; did you mean %s?" % ", ".join(close) if close else "; see torchvision.models.list_models()"
         raise ValueError("unknown torchvision model %r%s" % (name, hint))
-    model = torchvision.models.get_model(name, weights=None)
+    builder = torchvision.models.get_model_builder(name)
+    # Segmentation and detection builders default their backbone to ImageNet weights (a download).
+    no_backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+    model = builder(weights=None, **no_backbone)
     setattr(model, REF_ATTR, ref)
     return model
 

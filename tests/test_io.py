@@ -33,7 +33,8 @@ def saved_small(tmp_path):
     return model, d
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+# mnasnet: its blocks check the state_dict version, which a safetensors file does not carry
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mnasnet0_5"])
 def test_round_trip_torchvision(name, tmp_path):
     model = models.build("torchvision:" + name).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -47,6 +48,25 @@ def test_round_trip_torchvision(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert io.load_report(tmp_path / name).totals() == report.totals()
+
+
+def test_cli_weights_from_safetensors_load_into_a_versioned_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from hsvkernels.__main__ import _load_weights
+    source = models.build("torchvision:mnasnet0_5")
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    model = models.build("torchvision:mnasnet0_5")
+    _load_weights(model, str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_build_never_downloads_backbone_weights(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("models.build tried to download weights")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model = models.build("torchvision:lraspp_mobilenet_v3_large")  # its builder defaults to ImageNet backbone weights
+    assert models.ref_of(model) == "torchvision:lraspp_mobilenet_v3_large"
 
 
 def test_load_into_given_model_keeps_dtype_and_meta(tmp_path):
