@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from . import _outputs
 from ._progress import progress as progress_bar
 from .decompose import METHODS
 from .fold import fold_batch_norms_, replace_module as _replace
@@ -223,10 +224,10 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
         # Every decomposition failed: almost surely a bad argument, not a property of the layers.
         raise ValueError("convert_: no layer could be decomposed; first error: %s" % failures[0])
     report.model_params_after = _count_params(model)
-    if calibrate and isinstance(y_dense, torch.Tensor) and report.factorized:
-        # Per-layer errors compound; this is what the whole model's output lost.
+    if calibrate and _outputs.leaves(y_dense) and report.factorized:
+        # Per-layer errors compound; this is what the whole model's output lost (None if it cannot be compared).
         _, _, y = _probe(model, [], calib_batch, keep_inputs=False, what=calib_name)
-        report.model_output_error = _rel(y, y_dense)
+        report.model_output_error = _outputs.relative_error(y, y_dense)
     return report
 
 

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import formats, reference
+from . import _outputs, formats, reference
 
 # hsv op name -> the pure-PyTorch function export puts in its place. Only the forward op: exported
 # inference graphs never hold hsv::conv2d_backward. (Without _C the op is itself this chain,
@@ -132,7 +132,7 @@ def compare_onnx(path, model, args):
     got = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)})
     with torch.no_grad():
         want = model(*args)
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    want = _outputs.leaves(want)   # a dict or tuple output is flattened the way the exporter did
     if len(got) != len(want):
         raise ValueError("the ONNX file gives %d outputs, the model %d" % (len(got), len(want)))
     max_abs = max_rel = 0.0

@@ -344,3 +344,51 @@ def test_top_level_save_load_finetune():
     assert hsvkernels.save is io.save and hsvkernels.load is io.load
     assert hsvkernels.finetune.__name__ == "finetune" and hsvkernels.finetune.__module__ == "hsvkernels.finetune"
     assert accuracy.__module__ == "hsvkernels.finetune"
+
+
+class TwoHeads(nn.Module):
+    """Returns a dict, as torchvision's segmentation models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        f = self.body(x)
+        return {"out": self.head(f), "aux": (f.mean((2, 3)), "a label")}
+
+
+def test_model_output_error_of_a_dict_output():
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12)
+    report = convert_(model, "svd", ratio=4, example_input=x, min_params=0, **FAST)
+    assert report.factorized
+    with torch.no_grad():
+        y, y0 = model(x), original(x)
+    a = torch.cat([y["out"].flatten(), y["aux"][0].flatten()]).double()
+    b = torch.cat([y0["out"].flatten(), y0["aux"][0].flatten()]).double()
+    assert report.model_output_error == pytest.approx(rel(a, b), rel=1e-6) and report.model_output_error > 0
+
+
+def test_cli_verify_compares_dict_outputs_and_refuses_incomparable_ones():
+    import io as _io
+
+    from hsvkernels.__main__ import _verify
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(1, 3, 10, 10)
+    convert_(model, "svd", ratio=4, example_input=x, min_params=0, **FAST)
+    out = _io.StringIO()
+    assert _verify(model, original, x, out) == 0, out.getvalue()
+    assert "verify: OK" in out.getvalue() and "relative output error 0." in out.getvalue()
+
+    class Words(nn.Module):
+        def forward(self, x):
+            return ["no tensor here"]
+    out = _io.StringIO()
+    assert _verify(Words(), Words(), x, out) == 1
+    assert "FAILED: the outputs (list) hold no tensors of matching shapes" in out.getvalue()

@@ -194,3 +194,21 @@ def test_onnx_with_dynamic_size(tmp_path, capsys):
     export.to_onnx(net, (torch.randn(1, 3, 16, 16),), path, dynamic_size=True)
     for shape in ((2, 3, 24, 20), (5, 3, 16, 16)):
         assert export.compare_onnx(path, net, (torch.randn(shape),))["max_rel"] < 1e-5
+
+
+@needs_onnx
+def test_compare_onnx_flattens_a_dict_output(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return {"a": self.a(x), "b": self.b(x)}
+    torch.manual_seed(0)
+    net, x = TwoHeads().eval(), torch.randn(1, 3, 8, 8)
+    export.to_onnx(net, (x,), tmp_path / "two.onnx")
+    assert export.compare_onnx(tmp_path / "two.onnx", net, (x,))["max_rel"] < 1e-5
+    with torch.no_grad():   # the heads are compared, not their keys: a wrong head shows up
+        net.b.weight.add_(1)
+    assert export.compare_onnx(tmp_path / "two.onnx", net, (x,))["max_rel"] > 0.1

@@ -1,0 +1,32 @@
+"""Model outputs as tensors: CNN heads return a tensor, but segmentation models return dicts
+({"out", "aux"}) and others tuples or lists; comparisons walk all of them alike."""
+import torch
+
+
+def leaves(y):
+    """The tensors in `y` (a tensor, or dicts/lists/tuples of them), in the order torch's pytree and
+    torch.export flatten them (dicts by insertion order); other values are skipped."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in leaves(v)]
+    if isinstance(y, (list, tuple)):
+        return [t for v in y for t in leaves(v)]
+    return []
+
+
+def relative_error(y_hat, y):
+    """||y_hat - y|| / ||y|| in float64 over every tensor of two outputs of the same structure, or None
+    when they hold no tensors or their tensors' shapes differ (detections with different box counts)."""
+    a, b = leaves(y_hat), leaves(y)
+    if not b or len(a) != len(b) or any(u.shape != v.shape for u, v in zip(a, b)):
+        return None
+    a = torch.cat([t.detach().double().reshape(-1).cpu() for t in a])
+    b = torch.cat([t.detach().double().reshape(-1).cpu() for t in b])
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300)).item()
+
+
+def max_abs_difference(y_hat, y):
+    """The largest |y_hat - y| over every tensor of two outputs that relative_error could compare."""
+    return max((float((u.detach().double() - v.detach().double()).abs().max()) if u.numel() else 0.0)
+               for u, v in zip(leaves(y_hat), leaves(y)))
