@@ -106,9 +106,10 @@ def build_parser():
     b = sub.add_parser("bench", help="time a compressed model against its dense counterpart, end to end")
     b.add_argument("model", help="torchvision:NAME (converted here with --method/--ratio) or a directory written by "
                                  "compress --out (timed against the dense model rebuilt from its factors)")
-    b.add_argument("--method", default="svd")
-    b.add_argument("--ratio", type=float, default=4.0)
-    b.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra method option")
+    b.add_argument("--method", help="torchvision:NAME: decomposition method (default: svd)")
+    b.add_argument("--ratio", type=float, help="torchvision:NAME: parameter compression per layer (default 4)")
+    b.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="torchvision:NAME: extra method option")
     b.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     b.add_argument("--input-size", default="224", type=_input_size, metavar="[C x]H[xW]")
     b.add_argument("--channels-last", action="store_true")
@@ -437,6 +438,7 @@ def cmd_bench(args):
     import torch
 
     from . import benchmark, convert
+    from .nn import FactorizedConv2d
 
     _host_malloc.configure(args.host_malloc)   # before the models and inputs are allocated
     if args.threads:
@@ -452,19 +454,27 @@ def cmd_bench(args):
     if args.fold_bn and os.path.isdir(args.model):
         raise ValueError("--fold-bn is for torchvision:NAME models; a compressed directory keeps the folds it was "
                          "made with (compress --fold-bn)")
+    given = [flag for flag, v in (("--method", args.method), ("--ratio", args.ratio), ("--option", args.option))
+             if v is not None and v != []]
+    if given and os.path.isdir(args.model):
+        raise ValueError("%s: for torchvision:NAME models; a compressed directory is timed with the factorizations "
+                         "its plan holds" % "/".join(given))
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = _load_model(args.model, None).to(device).eval()
     if os.path.isdir(args.model):
         compressed, dense = model, benchmark.dense_twin(model)
+        kinds = sorted({m.kind for m in compressed.modules() if isinstance(m, FactorizedConv2d)})
+        method = "+".join(kinds) or "none factorized"
     else:
+        method = args.method or "svd"
         if args.fold_bn:
             from .fold import fold_batch_norms_
             fold_batch_norms_(model)
         options = dict(_parse_option(o) for o in args.option)
-        options.setdefault("ratio", args.ratio)
+        options.setdefault("ratio", args.ratio if args.ratio is not None else 4.0)
         dense, compressed = model, copy.deepcopy(model)
-        convert.convert_(compressed, args.method, example_input=torch.randn(args.input_size[1:]).unsqueeze(0).to(device),
+        convert.convert_(compressed, method, example_input=torch.randn(args.input_size[1:]).unsqueeze(0).to(device),
                          progress=False, decompose_threads=1, **options)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     dtype = getattr(torch, args.dtype)
@@ -481,7 +491,7 @@ def cmd_bench(args):
         if args.per_layer:
             rows[-1]["per_layer"] = benchmark.layer_times({"dense": dense, "compressed": compressed}, x,
                                                           runs=args.runs)
-    result = {"model": args.model, "method": args.method, "input": list(args.input_size[1:]), "dtype": args.dtype,
+    result = {"model": args.model, "method": method, "input": list(args.input_size[1:]), "dtype": args.dtype,
               "channels_last": args.channels_last, "fold_bn": args.fold_bn, "fuse_epilogues": args.fuse_epilogues,
               "compile": args.compile,
               "flags": benchmark.flags(), "command": " ".join(sys.argv),
@@ -491,7 +501,7 @@ def cmd_bench(args):
         return 0
     layout = ("channels_last" if args.channels_last else "NCHW") + ("  torch.compile" if args.compile else "")
     layout += "" if args.dtype == "float32" else "  " + args.dtype
-    print("%s  %s  input %s  threads %d  %s" % (args.model, args.method, "x".join(map(str, args.input_size[1:])),
+    print("%s  %s  input %s  threads %d  %s" % (args.model, method, "x".join(map(str, args.input_size[1:])),
                                                result["flags"]["threads"], layout))
     print("host malloc: %s" % result["flags"]["host_malloc"])
     print("%6s %12s %14s %8s" % ("batch", "dense ms", "compressed ms", "ratio"))

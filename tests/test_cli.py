@@ -47,7 +47,7 @@ def test_usage_errors_exit_2(capsys):
 
 def test_compress_out_then_report_and_recompress(tmp_path, capsys):
     d = str(tmp_path / "m")
-    assert main(["compress", "torchvision:mobilenet_v2", "--ratio", "2", "--input-size", "1x3x32x32",
+    assert main(["compress", "torchvision:mobilenet_v2", "--method", "hsv", "--ratio", "2", "--input-size", "1x3x32x32",
                  "--min-params", "20000", "--out", d, "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)  # --json keeps stdout machine-readable
@@ -61,6 +61,12 @@ def test_compress_out_then_report_and_recompress(tmp_path, capsys):
     # A saved directory is a model source too: the remaining convs stay as they were.
     assert main(["compress", d, "--ratio", "2", "--input-size", "32", "--min-params", "20000", "--verify"]) == 0
     assert "verify: OK" in capsys.readouterr().out
+    # bench names the method the directory holds, not its --method default
+    assert main(["bench", d, "--input-size", "32", "--batch", "1", "--min-run-time", "0.02", "--threads", "1",
+                 "--host-malloc", "default", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "hsv"
+    assert main(["bench", d, "--method", "svd", "--host-malloc", "default"]) == 1
+    assert "--method: for torchvision:NAME models" in capsys.readouterr().err
 
 
 def test_weights_file(tmp_path, capsys):
