@@ -338,3 +338,39 @@ def test_bad_factor_shapes_in_op_and_reference(kind, factors, match):
         hsvkernels.reference.conv2d_factors(x, fs, None, 1, 1, 1, 1, kind)
     with pytest.raises(ValueError, match=match):
         hsvkernels.Factorization(kind, fs, (6, 8, 3, 3))
+
+
+@pytest.mark.parametrize("method", sorted(hsvkernels.METHODS))
+def test_zero_and_one_hot_weights_give_finite_factors(method):
+    # A BN with gamma = 0 (torchvision's zero_init_residual) folds into an all-zero conv; kcp and cp's ALS
+    # divided 0 by 0 there (a 1e-300 clamp is 0 in float32) and handed NaN factors to the model.
+    one_hot = torch.zeros(16, 16, 3, 3)
+    one_hot[0, 0, 1, 1] = 1
+    for w in (torch.zeros(16, 16, 3, 3), one_hot):
+        fact = hsvkernels.decompose(w, method, ratio=2)
+        assert all(torch.isfinite(f).all() for f in fact.factors), method
+        assert torch.isfinite(fact.to_dense()).all()
+    assert fact.relative_error(one_hot) <= 1.0 + 1e-6
+    if method == "cp":   # a rank the ratio does not give also went through the 0/0
+        assert torch.isfinite(hsvkernels.decompose(torch.zeros(16, 16, 3, 3), "cp", rank=4).to_dense()).all()
+
+
+def test_non_finite_factors_are_refused_and_the_layer_stays_dense(monkeypatch):
+    import importlib
+
+    from torch import nn
+    methods = importlib.import_module("hsvkernels.decompose").METHODS   # the package; hsvkernels.decompose is the function
+    real = methods["svd"]
+
+    def broken(weight, **kwargs):
+        fact = real(weight, **kwargs)
+        fact.factors[0].fill_(float("nan"))
+        return fact
+    monkeypatch.setitem(methods, "svd", broken)
+    with pytest.raises(ValueError, match="produced NaN or Inf factors for the finite weight"):
+        hsvkernels.decompose(torch.randn(8, 8, 3, 3), "svd", ratio=2)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    monkeypatch.setitem(methods, "svd", lambda w, **kw: (broken if w.shape[1] == 8 else real)(w, **kw))
+    report = hsvkernels.convert_(model, "svd", ratio=2, min_params=0, progress=False)
+    assert isinstance(model[0], nn.Conv2d) and "NaN or Inf factors" in report["0"].reason
+    assert isinstance(model[1], hsvkernels.FactorizedConv2d)

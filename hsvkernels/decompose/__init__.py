@@ -42,7 +42,7 @@ def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, *
                 for the methods that take it (hsv, kcp, svd).
     Give rank, or one or both targets. Other options are method-specific.
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError("unknown method %r; expected one of: %s" % (method, ", ".join(sorted(METHODS))))
     check_weight(weight)
     if rank is None and ratio is None and macs_ratio is None:
@@ -58,4 +58,9 @@ def decompose(weight, method="svd", *, rank=None, ratio=None, macs_ratio=None, *
             raise ValueError("decompose(method=%r) does not take macs_ratio=; use ratio= or rank=" % method)
         options["macs_ratio"] = macs_ratio
     with torch.no_grad():
-        return METHODS[method](weight.detach(), rank=rank, ratio=ratio, **options)
+        fact = METHODS[method](weight.detach(), rank=rank, ratio=ratio, **options)
+    if not all(torch.isfinite(f).all() for f in fact.factors):
+        # A finite weight must give finite factors; convert_ keeps such a layer dense with this reason.
+        raise ValueError("decompose(method=%r) produced NaN or Inf factors for the finite weight of shape %s"
+                         % (method, tuple(weight.shape)))
+    return fact

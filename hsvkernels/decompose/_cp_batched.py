@@ -94,7 +94,8 @@ def als(x, rank, iters=200, tol=1e-10, ridge=1e-12, seed=0, bases=None, relative
     b, m = x.shape[0], x.dim() - 1
     factors = initial_factors(unfolding_bases(x) if bases is None else bases, rank, seed)
     mttkrp_of = _Mttkrp(x)
-    norm_sq = x.flatten(1).square().sum(1).clamp_min(1e-300)
+    tiny = torch.finfo(x.dtype).tiny   # 1e-300 is 0 in float32: an all-zero block would divide 0 by 0
+    norm_sq = x.flatten(1).square().sum(1).clamp_min(tiny)
     eye = torch.eye(rank, dtype=x.dtype, device=x.device)
     weights = x.new_ones(b, rank)
     err = x.new_ones(b)
@@ -107,9 +108,9 @@ def als(x, rank, iters=200, tol=1e-10, ridge=1e-12, seed=0, bases=None, relative
         for k in range(m):
             gram = _hadamard_except(grams, k)
             mttkrp = mttkrp_of(factors, k)
-            reg = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
+            reg = (ridge * gram.diagonal(dim1=1, dim2=2).mean(1)).clamp_min(tiny)   # > 0 once a factor is 0
             a = torch.linalg.solve(gram + reg[:, None, None] * eye, mttkrp.transpose(1, 2)).transpose(1, 2)
-            norms = a.norm(dim=1).clamp_min(1e-300)
+            norms = a.norm(dim=1).clamp_min(tiny)
             factors[k] = torch.where(keep, a / norms[:, None, :], factors[k])
             grams[k] = factors[k].transpose(1, 2) @ factors[k]
             weights = torch.where(active[:, None], norms, weights)

@@ -61,7 +61,7 @@ def als(w, r, iters=500, tol=1e-6, ridge=1e-12, seed=0):
 
 def balance(factors):
     """Equal column norms across the four factors (signs stay in A_T): better fp32 conditioning."""
-    norms = [f.norm(dim=0).clamp_min(1e-300) for f in factors]
+    norms = [f.norm(dim=0).clamp_min(torch.finfo(f.dtype).tiny) for f in factors]
     scale = torch.stack(norms).prod(dim=0) ** 0.25
     return [f / n * scale for f, n in zip(factors, norms)]
 

@@ -152,9 +152,10 @@ def _cp(x, rank, iters, tol):
 def _balance(factors):
     """Gives every mode of each CP term the same norm (keeps fp32/bf16 factors well scaled)."""
     norms = torch.stack([f.norm(dim=1) for f in factors])        # (modes, B, R)
-    target = norms.clamp_min(1e-300).log().mean(0).exp()
+    tiny = torch.finfo(norms.dtype).tiny   # 1e-300 is 0 in float32
+    target = norms.clamp_min(tiny).log().mean(0).exp()
     target = torch.where((norms == 0).any(0), torch.zeros_like(target), target)
-    return [f * (target / n.clamp_min(1e-300))[:, None, :] for f, n in zip(factors, norms)]
+    return [f * (target / n.clamp_min(tiny))[:, None, :] for f, n in zip(factors, norms)]
 
 
 def cp_spatial(a, rank, iters=200, tol=1e-10):
@@ -270,7 +271,7 @@ def _als_errors(x, ranks, iters=8):
     n = x.shape[0]
     dims = [d for d in x.shape[1:] if d > 1]
     x = x.reshape(n, *dims)
-    total = x.flatten(1).square().sum(1).clamp_min(1e-30)
+    total = x.reshape(n, -1).square().sum(1).clamp_min(1e-30)   # reshape: dims may all be 1 (a 1x1x1x1 weight)
     bases = _cp_batched.unfolding_bases(x) if len(dims) > 2 else None   # shared by all ranks
     out = []
     for rank in ranks:
