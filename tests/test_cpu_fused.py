@@ -307,17 +307,21 @@ def test_fused_im2col_panels(dims, layout, isa):
 
 
 def test_fused_im2col_panels_only_where_it_applies():
-    # 9 input channels, 5 at stride 2, a 1x1 conv, hsv with T2 > 1, and the setting "off" take the other
-    # kernels; a bad setting is refused by name.
+    # 9 input channels, 5 at stride 2, a 1x1 conv, hsv with T2 > 1, a stride over 16 (its phase copies would
+    # take stride x the row: 10**9 asked for gigabytes) and the setting "off" take the other kernels; a bad
+    # setting is refused by name.
+    three = [torch.randn(4, 3, 3, 3), torch.randn(6, 4)]
     cases = [
-        (torch.randn(2, 9, 10, 10), [torch.randn(4, 9, 3, 3), torch.randn(6, 4)], "svd", 1, False),
-        (torch.randn(2, 5, 10, 10), [torch.randn(4, 5, 3, 3), torch.randn(6, 4)], "svd", 1, False),
-        (torch.randn(2, 3, 10, 10), [torch.randn(4, 3, 1, 1), torch.randn(6, 4)], "svd", 0, False),
-        (torch.randn(2, 3, 10, 10), [torch.randn(4, 2, 3, 3, 3), torch.randn(3, 1, 4)], "hsv", 1, False),
-        (torch.randn(2, 3, 10, 10), [torch.randn(4, 3, 3, 3), torch.randn(6, 4)], "svd", 1, True),
+        (torch.randn(2, 9, 10, 10), [torch.randn(4, 9, 3, 3), torch.randn(6, 4)], "svd", 1, [1, 1], False),
+        (torch.randn(2, 5, 10, 10), [torch.randn(4, 5, 3, 3), torch.randn(6, 4)], "svd", 1, [2, 2], False),
+        (torch.randn(2, 3, 10, 10), [torch.randn(4, 3, 1, 1), torch.randn(6, 4)], "svd", 0, [1, 1], False),
+        (torch.randn(2, 3, 10, 10), [torch.randn(4, 2, 3, 3, 3), torch.randn(3, 1, 4)], "hsv", 1, [1, 1], False),
+        (torch.randn(2, 3, 10, 40), three, "svd", 1, [1, 17], False),
+        (torch.randn(2, 3, 10, 10), three, "svd", 1, [1, 10 ** 9], False),
+        (torch.randn(2, 3, 10, 40), three, "svd", 1, [16, 16], True),
+        (torch.randn(2, 3, 10, 10), three, "svd", 1, [1, 1], True),
     ]
-    for i, (x, factors, kind, pad, applies) in enumerate(cases):
-        stride = [2, 2] if i == 1 else [1, 1]
+    for x, factors, kind, pad, stride, applies in cases:
         with cpu_env("fused"):
             before = im2col_panels_runs()
             y = torch.ops.hsv.conv2d(x, factors, None, stride, [pad, pad], [1, 1], 1, kind)
@@ -328,7 +332,7 @@ def test_fused_im2col_panels_only_where_it_applies():
                 assert im2col_panels_runs() == before
         assert _rel_err(y, y_off) <= TOL32
     with cpu_env("fused"), im2col_panels("yes"), pytest.raises(ValueError, match="HSV_CPU_IM2COL_PANELS='yes'"):
-        torch.ops.hsv.conv2d(cases[4][0], cases[4][1], None, [1, 1], [1, 1], [1, 1], 1, "svd")
+        torch.ops.hsv.conv2d(cases[-1][0], cases[-1][1], None, [1, 1], [1, 1], [1, 1], 1, "svd")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -47,6 +47,7 @@ constexpr int64_t kBandPixels = 512;  // output pixels per band: long runs per o
 // the losses all at stride 2, where few FMAs follow each copied input value (the NHWC copy is a strided one).
 constexpr int64_t kMaxChannels = 8;
 constexpr int64_t kMaxChannelsStrided = 4;
+constexpr int64_t kMaxStride = 16;
 
 std::atomic<int64_t> g_runs{0};
 
@@ -74,6 +75,9 @@ bool im2col_panels_applies(const at::Tensor& input, int64_t kh, int64_t kw, at::
   if (uk.b_rows == nullptr || kh * kw < 2 || input.scalar_type() != at::kFloat || input.dim() != 4) return false;
   const bool unit_stride = stride[0] == 1 && stride[1] == 1;
   if (input.size(1) > (unit_stride ? kMaxChannels : kMaxChannelsStrided)) return false;
+  // The phase copies of an input row take stride[1] times its width: bounded, so a huge stride
+  // (patchify stems use up to 16) cannot ask for gigabytes; the general kernel takes those.
+  if (stride[0] > kMaxStride || stride[1] > kMaxStride) return false;
   return env_choice("HSV_CPU_IM2COL_PANELS", {"on", "off"}) == 0;
 }
 
