@@ -78,10 +78,10 @@ def build_parser():
     ft.add_argument("--batch-size", type=_positive_int, default=32, help="(default 32)")
     ft.add_argument("--distill", action="store_true", help="also match the uncompressed model's outputs "
                                                            "(knowledge distillation)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", type=_device)
     c.add_argument("--seed", type=int, default=0, help="seed for random init and the random batches")
-    c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    c.add_argument("--decompose-threads", type=int, default=1,
+    c.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--decompose-threads", type=_positive_int, default=1,
                    help="CPU threads while decomposing (default 1: threaded LAPACK SVD is slow on shared cores)")
     _output_flags(c)
     c.set_defaults(func=cmd_compress)
@@ -128,9 +128,9 @@ def build_parser():
                    help="also time each conv inside both models' forwards (hooks) and alone, back to back on the "
                         "input it saw there (hsvkernels.benchmark.layer_times); not with --compile")
     b.add_argument("--runs", type=int, default=20, help="with --per-layer: hooked forwards and alone calls per conv")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    b.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and batch")
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--min-run-time", type=_seconds, default=1.0, help="seconds of timing per model and batch")
+    b.add_argument("--device", default="cpu", type=_device)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _host_malloc.add_argument(b)
@@ -151,7 +151,7 @@ def build_parser():
     d.add_argument("--ratio", type=float, default=4.0, help="parameter compression per layer (default 4)")
     d.add_argument("--out", metavar="DIR", help="where to save the most accurate compressed model (default: a temp dir)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     d.add_argument("--quick", action="store_true", help="tiny settings, seconds not minutes (for tests)")
     d.set_defaults(func=cmd_demo)
     return p
@@ -169,6 +169,27 @@ def _positive_int(text):
     if n < 1:
         raise argparse.ArgumentTypeError("expected a positive integer, got %r" % text)
     return n
+
+
+def _seconds(text):
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not 0 < t < float("inf"):   # NaN or inf would keep the timer running forever
+        raise argparse.ArgumentTypeError("expected a finite number of seconds > 0, got %r" % text)
+    return t
+
+
+def _device(text):
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).splitlines()[0]) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("%r: no CUDA device is available here" % text)
+    return text
 
 
 def _output_flags(p):
@@ -391,7 +412,9 @@ def _load_weights(model, path):
     try:
         model.load_state_dict(io.with_module_versions(state, model), strict=True)
     except RuntimeError as exc:
-        raise ValueError("weights in %s do not fit the model: %s" % (path, str(exc).splitlines()[0])) from None
+        detail = " ".join(str(exc).split())   # torch lists the missing, unexpected and mis-shaped keys
+        raise ValueError("weights in %s do not fit the model: %s" % (
+            path, detail if len(detail) <= 600 else detail[:597] + "...")) from None
 
 
 def _aux(args):
@@ -447,6 +470,8 @@ def cmd_bench(args):
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise ValueError("--batch expects a comma list of integers, got %r" % args.batch) from None
+    if min(batches) < 1:
+        raise ValueError("--batch sizes must be >= 1, got %r" % args.batch)
     if args.per_layer and args.compile:
         raise ValueError("--per-layer times the convs as module calls, which torch.compile removes; drop --compile")
     if args.runs < 1:

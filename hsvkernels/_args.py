@@ -27,3 +27,15 @@ def check_target(name, value, what=None):
         if what:
             raise ValueError("%s is %s (dense / factorized) and must be a number >= 1, got %r" % (name, what, value))
         raise ValueError("%s must be a number >= 1, got %r" % (name, value))
+
+
+def check_seconds(name, value):
+    """A timing budget in seconds: a finite number > 0 (NaN or inf would keep torch's autorange running forever)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError("%s must be a finite number of seconds > 0, got %r" % (name, value))
+
+
+def check_count(name, value):
+    """A repetition count: an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("%s must be an int >= 1, got %r" % (name, value))

@@ -2,6 +2,8 @@
 import torch
 from torch.utils import benchmark
 
+from ._args import check_seconds
+
 
 def latency_ms(module, x, min_run_time=0.05):
     """Median milliseconds per call of module(x), under no_grad.
@@ -15,6 +17,7 @@ def latency_ms(module, x, min_run_time=0.05):
     That is the cost in a graph-replayed or compiled model; in a host-bound
     eager model it is only the part the factorization changes.
     """
+    check_seconds("min_run_time", min_run_time)
     with torch.no_grad():
         if x.is_cuda:
             try:

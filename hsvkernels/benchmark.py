@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from . import _host_malloc
+from ._args import check_count, check_seconds
 
 
 GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
@@ -31,6 +32,8 @@ def time_pair(dense, compressed, x, *, min_run_time=1.0, rounds=3, num_threads=N
     ("inference_mode" or "no_grad": deployments use either, and per-call overheads differ between them)."""
     if grad_mode not in GRAD_MODES:
         raise ValueError("grad_mode must be one of %s, got %r" % (sorted(GRAD_MODES), grad_mode))
+    check_seconds("min_run_time", min_run_time)
+    check_count("rounds", rounds)
     threads = torch.get_num_threads() if num_threads is None else num_threads
     fns = {"dense": dense, "compressed": compressed}
     blocks = {name: [] for name in fns}
@@ -102,8 +105,9 @@ def layer_times(models, x, *, runs=20, warmup=3, alone=True, grad_mode="inferenc
         raise ValueError("grad_mode must be one of %s, got %r" % (sorted(GRAD_MODES), grad_mode))
     if not isinstance(models, dict) or not models:
         raise ValueError("models must be a non-empty dict {label: model}, got %r" % type(models).__name__)
-    if runs < 1 or warmup < 0:
-        raise ValueError("runs must be >= 1 and warmup >= 0, got runs=%r warmup=%r" % (runs, warmup))
+    check_count("runs", runs)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError("warmup must be an int >= 0, got %r" % (warmup,))
     if not isinstance(x, torch.Tensor):
         raise TypeError("layer_times: x must be the models' input tensor, got %s" % type(x).__name__)
     clock = _Clock(x.device)

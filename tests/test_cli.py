@@ -79,7 +79,8 @@ def test_weights_file(tmp_path, capsys):
     bad = str(tmp_path / "bad.pt")
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), bad)
     assert main(["compress", "torchvision:resnet18", "--weights", bad, "--input-size", "32"]) == 1
-    assert "do not fit the model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "do not fit the model" in err and "Unexpected key(s)" in err and "layer1.2.conv1.weight" in err
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     assert main(["compress", "torchvision:resnet18", "--weights", str(junk)]) == 1
@@ -131,6 +132,18 @@ def test_bench_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "torchvision:resnet18", "--dtype", "float64"])
     assert "invalid choice: 'float64'" in capsys.readouterr().err
+    assert main(["bench", "torchvision:resnet18", "--batch", "1,-1", "--host-malloc", "default"]) == 1
+    assert "--batch sizes must be >= 1" in capsys.readouterr().err
+    # NaN seconds kept torch's autorange running forever; bad devices and thread counts raised RuntimeErrors
+    for flags, message in ((["--min-run-time", "nan"], "expected a finite number of seconds > 0, got 'nan'"),
+                           (["--min-run-time", "-1"], "expected a finite number of seconds > 0"),
+                           (["--threads", "-3"], "expected a positive integer, got '-3'"),
+                           (["--device", "bogus"], "argument --device: Expected one of"),
+                           (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99x"],
+                            "argument --device:")):
+        with pytest.raises(SystemExit):
+            main(["bench", "torchvision:resnet18"] + flags)
+        assert message in capsys.readouterr().err, flags
 
 
 def bench_json(*flags):

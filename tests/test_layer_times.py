@@ -92,7 +92,7 @@ def test_bad_arguments_are_named():
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match="models must be a non-empty dict"):
         benchmark.layer_times(net, x)
-    with pytest.raises(ValueError, match="runs must be >= 1"):
+    with pytest.raises(ValueError, match="runs must be an int >= 1"):
         benchmark.layer_times({"net": net}, x, runs=0)
     with pytest.raises(TypeError, match="x must be the models' input tensor, got list"):
         benchmark.layer_times({"net": net}, [x])

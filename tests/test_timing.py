@@ -60,3 +60,18 @@ def test_time_pair_runs_under_the_grad_mode_asked_for():
         assert t["ratio"] > 0 and set(seen) == {expected}
     with pytest.raises(ValueError, match="grad_mode must be one of \\['inference_mode', 'no_grad'\\], got 'eval'"):
         benchmark.time_pair(Probe(), Probe(), torch.ones(2), grad_mode="eval")
+
+
+def test_timing_budgets_must_be_finite_seconds():
+    # NaN or inf seconds kept torch.utils.benchmark's blocked_autorange running forever
+    from hsvkernels import _timing, benchmark
+    net, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    for bad in (float("nan"), float("inf"), 0, -1.0, "1"):
+        with pytest.raises(ValueError, match="min_run_time must be a finite number of seconds > 0"):
+            benchmark.time_pair(net, net, x, min_run_time=bad)
+        with pytest.raises(ValueError, match="min_run_time must be a finite number of seconds > 0"):
+            _timing.latency_ms(net, x, min_run_time=bad)
+    with pytest.raises(ValueError, match="rounds must be an int >= 1, got 0"):
+        benchmark.time_pair(net, net, x, min_run_time=0.01, rounds=0)
+    with pytest.raises(ValueError, match="runs must be an int >= 1, got 1.5"):
+        benchmark.layer_times({"net": net}, x, runs=1.5)
