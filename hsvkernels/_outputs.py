@@ -1,5 +1,5 @@
-"""Model outputs as tensors: CNN heads return a tensor, but segmentation models return dicts
-({"out", "aux"}) and others tuples or lists; comparisons walk all of them alike."""
+"""Model inputs and outputs as tensors: CNN heads return a tensor, but segmentation models return dicts
+({"out", "aux"}) and others tuples or lists; comparisons and checks walk all of them alike."""
 import torch
 
 
@@ -30,3 +30,10 @@ def max_abs_difference(y_hat, y):
     """The largest |y_hat - y| over every tensor of two outputs that relative_error could compare."""
     return max((float((u.detach().double() - v.detach().double()).abs().max()) if u.numel() else 0.0)
                for u, v in zip(leaves(y_hat), leaves(y)))
+
+
+def check_finite(name, value):
+    """ValueError naming `name` if a tensor in `value` (a tensor or a tuple/list/dict of them) holds NaN or Inf."""
+    for t in leaves(value):
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise ValueError("%s contains NaN or Inf values; errors measured on it would be NaN" % name)

@@ -393,6 +393,7 @@ def _probe(model, convs, example_input, keep_inputs, what="example_input"):
     Returns {conv: ((Hin, Win), (Hout, Wout))}, {conv: its input} (if asked) and the model's output.
     """
     default = example_input is None
+    _outputs.check_finite(what, example_input)   # a NaN would make every measured error NaN
     if default:
         device, dtype = _model_device_dtype(model)
         example_input = torch.randn(_default_input_shape(convs), device=device, dtype=dtype)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _outputs
 from ._threads import single_thread
 from .decompose import METHODS
 from .decompose import decompose as _decompose
@@ -405,13 +406,16 @@ def select(layers, method="svd", *, ratio=None, macs_ratio=None, latency_ratio=N
             raise ValueError("latency_ratio= needs a model (an nn.Module) to time its layers, not a list of weights")
         if isinstance(latency_points, bool) or not isinstance(latency_points, int) or latency_points < 2:
             raise ValueError("latency_points must be an int >= 2, got %r" % (latency_points,))
+    for name, batch in (("example_input", example_input), ("calibration", calibration)):
+        _outputs.check_finite(name, batch)   # one NaN made every layer's error NaN and the plan rank 1 everywhere
     layers = _as_layers(layers, example_input if example_input is not None else calibration)
     if not layers:
         raise ValueError("select: no layers to compress (nn.Conv2d with groups == 1)")
     if sensitivities is not None:
         sensitivities = [float(w) for w in sensitivities]
-        if len(sensitivities) != len(layers) or min(sensitivities) < 0:
-            raise ValueError("sensitivities must be %d non-negative numbers, one per layer" % len(layers))
+        if len(sensitivities) != len(layers) or not all(0 <= w < math.inf for w in sensitivities):
+            raise ValueError("sensitivities must be %d finite non-negative numbers, one per layer, got %s"
+                             % (len(layers), sensitivities))
     takes_in_hw = "in_hw" in inspect.signature(fn).parameters
     disable = None if progress else True
     tables = []

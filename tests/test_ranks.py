@@ -324,3 +324,19 @@ def test_a_changed_weight_is_decomposed_again():
     ranks.apply(net, plan)
     assert getattr(net, name) is not timed
     torch.testing.assert_close(getattr(net, name).weight, want.weight)
+
+
+def test_non_finite_calibration_and_sensitivities_are_refused():
+    # One NaN in the batch made every layer's error NaN, and the allocation gave rank 1 everywhere, silently.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration contains NaN or Inf"):
+        ranks.select(net, "svd", ratio=2, calibration=x, progress=False)
+    with pytest.raises(ValueError, match="example_input contains NaN or Inf"):
+        ranks.select(net, "svd", ratio=2, example_input=x, progress=False)
+    with pytest.raises(ValueError, match="sensitivities must be 2 finite non-negative numbers"):
+        ranks.select(net, "svd", ratio=2, example_input=x[1:], sensitivities=[float("nan"), 1.0], progress=False)
+    with pytest.raises(ValueError, match="example_input contains NaN or Inf"):
+        hsvkernels.convert_(net, "svd", ratio=2, example_input=x, progress=False)
