@@ -204,6 +204,16 @@ def _refold(model, bn_name, conv_name):
 
 def _rebuild_layer(model, layer, index):
     """Replaces the nn.Conv2d at layer['name'] with a FactorizedConv2d of the planned shapes."""
+    try:
+        _rebuild_checked(model, layer, index)
+    except SaveFileError:
+        raise
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:   # an edited plan: wrong types or shapes
+        raise SaveFileError("plan layer %r (layers[%d]) is malformed: %s: %s"
+                            % (layer.get("name"), index, type(exc).__name__, exc)) from None
+
+
+def _rebuild_checked(model, layer, index):
     name = layer["name"]
     try:
         conv = model.get_submodule(name)
@@ -226,8 +236,9 @@ def _rebuild_layer(model, layer, index):
         raise SaveFileError("plan layer %r does not match the model's conv (%s): wrong architecture for this save?"
                             % (name, "; ".join(diff)))
     dtype = getattr(torch, layer["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise SaveFileError("plan layer %r has unknown dtype %r" % (name, layer["dtype"]))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SaveFileError("plan layer %r has dtype %r; expected a floating-point torch dtype name"
+                            % (name, layer["dtype"]))
     device = conv.weight.device
     factors = [torch.empty(tuple(s), dtype=dtype, device=device) for s in layer["factor_shapes"]]
     try:

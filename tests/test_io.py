@@ -188,3 +188,21 @@ def test_every_method_converts_saves_and_loads(method, tmp_path):
     kinds = [m.kind for m in model.modules() if isinstance(m, FactorizedConv2d)]
     assert [m.kind for m in loaded.modules() if isinstance(m, FactorizedConv2d)] == kinds
     assert len(kinds) == len(report.factorized)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("factor_shapes", [[-1, 3, 3, 3], [64, 16]]), "malformed: RuntimeError"),
+    (("factor_shapes", "7x32"), "malformed: TypeError"),
+    (("kernel_size", 3), "malformed: TypeError"),
+    (("dtype", "int32"), "dtype 'int32'; expected a floating-point torch dtype name"),
+    (("dtype", 5), "malformed: TypeError"),
+], ids=["negative-shape", "shape-string", "kernel-int", "int-dtype", "dtype-number"])
+def test_an_edited_plan_layer_gets_a_save_file_error(saved_small, edit, message):
+    # An edited plan raised raw RuntimeError/TypeError from inside the rebuild, naming no layer
+    _, d = saved_small
+    plan = json.loads((d / io.PLAN_FILE).read_text())
+    key, value = edit
+    plan["layers"][0][key] = value
+    (d / io.PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(SaveFileError, match=r"plan layer '\d+'.*" + message):
+        io.load(d, model=small_net())
