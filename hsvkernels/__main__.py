@@ -265,6 +265,9 @@ def cmd_compress(args):
         raise ValueError("--budget/--macs-budget/--latency-budget size every layer; do not also give --ratio or --rank")
     if args.latency_budget is not None and args.macs_budget is not None:
         raise ValueError("give --macs-budget or --latency-budget, not both")
+    for flag, value in (("--budget", args.budget), ("--macs-budget", args.macs_budget)):
+        if value is not None and not 1 <= value < float("inf"):
+            raise ValueError("%s is a reduction factor >= 1 (dense / compressed, model-wide), got %g" % (flag, value))
     if args.latency_budget is not None and not args.latency_budget >= 1:
         raise ValueError("--latency-budget is a latency reduction factor >= 1 (2: half the measured conv latency), "
                          "got %g" % args.latency_budget)
@@ -376,6 +379,8 @@ def _load_model(spec, weights):
 
     if os.path.isdir(spec):
         model = io.load(spec)
+    elif ":" not in spec and not os.path.exists(spec):
+        raise ValueError("%r: no such directory, and not a torchvision:NAME reference either" % spec)
     elif spec.startswith("torchvision:") or not os.path.exists(spec):
         model = models.build(spec)
     else:
@@ -565,6 +570,8 @@ def _per_layer_lines(batch, times):
 # export -------------------------------------------------------------------------------------
 
 def cmd_export(args):
+    import os
+
     import torch
 
     from . import export
@@ -573,6 +580,9 @@ def cmd_export(args):
         raise ValueError("give --onnx FILE and/or --pt2 FILE")
     if args.verify and not args.onnx:
         raise ValueError("--verify checks the ONNX file; give --onnx FILE")
+    for flag, path in (("--onnx", args.onnx), ("--pt2", args.pt2)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):   # checked before the slow export
+            raise ValueError("%s %s: directory %s does not exist" % (flag, path, os.path.dirname(os.path.abspath(path))))
     missing = export.missing_packages(*(("onnx", "onnxscript") if args.onnx else ()),
                                       *(("onnxruntime",) if args.verify else ()))
     if missing:   # before the model is loaded and traced

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from . import _outputs
+from ._args import check_target
 from ._progress import progress as progress_bar
 from .decompose import METHODS
 from .fold import fold_batch_norms_, replace_module as _replace
@@ -81,11 +82,30 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
     """
     if not isinstance(model, nn.Module):
         raise TypeError("convert_ expects an nn.Module, got %s" % type(model).__name__)
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError("convert_: overrides must be a dict {name pattern: None or decompose arguments}, got %s"
+                        % type(overrides).__name__)
     overrides = dict(overrides or {})
     if isinstance(skip, str):
         skip = (skip,)
+    if skip is None or not isinstance(skip, (list, tuple, set)) or not all(isinstance(p, str) for p in skip):
+        raise TypeError("convert_: skip must be a name pattern or a list of them (fnmatch strings), got %r" % (skip,))
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("convert_: filter_fn must be callable as filter_fn(module, name) -> bool, got %r"
+                        % (filter_fn,))
+    if decompose_threads is not None and (isinstance(decompose_threads, bool) or not isinstance(decompose_threads, int)
+                                          or decompose_threads < 1):
+        raise ValueError("convert_: decompose_threads must be None or an int >= 1, got %r" % (decompose_threads,))
+    if isinstance(min_params, bool) or not isinstance(min_params, int) or min_params < 0:
+        raise ValueError("convert_: min_params must be an int >= 0, got %r" % (min_params,))
+    for name, value in (("example_input", example_input), ("calibration", calibration)):
+        if value is not None and not _outputs.leaves(value):
+            raise TypeError("convert_: %s must be the model's input tensor (or a tuple of its inputs), got %s"
+                            % (name, type(value).__name__))
     _check_method(method, "method")
     for pattern, value in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError("overrides keys must be layer-name patterns (str), got %r" % (pattern,))
         if value is not None and not isinstance(value, dict):
             raise TypeError("overrides[%r] must be None (keep dense) or a dict of decompose arguments, got %r"
                             % (pattern, value))
@@ -291,6 +311,8 @@ def _check_budget(budget):
         raise ValueError("convert_: budget must be a number (parameter compression) or a dict with 'ratio' and/or "
                          "'macs_ratio', got %r (for a measured latency budget: plan = ranks.select(model, method, "
                          "latency_ratio=..., example_input=x), then convert_(model, ranks=plan))" % (budget,))
+    for key, value in budget.items():
+        check_target("budget[%r]" % key, value, "a parameter compression" if key == "ratio" else "a MAC reduction")
     return dict(budget)
 
 

@@ -37,6 +37,14 @@ def test_unknown_model_fails_with_one_line():
     assert "unknown torchvision model 'resnet1'" in r.stderr and "resnet18" in r.stderr
 
 
+def test_missing_paths_are_named(tmp_path, capsys):
+    assert main(["compress", str(tmp_path / "no_such_dir")]) == 1
+    assert "no_such_dir': no such directory, and not a torchvision:NAME reference" in capsys.readouterr().err
+    assert main(["export", "torchvision:resnet18", "--pt2", str(tmp_path / "nowhere" / "m.pt2")]) == 1
+    assert "--pt2 %s: directory %s does not exist" % (tmp_path / "nowhere" / "m.pt2", tmp_path / "nowhere") \
+        in capsys.readouterr().err
+
+
 def test_usage_errors_exit_2(capsys):
     for argv in ([], ["compress"], ["compress", "torchvision:resnet18", "--input-size", "axb"], ["frobnicate"]):
         with pytest.raises(SystemExit) as e:
@@ -216,6 +224,8 @@ def test_compress_with_a_latency_budget(capsys):
     assert main(["compress", "torchvision:resnet18", "--latency-budget", "2", "--macs-budget", "2"]) == 1
     assert "not both" in capsys.readouterr().err
     # flags checked by their own names before anything is converted
+    assert main(["compress", "torchvision:resnet18", "--budget", "0.5"]) == 1
+    assert "--budget is a reduction factor >= 1" in capsys.readouterr().err
     assert main(["compress", "torchvision:resnet18", "--latency-budget", "0.5"]) == 1
     assert "--latency-budget is a latency reduction factor >= 1" in capsys.readouterr().err
     assert main(["compress", "torchvision:resnet18", "--latency-points", "3"]) == 1

@@ -301,8 +301,10 @@ def test_budget_argument_errors():
         convert_(small_net(), "svd", budget={"latency_ratio": 2}, **FAST)
     with pytest.raises(TypeError, match="ranks must be a hsvkernels.ranks.Plan"):
         convert_(small_net(), "svd", ranks=[3], **FAST)
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(ValueError, match=r"budget\['ratio'\] is a parameter compression .* got 0.5"):
         convert_(small_net(), "svd", budget=0.5, min_params=100, **FAST)
+    with pytest.raises(ValueError, match=r"budget\['macs_ratio'\] is a MAC reduction .* got 'x'"):
+        convert_(small_net(), "svd", budget={"macs_ratio": "x"}, min_params=100, **FAST)
     with pytest.raises(ValueError, match="offers no candidates"):
         convert_(small_net(), "cp", budget=2, min_params=100, **FAST)
     from hsvkernels import ranks
@@ -392,3 +394,20 @@ def test_cli_verify_compares_dict_outputs_and_refuses_incomparable_ones():
     out = _io.StringIO()
     assert _verify(Words(), Words(), x, out) == 1
     assert "FAILED: the outputs (list) hold no tensors of matching shapes" in out.getvalue()
+
+
+def test_bad_argument_types_are_named():
+    net = small_net()
+    for kwargs, error, message in (
+            (dict(skip=5), TypeError, "skip must be a name pattern or a list of them"),
+            (dict(skip=[5]), TypeError, "skip must be a name pattern"),
+            (dict(skip=None), TypeError, "skip must be a name pattern"),
+            (dict(overrides=["0"]), TypeError, "overrides must be a dict"),
+            (dict(overrides={0: None}), TypeError, "overrides keys must be layer-name patterns"),
+            (dict(filter_fn=5), TypeError, "filter_fn must be callable"),
+            (dict(min_params="10"), ValueError, "min_params must be an int >= 0"),
+            (dict(example_input="abc"), TypeError, "example_input must be the model's input tensor"),
+            (dict(decompose_threads=0), ValueError, "decompose_threads must be None or an int >= 1")):
+        with pytest.raises(error, match=message):
+            convert_(net, "svd", ratio=2, progress=False, **kwargs)
+    assert not any(isinstance(m, FactorizedConv2d) for m in net.modules())   # refused before anything changed
