@@ -258,6 +258,8 @@ def revert_(model):
     convert_(fold_bn=True) stay folded: the dense convs hold the folded weights
     and bias, and the FoldedBatchNorm identities stay in place.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError("revert_ expects an nn.Module, got %s" % type(model).__name__)
     names = []
     for name, m in list(model.named_modules()):
         if isinstance(m, FactorizedConv2d):

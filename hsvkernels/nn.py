@@ -37,6 +37,9 @@ class FactorizedConv2d(nn.Module):
         self.kernel_size = (kh, kw)
         self.stride = pair(stride, "stride")
         self.dilation = pair(dilation, "dilation")
+        for name, value in (("stride", self.stride), ("dilation", self.dilation)):
+            if min(value) < 1:
+                raise ValueError("%s must be >= 1, got %s" % (name, value))
         self.groups = 1
         if padding_mode not in PADDING_MODES:
             raise ValueError("padding_mode must be one of %s, got %r" % (PADDING_MODES, padding_mode))
@@ -50,6 +53,8 @@ class FactorizedConv2d(nn.Module):
             self.padding = padding
         else:
             self.padding = pair(padding, "padding")
+            if min(self.padding) < 0:
+                raise ValueError("padding must be >= 0, got %s" % (self.padding,))
         # Ordinary tensors even when built under torch.inference_mode (a model converted or loaded
         # there): the fused kernels cache packed factors by version counter, which inference
         # tensors lack, so such factors would be repacked on every call (ResNet-18: 13% slower).
@@ -131,6 +136,8 @@ class FactorizedConv2d(nn.Module):
         return self.factorization.to_dense()
 
     def forward(self, input):
+        if input.dim() == 3:   # unbatched (C, H, W), which nn.Conv2d takes too
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         if self._explicit_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._explicit_pad, mode=mode)

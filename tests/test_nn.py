@@ -168,3 +168,28 @@ def test_inference_tensor_factors_warn_once(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.testing.assert_close(layer(x), y)  # once per process
+
+
+def test_unbatched_input_like_nn_conv2d():
+    # nn.Conv2d takes (C, H, W); a drop-in replacement must too
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1, stride=2)
+    layer = FactorizedConv2d.from_conv(conv, method="svd", rank=4)
+    x = torch.randn(4, 9, 7)
+    y = layer(x)
+    assert y.shape == conv(x).shape == (8, 5, 4)
+    assert torch.allclose(y, layer(x.unsqueeze(0))[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(y, layer.to_dense()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_constructor_and_weights_are_checked_before_forward():
+    fact = hsvkernels.decompose(torch.randn(8, 4, 3, 3), "svd", rank=2)
+    for kwargs, message in ((dict(stride=0), r"stride must be >= 1, got \(0, 0\)"),
+                            (dict(dilation=(1, -1)), r"dilation must be >= 1, got \(1, -1\)"),
+                            (dict(padding=-1), r"padding must be >= 0, got \(-1, -1\)")):
+        with pytest.raises(ValueError, match=message):
+            FactorizedConv2d(fact, **kwargs)
+    with pytest.raises(ValueError, match="weight is on the meta device"):
+        hsvkernels.decompose(torch.empty(8, 4, 3, 3, device="meta"), "svd", rank=2)
+    with pytest.raises(TypeError, match="revert_ expects an nn.Module, got int"):
+        hsvkernels.revert_(5)

@@ -28,6 +28,9 @@ def check_weight(weight):
         raise ValueError("weight must be a floating point tensor, got %s" % weight.dtype)
     if weight.numel() == 0:
         raise ValueError("weight is empty: shape %s" % (tuple(weight.shape),))
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device: it has no values to decompose (load or materialize the "
+                         "model's weights first)")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values")
 
