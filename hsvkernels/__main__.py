@@ -73,7 +73,7 @@ def build_parser():
                          "(scikit-learn's bundled digits, its own test split used for --val)")
     ft.add_argument("--val", metavar="DIR", help="image folder scored before and after fine-tuning")
     ft.add_argument("--epochs", type=_positive_int, default=1, help="fine-tuning epochs (default 1)")
-    ft.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    ft.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
     ft.add_argument("--max-steps", type=_positive_int, help="stop fine-tuning after this many batches")
     ft.add_argument("--batch-size", type=_positive_int, default=32, help="(default 32)")
     ft.add_argument("--distill", action="store_true", help="also match the uncompressed model's outputs "
@@ -171,6 +171,16 @@ def _positive_int(text):
     return n
 
 
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError("expected a finite number > 0, got %r" % text)
+    return v
+
+
 def _seconds(text):
     try:
         t = float(text)
@@ -252,6 +262,8 @@ def _versions(*packages):
 # compress -----------------------------------------------------------------------------------
 
 def cmd_compress(args):
+    import os
+
     import torch
 
     from . import convert, io
@@ -260,6 +272,8 @@ def cmd_compress(args):
         torch.set_num_threads(args.threads)
     if args.ratio is not None and args.rank is not None:
         raise ValueError("give --ratio or --rank, not both")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):   # before the slow part
+        raise ValueError("--plot %s: directory %s does not exist" % (args.plot, os.path.dirname(os.path.abspath(args.plot))))
     budget = {k: v for k, v in (("ratio", args.budget), ("macs_ratio", args.macs_budget)) if v is not None}
     if (budget or args.latency_budget is not None) and (args.ratio is not None or args.rank is not None):
         raise ValueError("--budget/--macs-budget/--latency-budget size every layer; do not also give --ratio or --rank")

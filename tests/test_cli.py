@@ -43,6 +43,11 @@ def test_missing_paths_are_named(tmp_path, capsys):
     assert main(["export", "torchvision:resnet18", "--pt2", str(tmp_path / "nowhere" / "m.pt2")]) == 1
     assert "--pt2 %s: directory %s does not exist" % (tmp_path / "nowhere" / "m.pt2", tmp_path / "nowhere") \
         in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--plot", str(tmp_path / "nowhere" / "p.png")]) == 1
+    assert "--plot %s: directory" % (tmp_path / "nowhere" / "p.png") in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # was refused by Adam only after the whole compression
+        main(["compress", "torchvision:resnet18", "--finetune", "digits", "--lr", "nan"])
+    assert "argument --lr: expected a finite number > 0, got 'nan'" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys):
