@@ -113,3 +113,28 @@ def test_rank1_stage_after_channels_last_input_at_two_threads(monkeypatch):
     factors = [torch.randn(1, 4), torch.randn(1, 1, 2, 4), torch.randn(3, 1)]
     with _threads(2):
         _assert_matches_float64(x, factors, "tucker2", (1, 3))
+
+
+def test_strided_1x1_backward_on_channels_last_does_not_corrupt_the_heap(tmp_path):
+    # oneDNN's 1x1 strided backward (torch 2.14.1) writes past a heap buffer on channels_last input with
+    # 5 -> 6 channels at stride (1, 2) (valgrind); at one thread a later free() aborted within ~3000
+    # calls, every run. The chain hands it NCHW there. A subprocess, as a corrupt heap aborts the process.
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import torch, hsvkernels\n"
+        "torch.manual_seed(0)\n"
+        "v = torch.randn(3, 5, 1, 1, requires_grad=True); u = torch.randn(6, 3, requires_grad=True)\n"
+        "for stride in ((1, 2), (2, 2), (2, 1)):\n"
+        "    for i in range(1500):\n"
+        "        x = torch.randn(2, 5, 4, 12).contiguous(memory_format=torch.channels_last).requires_grad_()\n"
+        "        y = torch.ops.hsv.conv2d(x, [v, u], None, stride, (0, 0), (1, 1), 1, 'svd')\n"
+        "        torch.autograd.grad(y, [x, v, u], torch.randn(y.shape))\n"
+        "print('survived')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HSV_CPU_IMPL="fused",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert out.returncode == 0 and "survived" in out.stdout, (out.returncode, out.stderr[-2000:])

@@ -237,7 +237,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, c10::optional<at::Tensor>> chain
     if (st.gemm) {
       std::tie(grad_in, gw) = gemm_backward(g, stage_inputs[i], w, st, need_input, need_factors);
     } else {
-      auto grads = at::convolution_backward(g, stage_inputs[i], w, c10::nullopt, c.stride, c.padding, c.dilation,
+      at::Tensor in = stage_inputs[i], gi = g;
+      // oneDNN's 1x1 strided backward (torch 2.14.1, AVX2) writes past a heap buffer on channels_last
+      // input with some channel counts (valgrind: 5 -> 6 channels at stride 2, (1, 2) and (2, 1);
+      // 64 -> 128 was clean), a later free() then aborts. Its NCHW path is clean: copy these to it.
+      if (in.is_cpu() && st.weight_shape[2] == 1 && st.weight_shape[3] == 1 &&
+          (c.stride[0] != 1 || c.stride[1] != 1) && !in.is_contiguous()) {
+        in = in.contiguous();
+        gi = g.contiguous();
+      }
+      auto grads = at::convolution_backward(gi, in, w, c10::nullopt, c.stride, c.padding, c.dilation,
                                             /*transposed=*/false, /*output_padding=*/{0, 0}, c.groups,
                                             {need_input, need_factors, false});
       grad_in = std::get<0>(grads);
