@@ -53,6 +53,8 @@ def _cases():
         "negative_padding": ((x, [v, u], b), {"padding": (-1, 0)}, "padding must be non-negative"),
         "zero_dilation": ((x, [v, u], b), {"dilation": (1, 0)}, "dilation must be positive"),
         "input_too_small": ((torch.randn(2, 8, 2, 10), [v, u], b), {"padding": (0, 0)}, "smaller than the dilated kernel"),
+        # padded, the fused kernel returned the bias for an empty image; F.conv2d and the reference refused it
+        "empty_width": ((torch.randn(1, 8, 5, 0), [v, u], b), {"padding": (3, 3)}, "input width is 0"),
     }
 
 

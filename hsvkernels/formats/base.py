@@ -103,6 +103,8 @@ def check_call(input, factors, bias, stride, padding, dilation, groups, kind):
     out_hw = []
     for d, (name, k) in enumerate((("height", shape.kh), ("width", shape.kw))):
         size = input.shape[2 + d]
+        if size == 0:   # as F.conv2d and the op: only the batch may be empty
+            raise ValueError("hsv::conv2d: input %s is 0; only the batch dimension may be empty" % name)
         span = dilation[d] * (k - 1) + 1
         if size + 2 * padding[d] < span:
             raise ValueError("hsv::conv2d: input %s = %d with padding %d is smaller than the dilated kernel extent %d"

@@ -48,6 +48,8 @@ std::vector<std::string> known_kinds() {
 
 int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
                       const char* dim_name) {
+  // An empty image is refused as F.conv2d refuses it (only the batch may be empty), padded or not.
+  TORCH_CHECK_VALUE(in > 0, "hsv::conv2d: input ", dim_name, " is 0; only the batch dimension may be empty");
   const int64_t span = dilation * (kernel - 1) + 1;
   const int64_t out = (in + 2 * padding - span) / stride + 1;
   TORCH_CHECK_VALUE(in + 2 * padding >= span && out > 0, "hsv::conv2d: input ", dim_name, " = ", in,
