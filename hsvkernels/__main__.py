@@ -171,24 +171,21 @@ def _positive_int(text):
     return n
 
 
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError("expected a finite number > 0, got %r" % text)
-    return v
+def _finite_positive(what):
+    """An argparse type for a finite float > 0 (NaN or inf seconds would keep a timer running forever)."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not 0 < v < float("inf"):
+            raise argparse.ArgumentTypeError("expected %s > 0, got %r" % (what, text))
+        return v
+    return parse
 
 
-def _seconds(text):
-    try:
-        t = float(text)
-    except ValueError:
-        t = float("nan")
-    if not 0 < t < float("inf"):   # NaN or inf would keep the timer running forever
-        raise argparse.ArgumentTypeError("expected a finite number of seconds > 0, got %r" % text)
-    return t
+_positive_float = _finite_positive("a finite number")
+_seconds = _finite_positive("a finite number of seconds")
 
 
 def _device(text):
