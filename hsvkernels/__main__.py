@@ -199,6 +199,14 @@ def _device(text):
     return text
 
 
+def _check_output_folder(flag, path):
+    """An output file's folder must exist; checked before the slow work, not after it."""
+    import os
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder and not os.path.isdir(folder):
+        raise ValueError("%s %s: directory %s does not exist" % (flag, path, folder))
+
+
 def _output_flags(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -259,8 +267,6 @@ def _versions(*packages):
 # compress -----------------------------------------------------------------------------------
 
 def cmd_compress(args):
-    import os
-
     import torch
 
     from . import convert, io
@@ -269,8 +275,7 @@ def cmd_compress(args):
         torch.set_num_threads(args.threads)
     if args.ratio is not None and args.rank is not None:
         raise ValueError("give --ratio or --rank, not both")
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):   # before the slow part
-        raise ValueError("--plot %s: directory %s does not exist" % (args.plot, os.path.dirname(os.path.abspath(args.plot))))
+    _check_output_folder("--plot", args.plot)
     budget = {k: v for k, v in (("ratio", args.budget), ("macs_ratio", args.macs_budget)) if v is not None}
     if (budget or args.latency_budget is not None) and (args.ratio is not None or args.rank is not None):
         raise ValueError("--budget/--macs-budget/--latency-budget size every layer; do not also give --ratio or --rank")
@@ -426,7 +431,7 @@ def _load_weights(model, path):
     if not isinstance(state, dict):
         raise ValueError("%s does not hold a state_dict (found %s)" % (path, type(state).__name__))
     try:
-        model.load_state_dict(io.with_module_versions(state, model), strict=True)
+        model.load_state_dict(io.with_module_versions(state, model.state_dict()), strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())   # torch lists the missing, unexpected and mis-shaped keys
         raise ValueError("weights in %s do not fit the model: %s" % (
@@ -581,8 +586,6 @@ def _per_layer_lines(batch, times):
 # export -------------------------------------------------------------------------------------
 
 def cmd_export(args):
-    import os
-
     import torch
 
     from . import export
@@ -591,9 +594,8 @@ def cmd_export(args):
         raise ValueError("give --onnx FILE and/or --pt2 FILE")
     if args.verify and not args.onnx:
         raise ValueError("--verify checks the ONNX file; give --onnx FILE")
-    for flag, path in (("--onnx", args.onnx), ("--pt2", args.pt2)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):   # checked before the slow export
-            raise ValueError("%s %s: directory %s does not exist" % (flag, path, os.path.dirname(os.path.abspath(path))))
+    _check_output_folder("--onnx", args.onnx)
+    _check_output_folder("--pt2", args.pt2)
     missing = export.missing_packages(*(("onnx", "onnxscript") if args.onnx else ()),
                                       *(("onnxruntime",) if args.verify else ()))
     if missing:   # before the model is loaded and traced

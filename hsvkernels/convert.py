@@ -102,6 +102,7 @@ def convert_(model, method="hsv", *, ratio=None, rank=None, filter_fn=None, skip
         if value is not None and not _outputs.leaves(value):
             raise TypeError("convert_: %s must be the model's input tensor (or a tuple of its inputs), got %s"
                             % (name, type(value).__name__))
+        _outputs.check_finite(name, value)   # a NaN would make every measured error NaN
     _check_method(method, "method")
     for pattern, value in overrides.items():
         if not isinstance(pattern, str):
@@ -388,13 +389,7 @@ def _keep_dense(row):
 
 def _output_error(conv, layer, x):
     with torch.no_grad():
-        return _rel(layer(x), conv(x))
-
-
-def _rel(y_hat, y):
-    """||y_hat - y|| / ||y||, in float64."""
-    y, y_hat = y.detach().double(), y_hat.detach().double()
-    return (torch.linalg.vector_norm(y - y_hat) / torch.linalg.vector_norm(y).clamp_min(1e-300)).item()
+        return _outputs.relative_error(layer(x), conv(x))
 
 
 # Model plumbing ---------------------------------------------------------------------------
@@ -417,7 +412,6 @@ def _probe(model, convs, example_input, keep_inputs, what="example_input"):
     Returns {conv: ((Hin, Win), (Hout, Wout))}, {conv: its input} (if asked) and the model's output.
     """
     default = example_input is None
-    _outputs.check_finite(what, example_input)   # a NaN would make every measured error NaN
     if default:
         device, dtype = _model_device_dtype(model)
         example_input = torch.randn(_default_input_shape(convs), device=device, dtype=dtype)

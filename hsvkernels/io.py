@@ -306,11 +306,12 @@ def _load_state(model, state, path):
                                            if len(items) > 5 else ""))
         raise SaveFileError("%s does not fit the model (%s): %s" % (path, type(model).__name__, "; ".join(parts)))
     # assign=True keeps the saved dtypes instead of casting into the fresh model's.
-    model.load_state_dict(with_module_versions(state, model), strict=True, assign=True)
+    model.load_state_dict(with_module_versions(state, expected), strict=True, assign=True)
 
 
-def with_module_versions(state, model):
-    """`state` carrying the model's per-module state_dict versions, where it has none.
+def with_module_versions(state, model_state):
+    """`state` carrying the per-module state_dict versions of `model_state` (the model's own state_dict()),
+    where it has none.
 
     safetensors files hold tensors only, so a dict read from one lacks torch's `_metadata`, and modules
     whose `_load_from_state_dict` checks its version (torchvision's MNASNet) refuse to load. The tensors
@@ -318,7 +319,7 @@ def with_module_versions(state, model):
     """
     if getattr(state, "_metadata", None) is not None:
         return state
-    versions = getattr(model.state_dict(), "_metadata", None)
+    versions = getattr(model_state, "_metadata", None)
     if versions is None:
         return state
     state = collections.OrderedDict(state)
